@@ -1,0 +1,42 @@
+# Every target a user needs; README.md shows them. Python lives in .venv (uv, cached in
+# ~/.cache/uv); control plane binaries in ~/.cache/kubemaas (hack/cluster build).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-unit test-runtime test-e2e down bench crds lint
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(VENV)/bin/uv || $(VENV)/bin/pip install -q uv
+	$(VENV)/bin/uv pip install --python $(PY) -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+	hack/cluster build
+
+demo: setup
+	hack/demo
+
+test: setup
+	$(PY) -m pytest -ra tests/unit tests/runtime tests/e2e
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -ra tests/unit
+
+test-runtime: $(STAMP)
+	$(PY) -m pytest -ra tests/runtime
+
+test-e2e: setup
+	$(PY) -m pytest -ra tests/e2e
+
+down:
+	hack/demo down || true
+	hack/cluster down
+
+bench: setup
+	@for b in bench/*/run; do [ -x "$$b" ] && { echo "== $$b"; $$b; }; done; true
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check operator runtime tests bench

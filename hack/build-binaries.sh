@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Builds the local control plane's binaries from their Go modules into a cache outside the
+# checkout. Idempotent: a binary that is already there (and reports its version) is skipped.
+# Sourced by hack/cluster; usable alone: hack/build-binaries.sh
+set -euo pipefail
+HACK_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=versions.env
+source "$HACK_DIR/versions.env"
+CACHE_ROOT=${KUBEMAAS_CACHE:-$HOME/.cache/kubemaas}
+BIN_DIR=$CACHE_ROOT/bin/k8s-$KUBE_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION
+SRC_DIR=$CACHE_ROOT/src
+export CGO_ENABLED=0 GOFLAGS=-trimpath GOTOOLCHAIN=local
+
+log() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+have() { [ -x "$BIN_DIR/$1" ]; }
+
+# go.mod of a wrapper module that builds k8s.io/kubernetes commands: every staging module the
+# kubernetes go.mod replaces with ./staging/... is pinned to the matching v0.x release instead.
+kube_wrapper() {
+  local dir=$SRC_DIR/kubernetes-$KUBE_VERSION minor=${KUBE_VERSION#v1.} stage_ver
+  stage_ver=v0.$minor
+  mkdir -p "$dir"
+  if [ ! -f "$dir/go.sum" ] || [ ! -f "$dir/.resolved" ]; then
+    log "resolving k8s.io/kubernetes@$KUBE_VERSION (staging modules at $stage_ver)"
+    local gomod
+    gomod=$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+    {
+      echo "module kubemaas.local/kubebuild"
+      echo
+      echo "go 1.25.0"
+      echo
+      echo "require k8s.io/kubernetes $KUBE_VERSION"
+      echo
+      grep -E '=> \./staging/' "$gomod" | awk -v v="$stage_ver" '{print "replace " $1 " => " $1 " " v}'
+    } >"$dir/go.mod"
+    cat >"$dir/tools.go" <<'GO'
+//go:build tools
+
+package kubebuild
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)
+GO
+    (cd "$dir" && go mod tidy -e >&2)
+    touch "$dir/.resolved"
+  fi
+  echo "$dir"
+}
+
+kube_ldflags() {
+  local minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
+  local flags="-s -w" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    flags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    flags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  echo "$flags"
+}
+
+build_kube() {
+  local missing=() c
+  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do have "$c" || missing+=("$c"); done
+  [ ${#missing[@]} -eq 0 ] && { log "kubernetes $KUBE_VERSION: cached"; return; }
+  local dir; dir=$(kube_wrapper)
+  local pkgs=(); for c in "${missing[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
+  log "building ${missing[*]} $KUBE_VERSION (cold: tens of minutes on 2 cores)"
+  (cd "$dir" && go build -ldflags "$(kube_ldflags)" -o "$BIN_DIR/" "${pkgs[@]}")
+}
+
+build_etcd() {
+  have etcd && { log "etcd $ETCD_VERSION: cached"; return; }
+  local dir=$SRC_DIR/etcd-$ETCD_VERSION
+  mkdir -p "$dir"
+  if [ ! -f "$dir/.resolved" ]; then
+    log "resolving go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+    local v=$ETCD_VERSION
+    cat >"$dir/go.mod" <<GOMOD
+module kubemaas.local/etcdbuild
+
+go 1.25.0
+
+require go.etcd.io/etcd/server/v3 $v
+GOMOD
+    cat >"$dir/tools.go" <<'GO'
+//go:build tools
+
+package etcdbuild
+
+import _ "go.etcd.io/etcd/server/v3"
+GO
+    (cd "$dir" && go mod tidy -e >&2)
+    touch "$dir/.resolved"
+  fi
+  log "building etcd $ETCD_VERSION"
+  (cd "$dir" && go build -ldflags "-s -w" -o "$BIN_DIR/etcd" go.etcd.io/etcd/server/v3)
+}
+
+build_plain() { # name module-path version
+  have "$1" && { log "$1 $3: cached"; return; }
+  log "building $1 $3"
+  GOBIN=$BIN_DIR go install -ldflags "${4:-} -s -w" "$2@$3"
+}
+
+build_all() {
+  mkdir -p "$BIN_DIR" "$SRC_DIR"
+  build_etcd
+  build_plain kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
+  build_plain helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  build_kube
+  log "binaries in $BIN_DIR"
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then build_all; fi
