@@ -1,0 +1,103 @@
+"""Prometheus metrics of the runtime, labelled by model and variant.
+
+`create_metrics()` builds them in a registry of their own (never the process-global one), so
+tests and tools can create as many as they like.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LABELS = ("model", "variant")
+# Latency buckets from half a millisecond to half a minute.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256,
+                   0.512, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class RuntimeMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.inflight_requests = Gauge(
+            "kubemaas_inflight_requests", "Inference requests being handled now",
+            LABELS, registry=registry)
+        self.requests_total = Counter(
+            "kubemaas_requests_total", "Inference requests handled", LABELS, registry=registry)
+        self.request_failures_total = Counter(
+            "kubemaas_request_failures_total", "Inference requests answered with an error, by status",
+            LABELS + ("code",), registry=registry)
+        self.request_duration_seconds = Histogram(
+            "kubemaas_request_duration_seconds", "Whole inference request time",
+            LABELS, buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_wait_seconds = Histogram(
+            "kubemaas_queue_wait_seconds", "Time a request waited for its batch to start",
+            LABELS, buckets=LATENCY_BUCKETS, registry=registry)
+        self.inference_seconds = Histogram(
+            "kubemaas_inference_seconds", "Time of one batched forward pass",
+            LABELS, buckets=LATENCY_BUCKETS, registry=registry)
+        self.batch_size = Histogram(
+            "kubemaas_batch_size", "Rows per batched forward pass",
+            LABELS, buckets=BATCH_BUCKETS, registry=registry)
+        self.queue_depth = Gauge(
+            "kubemaas_queue_depth", "Requests waiting for the model", LABELS, registry=registry)
+        self.model_load_seconds = Gauge(
+            "kubemaas_model_load_seconds", "Time taken to load and warm up the model",
+            LABELS, registry=registry)
+        self.model_ready = Gauge(
+            "kubemaas_model_ready", "1 when the model serves requests", LABELS, registry=registry)
+
+    def bind(self, model: str, variant: str) -> BoundMetrics:
+        return BoundMetrics(self, model, variant)
+
+
+class BoundMetrics:
+    """The metric children of one model/variant, looked up once (the hot path skips labels())."""
+
+    def __init__(self, metrics: RuntimeMetrics, model: str, variant: str) -> None:
+        self.metrics = metrics
+        self._labels = (model, variant)
+        self.inflight = metrics.inflight_requests.labels(model, variant)
+        self.requests = metrics.requests_total.labels(model, variant)
+        self.duration = metrics.request_duration_seconds.labels(model, variant)
+        self.queue_wait = metrics.queue_wait_seconds.labels(model, variant)
+        self.inference = metrics.inference_seconds.labels(model, variant)
+        self.batch_size = metrics.batch_size.labels(model, variant)
+        self.queue_depth = metrics.queue_depth.labels(model, variant)
+        self.load_seconds = metrics.model_load_seconds.labels(model, variant)
+        self.ready = metrics.model_ready.labels(model, variant)
+
+    def failure(self, code: int) -> None:
+        self.metrics.request_failures_total.labels(*self._labels, str(code)).inc()
+
+    # BatchObserver
+    def observe_batch(self, rows: int, queue_waits: Sequence[float], run_seconds: float) -> None:
+        self.batch_size.observe(rows)
+        self.inference.observe(run_seconds)
+        for wait in queue_waits:
+            self.queue_wait.observe(wait)
+
+    def observe_queue_depth(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+
+def create_metrics(registry: CollectorRegistry | None = None) -> RuntimeMetrics:
+    """Create every runtime metric in `registry` (a new one when None)."""
+    return RuntimeMetrics(registry if registry is not None else CollectorRegistry())
+
+
+def exposed_sample_names(registry: CollectorRegistry) -> set[str]:
+    """Every sample name the registry exposes (`kubemaas_requests_total`, `..._bucket`, ...).
+
+    Counters are collected under their family name without `_total`; this lists what
+    Prometheus (and so an HPA or ScaledObject query) actually sees.
+    """
+    names: set[str] = set()
+    for family in registry.collect():
+        names.add(family.name)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        for sample in family.samples:
+            names.add(sample.name)
+    return names

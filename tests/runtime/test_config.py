@@ -1,0 +1,96 @@
+"""`serve` flags and their KUBEMAAS_* variables; the metrics contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kubemaas_runtime.config import (
+    build_serve_parser,
+    default_model_name,
+    env_var_for,
+    model_path_for_uri,
+    parse_serve_config,
+)
+from kubemaas_runtime.metrics import create_metrics, exposed_sample_names
+
+
+def test_flags_parse():
+    cfg = parse_serve_config(
+        ["--model-uri", "pvc://models/minilm", "--format", "transformers",
+         "--task", "feature-extraction", "--max-batch-size", "8", "--variant", "bf16",
+         "--quantization", "bf16"], {})
+    assert cfg.format == "transformers" and cfg.task == "feature-extraction"
+    assert cfg.max_batch_size == 8 and cfg.variant == "bf16" and cfg.quantization == "bf16"
+    assert cfg.port == 8080 and cfg.batch_timeout_ms == 0
+    assert cfg.name == "minilm"
+    assert cfg.model_path == Path("/mnt/models")
+
+
+def test_env_supplies_every_flag_and_cli_wins():
+    env = {
+        "KUBEMAAS_MODEL_URI": "file:///opt/model.pt",
+        "KUBEMAAS_FORMAT": "torchscript",
+        "KUBEMAAS_MAX_BATCH_SIZE": "16",
+        "KUBEMAAS_BATCH_TIMEOUT_MS": "2.5",
+        "KUBEMAAS_VARIANT": "int8",
+        "KUBEMAAS_NAME": "from-env",
+        "KUBEMAAS_PORT": "9000",
+        "UNRELATED": "x",
+    }
+    cfg = parse_serve_config(["--port", "9100"], env)
+    assert cfg.model_uri == "file:///opt/model.pt" and cfg.format == "torchscript"
+    assert cfg.max_batch_size == 16 and cfg.batch_timeout_ms == 2.5
+    assert cfg.variant == "int8" and cfg.name == "from-env"
+    assert cfg.port == 9100
+    assert cfg.model_path == Path("/opt/model.pt")
+
+
+def test_every_flag_has_an_env_var():
+    parser = build_serve_parser()
+    flags = [a.option_strings[0] for a in parser._actions if a.dest != "help"]
+    assert env_var_for("--max-batch-size") == "KUBEMAAS_MAX_BATCH_SIZE"
+    for flag in ("--model-uri", "--format", "--task", "--architecture", "--name", "--variant",
+                 "--quantization", "--device", "--max-batch-size", "--batch-timeout-ms",
+                 "--max-queue", "--max-request-bytes", "--host", "--port", "--model-dir",
+                 "--termination-log", "--max-drift"):
+        assert flag in flags
+
+
+@pytest.mark.parametrize("argv, env", [
+    (["--format", "torchscript"], {}),                                       # no URI
+    (["--model-uri", "ftp://x/y", "--format", "torchscript"], {}),            # bad scheme
+    (["--model-uri", "pvc://a/b", "--format", "onnx"], {}),                   # bad format
+    (["--model-uri", "pvc://a/b", "--format", "transformers"], {}),           # no task
+    (["--model-uri", "pvc://a/b", "--format", "safetensors"], {}),            # no architecture
+    (["--model-uri", "pvc://a/b", "--format", "torchscript"], {"KUBEMAAS_MAX_BATCH_SIZE": "0"}),
+    (["--model-uri", "pvc://a/b", "--format", "torchscript", "--quantization", "int3"], {}),
+])
+def test_bad_input_exits(argv, env, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_serve_config(argv, env)
+    assert exc.value.code == 2
+
+
+def test_uri_mapping():
+    assert model_path_for_uri("pvc://claim/some/path", "/mnt/models") == Path("/mnt/models")
+    assert model_path_for_uri("s3://bucket/key", "/data") == Path("/data")
+    assert model_path_for_uri("hf://org/name", "/mnt/models") == Path("/mnt/models")
+    assert model_path_for_uri("file:///abs/dir") == Path("/abs/dir")
+    assert default_model_name("hf://sentence-transformers/all-MiniLM-L6-v2") == "all-MiniLM-L6-v2"
+    assert default_model_name("file:///models/net.pt2") == "net"
+
+
+def test_metrics_contract_names():
+    metrics = create_metrics()
+    metrics.bind("m", "default").requests.inc()
+    names = exposed_sample_names(metrics.registry)
+    for name in ("kubemaas_inflight_requests", "kubemaas_requests_total",
+                 "kubemaas_request_duration_seconds_bucket", "kubemaas_queue_wait_seconds_bucket",
+                 "kubemaas_inference_seconds_bucket", "kubemaas_batch_size_bucket",
+                 "kubemaas_queue_depth", "kubemaas_model_load_seconds"):
+        assert name in names
+    assert metrics.registry.get_sample_value(
+        "kubemaas_requests_total", {"model": "m", "variant": "default"}) == 1
+    create_metrics()  # a second set never collides with the first
