@@ -1,0 +1,34 @@
+"""The `kubemaas.io/v1alpha1` API: pydantic models that are the source of the CRD."""
+
+from kubemaas_operator.api.constants import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from kubemaas_operator.api.errors import describe_errors, field_path
+from kubemaas_operator.api.resource import ModelService, ObjectMeta
+from kubemaas_operator.api.spec import (
+    Autoscaling,
+    CanaryStep,
+    GatewayRef,
+    GpuResources,
+    ModelServiceSpec,
+    ModelSource,
+    Resources,
+    Rollout,
+    RuntimeSpec,
+    Scheduling,
+    SecretReference,
+    Toleration,
+    Variant,
+)
+from kubemaas_operator.api.status import (
+    Condition,
+    ModelServiceStatus,
+    VariantStatus,
+    format_variant_summary,
+)
+
+__all__ = [
+    "API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION",
+    "Autoscaling", "CanaryStep", "Condition", "GatewayRef", "GpuResources", "ModelService",
+    "ModelServiceSpec", "ModelServiceStatus", "ModelSource", "ObjectMeta", "Resources", "Rollout",
+    "RuntimeSpec", "Scheduling", "SecretReference", "Toleration", "Variant", "VariantStatus",
+    "describe_errors", "field_path", "format_variant_summary",
+]

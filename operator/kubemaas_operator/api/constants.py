@@ -1,0 +1,67 @@
+"""Names and limits of the `kubemaas.io/v1alpha1` API, in one place.
+
+The length limits exist because children are named from the ModelService's name and its
+variants' names, and a Service name (and a label value) may have at most 63 characters:
+`<name>-<variant>` is at most 42 + 1 + 20 = 63.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+GROUP: Final = "kubemaas.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "ModelService"
+PLURAL: Final = "modelservices"
+SINGULAR: Final = "modelservice"
+SHORT_NAMES: Final = ("msvc",)
+CATEGORIES: Final = ("all", "kubemaas")
+CRD_NAME: Final = f"{PLURAL}.{GROUP}"
+
+MAX_NAME_LENGTH: Final = 42
+MAX_VARIANT_NAME_LENGTH: Final = 20
+MAX_VARIANTS: Final = 8
+MAX_REPLICAS: Final = 1000
+MAX_GPUS_PER_POD: Final = 16
+MAX_URI_LENGTH: Final = 1024
+MAX_ROLLOUT_STEPS: Final = 10
+MAX_TOLERATIONS: Final = 32
+MAX_NODE_SELECTOR_ENTRIES: Final = 32
+
+# DNS-1035 label: what a Service name must be (starts with a letter).
+DNS_LABEL_PATTERN: Final = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# A Kubernetes resource quantity without a sign ("2", "500m", "8Gi", "1e3").
+QUANTITY_PATTERN: Final = (
+    r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+PERCENT_PATTERN: Final = r"^[0-9]{1,3}%$"
+
+ModelFormat = Literal["torchscript", "exported-program", "safetensors", "transformers"]
+ModelTask = Literal["feature-extraction", "text-classification"]
+Quantization = Literal[
+    "none", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-weight-only"
+]
+AutoscalingEngine = Literal["hpa", "keda"]
+AutoscalingMetric = Literal["cpu", "concurrency", "rps"]
+RolloutStrategy = Literal["RollingUpdate", "Canary"]
+
+# Which quantization runs on which device. The API server refuses the pairs missing here;
+# the runtime publishes the same matrix (docs/api.md).
+QUANTIZATION_DEVICES: Final[dict[str, frozenset[str]]] = {
+    "none": frozenset({"cpu", "gpu"}),
+    "fp16": frozenset({"cpu", "gpu"}),
+    "bf16": frozenset({"cpu", "gpu"}),
+    "int8-dynamic": frozenset({"cpu"}),
+    "int8-weight-only": frozenset({"cpu", "gpu"}),
+    "int4-weight-only": frozenset({"cpu", "gpu"}),
+}
+
+# URI schemes the operator implements, and the shape each must have.
+URI_SCHEMES: Final = ("pvc", "file", "s3", "hf")
+URI_SHAPE_PATTERN: Final = (
+    r"^(pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^/].*)?"
+    r"|file:///.+"
+    r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?"
+    r"|hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*(@[-A-Za-z0-9_./]+)?)$"
+)

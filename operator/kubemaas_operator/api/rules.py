@@ -1,0 +1,186 @@
+"""The cross-field rules of the API, each written once for both enforcers.
+
+Every rule is a CEL expression the API server evaluates (`x-kubernetes-validations` in the
+generated CRD) and a message; the pydantic validators in `spec.py` implement the same check
+in Python and raise :func:`refusal` with the same message and field path, so `render` and
+`kubectl apply` refuse the same specs with the same words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic_core import PydanticCustomError
+
+from kubemaas_operator.api.constants import (
+    DNS_LABEL_PATTERN,
+    MAX_NAME_LENGTH,
+    QUANTIZATION_DEVICES,
+    URI_SCHEMES,
+    URI_SHAPE_PATTERN,
+)
+
+CROSS_FIELD_ERROR = "cross_field_rule"
+
+
+@dataclass(frozen=True)
+class CelRule:
+    """One `x-kubernetes-validations` entry: rule, message, and the field it is reported on."""
+
+    rule: str
+    message: str
+    field_path: str | None = None  # relative to the object the rule sits on, e.g. ".minReplicas"
+    reason: str = "FieldValueInvalid"
+
+    def to_schema(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"rule": self.rule, "message": self.message}
+        if self.field_path:
+            entry["fieldPath"] = self.field_path
+        entry["reason"] = self.reason
+        return entry
+
+
+def refusal(rule: CelRule) -> PydanticCustomError:
+    """The pydantic error for a broken rule; `api.errors` appends `field_path` to the location."""
+    return PydanticCustomError(
+        CROSS_FIELD_ERROR, "{message}", {"message": rule.message, "field_path": rule.field_path or ""}
+    )
+
+
+def schema_rules(*rules: CelRule) -> dict[str, Any]:
+    """`json_schema_extra` for a model carrying these rules."""
+    return {"x-kubernetes-validations": [rule.to_schema() for rule in rules]}
+
+
+def _cel_list(values: list[str]) -> str:
+    return "[" + ", ".join(f"'{value}'" for value in values) + "]"
+
+
+CPU_ONLY_QUANTIZATIONS = sorted(q for q, devices in QUANTIZATION_DEVICES.items() if "gpu" not in devices)
+GPU_ONLY_QUANTIZATIONS = sorted(q for q, devices in QUANTIZATION_DEVICES.items() if "cpu" not in devices)
+
+# --- on the ModelService (root): the name the children are named after -------------------
+NAME_LENGTH = CelRule(
+    rule=f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+    message=(
+        f"metadata.name must be at most {MAX_NAME_LENGTH} characters: children are named "
+        "<name>-<variant> and a Service name may have at most 63"
+    ),
+    field_path=".metadata.name",
+    reason="FieldValueTooLong",
+)
+NAME_FORMAT = CelRule(
+    rule=f"self.metadata.name.matches('{DNS_LABEL_PATTERN}')",
+    message=(
+        "metadata.name must be a DNS label (lowercase letters, digits and '-', starting with "
+        "a letter): it names the model's Service"
+    ),
+    field_path=".metadata.name",
+)
+
+# --- on spec.model ----------------------------------------------------------------------
+URI_SCHEME = CelRule(
+    rule="self.uri.matches('^(" + "|".join(URI_SCHEMES) + ")://')",
+    message="model.uri: unimplemented scheme; use pvc://, file://, s3:// or hf://",
+    field_path=".uri",
+)
+URI_SHAPE = CelRule(
+    rule=f"!self.uri.matches('^(" + "|".join(URI_SCHEMES) + f")://') || self.uri.matches('{URI_SHAPE_PATTERN}')",
+    message=(
+        "model.uri must look like pvc://<claim>[/<path>], file:///<absolute path>, "
+        "s3://<bucket>[/<key>] or hf://<org>/<name>[@<revision>]"
+    ),
+    field_path=".uri",
+)
+ARCHITECTURE_FOR_SAFETENSORS = CelRule(
+    rule="self.format != 'safetensors' || has(self.architecture)",
+    message="model.architecture (pkg.module:factory) is required when model.format is safetensors",
+    field_path=".architecture",
+    reason="FieldValueRequired",
+)
+TASK_FOR_TRANSFORMERS = CelRule(
+    rule="self.format != 'transformers' || has(self.task)",
+    message="model.task (feature-extraction or text-classification) is required when model.format is transformers",
+    field_path=".task",
+    reason="FieldValueRequired",
+)
+TASK_ONLY_FOR_TRANSFORMERS = CelRule(
+    rule="!has(self.task) || self.format == 'transformers'",
+    message="model.task applies only to model.format transformers",
+    field_path=".task",
+)
+
+# --- on spec.resources.gpu --------------------------------------------------------------
+GPU_PRODUCT_NEEDS_COUNT = CelRule(
+    rule="!has(self.product) || self.count > 0",
+    message="resources.gpu.product names a GPU model but resources.gpu.count is 0; set a count or remove the product",
+    field_path=".product",
+)
+
+# --- on spec.variants -------------------------------------------------------------------
+WEIGHTS_SUM_TO_100 = CelRule(
+    rule="self.map(v, v.weight).sum() == 100",
+    message="variants: the weights must sum to 100",
+)
+
+# --- on spec.autoscaling ----------------------------------------------------------------
+MIN_NOT_ABOVE_MAX = CelRule(
+    rule="self.minReplicas <= self.maxReplicas",
+    message="autoscaling.minReplicas must be less than or equal to autoscaling.maxReplicas",
+    field_path=".minReplicas",
+)
+SCALE_TO_ZERO_NEEDS_KEDA = CelRule(
+    rule="self.minReplicas > 0 || self.engine == 'keda'",
+    message="autoscaling.minReplicas 0 (scale to zero) needs autoscaling.engine keda",
+    field_path=".minReplicas",
+)
+SCALE_TO_ZERO_NEEDS_REQUEST_METRIC = CelRule(
+    rule="self.minReplicas > 0 || self.metric != 'cpu'",
+    message="autoscaling.minReplicas 0 (scale to zero) needs a request metric (concurrency or rps), not cpu",
+    field_path=".minReplicas",
+)
+
+# --- on spec.rollout --------------------------------------------------------------------
+ROLLOUT_CAN_PROGRESS = CelRule(
+    rule="!(string(self.maxSurge) in ['0', '0%'] && string(self.maxUnavailable) in ['0', '0%'])",
+    message="rollout.maxSurge and rollout.maxUnavailable cannot both be 0",
+    field_path=".maxSurge",
+)
+STEPS_ONLY_FOR_CANARY = CelRule(
+    rule="self.strategy == 'Canary' || !has(self.steps) || size(self.steps) == 0",
+    message="rollout.steps applies only to rollout.strategy Canary",
+    field_path=".steps",
+)
+
+# --- on spec (rules that span its fields) -----------------------------------------------
+QUANTIZATION_ON_GPU = CelRule(
+    rule=(
+        "self.resources.gpu.count == 0 || "
+        f"self.variants.all(v, !(v.quantization in {_cel_list(CPU_ONLY_QUANTIZATIONS)}))"
+    ),
+    message=(
+        "variants: quantization "
+        + ", ".join(CPU_ONLY_QUANTIZATIONS)
+        + " runs only on CPU; use resources.gpu.count 0 or another quantization"
+    ),
+    field_path=".variants",
+)
+QUANTIZATION_ON_CPU = CelRule(
+    rule=(
+        "self.resources.gpu.count > 0 || "
+        f"self.variants.all(v, !(v.quantization in {_cel_list(GPU_ONLY_QUANTIZATIONS)}))"
+    ),
+    message=(
+        "variants: quantization " + ", ".join(GPU_ONLY_QUANTIZATIONS or ["(none)"])
+        + " needs a GPU; set resources.gpu.count"
+    ),
+    field_path=".variants",
+)
+CPU_METRIC_NEEDS_CPU_REQUEST = CelRule(
+    rule="!has(self.autoscaling) || self.autoscaling.metric != 'cpu' || has(self.resources.cpu)",
+    message="autoscaling.metric cpu needs resources.cpu: utilization is measured against the request",
+    field_path=".autoscaling.metric",
+)
+
+ROOT_RULES = (NAME_LENGTH, NAME_FORMAT)

@@ -1,0 +1,408 @@
+"""`ModelService.spec`: what to serve, where, how many, and how traffic splits.
+
+Descriptions become the CRD's `kubectl explain` text. Every cross-field rule is a
+:class:`~kubemaas_operator.api.rules.CelRule` attached to the model it reads (so the API
+server enforces it) and checked again here (so `render` refuses the same specs offline).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from kubemaas_operator.api import rules
+from kubemaas_operator.api.base import (
+    ApiModel,
+    DnsLabel,
+    DnsSubdomain,
+    FreeFormObject,
+    IntOrPercent,
+    LabelKey,
+    LabelValue,
+    Quantity,
+)
+from kubemaas_operator.api.constants import (
+    MAX_GPUS_PER_POD,
+    MAX_NODE_SELECTOR_ENTRIES,
+    MAX_REPLICAS,
+    MAX_ROLLOUT_STEPS,
+    MAX_TOLERATIONS,
+    MAX_URI_LENGTH,
+    MAX_VARIANT_NAME_LENGTH,
+    MAX_VARIANTS,
+    QUANTIZATION_DEVICES,
+    URI_SCHEMES,
+    URI_SHAPE_PATTERN,
+    AutoscalingEngine,
+    AutoscalingMetric,
+    ModelFormat,
+    ModelTask,
+    Quantization,
+    RolloutStrategy,
+)
+
+_SCHEME_RE = re.compile(r"^(" + "|".join(URI_SCHEMES) + ")://")
+_SHAPE_RE = re.compile(URI_SHAPE_PATTERN)
+
+
+class SecretReference(ApiModel):
+    """A Secret in the ModelService's namespace."""
+
+    name: DnsSubdomain = Field(description="Name of the Secret.")
+
+
+class ModelSource(ApiModel):
+    """Where the model is and how to load it."""
+
+    model_config = {"json_schema_extra": rules.schema_rules(
+        rules.URI_SCHEME, rules.URI_SHAPE, rules.ARCHITECTURE_FOR_SAFETENSORS,
+        rules.TASK_FOR_TRANSFORMERS, rules.TASK_ONLY_FOR_TRANSFORMERS,
+    )}
+
+    uri: Annotated[str, StringConstraints(min_length=1, max_length=MAX_URI_LENGTH)] = Field(
+        description=(
+            "Where the model files are: pvc://<claim>[/<path>] (mounted read-only at "
+            "/mnt/models), file:///<path> (already in the runtime image), s3://<bucket>/<key> "
+            "or hf://<org>/<name>[@<revision>] (downloaded into /mnt/models by an init "
+            "container before the server starts)."
+        )
+    )
+    format: ModelFormat = Field(
+        description=(
+            "How the model is stored: torchscript (torch.jit archive), exported-program "
+            "(torch.export archive), safetensors (a bare state dict; needs architecture) or "
+            "transformers (a Hugging Face model directory)."
+        )
+    )
+    task: ModelTask | None = Field(
+        default=None,
+        description="What a transformers model computes: feature-extraction or text-classification.",
+    )
+    architecture: Annotated[
+        str,
+        StringConstraints(max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"),
+    ] | None = Field(
+        default=None,
+        description=(
+            "For format safetensors: pkg.module:factory, a function in the runtime image that "
+            "returns the torch.nn.Module the state dict is loaded into."
+        ),
+    )
+    secret_ref: SecretReference | None = Field(
+        default=None,
+        description=(
+            "A Secret whose keys become environment variables of the download step only (for "
+            "s3://: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL...; for hf://: "
+            "HF_TOKEN). The serving container never sees it."
+        ),
+    )
+
+    @property
+    def scheme(self) -> str:
+        return self.uri.split("://", 1)[0]
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> ModelSource:
+        if not _SCHEME_RE.search(self.uri):
+            raise rules.refusal(rules.URI_SCHEME)
+        if not _SHAPE_RE.search(self.uri) or "\n" in self.uri:
+            raise rules.refusal(rules.URI_SHAPE)
+        if self.format == "safetensors" and self.architecture is None:
+            raise rules.refusal(rules.ARCHITECTURE_FOR_SAFETENSORS)
+        if self.format == "transformers" and self.task is None:
+            raise rules.refusal(rules.TASK_FOR_TRANSFORMERS)
+        if self.task is not None and self.format != "transformers":
+            raise rules.refusal(rules.TASK_ONLY_FOR_TRANSFORMERS)
+        return self
+
+
+class GpuResources(ApiModel):
+    """GPUs per pod."""
+
+    model_config = {"json_schema_extra": rules.schema_rules(rules.GPU_PRODUCT_NEEDS_COUNT)}
+
+    count: Annotated[int, Field(ge=0, le=MAX_GPUS_PER_POD)] = Field(
+        default=0, description="GPUs per pod (the nvidia.com/gpu limit); 0 runs on CPU only."
+    )
+    product: LabelValue | None = Field(
+        default=None,
+        description=(
+            "Only schedule on nodes whose nvidia.com/gpu.product label (set by NVIDIA GPU "
+            "feature discovery) has this value, e.g. NVIDIA-H100-80GB-HBM3."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> GpuResources:
+        if self.product is not None and self.count == 0:
+            raise rules.refusal(rules.GPU_PRODUCT_NEEDS_COUNT)
+        return self
+
+
+class Resources(ApiModel):
+    """Compute for each pod."""
+
+    gpu: GpuResources = Field(
+        default_factory=GpuResources, description="GPUs per pod.", json_schema_extra={"default": {}}
+    )
+    cpu: Quantity | None = Field(
+        default=None, description="CPU request per pod (e.g. \"2\", \"500m\"); no limit is set."
+    )
+    memory: Quantity | None = Field(
+        default=None, description="Memory request and limit per pod (e.g. 8Gi)."
+    )
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration, as in a pod spec."""
+
+    key: LabelKey | None = Field(default=None, description="Taint key; empty with Exists matches all.")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (default).")
+    value: LabelValue | None = Field(default=None, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches all."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="For NoExecute: how long the pod stays bound after the taint appears."
+    )
+
+
+class Scheduling(ApiModel):
+    """Where the pods may run, merged into each Deployment's pod spec."""
+
+    node_selector: Annotated[dict[LabelKey, LabelValue], Field(max_length=MAX_NODE_SELECTOR_ENTRIES)] = Field(
+        default_factory=dict,
+        description="Node labels the pods require (resources.gpu.product adds nvidia.com/gpu.product).",
+    )
+    tolerations: Annotated[list[Toleration], Field(max_length=MAX_TOLERATIONS)] = Field(
+        default_factory=list,
+        description="Taints the pods tolerate (with GPUs, the nvidia.com/gpu NoSchedule taint is added).",
+    )
+    affinity: FreeFormObject | None = Field(
+        default=None, description="A pod affinity object (nodeAffinity, podAffinity, podAntiAffinity)."
+    )
+    priority_class_name: Annotated[str, StringConstraints(max_length=253)] | None = Field(
+        default=None, description="PriorityClass of the pods."
+    )
+    runtime_class_name: Annotated[str, StringConstraints(max_length=253)] | None = Field(
+        default=None, description="RuntimeClass of the pods (e.g. nvidia)."
+    )
+
+
+class RuntimeSpec(ApiModel):
+    """The serving runtime's configuration (KUBEMAAS_* variables of the runtime container)."""
+
+    image: Annotated[str, StringConstraints(max_length=512)] = Field(
+        default="",
+        description=(
+            "Runtime image; empty: the image recorded in status.runtimeImage, or the operator's "
+            "default for a new ModelService (so upgrading the operator restarts no model)."
+        ),
+    )
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = Field(
+        default=32, description="Largest batch the server runs at once."
+    )
+    batch_timeout_ms: Annotated[int, Field(ge=0, le=10000)] = Field(
+        default=0,
+        description="How long a batch may wait for more requests; 0 runs as soon as the model is free.",
+    )
+    max_drift: Annotated[float, Field(ge=0)] | None = Field(
+        default=None,
+        description=(
+            "Largest output drift a quantized variant may show against the unquantized model at "
+            "warm-up; beyond it the runtime exits with QuantizationDriftExceeded. Empty: the "
+            "runtime's default."
+        ),
+    )
+
+
+class Variant(ApiModel):
+    """One quantization of the model, served by its own Deployment <name>-<variant>."""
+
+    name: Annotated[DnsLabel, StringConstraints(max_length=MAX_VARIANT_NAME_LENGTH)] = Field(
+        description="Variant name (a DNS label); names its Deployment and Service <name>-<variant>."
+    )
+    quantization: Quantization = Field(
+        default="none",
+        description=(
+            "none, fp16, bf16, int8-dynamic (CPU only), int8-weight-only or int4-weight-only."
+        ),
+    )
+    weight: Annotated[int, Field(ge=0, le=100)] = Field(
+        default=100,
+        description=(
+            "Percent of traffic and of spec.replicas; the weights of all variants sum to 100."
+        ),
+    )
+
+
+class Autoscaling(ApiModel):
+    """An HPA (engine hpa) or KEDA ScaledObject (engine keda) that owns spec.replicas via /scale."""
+
+    model_config = {"json_schema_extra": rules.schema_rules(
+        rules.MIN_NOT_ABOVE_MAX, rules.SCALE_TO_ZERO_NEEDS_KEDA, rules.SCALE_TO_ZERO_NEEDS_REQUEST_METRIC,
+    )}
+
+    engine: AutoscalingEngine = Field(default="hpa", description="hpa or keda.")
+    min_replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = Field(
+        default=1, description="Fewest replicas in total; 0 (scale to zero) needs engine keda."
+    )
+    max_replicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = Field(
+        description="Most replicas in total."
+    )
+    metric: AutoscalingMetric = Field(
+        default="concurrency",
+        description=(
+            "cpu (utilization of resources.cpu), concurrency (in-flight requests per pod, "
+            "kubemaas_inflight_requests) or rps (requests per second per pod)."
+        ),
+    )
+    target: Annotated[int, Field(ge=1, le=100000)] = Field(
+        description="Target per pod: percent of the CPU request, in-flight requests, or requests per second."
+    )
+    scale_down_stabilization_seconds: Annotated[int, Field(ge=0, le=3600)] | None = Field(
+        default=None, description="How long load must stay low before scaling down (default 300)."
+    )
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise rules.refusal(rules.MIN_NOT_ABOVE_MAX)
+        if self.min_replicas == 0 and self.engine != "keda":
+            raise rules.refusal(rules.SCALE_TO_ZERO_NEEDS_KEDA)
+        if self.min_replicas == 0 and self.metric == "cpu":
+            raise rules.refusal(rules.SCALE_TO_ZERO_NEEDS_REQUEST_METRIC)
+        return self
+
+
+class CanaryStep(ApiModel):
+    """One step of a canary rollout."""
+
+    weight: Annotated[int, Field(ge=1, le=99)] = Field(description="Percent of traffic on the new revision.")
+    pause_seconds: Annotated[int, Field(ge=0, le=86400)] = Field(
+        default=60, description="How long to hold this step while the new revision stays healthy."
+    )
+
+
+class Rollout(ApiModel):
+    """How a spec change reaches the pods."""
+
+    model_config = {"json_schema_extra": rules.schema_rules(rules.ROLLOUT_CAN_PROGRESS, rules.STEPS_ONLY_FOR_CANARY)}
+
+    strategy: RolloutStrategy = Field(
+        default="RollingUpdate",
+        description="RollingUpdate (each variant's Deployment rolls) or Canary (staged by steps).",
+    )
+    max_surge: IntOrPercent = Field(default="25%", description="Extra pods during a rolling update.")
+    max_unavailable: IntOrPercent = Field(
+        default=0, description="Pods that may be unavailable during a rolling update."
+    )
+    steps: Annotated[list[CanaryStep], Field(max_length=MAX_ROLLOUT_STEPS)] = Field(
+        default_factory=list, description="Canary traffic steps (strategy Canary only)."
+    )
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Rollout:
+        if str(self.max_surge) in ("0", "0%") and str(self.max_unavailable) in ("0", "0%"):
+            raise rules.refusal(rules.ROLLOUT_CAN_PROGRESS)
+        if self.strategy != "Canary" and self.steps:
+            raise rules.refusal(rules.STEPS_ONLY_FOR_CANARY)
+        return self
+
+
+class GatewayRef(ApiModel):
+    """A Gateway API Gateway to attach an HTTPRoute to, for exact per-variant weights."""
+
+    name: DnsSubdomain = Field(description="Name of the Gateway.")
+    namespace: DnsLabel | None = Field(
+        default=None, description="Namespace of the Gateway; default: the ModelService's."
+    )
+    section_name: DnsLabel | None = Field(default=None, description="A listener of the Gateway.")
+
+
+def _default_variants() -> list[Variant]:
+    return [Variant(name="default", quantization="none", weight=100)]
+
+
+_SPEC_RULES = [rules.QUANTIZATION_ON_GPU, rules.CPU_METRIC_NEEDS_CPU_REQUEST]
+if rules.GPU_ONLY_QUANTIZATIONS:
+    _SPEC_RULES.append(rules.QUANTIZATION_ON_CPU)
+
+
+class ModelServiceSpec(ApiModel):
+    """The desired state of a served model."""
+
+    model_config = {"json_schema_extra": rules.schema_rules(*_SPEC_RULES)}
+
+    model: ModelSource = Field(description="Where the model is and how to load it.")
+    replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = Field(
+        default=1,
+        description=(
+            "Pods in total over all variants, split by weight (largest remainder, at least one "
+            "per variant with weight > 0 when the total allows). The /scale subresource's "
+            "path: an HPA or KEDA owns it when autoscaling is set."
+        ),
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description="Compute for each pod.", json_schema_extra={"default": {}}
+    )
+    scheduling: Scheduling = Field(default_factory=Scheduling, description="Where the pods may run.")
+    runtime: RuntimeSpec = Field(
+        default_factory=RuntimeSpec, description="The serving runtime.", json_schema_extra={"default": {}}
+    )
+    variants: Annotated[list[Variant], Field(min_length=1, max_length=MAX_VARIANTS)] = Field(
+        default_factory=_default_variants,
+        description=(
+            "Quantization variants, keyed by name, each its own Deployment; weights sum to 100. "
+            "Default: one variant named default with quantization none."
+        ),
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+            "x-kubernetes-validations": [rules.WEIGHTS_SUM_TO_100.to_schema()],
+            "default": [{"name": "default", "quantization": "none", "weight": 100}],
+        },
+    )
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="Scale spec.replicas with load (HPA or KEDA)."
+    )
+    rollout: Rollout = Field(
+        default_factory=Rollout,
+        description="How a spec change reaches the pods.",
+        json_schema_extra={"default": {}},
+    )
+    gateway: GatewayRef | None = Field(
+        default=None, description="Attach an HTTPRoute with exact per-variant weights to this Gateway."
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _check_variants(cls, variants: list[Variant]) -> list[Variant]:
+        seen: set[str] = set()
+        for index, variant in enumerate(variants):
+            if variant.name in seen:
+                raise PydanticCustomError(
+                    rules.CROSS_FIELD_ERROR,
+                    "{message}",
+                    {"message": f'Duplicate value: variant name "{variant.name}"', "field_path": f"[{index}]"},
+                )
+            seen.add(variant.name)
+        if sum(variant.weight for variant in variants) != 100:
+            raise rules.refusal(rules.WEIGHTS_SUM_TO_100)
+        return variants
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> ModelServiceSpec:
+        device = "gpu" if self.resources.gpu.count > 0 else "cpu"
+        if any(device not in QUANTIZATION_DEVICES[v.quantization] for v in self.variants):
+            raise rules.refusal(rules.QUANTIZATION_ON_GPU if device == "gpu" else rules.QUANTIZATION_ON_CPU)
+        if self.autoscaling and self.autoscaling.metric == "cpu" and self.resources.cpu is None:
+            raise rules.refusal(rules.CPU_METRIC_NEEDS_CPU_REQUEST)
+        return self
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.resources.gpu.count > 0

@@ -1,0 +1,98 @@
+"""`ModelService.status`: written only by the operator; strict schema, no kopf bookkeeping.
+
+kopf keeps its own progress and diff-base in annotations (docs/api.md, "kopf's storage").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, Field, StringConstraints
+
+from kubemaas_operator.api.base import ApiModel
+from kubemaas_operator.api.constants import MAX_VARIANTS, Quantization
+
+
+class Condition(ApiModel):
+    """A condition in the standard Kubernetes shape."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Annotated[str, StringConstraints(min_length=1, max_length=316)] = Field(
+        description="Ready, Progressing, Degraded or NameConflict."
+    )
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: Annotated[
+        str, StringConstraints(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    ] = Field(description="Why, in CamelCase (e.g. InsufficientGPU, ImagePullFailed).")
+    message: Annotated[str, StringConstraints(max_length=32768)] = Field(
+        default="", description="What happened and what to do, for a person."
+    )
+    last_transition_time: datetime = Field(description="When status last changed.")
+    observed_generation: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="The metadata.generation this condition was computed for."
+    )
+
+
+class VariantStatus(ApiModel):
+    """What one variant is serving."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: Annotated[str, StringConstraints(max_length=63)] = Field(description="Variant name.")
+    quantization: Quantization = Field(description="Its quantization.")
+    weight: Annotated[int, Field(ge=0, le=100)] = Field(description="Its weight in the spec.")
+    replicas: Annotated[int, Field(ge=0)] = Field(default=0, description="Pods desired for it.")
+    ready_replicas: Annotated[int, Field(ge=0)] = Field(default=0, description="Its pods that are ready.")
+    traffic_share: Annotated[float, Field(ge=0, le=100)] = Field(
+        default=0,
+        description=(
+            "Percent of requests it receives: its weight through a Gateway, otherwise its share "
+            "of the ready pods behind the Service."
+        ),
+    )
+
+
+class ModelServiceStatus(ApiModel):
+    """The observed state, written by the operator."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    observed_generation: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="The metadata.generation the operator last acted on."
+    )
+    replicas: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="Pods in total over all variants (the /scale status)."
+    )
+    ready_replicas: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="Ready pods in total."
+    )
+    selector: Annotated[str, StringConstraints(max_length=1024)] | None = Field(
+        default=None, description="Label selector of all the pods (for /scale and the HPA)."
+    )
+    url: Annotated[str, StringConstraints(max_length=1024)] | None = Field(
+        default=None, description="In-cluster URL of the model's v2 endpoint."
+    )
+    runtime_image: Annotated[str, StringConstraints(max_length=512)] | None = Field(
+        default=None, description="Runtime image the pods run; changes only with spec.runtime.image."
+    )
+    variant_summary: Annotated[str, StringConstraints(max_length=1024)] | None = Field(
+        default=None, description="Ready/desired pods per variant, e.g. \"bf16 2/2, int8 1/1\"."
+    )
+    conditions: Annotated[list[Condition], Field(max_length=16)] = Field(
+        default_factory=list,
+        description="Ready, Progressing, Degraded, NameConflict.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    variants: Annotated[list[VariantStatus], Field(max_length=MAX_VARIANTS * 2)] = Field(
+        default_factory=list,
+        description="Per-variant replicas, readiness and traffic share.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+
+
+def format_variant_summary(variants: Sequence[VariantStatus]) -> str:
+    """The printer column text: `bf16 2/2, int8 1/1` (ready/desired per variant)."""
+    return ", ".join(f"{v.name} {v.ready_replicas}/{v.replicas}" for v in variants)

@@ -1,0 +1,25 @@
+"""Pure builders: (ModelService, OperatorSettings, runtime image) -> desired children as dicts."""
+
+from kubemaas_operator.builders.autoscaling import REQUEST_METRICS, build_autoscaler, build_hpa, build_scaled_object
+from kubemaas_operator.builders.children import CHILD_KINDS, ChildKind, build_children, resolve_runtime_image
+from kubemaas_operator.builders.deployment import build_variant_deployment
+from kubemaas_operator.builders.disruption import build_disruption_budget, wants_disruption_budget
+from kubemaas_operator.builders.gateway import build_http_route
+from kubemaas_operator.builders.naming import (
+    MODELSERVICE_LABEL,
+    VARIANT_LABEL,
+    owner_reference,
+    selector_string,
+    service_url,
+    variant_child_name,
+)
+from kubemaas_operator.builders.replicas import replicas_by_variant
+from kubemaas_operator.builders.services import build_model_service, build_variant_service
+
+__all__ = [
+    "CHILD_KINDS", "MODELSERVICE_LABEL", "REQUEST_METRICS", "VARIANT_LABEL", "ChildKind",
+    "build_autoscaler", "build_children", "build_disruption_budget", "build_hpa", "build_http_route",
+    "build_model_service", "build_scaled_object", "build_variant_deployment", "build_variant_service",
+    "owner_reference", "replicas_by_variant", "resolve_runtime_image", "selector_string", "service_url",
+    "variant_child_name", "wants_disruption_budget",
+]

@@ -1,0 +1,133 @@
+"""HPA (engine hpa) or KEDA ScaledObject (engine keda), both on the ModelService's /scale.
+
+They scale `spec.replicas` (the total); the operator splits it over the variants. The request
+metrics come from the runtime's series (labels `model`, `variant`, plus the `namespace` and
+`pod` Prometheus adds when scraping):
+
+- concurrency: `kubemaas_inflight_requests` (a gauge), averaged per pod;
+- rps: the per-second rate of `kubemaas_requests_total`, per pod. For the HPA it is the custom
+  metric `kubemaas_requests_per_second`, which a prometheus-adapter rule provides (docs/api.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubemaas_operator.api import API_VERSION, KIND, Autoscaling, ModelService
+from kubemaas_operator.builders.naming import child_metadata, common_labels
+from kubemaas_operator.settings import OperatorSettings
+
+
+@dataclass(frozen=True)
+class RequestMetric:
+    """A per-pod request metric: its custom-metrics API name and the runtime series behind it."""
+
+    hpa_metric: str
+    runtime_series: str
+    promql: str  # the KEDA prometheus trigger's query, {selector} filled per ModelService
+
+
+REQUEST_METRICS: dict[str, RequestMetric] = {
+    "concurrency": RequestMetric(
+        hpa_metric="kubemaas_inflight_requests",
+        runtime_series="kubemaas_inflight_requests",
+        promql="sum(kubemaas_inflight_requests{{{selector}}})",
+    ),
+    "rps": RequestMetric(
+        hpa_metric="kubemaas_requests_per_second",
+        runtime_series="kubemaas_requests_total",
+        promql="sum(rate(kubemaas_requests_total{{{selector}}}[1m]))",
+    ),
+}
+
+
+def _scale_target(ms: ModelService) -> dict[str, str]:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": ms.name}
+
+
+def _hpa_metric(scaling: Autoscaling) -> dict[str, Any]:
+    if scaling.metric == "cpu":
+        return {
+            "type": "Resource",
+            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": scaling.target}},
+        }
+    metric = REQUEST_METRICS[scaling.metric]
+    return {
+        "type": "Pods",
+        "pods": {
+            "metric": {"name": metric.hpa_metric},
+            "target": {"type": "AverageValue", "averageValue": str(scaling.target)},
+        },
+    }
+
+
+def _scale_down_behavior(scaling: Autoscaling) -> dict[str, Any] | None:
+    if scaling.scale_down_stabilization_seconds is None:
+        return None
+    return {"scaleDown": {"stabilizationWindowSeconds": scaling.scale_down_stabilization_seconds}}
+
+
+def build_hpa(ms: ModelService, scaling: Autoscaling) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "scaleTargetRef": _scale_target(ms),
+        "minReplicas": scaling.min_replicas,
+        "maxReplicas": scaling.max_replicas,
+        "metrics": [_hpa_metric(scaling)],
+    }
+    behavior = _scale_down_behavior(scaling)
+    if behavior:
+        spec["behavior"] = behavior
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": child_metadata(ms, ms.name, common_labels(ms.name, "autoscaler")),
+        "spec": spec,
+    }
+
+
+def keda_query(ms: ModelService, metric: str) -> str:
+    """The PromQL a KEDA prometheus trigger runs: the total over all the model's pods."""
+    selector = f'namespace="{ms.namespace}",model="{ms.name}"'
+    return REQUEST_METRICS[metric].promql.format(selector=selector)
+
+
+def _keda_trigger(ms: ModelService, scaling: Autoscaling, settings: OperatorSettings) -> dict[str, Any]:
+    if scaling.metric == "cpu":
+        return {"type": "cpu", "metricType": "Utilization", "metadata": {"value": str(scaling.target)}}
+    return {
+        "type": "prometheus",
+        "metadata": {
+            "serverAddress": settings.prometheus_address,
+            "query": keda_query(ms, scaling.metric),
+            # KEDA divides the query's total by this to get the replicas: a per-pod target.
+            "threshold": str(scaling.target),
+        },
+    }
+
+
+def build_scaled_object(ms: ModelService, scaling: Autoscaling, settings: OperatorSettings) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "scaleTargetRef": _scale_target(ms),
+        "minReplicaCount": scaling.min_replicas,
+        "maxReplicaCount": scaling.max_replicas,
+        "triggers": [_keda_trigger(ms, scaling, settings)],
+    }
+    behavior = _scale_down_behavior(scaling)
+    if behavior:
+        spec["advanced"] = {"horizontalPodAutoscalerConfig": {"behavior": behavior}}
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": child_metadata(ms, ms.name, common_labels(ms.name, "autoscaler")),
+        "spec": spec,
+    }
+
+
+def build_autoscaler(ms: ModelService, settings: OperatorSettings) -> dict[str, Any] | None:
+    scaling = ms.spec.autoscaling
+    if scaling is None:
+        return None
+    if scaling.engine == "keda":
+        return build_scaled_object(ms, scaling, settings)
+    return build_hpa(ms, scaling)

@@ -1,0 +1,75 @@
+"""How the model's files reach `/mnt/models`, by URI scheme.
+
+- `pvc://claim/path`: the claim, read-only, its `path` mounted at /mnt/models (subPath).
+- `file:///path`: nothing mounted; the files are in the runtime image.
+- `s3://...`, `hf://...`: an emptyDir at /mnt/models, filled before the server starts by the
+  init container `kubemaas-runtime fetch --uri ... --dest /mnt/models`; `secretRef` is that
+  container's environment (envFrom) and never the serving container's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubemaas_operator.api import ModelSource
+from kubemaas_operator.builders.naming import FETCH_CONTAINER, MODEL_DIR
+
+MODEL_VOLUME = "model"
+TMP_VOLUME = "tmp"
+
+
+@dataclass(frozen=True)
+class ModelMount:
+    """What a pod needs for its model: volumes, the serving container's mounts, init containers."""
+
+    volumes: list[dict[str, Any]] = field(default_factory=list)
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+    fetch: bool = False
+
+
+def parse_pvc_uri(uri: str) -> tuple[str, str]:
+    """pvc://claim/some/path -> ("claim", "some/path"); the path may be empty."""
+    rest = uri.removeprefix("pvc://")
+    claim, _, path = rest.partition("/")
+    return claim, path.strip("/")
+
+
+def model_mount(model: ModelSource) -> ModelMount:
+    if model.scheme == "pvc":
+        claim, path = parse_pvc_uri(model.uri)
+        mount: dict[str, Any] = {"name": MODEL_VOLUME, "mountPath": MODEL_DIR, "readOnly": True}
+        if path:
+            mount["subPath"] = path
+        volume = {"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        return ModelMount(volumes=[volume], mounts=[mount])
+    if model.scheme in ("s3", "hf"):
+        return ModelMount(
+            volumes=[{"name": MODEL_VOLUME, "emptyDir": {}}],
+            mounts=[{"name": MODEL_VOLUME, "mountPath": MODEL_DIR, "readOnly": True}],
+            fetch=True,
+        )
+    return ModelMount()  # file://: baked into the image
+
+
+def fetch_init_container(
+    model: ModelSource, image: str, security_context: dict[str, Any], resources: dict[str, Any]
+) -> dict[str, Any]:
+    """The init container that downloads s3:// or hf:// into the model volume."""
+    container: dict[str, Any] = {
+        "name": FETCH_CONTAINER,
+        "image": image,
+        "command": ["kubemaas-runtime"],
+        "args": ["fetch", "--uri", model.uri, "--dest", MODEL_DIR],
+        "env": [{"name": "HOME", "value": "/tmp"}],
+        "resources": resources,
+        "securityContext": security_context,
+        "volumeMounts": [
+            {"name": MODEL_VOLUME, "mountPath": MODEL_DIR},
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if model.secret_ref is not None:
+        container["envFrom"] = [{"secretRef": {"name": model.secret_ref.name}}]
+    return container

@@ -1,0 +1,176 @@
+"""The pod template of a variant: the runtime container, probes, security, scheduling."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from kubemaas_operator.api import ModelService, Variant
+from kubemaas_operator.builders.model_source import TMP_VOLUME, fetch_init_container, model_mount
+from kubemaas_operator.builders.naming import HTTP_PORT, MODEL_DIR, RUNTIME_CONTAINER, variant_labels
+from kubemaas_operator.settings import OperatorSettings
+
+PRE_STOP_SLEEP_SECONDS = 5  # lets endpoints drop the pod before it stops taking requests
+PROBE_PERIOD_SECONDS = 5
+
+RUNTIME_UID = 65532  # the runtime image's non-root user
+
+
+def container_security_context() -> dict[str, Any]:
+    """The restricted Pod Security Standard, per container (fresh dict: callers may mutate)."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUNTIME_UID,
+        "runAsGroup": RUNTIME_UID,
+        "fsGroup": RUNTIME_UID,  # the model emptyDir is writable by the fetch step
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def runtime_env(ms: ModelService, variant: Variant, settings: OperatorSettings) -> list[dict[str, str]]:
+    """The runtime's configuration, one KUBEMAAS_* variable per `kubemaas-runtime serve` flag."""
+    spec = ms.spec
+    values: dict[str, str | None] = {
+        "KUBEMAAS_MODEL_URI": spec.model.uri,
+        "KUBEMAAS_FORMAT": spec.model.format,
+        "KUBEMAAS_TASK": spec.model.task,
+        "KUBEMAAS_ARCHITECTURE": spec.model.architecture,
+        "KUBEMAAS_NAME": ms.name,
+        "KUBEMAAS_VARIANT": variant.name,
+        "KUBEMAAS_QUANTIZATION": variant.quantization,
+        "KUBEMAAS_DEVICE": "cuda" if spec.uses_gpu else "cpu",
+        "KUBEMAAS_MAX_BATCH_SIZE": str(spec.runtime.max_batch_size),
+        "KUBEMAAS_BATCH_TIMEOUT_MS": str(spec.runtime.batch_timeout_ms),
+        "KUBEMAAS_MAX_DRIFT": None if spec.runtime.max_drift is None else str(spec.runtime.max_drift),
+        "KUBEMAAS_PORT": str(HTTP_PORT),
+        "KUBEMAAS_MODEL_DIR": MODEL_DIR,
+        "KUBEMAAS_GRACEFUL_TIMEOUT_SECONDS": str(settings.drain_seconds),
+        # Libraries that cache under $HOME write to the writable /tmp (the root is read-only).
+        "HOME": "/tmp",
+    }
+    return [{"name": name, "value": value} for name, value in values.items() if value is not None]
+
+
+def container_resources(ms: ModelService, settings: OperatorSettings, with_gpu: bool) -> dict[str, Any]:
+    """Requests from spec.resources; memory is also the limit; GPUs are limits (= requests)."""
+    res = ms.spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.cpu is not None:
+        requests["cpu"] = str(res.cpu)
+    if res.memory is not None:
+        requests["memory"] = limits["memory"] = str(res.memory)
+    if with_gpu and res.gpu.count > 0:
+        limits[settings.gpu_resource_name] = str(res.gpu.count)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 3,
+        "failureThreshold": failures,
+    }
+
+
+def runtime_container(
+    ms: ModelService, variant: Variant, settings: OperatorSettings, image: str, mounts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    startup_failures = max(1, settings.startup_timeout_seconds // PROBE_PERIOD_SECONDS)
+    return {
+        "name": RUNTIME_CONTAINER,
+        "image": image,
+        "command": ["kubemaas-runtime"],
+        "args": ["serve"],
+        "env": runtime_env(ms, variant, settings),
+        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "resources": container_resources(ms, settings, with_gpu=True),
+        # A slow model load holds off the liveness probe until the model is ready.
+        "startupProbe": _http_probe("/v2/health/ready", PROBE_PERIOD_SECONDS, startup_failures),
+        "readinessProbe": _http_probe("/v2/health/ready", PROBE_PERIOD_SECONDS, 2),
+        "livenessProbe": _http_probe("/v2/health/live", 10, 3),
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_SECONDS}}},
+        "securityContext": container_security_context(),
+        "volumeMounts": [*mounts, {"name": TMP_VOLUME, "mountPath": "/tmp"}],
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def scheduling_fields(ms: ModelService, settings: OperatorSettings) -> dict[str, Any]:
+    """The user's scheduling merged with what GPUs need (product selector, GPU toleration)."""
+    spec = ms.spec
+    sched = spec.scheduling
+    node_selector = dict(sched.node_selector)
+    tolerations = [t.to_wire() for t in sched.tolerations]
+    if spec.resources.gpu.product:
+        node_selector[settings.gpu_product_label] = spec.resources.gpu.product  # the spec's product wins
+    if spec.uses_gpu:
+        gpu_toleration = {"key": settings.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"}
+        if gpu_toleration not in tolerations:
+            tolerations.append(gpu_toleration)
+    fields: dict[str, Any] = {}
+    if node_selector:
+        fields["nodeSelector"] = node_selector
+    if tolerations:
+        fields["tolerations"] = tolerations
+    if sched.affinity:
+        fields["affinity"] = copy.deepcopy(sched.affinity)
+    if sched.priority_class_name:
+        fields["priorityClassName"] = sched.priority_class_name
+    if sched.runtime_class_name:
+        fields["runtimeClassName"] = sched.runtime_class_name
+    return fields
+
+
+def termination_grace_seconds(settings: OperatorSettings) -> int:
+    """preStop pause + the runtime's drain of in-flight requests + a margin."""
+    return PRE_STOP_SLEEP_SECONDS + settings.drain_seconds + 10
+
+
+def build_pod_template(
+    ms: ModelService, variant: Variant, settings: OperatorSettings, image: str
+) -> dict[str, Any]:
+    source = model_mount(ms.spec.model)
+    init_containers = []
+    if source.fetch:
+        resources = container_resources(ms, settings, with_gpu=False)
+        init_containers.append(fetch_init_container(ms.spec.model, image, container_security_context(), resources))
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "terminationGracePeriodSeconds": termination_grace_seconds(settings),
+        **({"initContainers": init_containers} if init_containers else {}),
+        "containers": [runtime_container(ms, variant, settings, image, source.mounts)],
+        "volumes": [*source.volumes, {"name": TMP_VOLUME, "emptyDir": {}}],
+        **scheduling_fields(ms, settings),
+    }
+    return {
+        "metadata": {
+            "labels": variant_labels(ms.name, variant.name),
+            "annotations": {
+                "kubectl.kubernetes.io/default-container": "runtime",
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(HTTP_PORT),
+                "prometheus.io/path": "/metrics",
+            },
+        },
+        "spec": pod_spec,
+    }

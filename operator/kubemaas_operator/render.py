@@ -1,0 +1,103 @@
+"""`render`: print every object the operator would create for the ModelServices in some files.
+
+Offline, like `helm template`: no cluster is read. A spec the API server would refuse is
+refused here too, with the field named (`spec.variants[1].weight: ...`), and exit status 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+from pydantic import ValidationError
+
+from kubemaas_operator.api import KIND, ModelService, describe_errors
+from kubemaas_operator.builders import build_children
+from kubemaas_operator.settings import OperatorSettings
+
+STDIN = "-"
+
+
+@dataclass
+class RenderResult:
+    objects: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (source note, child)
+    errors: list[str] = field(default_factory=list)
+
+
+def yaml_paths(path: str) -> list[str]:
+    """A file, `-`, or every *.yaml / *.yml file of a directory (sorted)."""
+    if path != STDIN and Path(path).is_dir():
+        return sorted(str(p) for p in Path(path).iterdir() if p.suffix in (".yaml", ".yml"))
+    return [path]
+
+
+def read_documents(path: str, stdin: TextIO) -> Iterator[tuple[int, Any]]:
+    text = stdin.read() if path == STDIN else Path(path).read_text()
+    for index, document in enumerate(yaml.safe_load_all(text), start=1):
+        if document is not None:
+            yield index, document
+
+
+def render_document(document: Any, where: str, settings: OperatorSettings, namespace: str,
+                    result: RenderResult) -> None:
+    if not isinstance(document, dict):
+        result.errors.append(f"{where}: not a Kubernetes object (a YAML mapping)")
+        return
+    if document.get("kind") != KIND:
+        return  # other kinds (a Secret, a PVC) are the user's, not the operator's
+    name = (document.get("metadata") or {}).get("name", "?")
+    try:
+        ms = ModelService.from_body(document)
+    except ValidationError as exc:
+        result.errors.extend(f'{where}: ModelService "{name}": {line}' for line in describe_errors(exc))
+        return
+    if not ms.metadata.namespace:
+        ms = ms.model_copy(update={"metadata": ms.metadata.model_copy(update={"namespace": namespace})})
+    note = f"{where}: ModelService {ms.namespace}/{ms.name}"
+    result.objects.extend((note, child) for child in build_children(ms, settings))
+
+
+def render_paths(paths: Iterable[str], settings: OperatorSettings, namespace: str = "default",
+                 stdin: TextIO = sys.stdin) -> RenderResult:
+    result = RenderResult()
+    for given in paths:
+        for path in yaml_paths(given):
+            try:
+                for index, document in read_documents(path, stdin):
+                    render_document(document, f"{path} (document {index})", settings, namespace, result)
+            except (OSError, yaml.YAMLError) as exc:
+                result.errors.append(f"{path}: {exc}")
+    return result
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """YAML without &anchors/*aliases, however the dicts are shared."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def format_objects(result: RenderResult) -> str:
+    parts = [
+        f"# {note}\n" + yaml.dump(child, Dumper=_PlainDumper, sort_keys=False, width=120)
+        for note, child in result.objects
+    ]
+    return "---\n".join(parts)
+
+
+def run_render(paths: list[str], namespace: str, settings: OperatorSettings,
+               out: TextIO = sys.stdout, err: TextIO = sys.stderr, stdin: TextIO = sys.stdin) -> int:
+    result = render_paths(paths, settings, namespace, stdin)
+    if result.errors:
+        for line in result.errors:
+            print(f"error: {line}", file=err)
+        return 1
+    if result.objects:
+        out.write("# Rendered offline by `kubemaas-operator render`: ownerReferences carry a placeholder\n"
+                  "# uid until the API server assigns the ModelService's.\n")
+        out.write(format_objects(result))
+    return 0
