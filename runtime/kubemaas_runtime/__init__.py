@@ -1,0 +1,3 @@
+"""KubeMaaS runtime: one PyTorch model served over the Open Inference Protocol (KServe v2)."""
+
+__version__ = "0.1.0"

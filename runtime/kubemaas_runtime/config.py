@@ -141,6 +141,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="after closing, longest wait for in-flight requests")
     add("--log-level", choices=("debug", "info", "warning", "error"), default="info",
         help="log verbosity")
+    _mention_env_vars(parser)
+
+
+def _mention_env_vars(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        long_flags = [s for s in action.option_strings if s.startswith("--")]
+        if long_flags and action.dest != "help":
+            action.help = f"{action.help} [env {env_var_for(long_flags[0])}]"
 
 
 def build_serve_parser(prog: str = "kubemaas-runtime serve") -> argparse.ArgumentParser:

@@ -1,0 +1,156 @@
+"""`kubemaas-runtime fetch`: the init container that fills /mnt/models from s3:// or hf://.
+
+s3://bucket/key copies the object `key` (as its base name) or, when `key` is a prefix, every
+object under it (keeping paths relative to the prefix). hf://org/name[@revision] copies the
+repository's files at that revision (default main), skipping other frameworks' weights and
+pickled weights. Files land under a temporary name and are renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote, urlparse
+
+log = logging.getLogger("kubemaas_runtime.fetch")
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+# Never fetched from the hub: other frameworks' weights and pickled PyTorch weights.
+HF_SKIP_PATTERNS = ("*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.tflite",
+                    "*.bin", "*.pth", "*.ckpt", "*.pkl", "onnx/*", "openvino/*", "coreml/*")
+
+
+class FetchError(Exception):
+    pass
+
+
+def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--uri", required=True, help="s3://bucket/key or hf://org/name[@rev]")
+    parser.add_argument("--dest", required=True, help="directory to fill (created if missing)")
+
+
+def safe_destination(dest: Path, relative: str) -> Path:
+    """`dest/relative`, refusing names that would escape `dest`."""
+    parts = PurePosixPath(relative).parts
+    if not parts or any(p in ("..", "") for p in parts) or PurePosixPath(relative).is_absolute():
+        raise FetchError(f"refusing to write {relative!r} outside {dest}")
+    return dest.joinpath(*parts)
+
+
+def fetch_s3(uri: str, dest: Path, env: Mapping[str, str]) -> list[Path]:
+    import boto3  # noqa: PLC0415
+
+    parsed = urlparse(uri)
+    bucket, key = parsed.netloc, parsed.path.lstrip("/")
+    if not bucket:
+        raise FetchError(f"{uri}: no bucket")
+    session = boto3.session.Session(
+        aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=env.get("AWS_SESSION_TOKEN"),
+        region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1")
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    s3 = session.client("s3", endpoint_url=endpoint)
+    prefix = key.rstrip("/")
+    objects: list[tuple[str, str]] = []  # (key, relative path)
+    paginator = s3.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            name = item["Key"]
+            if name == prefix:
+                objects.append((name, PurePosixPath(name).name))
+            elif not prefix or name.startswith(prefix + "/"):
+                relative = name[len(prefix) + 1:] if prefix else name
+                if relative and not relative.endswith("/"):
+                    objects.append((name, relative))
+    if not objects:
+        raise FetchError(f"{uri}: no objects found")
+    written = []
+    for name, relative in objects:
+        target = safe_destination(dest, relative)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".part")
+        s3.download_file(bucket, name, str(partial))
+        partial.replace(target)
+        written.append(target)
+    return written
+
+
+def parse_hf_uri(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    repo = (parsed.netloc + parsed.path).strip("/")
+    repo, _, revision = repo.partition("@")
+    if repo.count("/") > 1 or not repo:
+        raise FetchError(f"{uri}: expected hf://org/name[@revision]")
+    return repo, revision or "main"
+
+
+def fetch_hf(uri: str, dest: Path, env: Mapping[str, str]) -> list[Path]:
+    import httpx  # noqa: PLC0415
+
+    repo, revision = parse_hf_uri(uri)
+    endpoint = (env.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
+    headers = {"User-Agent": "kubemaas-runtime-fetch"}
+    if env.get("HF_TOKEN"):
+        headers["Authorization"] = f"Bearer {env['HF_TOKEN']}"
+    with httpx.Client(headers=headers, follow_redirects=True, timeout=60.0) as client:
+        info = client.get(f"{endpoint}/api/models/{repo}/revision/{quote(revision, safe='')}")
+        if info.status_code in (401, 403, 404):
+            raise FetchError(f"{uri}: hub answered {info.status_code} (missing repository, or "
+                             f"HF_TOKEN lacks access)")
+        info.raise_for_status()
+        doc = info.json()
+        commit = doc.get("sha") or revision
+        files = [s["rfilename"] for s in doc.get("siblings", [])]
+        wanted = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in HF_SKIP_PATTERNS)]
+        if not wanted:
+            raise FetchError(f"{uri}: the repository has no files to fetch")
+        written = []
+        for name in wanted:
+            target = safe_destination(dest, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".part")
+            url = f"{endpoint}/{repo}/resolve/{commit}/{quote(name)}"
+            with client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise FetchError(f"{uri}: GET {name} answered {response.status_code}")
+                with open(partial, "wb") as handle:
+                    for chunk in response.iter_bytes(1 << 20):
+                        handle.write(chunk)
+            partial.replace(target)
+            written.append(target)
+    return written
+
+
+def fetch(uri: str, dest: Path, env: Mapping[str, str]) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    scheme = urlparse(uri).scheme
+    if scheme == "s3":
+        return fetch_s3(uri, dest, env)
+    if scheme == "hf":
+        return fetch_hf(uri, dest, env)
+    raise FetchError(f"fetch handles s3:// and hf:// URIs, not {uri!r}")
+
+
+def fetch_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        written = fetch(args.uri, Path(args.dest), env)
+    except Exception as exc:  # report any failure as one line; the pod shows it
+        line = " ".join(f"ModelFetchFailed: {exc}".split())
+        print(line, file=sys.stderr)
+        termination_log = env.get("KUBEMAAS_TERMINATION_LOG", "/dev/termination-log")
+        if os.access(os.path.dirname(termination_log) or ".", os.W_OK):
+            try:
+                Path(termination_log).write_text(line + "\n")
+            except OSError:
+                pass
+        return 1
+    for path in written:
+        log.info("fetched %s", path)
+    print(f"fetched {len(written)} files into {args.dest}")
+    return 0

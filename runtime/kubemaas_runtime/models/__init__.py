@@ -1,0 +1,1 @@
+"""Model kinds: one class per format, all following `base.Model`."""

@@ -1,0 +1,170 @@
+"""The model contract: `load()`, `ready`, `predict(batch)`, plus the signature checks shared by
+every model kind (run on the event loop before a request joins a batch)."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubemaas_runtime.errors import InvalidInput
+from kubemaas_runtime.protocol import InferRequest, Tensor
+
+SIGNATURE_FILE = "signature.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One input or output. `shape` uses -1 for a variable dimension and starts with the batch
+    dimension; None means the rank is unknown. `exact` False: the datatype is a guess, so any
+    numeric datatype is accepted."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...] | None
+    exact: bool = True
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype,
+                "shape": list(self.shape) if self.shape is not None else [-1]}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TensorSpec:
+        return cls(str(raw["name"]), str(raw["datatype"]), tuple(int(d) for d in raw["shape"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+def read_signature_file(model_dir: Path) -> Signature | None:
+    """`signature.json` beside the model files, when there is one (Triton's config.pbtxt role)."""
+    path = model_dir / SIGNATURE_FILE
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    return Signature(tuple(TensorSpec.from_dict(s) for s in raw["inputs"]),
+                     tuple(TensorSpec.from_dict(s) for s in raw["outputs"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """What a model kind needs from the serve configuration."""
+
+    path: Path
+    name: str
+    variant: str = "default"
+    task: str | None = None
+    architecture: str | None = None
+    quantization: str = "none"
+    device: torch.device = torch.device("cpu")
+    max_batch_size: int = 32
+
+
+class Model(abc.ABC):
+    platform = "pytorch"
+
+    def __init__(self, options: ModelOptions) -> None:
+        self.options = options
+        self.name = options.name
+        self.device = options.device
+        self.ready = False
+        self.signature = Signature((), ())
+        self.quantization = "none"  # what load() actually applied
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Read the files, apply quantization, move to the device; set `signature`."""
+
+    @abc.abstractmethod
+    def predict(self, batch: list[dict[str, Tensor]]) -> list[list[Tensor]]:
+        """Run one batch of validated requests; one list of output tensors per request.
+
+        Called off the event loop, under torch.inference_mode.
+        """
+
+    def warmup(self) -> None:
+        """Run a forward pass or two so the first request does not pay for lazy setup."""
+
+    # -- shared ----------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "versions": ["1"],
+            "platform": self.platform,
+            "inputs": [s.metadata() for s in self.signature.inputs],
+            "outputs": [s.metadata() for s in self.signature.outputs],
+            "parameters": {
+                "variant": self.options.variant,
+                "quantization": self.quantization,
+                "device": str(self.device),
+                "max_batch_size": self.options.max_batch_size,
+                **({"task": self.options.task} if self.options.task else {}),
+            },
+        }
+
+    def validate(self, request: InferRequest) -> tuple[dict[str, Tensor], int]:
+        """Check the request against the signature; its inputs by name and its row count."""
+        specs = {s.name: s for s in self.signature.inputs}
+        given = {t.name: t for t in request.inputs}
+        unknown = sorted(set(given) - set(specs))
+        if unknown:
+            raise InvalidInput(f"unknown input {', '.join(map(repr, unknown))}; model "
+                               f"'{self.name}' takes {', '.join(map(repr, specs))}")
+        missing = [n for n in specs if n not in given]
+        if missing:
+            raise InvalidInput(f"missing input {', '.join(map(repr, missing))}")
+        rows: int | None = None
+        for name, spec in specs.items():
+            tensor = given[name]
+            check_tensor(spec, tensor)
+            if not tensor.shape:
+                raise InvalidInput(f"input '{name}': needs a batch dimension, got a scalar")
+            if rows is None:
+                rows = tensor.shape[0]
+            elif tensor.shape[0] != rows:
+                raise InvalidInput(f"input '{name}': batch dimension {tensor.shape[0]} differs "
+                                   f"from the other inputs' {rows}")
+        if not rows:
+            raise InvalidInput("request has no rows: the batch dimension must be at least 1")
+        if request.outputs is not None and self.signature.outputs:
+            known = {s.name for s in self.signature.outputs}
+            for name in request.outputs:
+                if name not in known:
+                    raise InvalidInput(f"unknown output '{name}'; model '{self.name}' has "
+                                       f"{', '.join(map(repr, sorted(known)))}")
+        return given, rows
+
+
+def check_tensor(spec: TensorSpec, tensor: Tensor) -> None:
+    where = f"input '{spec.name}'"
+    if spec.exact and tensor.datatype != spec.datatype:
+        raise InvalidInput(f"{where}: expected datatype {spec.datatype}, got {tensor.datatype}")
+    if not spec.exact and tensor.datatype == "BYTES":
+        raise InvalidInput(f"{where}: expected a numeric datatype, got BYTES")
+    if spec.shape is None:
+        return
+    expected = list(spec.shape)
+    if len(tensor.shape) != len(expected) or any(
+            want != -1 and want != got for want, got in zip(expected, tensor.shape)):
+        raise InvalidInput(f"{where}: expected shape {expected} (-1: any size), "
+                           f"got {list(tensor.shape)}")
+
+
+def run_predict(model: Model, batch: list[dict[str, Tensor]]) -> list[list[Tensor]]:
+    """The worker-thread entry for one batch."""
+    with torch.inference_mode():
+        return model.predict(batch)
+
+
+def load_and_warm_up(model: Model) -> None:
+    """The worker-thread entry for loading: load, then warm up under inference_mode."""
+    model.load()
+    with torch.inference_mode():
+        model.warmup()

@@ -1,0 +1,32 @@
+"""Which model class serves which --format (and --task)."""
+
+from __future__ import annotations
+
+from kubemaas_runtime.errors import ModelLoadFailed
+from kubemaas_runtime.models.base import Model, ModelOptions
+
+
+def create_model(format: str, options: ModelOptions) -> Model:
+    """An unloaded model of the class for `format`; imports only what that format needs."""
+    if format == "torchscript":
+        from kubemaas_runtime.models.tensor_models import TorchScriptModel  # noqa: PLC0415
+
+        return TorchScriptModel(options)
+    if format == "exported-program":
+        from kubemaas_runtime.models.tensor_models import ExportedProgramModel  # noqa: PLC0415
+
+        return ExportedProgramModel(options)
+    if format == "safetensors":
+        from kubemaas_runtime.models.tensor_models import SafetensorsModel  # noqa: PLC0415
+
+        return SafetensorsModel(options)
+    if format == "transformers":
+        from kubemaas_runtime.models import text_models  # noqa: PLC0415
+
+        kinds = {"feature-extraction": text_models.FeatureExtractionModel,
+                 "text-classification": text_models.TextClassificationModel}
+        if options.task not in kinds:
+            raise ModelLoadFailed(f"transformers task {options.task!r} is not supported "
+                                  f"(supported: {', '.join(kinds)})")
+        return kinds[options.task](options)
+    raise ModelLoadFailed(f"unknown model format {format!r}")

@@ -1,0 +1,205 @@
+"""Hugging Face transformers directories (config, safetensors weights, tokenizer), tokenized in
+the server so clients send strings: `feature-extraction` (sentence embeddings, pooled and
+L2-normalised as sentence-transformers computes them) and `text-classification`."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kubemaas_runtime.errors import InvalidInput, ModelLoadFailed
+from kubemaas_runtime.models.base import Model, Signature, TensorSpec
+from kubemaas_runtime.protocol import Tensor
+from kubemaas_runtime.quantization import quantize_module
+
+TEXT_INPUT = TensorSpec("text", "BYTES", (-1,))
+WARMUP_TEXTS = ["warm up", "a slightly longer sentence to warm up the model with padding"]
+
+
+class TextTokenizer:
+    """The fast `tokenizers` tokenizer when tokenizer.json exists, else transformers'."""
+
+    def __init__(self, model_dir: Path, max_length: int) -> None:
+        self.max_length = max_length
+        tokenizer_json = model_dir / "tokenizer.json"
+        self._hf = None
+        if tokenizer_json.is_file():
+            from tokenizers import Tokenizer  # noqa: PLC0415
+
+            self._fast = Tokenizer.from_file(str(tokenizer_json))
+            pad_token = _tokenizer_config(model_dir).get("pad_token") or "[PAD]"
+            if isinstance(pad_token, dict):
+                pad_token = pad_token.get("content", "[PAD]")
+            pad_id = self._fast.token_to_id(pad_token)
+            self._fast.enable_padding(pad_id=pad_id or 0, pad_token=pad_token)
+            self._fast.enable_truncation(max_length=max_length)
+        else:
+            from transformers import AutoTokenizer  # noqa: PLC0415
+
+            self._fast = None
+            self._hf = AutoTokenizer.from_pretrained(str(model_dir))
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if self._fast is None:
+            return dict(self._hf(texts, padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt"))
+        encodings = self._fast.encode_batch(texts)
+        return {
+            "input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.int64),
+            "attention_mask": torch.tensor([e.attention_mask for e in encodings],
+                                           dtype=torch.int64),
+            "token_type_ids": torch.tensor([e.type_ids for e in encodings], dtype=torch.int64),
+        }
+
+
+def _tokenizer_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "tokenizer_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _max_length(model_dir: Path, config: Any) -> int:
+    """sentence-transformers' max_seq_length, else the tokenizer's, capped by the positions."""
+    limit = getattr(config, "max_position_embeddings", 512) or 512
+    st_config = model_dir / "sentence_bert_config.json"
+    if st_config.is_file():
+        value = json.loads(st_config.read_text()).get("max_seq_length")
+        if value:
+            return min(int(value), limit)
+    value = _tokenizer_config(model_dir).get("model_max_length")
+    if isinstance(value, int) and 0 < value < 1_000_000:
+        return min(value, limit)
+    return limit
+
+
+def decode_texts(tensor: Tensor) -> list[str]:
+    texts = []
+    for item in tensor.data.reshape(-1):
+        if isinstance(item, bytes):
+            try:
+                item = item.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(f"input '{tensor.name}': BYTES element is not UTF-8") from None
+        texts.append(item)
+    return texts
+
+
+class TransformersModel(Model):
+    platform = "transformers"
+    auto_class = "AutoModel"
+
+    def __init__(self, options) -> None:
+        super().__init__(options)
+        self._model: torch.nn.Module | None = None
+        self._tokenizer: TextTokenizer | None = None
+        self._forward_args: set[str] = set()
+
+    def load(self) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # serving never reaches for the hub
+        import transformers  # noqa: PLC0415
+
+        path = self.options.path
+        if not (path / "config.json").is_file():
+            raise ModelLoadFailed(f"{path} is not a transformers directory (no config.json)")
+        if not any(path.glob("*.safetensors")):
+            raise ModelLoadFailed(f"{path} has no .safetensors weights (pickled weights are "
+                                  f"never loaded)")
+        auto = getattr(transformers, self.auto_class)
+        try:
+            model = auto.from_pretrained(str(path), use_safetensors=True,
+                                         local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadFailed(f"cannot load {path}: {exc}") from None
+        model = model.to(self.device).eval()
+        self._forward_args = set(inspect.signature(model.forward).parameters)
+        self._tokenizer = TextTokenizer(path, _max_length(path, model.config))
+        self._model, _ = quantize_module(model, self.options.quantization, self.device)
+        self.quantization = self.options.quantization
+        self._after_load(model.config)
+        self.ready = True
+
+    def _after_load(self, config: Any) -> None:
+        raise NotImplementedError
+
+    def warmup(self) -> None:
+        self._run(WARMUP_TEXTS)
+
+    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        encoded = self._tokenizer(texts)
+        return {k: v.to(self.device) for k, v in encoded.items() if k in self._forward_args}
+
+    def _run(self, texts: list[str]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def predict(self, batch: list[dict[str, Tensor]]) -> list[list[Tensor]]:
+        per_request = [decode_texts(inputs["text"]) for inputs in batch]
+        outputs = self._run([t for request_texts in per_request for t in request_texts])
+        results = []
+        start = 0
+        for request_texts in per_request:
+            end = start + len(request_texts)
+            results.append([Tensor(spec.name, spec.datatype, (end - start, *array.shape[1:]),
+                                   array[start:end])
+                            for spec, array in zip(self.signature.outputs, outputs)])
+            start = end
+        return results
+
+
+class FeatureExtractionModel(TransformersModel):
+    """Sentence embeddings: pooled token embeddings (mean unless 1_Pooling says otherwise),
+    L2-normalised."""
+
+    def _after_load(self, config: Any) -> None:
+        pooling_file = self.options.path / "1_Pooling" / "config.json"
+        pooling = json.loads(pooling_file.read_text()) if pooling_file.is_file() else {}
+        if pooling.get("pooling_mode_cls_token"):
+            self._pooling = "cls"
+        elif pooling.get("pooling_mode_max_tokens"):
+            self._pooling = "max"
+        else:
+            self._pooling = "mean"
+        self.signature = Signature(
+            (TEXT_INPUT,), (TensorSpec("embedding", "FP32", (-1, int(config.hidden_size))),))
+
+    def _run(self, texts: list[str]) -> list[np.ndarray]:
+        encoded = self._encode(texts)
+        hidden = self._model(**encoded).last_hidden_state.float()
+        mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        if self._pooling == "cls":
+            pooled = hidden[:, 0]
+        elif self._pooling == "max":
+            pooled = hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
+        else:
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        embeddings = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return [embeddings.cpu().numpy()]
+
+
+class TextClassificationModel(TransformersModel):
+    """Labels and scores: the top label, its probability, and every label's probability."""
+
+    auto_class = "AutoModelForSequenceClassification"
+
+    def _after_load(self, config: Any) -> None:
+        count = int(config.num_labels)
+        id2label = getattr(config, "id2label", None) or {}
+        self._labels = np.array(
+            [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(count)],
+            dtype=object)
+        self._multi_label = getattr(config, "problem_type", None) == "multi_label_classification"
+        self.signature = Signature((TEXT_INPUT,), (
+            TensorSpec("label", "BYTES", (-1,)),
+            TensorSpec("score", "FP32", (-1,)),
+            TensorSpec("probabilities", "FP32", (-1, count)),
+        ))
+
+    def _run(self, texts: list[str]) -> list[np.ndarray]:
+        logits = self._model(**self._encode(texts)).logits.float()
+        probs = torch.sigmoid(logits) if self._multi_label else torch.softmax(logits, dim=-1)
+        scores, best = probs.max(dim=-1)
+        return [self._labels[best.cpu().numpy()], scores.cpu().numpy(), probs.cpu().numpy()]

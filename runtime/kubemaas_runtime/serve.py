@@ -1,0 +1,99 @@
+"""`kubemaas-runtime serve`: threads and device, then uvicorn; the model loads in the
+background (liveness answers meanwhile), SIGTERM drains, a failed load exits non-zero with a
+one-line reason in the termination log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import uvicorn
+
+from kubemaas_runtime.config import ServeConfig
+from kubemaas_runtime.errors import ModelLoadFailed
+
+log = logging.getLogger("kubemaas_runtime")
+
+
+def write_termination_log(path: str, line: str) -> None:
+    """The reason Kubernetes shows as the container's termination message."""
+    print(line, file=sys.stderr, flush=True)
+    try:
+        with open(path, "w") as handle:
+            handle.write(line.replace("\n", " ") + "\n")
+    except OSError as exc:
+        log.warning("cannot write termination log %s: %s", path, exc)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn that turns readiness off at the first SIGTERM and, with `drain_seconds`, keeps
+    serving that long before it closes its socket and waits for in-flight requests."""
+
+    def __init__(self, config: uvicorn.Config, state, drain_seconds: float) -> None:
+        super().__init__(config)
+        self._state = state
+        self._drain_seconds = drain_seconds
+        self._draining_since_signal = False
+
+    def handle_exit(self, sig, frame) -> None:
+        self._state.draining = True
+        if self._drain_seconds > 0 and not self._draining_since_signal and not self.should_exit:
+            self._draining_since_signal = True
+            loop = asyncio.get_event_loop()
+            loop.call_soon_threadsafe(
+                loop.call_later, self._drain_seconds, super().handle_exit, sig, frame)
+            return
+        super().handle_exit(sig, frame)
+
+
+def serve(config: ServeConfig) -> int:
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        state = _build_state(config)
+    except ModelLoadFailed as exc:
+        write_termination_log(config.termination_log, f"ModelLoadFailed: {exc}")
+        return 1
+    from kubemaas_runtime.server import create_app  # noqa: PLC0415
+
+    app = create_app(state)
+    uv_config = uvicorn.Config(
+        app, host=config.host, port=config.port, loop="uvloop", http="httptools",
+        lifespan="on", access_log=False, log_level=config.log_level,
+        timeout_graceful_shutdown=config.graceful_timeout_seconds or None)
+    server = DrainingServer(uv_config, state, config.drain_seconds)
+
+    def request_exit() -> None:
+        server.should_exit = True
+
+    state.request_exit = request_exit
+    server.run()
+    if state.load_error is not None:
+        write_termination_log(config.termination_log, f"ModelLoadFailed: {state.load_error}")
+        return 1
+    if not server.started:
+        return 1
+    return 0
+
+
+def _build_state(config: ServeConfig):
+    import torch  # noqa: PLC0415 (heavy; only for serve)
+
+    from kubemaas_runtime.device import available_cpus, resolve_device  # noqa: PLC0415
+    from kubemaas_runtime.metrics import create_metrics  # noqa: PLC0415
+    from kubemaas_runtime.models.base import ModelOptions  # noqa: PLC0415
+    from kubemaas_runtime.models.registry import create_model  # noqa: PLC0415
+    from kubemaas_runtime.server import ServingState  # noqa: PLC0415
+
+    threads = available_cpus()
+    torch.set_num_threads(threads)
+    device = resolve_device(config.device)
+    log.info("serving %s on %s with %d CPU threads", config.model_uri, device, threads)
+    options = ModelOptions(
+        path=config.model_path, name=config.name, variant=config.variant, task=config.task,
+        architecture=config.architecture, quantization=config.quantization, device=device,
+        max_batch_size=config.max_batch_size)
+    model = create_model(config.format, options)
+    metrics = create_metrics().bind(config.name, config.variant)
+    return ServingState(config, model, metrics)
