@@ -55,7 +55,7 @@ FreeFormObject = Annotated[
     WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
 ]
 
-DnsLabel = Annotated[str, StringConstraints(pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")]
+DnsLabel = Annotated[str, StringConstraints(max_length=63, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")]
 DnsSubdomain = Annotated[
     str,
     StringConstraints(

@@ -31,12 +31,14 @@ def describe_errors(error: ValidationError) -> list[str]:
     A cross-field rule's error carries the CEL rule's fieldPath, appended here so the line names
     the same field the API server names.
     """
-    lines: list[str] = []
+    by_path: dict[str, list[str]] = {}
     for item in error.errors(include_url=False):
         path = field_path(item["loc"])
         if item["type"] == CROSS_FIELD_ERROR:
             path = (path + (item.get("ctx") or {}).get("field_path", "")).lstrip(".")
-        line = f"{path}: {item['msg']}" if path else item["msg"]
-        if line not in lines:
-            lines.append(line)
-    return lines
+        messages = by_path.setdefault(path, [])
+        if any(part in _TYPE_TAGS for part in item["loc"] if isinstance(part, str)):
+            messages.clear()  # an int-or-string field: the string branch's message says most
+        if item["msg"] not in messages:
+            messages.append(item["msg"])
+    return [f"{path}: {msg}" if path else msg for path, msgs in by_path.items() for msg in msgs]

@@ -1,0 +1,102 @@
+"""The operator <-> runtime contract: what the builders write, the runtime accepts.
+
+Every rendered container's args and env go through the runtime's own parser; every metric an
+HPA or ScaledObject names comes from a series in the runtime's own registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from kubemaas_operator.api import ModelService
+from kubemaas_operator.builders import REQUEST_METRICS, build_children
+from kubemaas_operator.settings import OperatorSettings
+from kubemaas_runtime.config import parse_serve_config
+from kubemaas_runtime.fetch import add_fetch_arguments
+from kubemaas_runtime.metrics import create_metrics
+from tests.unit.support import EXAMPLES, make_ms, model_services_in
+
+SETTINGS = OperatorSettings()
+
+
+def example_children() -> list[tuple[str, dict]]:
+    out = []
+    for path in EXAMPLES:
+        for body in model_services_in(path):
+            body["metadata"]["namespace"] = "ns"
+            out += [(path.name, o) for o in build_children(ModelService.from_body(body), SETTINGS)]
+    extra = make_ms({"model": {"uri": "pvc://c/p", "format": "safetensors", "architecture": "pkg.m:f"},
+                     "runtime": {"maxDrift": 0.02, "batchTimeoutMs": 3},
+                     "autoscaling": {"engine": "keda", "minReplicas": 0, "maxReplicas": 2, "metric": "rps",
+                                     "target": 3}})
+    out += [("safetensors-pvc-keda", o) for o in build_children(extra, SETTINGS)]
+    return out
+
+
+CHILDREN = example_children()
+DEPLOYMENTS = [(label, o) for label, o in CHILDREN if o["kind"] == "Deployment"]
+
+
+def runtime_registry_names() -> set[str]:
+    registry = CollectorRegistry()
+    create_metrics(registry)
+    names: set[str] = set()
+    for family in registry.collect():
+        names.add(family.name)
+        names.update(sample.name for sample in family.samples)
+    # Unlabelled families have no samples until used; a counter's series is <name>_total.
+    names.update(f"{family.name}_total" for family in registry.collect() if family.type == "counter")
+    return names
+
+
+@pytest.mark.parametrize("deployment", [o for _, o in DEPLOYMENTS],
+                         ids=[f"{label}:{o['metadata']['name']}" for label, o in DEPLOYMENTS])
+def test_runtime_parser_accepts_every_serving_container(deployment):
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["kubemaas-runtime"] and container["args"][0] == "serve"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    config = parse_serve_config(container["args"][1:], env)
+    variant = deployment["metadata"]["labels"]["kubemaas.io/variant"]
+    assert config.variant == variant
+    assert config.name == deployment["metadata"]["labels"]["kubemaas.io/modelservice"]
+    assert config.port == container["ports"][0]["containerPort"]
+    assert config.model_dir == "/mnt/models"
+    assert config.model_uri == env["KUBEMAAS_MODEL_URI"] and config.quantization == env["KUBEMAAS_QUANTIZATION"]
+    assert config.device == env["KUBEMAAS_DEVICE"]
+    for name in env:
+        if name.startswith("KUBEMAAS_"):  # every variable is one the runtime reads
+            assert name[len("KUBEMAAS_"):].lower() in vars(config), name
+
+
+def test_fetch_init_container_command_is_the_runtimes():
+    fetches = [c for _, o in DEPLOYMENTS for c in o["spec"]["template"]["spec"].get("initContainers", [])]
+    assert fetches, "an example fetches from s3:// or hf://"
+    parser = argparse.ArgumentParser()
+    add_fetch_arguments(parser)  # the runtime's own `fetch` arguments
+    for container in fetches:
+        assert container["command"] == ["kubemaas-runtime"] and container["args"][0] == "fetch"
+        args = parser.parse_args(container["args"][1:])
+        assert args.dest == "/mnt/models" and args.uri.startswith(("s3://", "hf://"))
+
+
+def test_every_autoscaler_metric_is_a_runtime_series():
+    names = runtime_registry_names()
+    assert {metric.runtime_series for metric in REQUEST_METRICS.values()} <= names
+    named = []
+    for _, obj in CHILDREN:
+        if obj["kind"] == "HorizontalPodAutoscaler":
+            for metric in obj["spec"]["metrics"]:
+                if metric["type"] == "Pods":
+                    hpa_name = metric["pods"]["metric"]["name"]
+                    (source,) = [m.runtime_series for m in REQUEST_METRICS.values() if m.hpa_metric == hpa_name]
+                    named.append(source)
+        if obj["kind"] == "ScaledObject":
+            for trigger in obj["spec"]["triggers"]:
+                if trigger["type"] == "prometheus":
+                    named += re.findall(r"kubemaas_[a-z_]+", trigger["metadata"]["query"])
+    assert named, "the examples and cases include an HPA and a ScaledObject on request metrics"
+    assert set(named) <= names, set(named) - names
