@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from kubemaas_operator.api import ModelService
 
 REPO = Path(__file__).resolve().parents[2]

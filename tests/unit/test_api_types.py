@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from kubemaas_operator.api import ModelService, describe_errors, field_path
 from pydantic import ValidationError
 
-from kubemaas_operator.api import ModelService, describe_errors, field_path
 from tests.unit.support import make_body, make_ms
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 
 import pytest
-
 from kubemaas_operator.builders import build_children, resolve_runtime_image
 from kubemaas_operator.builders.naming import PLACEHOLDER_UID
 from kubemaas_operator.settings import OperatorSettings
+
 from tests.unit.support import make_ms
 
 SETTINGS = OperatorSettings()

@@ -10,14 +10,14 @@ import argparse
 import re
 
 import pytest
-from prometheus_client import CollectorRegistry
-
 from kubemaas_operator.api import ModelService
 from kubemaas_operator.builders import REQUEST_METRICS, build_children
 from kubemaas_operator.settings import OperatorSettings
 from kubemaas_runtime.config import parse_serve_config
 from kubemaas_runtime.fetch import add_fetch_arguments
 from kubemaas_runtime.metrics import create_metrics
+from prometheus_client import CollectorRegistry
+
 from tests.unit.support import EXAMPLES, make_ms, model_services_in
 
 SETTINGS = OperatorSettings()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import kubernetes_validate
 import yaml
-
 from kubemaas_operator.api import rules
 from kubemaas_operator.crd import build_crd, crd_yaml
+
 from tests.unit.support import REPO
 
 CRD_PATH = REPO / "crds" / "modelservices.kubemaas.io.yaml"

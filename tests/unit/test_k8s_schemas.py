@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import kubernetes_validate
 import pytest
-
 from kubemaas_operator.api import ModelService
 from kubemaas_operator.builders import build_children
 from kubemaas_operator.settings import OperatorSettings
+
 from tests.unit.support import EXAMPLES, make_ms, model_services_in
 
 K8S_VERSION = "1.35.0"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from kubemaas_operator.api import Variant
 from kubemaas_operator.builders import replicas_by_variant
 
@@ -38,7 +37,7 @@ def test_split(total, weights, expected):
     assert sum(split.values()) == total
 
 
-@pytest.mark.parametrize("total", range(0, 40))
+@pytest.mark.parametrize("total", range(40))
 def test_split_always_sums_to_total_and_respects_weight_order(total):
     weights = (50, 25, 15, 10)
     split = list(replicas_by_variant(total, variants(*weights)).values())

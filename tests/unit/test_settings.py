@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
-
 from kubemaas_operator.settings import OperatorSettings
+from pydantic import ValidationError
 
 
 def test_defaults():

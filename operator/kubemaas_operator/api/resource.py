@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints, model_validator
@@ -11,8 +12,6 @@ from kubemaas_operator.api.base import ApiModel
 from kubemaas_operator.api.constants import API_VERSION, KIND, MAX_NAME_LENGTH
 from kubemaas_operator.api.spec import ModelServiceSpec
 from kubemaas_operator.api.status import ModelServiceStatus
-
-import re
 
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 

@@ -86,7 +86,7 @@ URI_SCHEME = CelRule(
     field_path=".uri",
 )
 URI_SHAPE = CelRule(
-    rule=f"!self.uri.matches('^(" + "|".join(URI_SCHEMES) + f")://') || self.uri.matches('{URI_SHAPE_PATTERN}')",
+    rule="!self.uri.matches('^(" + "|".join(URI_SCHEMES) + f")://') || self.uri.matches('{URI_SHAPE_PATTERN}')",
     message=(
         "model.uri must look like pvc://<claim>[/<path>], file:///<absolute path>, "
         "s3://<bucket>[/<key>] or hf://<org>/<name>[@<revision>]"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, field_validator, model_validator
+from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from kubemaas_operator.api import rules
@@ -57,10 +57,10 @@ class SecretReference(ApiModel):
 class ModelSource(ApiModel):
     """Where the model is and how to load it."""
 
-    model_config = {"json_schema_extra": rules.schema_rules(
+    model_config = ConfigDict(json_schema_extra=rules.schema_rules(
         rules.URI_SCHEME, rules.URI_SHAPE, rules.ARCHITECTURE_FOR_SAFETENSORS,
         rules.TASK_FOR_TRANSFORMERS, rules.TASK_ONLY_FOR_TRANSFORMERS,
-    )}
+    ))
 
     uri: Annotated[str, StringConstraints(min_length=1, max_length=MAX_URI_LENGTH)] = Field(
         description=(
@@ -122,7 +122,7 @@ class ModelSource(ApiModel):
 class GpuResources(ApiModel):
     """GPUs per pod."""
 
-    model_config = {"json_schema_extra": rules.schema_rules(rules.GPU_PRODUCT_NEEDS_COUNT)}
+    model_config = ConfigDict(json_schema_extra=rules.schema_rules(rules.GPU_PRODUCT_NEEDS_COUNT))
 
     count: Annotated[int, Field(ge=0, le=MAX_GPUS_PER_POD)] = Field(
         default=0, description="GPUs per pod (the nvidia.com/gpu limit); 0 runs on CPU only."
@@ -242,9 +242,9 @@ class Variant(ApiModel):
 class Autoscaling(ApiModel):
     """An HPA (engine hpa) or KEDA ScaledObject (engine keda) that owns spec.replicas via /scale."""
 
-    model_config = {"json_schema_extra": rules.schema_rules(
+    model_config = ConfigDict(json_schema_extra=rules.schema_rules(
         rules.MIN_NOT_ABOVE_MAX, rules.SCALE_TO_ZERO_NEEDS_KEDA, rules.SCALE_TO_ZERO_NEEDS_REQUEST_METRIC,
-    )}
+    ))
 
     engine: AutoscalingEngine = Field(default="hpa", description="hpa or keda.")
     min_replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = Field(
@@ -290,7 +290,7 @@ class CanaryStep(ApiModel):
 class Rollout(ApiModel):
     """How a spec change reaches the pods."""
 
-    model_config = {"json_schema_extra": rules.schema_rules(rules.ROLLOUT_CAN_PROGRESS, rules.STEPS_ONLY_FOR_CANARY)}
+    model_config = ConfigDict(json_schema_extra=rules.schema_rules(rules.ROLLOUT_CAN_PROGRESS, rules.STEPS_ONLY_FOR_CANARY))
 
     strategy: RolloutStrategy = Field(
         default="RollingUpdate",
@@ -335,7 +335,7 @@ if rules.GPU_ONLY_QUANTIZATIONS:
 class ModelServiceSpec(ApiModel):
     """The desired state of a served model."""
 
-    model_config = {"json_schema_extra": rules.schema_rules(*_SPEC_RULES)}
+    model_config = ConfigDict(json_schema_extra=rules.schema_rules(*_SPEC_RULES))
 
     model: ModelSource = Field(description="Where the model is and how to load it.")
     replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = Field(

@@ -1,7 +1,17 @@
 """Pure builders: (ModelService, OperatorSettings, runtime image) -> desired children as dicts."""
 
-from kubemaas_operator.builders.autoscaling import REQUEST_METRICS, build_autoscaler, build_hpa, build_scaled_object
-from kubemaas_operator.builders.children import CHILD_KINDS, ChildKind, build_children, resolve_runtime_image
+from kubemaas_operator.builders.autoscaling import (
+    REQUEST_METRICS,
+    build_autoscaler,
+    build_hpa,
+    build_scaled_object,
+)
+from kubemaas_operator.builders.children import (
+    CHILD_KINDS,
+    ChildKind,
+    build_children,
+    resolve_runtime_image,
+)
 from kubemaas_operator.builders.deployment import build_variant_deployment
 from kubemaas_operator.builders.disruption import build_disruption_budget, wants_disruption_budget
 from kubemaas_operator.builders.gateway import build_http_route

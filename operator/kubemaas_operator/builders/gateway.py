@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from kubemaas_operator.api import ModelService
-from kubemaas_operator.builders.naming import SERVICE_PORT, child_metadata, common_labels, variant_child_name
+from kubemaas_operator.builders.naming import (
+    SERVICE_PORT,
+    child_metadata,
+    common_labels,
+    variant_child_name,
+)
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 

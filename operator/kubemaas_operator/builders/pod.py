@@ -7,7 +7,12 @@ from typing import Any
 
 from kubemaas_operator.api import ModelService, Variant
 from kubemaas_operator.builders.model_source import TMP_VOLUME, fetch_init_container, model_mount
-from kubemaas_operator.builders.naming import HTTP_PORT, MODEL_DIR, RUNTIME_CONTAINER, variant_labels
+from kubemaas_operator.builders.naming import (
+    HTTP_PORT,
+    MODEL_DIR,
+    RUNTIME_CONTAINER,
+    variant_labels,
+)
 from kubemaas_operator.settings import OperatorSettings
 
 PRE_STOP_SLEEP_SECONDS = 5  # lets endpoints drop the pod before it stops taking requests
