@@ -1,5 +1,6 @@
 """The `kubemaas.io/v1alpha1` API: pydantic models that are the source of the CRD."""
 
+from kubemaas_operator.api.compute import GpuResources, Resources, Scheduling, Toleration
 from kubemaas_operator.api.constants import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from kubemaas_operator.api.errors import describe_errors, field_path
 from kubemaas_operator.api.resource import ModelService, ObjectMeta
@@ -7,15 +8,11 @@ from kubemaas_operator.api.spec import (
     Autoscaling,
     CanaryStep,
     GatewayRef,
-    GpuResources,
     ModelServiceSpec,
     ModelSource,
-    Resources,
     Rollout,
     RuntimeSpec,
-    Scheduling,
     SecretReference,
-    Toleration,
     Variant,
 )
 from kubemaas_operator.api.status import (
