@@ -5,6 +5,7 @@ one-line reason in the termination log."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 
@@ -45,6 +46,15 @@ class DrainingServer(uvicorn.Server):
                 loop.call_later, self._drain_seconds, super().handle_exit, sig, frame)
             return
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """uvicorn re-raises the signal after shutting down; a drained exit is a clean one."""
+        with super().capture_signals():
+            yield
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
 
 
 def serve(config: ServeConfig) -> int:

@@ -57,7 +57,13 @@ class ServingState:
 
     @property
     def ready(self) -> bool:
-        return self.model.ready and not self.draining and self.load_error is None
+        """What readiness probes see: false from the first SIGTERM on."""
+        return self.can_infer and not self.draining
+
+    @property
+    def can_infer(self) -> bool:
+        """Requests are still served while draining, until uvicorn closes the socket."""
+        return self.model.ready and self.load_error is None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -185,7 +191,7 @@ def create_app(state: ServingState) -> Starlette:
 
     async def _infer(request: Request) -> Response:
         check_model(request)
-        if not state.ready:
+        if not state.can_infer:
             raise ModelNotReady(_not_ready_reason(state))
         batcher = state.batcher
         if batcher.is_full:

@@ -1,0 +1,124 @@
+"""Dynamic batching under concurrency, a full queue, SIGTERM draining, and failed starts."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.runtime.conftest import PYTHON, RuntimeServer, runtime_env
+from tests.runtime.tiny_models import build_safetensors
+
+LABELS = 'model="slow",variant="default"'
+
+
+def slow_server_args(model_dir, *extra):
+    return ["--model-uri", f"file://{model_dir}", "--format", "safetensors", "--name", "slow",
+            "--architecture", "tests.runtime.tiny_models:make_slow_mlp", *extra]
+
+
+def body(rows: int = 1) -> dict:
+    x = np.ones((rows, 4), dtype=np.float32)
+    return {"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 4],
+                        "data": x.reshape(-1).tolist()}]}
+
+
+async def fire(url: str, count: int, rows: int = 1) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return await asyncio.gather(*[client.post("/v2/models/slow/infer", json=body(rows))
+                                      for _ in range(count)])
+
+
+@pytest.fixture(scope="module")
+def slow_server(module_tmp):
+    build_safetensors(module_tmp / "slow", slow_delay_s=0.15)
+    server = RuntimeServer(slow_server_args(module_tmp / "slow", "--max-batch-size", "4",
+                                            "--max-queue", "6"), module_tmp).start()
+    yield server
+    assert server.stop() == 0, server.logs()
+
+
+def test_requests_arriving_while_busy_are_batched(slow_server):
+    batches_before = slow_server.metric("kubemaas_batch_size_count", LABELS)
+    rows_before = slow_server.metric("kubemaas_batch_size_sum", LABELS)
+    responses = asyncio.run(fire(slow_server.url, 6))
+    assert [r.status_code for r in responses] == [200] * 6
+    batches = slow_server.metric("kubemaas_batch_size_count", LABELS) - batches_before
+    rows = slow_server.metric("kubemaas_batch_size_sum", LABELS) - rows_before
+    assert rows == 6
+    assert batches < 6, "no two requests shared a forward pass"
+    assert slow_server.metric("kubemaas_queue_wait_seconds_count", LABELS) >= 6
+    assert slow_server.metric("kubemaas_inference_seconds_count", LABELS) >= batches
+
+
+def test_full_queue_answers_503_with_retry_after(slow_server):
+    responses = asyncio.run(fire(slow_server.url, 24))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["retry-after"] == "1"
+            assert "queue is full" in response.json()["error"]
+    after = httpx.post(f"{slow_server.url}/v2/models/slow/infer", json=body(), timeout=30)
+    assert after.status_code == 200
+    assert slow_server.metric("kubemaas_request_failures_total", 'code="503"') >= 1
+
+
+def test_request_larger_than_max_batch_is_400(slow_server):
+    response = httpx.post(f"{slow_server.url}/v2/models/slow/infer", json=body(5), timeout=30)
+    assert response.status_code == 400 and "max batch size is 4" in response.json()["error"]
+
+
+def test_sigterm_drains_in_flight_requests(module_tmp):
+    build_safetensors(module_tmp / "drain", slow_delay_s=0.3)
+    server = RuntimeServer(slow_server_args(module_tmp / "drain", "--max-batch-size", "2",
+                                            "--drain-seconds", "1.5"), module_tmp).start()
+    try:
+        async def scenario():
+            in_flight = asyncio.create_task(fire(server.url, 6))
+            deadline = time.monotonic() + 20
+            while server.metric("kubemaas_inflight_requests", LABELS) < 6:
+                assert time.monotonic() < deadline, "requests never arrived"
+                await asyncio.sleep(0.02)
+            server.terminate()
+            await asyncio.sleep(0.2)
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                ready = await client.get("/v2/health/ready")
+                late = await client.post("/v2/models/slow/infer", json=body())
+            return await in_flight, ready, late
+
+        responses, ready, late = asyncio.run(scenario())
+        assert [r.status_code for r in responses] == [200] * 6
+        assert ready.status_code == 503 and ready.json()["ready"] is False
+        assert late.status_code == 200  # still served while endpoints catch up
+        assert server.process.wait(30) == 0, server.logs()
+    finally:
+        server.stop()
+
+
+def run_failing(args: list[str], tmp_path) -> tuple[int, str, str]:
+    log = tmp_path / "termination-log"
+    result = subprocess.run(
+        [PYTHON, "-m", "kubemaas_runtime", "serve", "--host", "127.0.0.1", "--port", "1",
+         "--termination-log", str(log), *args],
+        env=runtime_env(), capture_output=True, text=True, timeout=120)
+    return result.returncode, log.read_text() if log.exists() else "", result.stderr
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--model-uri", "file:///nonexistent/model.pt", "--format", "torchscript"],
+     "ModelLoadFailed: model path /nonexistent/model.pt does not exist"),
+    (["--model-uri", "file:///tmp", "--format", "safetensors", "--architecture", "no.such:f"],
+     "ModelLoadFailed: "),
+    (["--model-uri", "file:///tmp", "--format", "torchscript", "--device", "cuda"],
+     "ModelLoadFailed: --device cuda was requested but no CUDA device is visible"),
+])
+def test_failed_start_writes_one_line_reason(args, reason, tmp_path):
+    code, log, stderr = run_failing(args, tmp_path)
+    assert code != 0, stderr
+    assert log.startswith(reason), (log, stderr)
+    assert log.count("\n") == 1
