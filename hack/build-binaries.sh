@@ -11,7 +11,7 @@ BIN_DIR=$CACHE_ROOT/bin/k8s-$KUBE_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-
 SRC_DIR=$CACHE_ROOT/src
 export CGO_ENABLED=0 GOFLAGS=-trimpath GOTOOLCHAIN=local
 
-log() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+log() { printf '[kubemaas %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 have() { [ -x "$BIN_DIR/$1" ]; }
 
 # go.mod of a wrapper module that builds k8s.io/kubernetes commands: every staging module the

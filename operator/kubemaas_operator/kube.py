@@ -1,0 +1,148 @@
+"""A small, blocking Kubernetes client for the children the operator owns.
+
+It talks JSON to the API server through the official client's ``ApiClient`` (auth, TLS,
+retries from the kubeconfig or the in-cluster service account) without deserialising into
+the generated models, which is the slow part of that client. Every write is server-side apply
+under one field manager with ``force``. Handlers call it from kopf's thread pool (sync
+handlers), never from the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+
+@dataclass(frozen=True)
+class Kind:
+    api_version: str
+    kind: str
+    plural: str
+
+    def path(self, namespace: str, name: str | None = None) -> str:
+        prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        path = f"{prefix}/namespaces/{namespace}/{self.plural}"
+        return f"{path}/{name}" if name else path
+
+
+KINDS: dict[str, Kind] = {
+    k.kind: k
+    for k in (
+        Kind("apps/v1", "Deployment", "deployments"),
+        Kind("v1", "Service", "services"),
+        Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
+        Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
+        Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects"),
+        Kind("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes"),
+        Kind("kubemaas.io/v1alpha1", "ModelService", "modelservices"),
+        Kind("apps/v1", "ReplicaSet", "replicasets"),
+        Kind("v1", "Pod", "pods"),
+    )
+}
+
+# Kinds a ModelService may own; stale ones among them are deleted after each apply.
+OWNED_KINDS = ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
+               "ScaledObject", "HTTPRoute")
+
+
+class KindNotInstalled(Exception):
+    """The API server does not serve this kind (its CRD is missing)."""
+
+    def __init__(self, kind: Kind) -> None:
+        super().__init__(f"{kind.kind}.{kind.api_version} is not served by this cluster")
+        self.kind = kind
+
+
+def load_api_client() -> client.ApiClient:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+class KubeClient:
+    def __init__(self, api: client.ApiClient, field_manager: str) -> None:
+        self._api = api
+        self._field_manager = field_manager
+
+    def _call(self, method: str, path: str, *, body: Any = None, query: list | None = None,
+              content_type: str = "application/json") -> Any:
+        resp = self._api.call_api(
+            path, method, query_params=query or [], body=body,
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
+        )
+        data = resp.data
+        return json.loads(data) if data else None
+
+    def apply(self, obj: dict) -> dict:
+        """Server-side apply ``obj`` (force) and return the object the server holds."""
+        kind = KINDS[obj["kind"]]
+        meta = obj["metadata"]
+        try:
+            return self._call(
+                "PATCH", kind.path(meta["namespace"], meta["name"]),
+                body=json.dumps(obj),
+                query=[("fieldManager", self._field_manager), ("force", "true")],
+                content_type="application/apply-patch+yaml",
+            )
+        except ApiException as exc:
+            if exc.status == 404 and _not_served(exc):
+                raise KindNotInstalled(kind) from exc
+            raise
+
+    def get(self, kind_name: str, namespace: str, name: str) -> dict | None:
+        kind = KINDS[kind_name]
+        try:
+            return self._call("GET", kind.path(namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                if _not_served(exc):
+                    raise KindNotInstalled(kind) from exc
+                return None
+            raise
+
+    def list(self, kind_name: str, namespace: str, label_selector: str) -> list[dict]:
+        kind = KINDS[kind_name]
+        try:
+            out = self._call("GET", kind.path(namespace), query=[("labelSelector", label_selector)])
+        except ApiException as exc:
+            if exc.status == 404:
+                return []  # kind not served: nothing of it can exist
+            raise
+        return out.get("items", [])
+
+    def delete(self, kind_name: str, namespace: str, name: str, uid: str | None = None) -> None:
+        """Delete, with a uid precondition when given so a same-named newcomer survives."""
+        body = {"propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            self._call("DELETE", KINDS[kind_name].path(namespace, name), body=json.dumps(body))
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
+
+    def patch_status(self, namespace: str, name: str, status: dict) -> None:
+        kind = KINDS["ModelService"]
+        body = {"apiVersion": kind.api_version, "kind": kind.kind,
+                "metadata": {"name": name, "namespace": namespace}, "status": status}
+        self._call(
+            "PATCH", kind.path(namespace, name) + "/status", body=json.dumps(body),
+            query=[("fieldManager", self._field_manager), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+        )
+
+
+def _not_served(exc: ApiException) -> bool:
+    """A 404 for a whole resource type has no Status details naming an object."""
+    try:
+        details = json.loads(exc.body or "{}").get("details") or {}
+    except (ValueError, AttributeError):
+        return True
+    return "name" not in details
