@@ -32,16 +32,6 @@ class OperatorSettings(BaseModel):
         default=(), description="Namespaces to watch; empty: the whole cluster."
     )
     log_format: Literal["text", "json"] = "text"
-    verbose: bool = Field(default=False, description="Log every handler run, not only changes.")
-    workers: Annotated[int, Field(ge=1, le=256)] = Field(
-        default=16, description="Threads that run handlers (the Kubernetes client blocks)."
-    )
-    metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
-        default=8080, description="Port of the operator's Prometheus /metrics; 0 turns it off."
-    )
-    health_port: Annotated[int, Field(ge=0, le=65535)] = Field(
-        default=8081, description="Port of the liveness endpoint /healthz; 0 turns it off."
-    )
     cluster_domain: str = Field(default="cluster.local", description="DNS domain of Services, for status.url.")
     field_manager: str = Field(default="kubemaas-operator", description="Server-side apply field manager.")
     prometheus_address: str = Field(
@@ -54,7 +44,7 @@ class OperatorSettings(BaseModel):
     drain_seconds: Annotated[int, Field(ge=0)] = Field(
         default=30, description="How long a stopping pod may take to finish in-flight requests."
     )
-    workers: Annotated[int, Field(ge=1)] = Field(default=4, description="kopf's thread pool for sync handlers.")
+    workers: Annotated[int, Field(ge=1)] = Field(default=8, description="kopf's thread pool for sync handlers (the Kubernetes client blocks).")
     health_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=8080, description="Port of the liveness endpoint /healthz; 0 disables it."
     )
