@@ -31,7 +31,7 @@ class CelRule:
     rule: str
     message: str
     field_path: str | None = None  # relative to the object the rule sits on, e.g. ".minReplicas"
-    reason: str = "FieldValueInvalid"
+    reason: str = "FieldValueInvalid"  # or FieldValueRequired/Forbidden/Duplicate (the API server's list)
 
     def to_schema(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"rule": self.rule, "message": self.message}
@@ -68,7 +68,7 @@ NAME_LENGTH = CelRule(
         "<name>-<variant> and a Service name may have at most 63"
     ),
     field_path=".metadata.name",
-    reason="FieldValueTooLong",
+    reason="FieldValueInvalid",
 )
 NAME_FORMAT = CelRule(
     rule=f"self.metadata.name.matches('{DNS_LABEL_PATTERN}')",

@@ -263,11 +263,15 @@ class ModelServiceSpec(ApiModel):
         ),
     )
     resources: Resources = Field(
-        default_factory=Resources, description="Compute for each pod.", json_schema_extra={"default": {}}
+        default_factory=Resources,
+        description="Compute for each pod.",
+        json_schema_extra={"default": Resources().to_wire()},
     )
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Where the pods may run.")
     runtime: RuntimeSpec = Field(
-        default_factory=RuntimeSpec, description="The serving runtime.", json_schema_extra={"default": {}}
+        default_factory=RuntimeSpec,
+        description="The serving runtime.",
+        json_schema_extra={"default": RuntimeSpec().to_wire()},
     )
     variants: Annotated[list[Variant], Field(min_length=1, max_length=MAX_VARIANTS)] = Field(
         default_factory=_default_variants,
@@ -288,7 +292,8 @@ class ModelServiceSpec(ApiModel):
     rollout: Rollout = Field(
         default_factory=Rollout,
         description="How a spec change reaches the pods.",
-        json_schema_extra={"default": {}},
+        # Whole objects, not {}: the API server checks a default against the CEL rules as it is.
+        json_schema_extra={"default": Rollout().to_wire()},
     )
     gateway: GatewayRef | None = Field(
         default=None, description="Attach an HTTPRoute with exact per-variant weights to this Gateway."
