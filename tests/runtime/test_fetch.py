@@ -1,0 +1,143 @@
+"""`kubemaas-runtime fetch` against a local S3 (moto's server) and a local stand-in for the
+Hugging Face hub's HTTP endpoint, both on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+from tests.runtime.conftest import PYTHON, free_port, runtime_env
+
+HUB_TOKEN = "hf_test_token"
+HUB_REPO = "acme/tiny"
+HUB_FILES = {
+    "config.json": b'{"hidden": 8}',
+    "model.safetensors": b"\x00weights\x01" * 100,
+    "nested/tokenizer.json": b"{}",
+    "pytorch_model.bin": b"pickled, never fetched",
+    "onnx/model.onnx": b"other framework, never fetched",
+}
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def run_fetch(uri: str, dest: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "kubemaas_runtime", "fetch", "--uri", uri,
+                           "--dest", str(dest)],
+                          env=runtime_env(KUBEMAAS_TERMINATION_LOG=str(dest.parent / "tlog"),
+                                          **env),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1"}
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                          aws_access_key_id="test", aws_secret_access_key="test")
+    client.create_bucket(Bucket="models")
+    client.put_object(Bucket="models", Key="minilm/config.json", Body=b'{"a": 1}')
+    client.put_object(Bucket="models", Key="minilm/1_Pooling/config.json", Body=b"{}")
+    client.put_object(Bucket="models", Key="minilm-other/x.json", Body=b"not under the prefix")
+    client.put_object(Bucket="models", Key="single/model.pt2", Body=b"archive")
+    yield env
+    server.stop()
+
+
+def test_s3_prefix_copies_every_object_below_it(s3, tmp_path):
+    dest = tmp_path / "models"
+    result = run_fetch("s3://models/minilm", dest, **s3)
+    assert result.returncode == 0, result.stderr
+    assert (dest / "config.json").read_bytes() == b'{"a": 1}'
+    assert (dest / "1_Pooling" / "config.json").read_bytes() == b"{}"
+    assert sorted(p.name for p in dest.rglob("*") if p.is_file()) == ["config.json",
+                                                                      "config.json"]
+
+
+def test_s3_single_object(s3, tmp_path):
+    dest = tmp_path / "models"
+    result = run_fetch("s3://models/single/model.pt2", dest, **s3)
+    assert result.returncode == 0, result.stderr
+    assert (dest / "model.pt2").read_bytes() == b"archive"
+
+
+def test_s3_missing_key_fails_with_reason(s3, tmp_path):
+    result = run_fetch("s3://models/absent", tmp_path / "models", **s3)
+    assert result.returncode == 1
+    assert "ModelFetchFailed: s3://models/absent: no objects found" in result.stderr
+    assert (tmp_path / "tlog").read_text().startswith("ModelFetchFailed:")
+
+
+def test_s3_unreachable_endpoint_fails(s3, tmp_path):
+    result = run_fetch("s3://models/minilm", tmp_path / "models",
+                       **{**s3, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}"})
+    assert result.returncode == 1 and "ModelFetchFailed" in result.stderr
+
+
+class HubHandler(BaseHTTPRequestHandler):
+    """The two hub routes fetch uses: revision info and file resolve."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.headers.get("Authorization") != f"Bearer {HUB_TOKEN}":
+            return self._send(401, b'{"error": "unauthorized"}')
+        path = unquote(self.path)
+        info_prefix = f"/api/models/{HUB_REPO}/revision/"
+        resolve_prefix = f"/{HUB_REPO}/resolve/{HUB_COMMIT}/"
+        if path.startswith(info_prefix) and path[len(info_prefix):] == "main":
+            doc = {"id": HUB_REPO, "sha": HUB_COMMIT,
+                   "siblings": [{"rfilename": name} for name in HUB_FILES]}
+            return self._send(200, json.dumps(doc).encode())
+        if path.startswith(resolve_prefix) and path[len(resolve_prefix):] in HUB_FILES:
+            return self._send(200, HUB_FILES[path[len(resolve_prefix):]])
+        return self._send(404, b'{"error": "not found"}')
+
+    def _send(self, status: int, body: bytes):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def hub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_hf_repository_files(hub, tmp_path):
+    dest = tmp_path / "models"
+    result = run_fetch(f"hf://{HUB_REPO}", dest, HF_ENDPOINT=hub, HF_TOKEN=HUB_TOKEN)
+    assert result.returncode == 0, result.stderr
+    fetched = {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    assert fetched == {name: HUB_FILES[name] for name in
+                       ("config.json", "model.safetensors", "nested/tokenizer.json")}
+
+
+def test_hf_without_token_is_refused(hub, tmp_path):
+    result = run_fetch(f"hf://{HUB_REPO}", tmp_path / "models", HF_ENDPOINT=hub)
+    assert result.returncode == 1
+    assert "hub answered 401" in result.stderr
+
+
+def test_hf_unknown_revision(hub, tmp_path):
+    result = run_fetch(f"hf://{HUB_REPO}@v9", tmp_path / "models", HF_ENDPOINT=hub,
+                       HF_TOKEN=HUB_TOKEN)
+    assert result.returncode == 1 and "hub answered 404" in result.stderr
