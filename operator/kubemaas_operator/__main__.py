@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     crd = commands.add_parser("crd", help="print the ModelService CustomResourceDefinition")
     crd.add_argument("-o", "--output", metavar="FILE", help="write it to FILE instead of stdout")
 
-    # --- `run`: the operator itself (kopf); wired by the reconcile issue -------------------
-    commands.add_parser("run", help="run the operator")
+    commands.add_parser(
+        "run", help="run the operator (settings from KUBEMAAS_OPERATOR_* environment variables)")
     return parser
 
 
@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "render":
         return run_render(args.filename, args.namespace, settings)
     if args.command == "run":
-        # --- `run` goes here (operator engineer): start kopf with `settings` --------------
-        raise SystemExit("kubemaas-operator run: not wired yet")
+        from kubemaas_operator.run import run_operator  # kopf is imported only to run
+
+        run_operator(settings)
+        return 0
     return 2
 
 

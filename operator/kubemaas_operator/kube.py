@@ -69,15 +69,20 @@ class KubeClient:
     def __init__(self, api: client.ApiClient, field_manager: str) -> None:
         self._api = api
         self._field_manager = field_manager
+        self._timeout = (5, 30)  # connect, read (seconds): a hung server must not pin a worker
 
     def _call(self, method: str, path: str, *, body: Any = None, query: list | None = None,
               content_type: str = "application/json") -> Any:
-        resp = self._api.call_api(
-            path, method, query_params=query or [], body=body,
+        method, url, headers, body, _ = self._api.param_serialize(
+            method, path, query_params=query or [], body=body, auth_settings=["BearerToken"],
             header_params={"Content-Type": content_type, "Accept": "application/json"},
-            auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
         )
-        data = resp.data
+        resp = self._api.call_api(method, url, header_params=headers, body=body,
+                                  _request_timeout=self._timeout)
+        data = resp.read()
+        if not 200 <= resp.status < 300:
+            raise ApiException(status=resp.status, reason=resp.reason,
+                               body=data.decode("utf-8", "replace") if data else "")
         return json.loads(data) if data else None
 
     def apply(self, obj: dict) -> dict:
@@ -123,7 +128,7 @@ class KubeClient:
         if uid:
             body["preconditions"] = {"uid": uid}
         try:
-            self._call("DELETE", KINDS[kind_name].path(namespace, name), body=json.dumps(body))
+            self._call("DELETE", KINDS[kind_name].path(namespace, name), body=body)
         except ApiException as exc:
             if exc.status not in (404, 409):
                 raise

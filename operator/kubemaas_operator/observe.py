@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from kubemaas_operator.api import VariantStatus, format_variant_summary
+
 VARIANT_LABEL = "kubemaas.io/variant"
 
 _CAMEL_REASON = re.compile(r"^([A-Z][A-Za-z0-9]+):\s*(.*)$", re.S)
@@ -165,4 +167,5 @@ def compute_status(obs: Observation, previous_conditions: list[dict] | None = No
         "runtimeImage": obs.runtime_image,
         "conditions": [ready, progressing, degraded],
         "variants": variants,
+        "variantSummary": format_variant_summary([VariantStatus.model_validate(v) for v in variants]),
     }

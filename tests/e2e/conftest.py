@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.cluster import Cluster, start_local_cluster, reachable
+from tests.e2e.cluster import Cluster, reachable, start_local_cluster
+from tests.e2e.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,10 +47,34 @@ def cluster() -> Iterator[Cluster]:
 def pytest_runtest_makereport(item, call):
     report = yield
     if report.when == "call" and report.failed:
-        cluster_obj = item.funcargs.get("cluster") if hasattr(item, "funcargs") else None
+        funcargs = getattr(item, "funcargs", {})
+        cluster_obj = funcargs.get("cluster")
         if isinstance(cluster_obj, Cluster):
             report.sections.append(("component logs (tail)", cluster_obj.log_tail()))
+        operator_obj = funcargs.get("operator")
+        if isinstance(operator_obj, OperatorProcess):
+            report.sections.append(("operator log (tail)", operator_obj.log_tail()))
     return report
+
+
+@pytest.fixture(scope="session")
+def crd(cluster: Cluster) -> str:
+    """The ModelService CRD installed from crds/ (server-side apply) and Established."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established",
+                    "crd/modelservices.kubemaas.io", "--timeout=60s")
+    return "modelservices.kubemaas.io"
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Cluster, crd: str) -> Iterator[OperatorProcess]:
+    """The operator as a real process (admin credentials), one per test module: modules run
+    one after another, so two operators never reconcile the same objects at once."""
+    proc = OperatorProcess(cluster.kubeconfig).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture

@@ -40,6 +40,15 @@ def test_all_available_is_ready_with_counts_and_shares() -> None:
     assert [v["trafficShare"] for v in st["variants"]] == [80, 20]
 
 
+def test_status_fits_the_crd_status_schema() -> None:
+    from kubemaas_operator.api import ModelServiceStatus
+
+    st = compute_status(_obs({"m-a": _dep("m-a", 4, 3), "m-b": _dep("m-b", 1, 1)}, pods=(_pending("x"),)), now=NOW)
+    parsed = ModelServiceStatus.model_validate(st)
+    assert parsed.to_wire() == st
+    assert st["variantSummary"] == "a 3/4, b 1/1"
+
+
 def test_a_deployment_not_yet_observed_at_its_generation_is_progressing() -> None:
     deps = {"m-a": _dep("m-a", 4, 4, generation=2, observed=1), "m-b": _dep("m-b", 1, 1)}
     st = compute_status(_obs(deps), now=NOW)

@@ -1,0 +1,170 @@
+"""kopf registration, and nothing else: each handler unpacks kopf's arguments and calls
+:mod:`kubemaas_operator.reconcile`.
+
+Handlers are sync: kopf runs them in its thread pool, so the blocking Kubernetes client never
+stalls the event loop. Children are followed through kopf indexes (in-memory caches fed by
+watches), so status follows reality without polling and without a LIST per event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import kopf
+from pydantic import ValidationError
+
+from kubemaas_operator import metrics
+from kubemaas_operator.api import ModelService, describe_errors
+from kubemaas_operator.api.constants import GROUP, PLURAL, VERSION
+from kubemaas_operator.kube import KubeClient, load_api_client
+from kubemaas_operator.reconcile import MODELSERVICE_LABEL, Key, Reconciler
+from kubemaas_operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+CHILD = {MODELSERVICE_LABEL: kopf.PRESENT}
+
+
+def _owner_key(namespace: str | None, labels: dict) -> Key:
+    return (namespace or "", labels[MODELSERVICE_LABEL])
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    op_settings: OperatorSettings = memo.settings
+    # kopf's bookkeeping lives in annotations: the status schema stays strict and ours alone.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.level = logging.WARNING  # we post our own Events for transitions
+    settings.execution.max_workers = op_settings.workers
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.error_backoffs = [1, 2, 5, 10, 20]
+    settings.batching.error_delays = [1, 2, 5, 10, 20, 30]
+    memo.reconciler = Reconciler(KubeClient(load_api_client(), op_settings.field_manager),
+                                 op_settings)
+    metrics.serve(op_settings.metrics_port)
+
+
+# --- indexes: what the status is computed from ---------------------------------------------
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def modelservice_index(namespace, name, body, **_):
+    return {(namespace, name): body}
+
+
+@kopf.index("apps", "v1", "deployments", labels=CHILD)
+def deployment_index(namespace, labels, body, **_):
+    return {_owner_key(namespace, labels): {
+        "metadata": {"name": body["metadata"]["name"],
+                     "generation": body["metadata"].get("generation", 0)},
+        "spec": {"replicas": body.get("spec", {}).get("replicas", 1)},
+        "status": dict(body.get("status", {})),
+    }}
+
+
+@kopf.index("", "v1", "pods", labels=CHILD)
+def pod_index(namespace, labels, body, **_):
+    return {_owner_key(namespace, labels): {"status": dict(body.get("status", {}))}}
+
+
+# --- the ModelService itself --------------------------------------------------------------
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def reconcile_modelservice(body, status, memo, deployment_index, pod_index, **_) -> None:
+    reconciler: Reconciler = memo.reconciler
+    started = time.perf_counter()
+    result = "error"
+    try:
+        try:
+            ms = ModelService.from_body(body)
+        except ValidationError as exc:
+            result = "invalid"
+            _refuse(reconciler, body, exc)
+            raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+        plan = reconciler.reconcile(ms, pinned_image=status.get("runtimeImage"))
+        _refresh(reconciler, plan.key, body, deployment_index, pod_index)
+        blocking = reconciler.blocking.get(plan.key)
+        result = "blocked" if blocking else "applied"
+        if blocking:
+            raise kopf.TemporaryError(f"{blocking.reason}: {blocking.message}", delay=30)
+    finally:
+        metrics.record_reconcile(result, time.perf_counter() - started)
+        metrics.MANAGED.set(len(reconciler.plans))
+
+
+def _refuse(reconciler: Reconciler, body, exc: ValidationError) -> None:
+    message = f"{'; '.join(describe_errors(exc))}. Fix the spec; nothing was created."
+    condition = {"type": "Ready", "status": "False", "reason": "InvalidSpec", "message": message,
+                 "observedGeneration": body["metadata"].get("generation", 0),
+                 "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    reconciler.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"],
+                                 {"conditions": [condition]})
+    kopf.warn(dict(body), reason="InvalidSpec", message=message)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)  # optional: no finalizer, GC does the rest
+def modelservice_deleted(namespace, name, memo, **_) -> None:
+    memo.reconciler.forget((namespace, name))
+
+
+# --- children: status and drift -----------------------------------------------------------
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILD)
+def deployment_event(type, namespace, labels, body, memo, modelservice_index,
+                     deployment_index, pod_index, **_) -> None:
+    reconciler: Reconciler = memo.reconciler
+    key = _owner_key(namespace, labels)
+    parent = _parent(modelservice_index, key)
+    if parent is None:
+        return
+    if type != "DELETED" and reconciler.drifted(namespace, body):
+        log.info("Deployment %s/%s was changed by hand; putting it back", namespace,
+                 body["metadata"]["name"])
+        ms = ModelService.from_body(parent)
+        reconciler.reconcile(ms, pinned_image=parent.get("status", {}).get("runtimeImage"))
+    _refresh(reconciler, key, parent, deployment_index, pod_index)
+
+
+@kopf.on.event("", "v1", "pods", labels=CHILD)
+def pod_event(namespace, labels, memo, modelservice_index, deployment_index, pod_index,
+              **_) -> None:
+    key = _owner_key(namespace, labels)
+    parent = _parent(modelservice_index, key)
+    if parent is not None:
+        _refresh(memo.reconciler, key, parent, deployment_index, pod_index)
+
+
+def _parent(modelservice_index, key: Key):
+    for body in modelservice_index.get(key, ()):
+        return body
+    return None
+
+
+def _refresh(reconciler: Reconciler, key: Key, parent, deployment_index, pod_index) -> None:
+    """Recompute status from the indexes; write it (and an Event) only when it changed."""
+    with reconciler.lock(key):
+        previous = reconciler.last_status.get(key) or dict(parent.get("status") or {})
+        status = reconciler.status_for(key, list(deployment_index.get(key, ())),
+                                       list(pod_index.get(key, ())),
+                                       previous.get("conditions"))
+        if status is None:
+            return
+        reconciler.write_status(key, status)
+    _post_transition(parent, previous.get("conditions") or [], status["conditions"])
+
+
+def _post_transition(parent, before: list[dict], after: list[dict]) -> None:
+    old = {c["type"]: c for c in before}
+    ready = next(c for c in after if c["type"] == "Ready")
+    prev = old.get("Ready")
+    if prev and (prev["status"], prev.get("reason")) == (ready["status"], ready["reason"]):
+        return
+    kind = "Normal" if ready["status"] == "True" else "Warning"
+    if ready["reason"] == "WaitingForReplicas":
+        kind = "Normal"
+    kopf.event(dict(parent), type=kind, reason=ready["reason"], message=ready["message"])

@@ -1,0 +1,31 @@
+"""`kubemaas-operator run`: start kopf with the handlers and the settings loaded once."""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+
+from kubemaas_operator.settings import OperatorSettings
+
+
+def run_operator(settings: OperatorSettings) -> None:
+    kopf.configure(
+        log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.PLAIN,
+        verbose=settings.verbose,
+    )
+    if not settings.verbose:
+        # kopf logs every event handler's success at INFO: thousands of lines per minute
+        # with pods changing. Keep warnings and errors; our own module logs what we change.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    logging.getLogger("kubemaas_operator").setLevel(logging.INFO)
+    from kubemaas_operator import handlers  # noqa: F401  (registers the handlers)
+
+    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    kopf.run(
+        standalone=True,  # one replica, no peering CRDs needed
+        clusterwide=not settings.namespaces,
+        namespaces=list(settings.namespaces),
+        liveness_endpoint=liveness,
+        memo=kopf.Memo(settings=settings),
+    )
