@@ -73,11 +73,41 @@ def test_request_larger_than_max_batch_is_400(slow_server):
     assert response.status_code == 400 and "max batch size is 4" in response.json()["error"]
 
 
-def test_sigterm_drains_in_flight_requests(module_tmp):
-    build_safetensors(module_tmp / "drain", slow_delay_s=0.3)
+def test_liveness_answers_while_the_model_is_busy(slow_server):
+    async def scenario():
+        busy = asyncio.create_task(fire(slow_server.url, 4))
+        await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=slow_server.url, timeout=30) as client:
+            live = await client.get("/v2/health/live")
+        await busy
+        return live
+
+    assert asyncio.run(scenario()).status_code == 200
+
+
+def wait_until_live(server: RuntimeServer) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert server.process.poll() is None, server.logs()
+        try:
+            if httpx.get(f"{server.url}/v2/health/live", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise AssertionError(f"never live:\n{server.logs()}")
+
+
+def test_loading_then_sigterm_drains_in_flight_requests(module_tmp):
+    build_safetensors(module_tmp / "drain", slow_delay_s=0.3, load_delay_s=4)
     server = RuntimeServer(slow_server_args(module_tmp / "drain", "--max-batch-size", "2",
-                                            "--drain-seconds", "1.5"), module_tmp).start()
+                                            "--drain-seconds", "1.5"), module_tmp).launch()
     try:
+        wait_until_live(server)  # live while the model still loads, but not ready
+        ready = httpx.get(f"{server.url}/v2/health/ready")
+        assert ready.status_code == 503 and ready.json()["error"] == "model is loading"
+        early = httpx.post(f"{server.url}/v2/models/slow/infer", json=body())
+        assert early.status_code == 503 and early.json() == {"error": "model is loading"}
+        server.start()
         async def scenario():
             in_flight = asyncio.create_task(fire(server.url, 6))
             deadline = time.monotonic() + 20

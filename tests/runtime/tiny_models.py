@@ -50,7 +50,8 @@ def make_mlp(hidden: int = 8) -> TinyMLP:
     return TinyMLP(hidden)
 
 
-def make_slow_mlp(hidden: int = 8, delay_s: float = 0.1) -> SlowMLP:
+def make_slow_mlp(hidden: int = 8, delay_s: float = 0.1, load_delay_s: float = 0.0) -> SlowMLP:
+    time.sleep(load_delay_s)  # a model that takes a while to load
     return SlowMLP(hidden, delay_s)
 
 
@@ -87,7 +88,8 @@ def build_exported(directory: Path) -> TwoHeads:
     return model
 
 
-def build_safetensors(directory: Path, *, slow_delay_s: float | None = None) -> TinyMLP:
+def build_safetensors(directory: Path, *, slow_delay_s: float | None = None,
+                      load_delay_s: float | None = None) -> TinyMLP:
     from safetensors.torch import save_file
 
     model = seeded(TinyMLP(hidden=8))
@@ -96,6 +98,8 @@ def build_safetensors(directory: Path, *, slow_delay_s: float | None = None) -> 
     config = {"hidden": 8}
     if slow_delay_s is not None:
         config["delay_s"] = slow_delay_s
+    if load_delay_s is not None:
+        config["load_delay_s"] = load_delay_s
     (directory / "config.json").write_text(json.dumps(config))
     (directory / "signature.json").write_text(json.dumps(mlp_signature()))
     return model
