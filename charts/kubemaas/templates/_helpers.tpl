@@ -1,0 +1,113 @@
+{{/* Names. */}}
+{{- define "kubemaas.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kubemaas.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kubemaas.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kubemaas.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Labels on every object; selector labels are the stable subset. */}}
+{{- define "kubemaas.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubemaas.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "kubemaas.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "kubemaas.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubemaas
+{{- end }}
+
+{{- define "kubemaas.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "kubemaas.runtimeImage" -}}
+{{- default (printf "ghcr.io/kubemaas/kubemaas-runtime:%s" .Chart.AppVersion) .Values.operator.runtimeImage }}
+{{- end }}
+
+{{/*
+What the operator does in the namespaces it serves, and nothing more (docs/install.md, "RBAC"):
+- ModelServices: read and watch; patch for kopf's bookkeeping annotations (the operator never
+  writes a spec); status through server-side apply on /status.
+- The children it owns: read, server-side apply (PATCH, which needs create for a new object),
+  delete those no longer desired. No update: every write is an apply.
+- Pods and ReplicaSets: read-only (status comes from them).
+- Events: create (kopf posts core/v1 Events about ModelServices).
+No Secrets: a ModelService's secretRef is passed by name to the runtime pod's fetch step.
+*/}}
+{{- define "kubemaas.operatorRules" -}}
+- apiGroups: [kubemaas.io]
+  resources: [modelservices]
+  verbs: [get, list, watch, patch]
+- apiGroups: [kubemaas.io]
+  resources: [modelservices/status]
+  verbs: [patch]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [keda.sh]
+  resources: [scaledobjects]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [httproutes]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [apps]
+  resources: [replicasets]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end }}
+
+{{/*
+Cluster-scoped reads kopf needs to discover what it serves: CRDs (it follows a CRD upgrade
+without a restart), and, when watching listed namespaces, namespace names.
+*/}}
+{{- define "kubemaas.discoveryRules" -}}
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [get, list, watch]
+{{- if .Values.watchNamespaces }}
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [get, list, watch]
+{{- end }}
+{{- end }}
