@@ -122,7 +122,9 @@ def deployment_event(type, namespace, labels, body, memo, modelservice_index,
     parent = _parent(modelservice_index, key)
     if parent is None:
         return
-    if type != "DELETED" and reconciler.drifted(namespace, body):
+    with reconciler.lock(key):  # a reconcile in flight records its generations first
+        drifted = type != "DELETED" and reconciler.drifted(namespace, body)
+    if drifted:
         log.info("Deployment %s/%s was changed by hand; putting it back", namespace,
                  body["metadata"]["name"])
         ms = ModelService.from_body(parent)
