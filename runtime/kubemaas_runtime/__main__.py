@@ -8,8 +8,8 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kubemaas_runtime.config import add_serve_arguments  # noqa: PLC0415
-    from kubemaas_runtime.fetch import add_fetch_arguments  # noqa: PLC0415
+    from kubemaas_runtime.config import add_serve_arguments
+    from kubemaas_runtime.fetch import add_fetch_arguments
 
     parser = argparse.ArgumentParser(
         prog="kubemaas-runtime",
@@ -38,13 +38,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.parse_args(argv or ["--help"])
     command, rest = argv[0], argv[1:]
     if command == "serve":
-        from kubemaas_runtime.config import parse_serve_config  # noqa: PLC0415
-        from kubemaas_runtime.serve import serve  # noqa: PLC0415
+        from kubemaas_runtime.config import parse_serve_config
+        from kubemaas_runtime.serve import serve
 
         config = parse_serve_config(rest, os.environ)
         raise SystemExit(serve(config))
     if command == "fetch":
-        from kubemaas_runtime.fetch import fetch_command  # noqa: PLC0415
+        from kubemaas_runtime.fetch import fetch_command
 
         raise SystemExit(fetch_command(parser.parse_args(argv), os.environ))
     parser.parse_args(argv)  # reports the unknown command

@@ -176,10 +176,14 @@ def env_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> li
 
 
 def parse_serve_config(argv: list[str], env: Mapping[str, str]) -> ServeConfig:
-    """Parse `serve` arguments (without the subcommand) and KUBEMAAS_* env into a ServeConfig.
+    """Parse `serve` arguments and KUBEMAAS_* env into a ServeConfig (a leading "serve" is
+    skipped, so a container's args can be passed as they are).
 
     Raises SystemExit (argparse style) on bad input.
     """
+    argv = list(argv)
+    if argv[:1] == ["serve"]:  # container args may keep the subcommand
+        argv = argv[1:]
     parser = build_serve_parser()
     ns = parser.parse_args(env_arguments(parser, env) + list(argv))
     if ns.format == "transformers" and ns.task is None:

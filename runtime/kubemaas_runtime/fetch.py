@@ -42,7 +42,7 @@ def safe_destination(dest: Path, relative: str) -> Path:
 
 
 def fetch_s3(uri: str, dest: Path, env: Mapping[str, str]) -> list[Path]:
-    import boto3  # noqa: PLC0415
+    import boto3
 
     parsed = urlparse(uri)
     bucket, key = parsed.netloc, parsed.path.lstrip("/")
@@ -90,7 +90,7 @@ def parse_hf_uri(uri: str) -> tuple[str, str]:
 
 
 def fetch_hf(uri: str, dest: Path, env: Mapping[str, str]) -> list[Path]:
-    import httpx  # noqa: PLC0415
+    import httpx
 
     repo, revision = parse_hf_uri(uri)
     endpoint = (env.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
@@ -119,8 +119,7 @@ def fetch_hf(uri: str, dest: Path, env: Mapping[str, str]) -> list[Path]:
                 if response.status_code != 200:
                     raise FetchError(f"{uri}: GET {name} answered {response.status_code}")
                 with open(partial, "wb") as handle:
-                    for chunk in response.iter_bytes(1 << 20):
-                        handle.write(chunk)
+                    handle.writelines(response.iter_bytes(1 << 20))
             partial.replace(target)
             written.append(target)
     return written
@@ -140,7 +139,7 @@ def fetch_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         written = fetch(args.uri, Path(args.dest), env)
-    except Exception as exc:  # report any failure as one line; the pod shows it
+    except Exception as exc:  # noqa: BLE001 - any failure becomes the pod's one-line reason
         line = " ".join(f"ModelFetchFailed: {exc}".split())
         print(line, file=sys.stderr)
         termination_log = env.get("KUBEMAAS_TERMINATION_LOG", "/dev/termination-log")

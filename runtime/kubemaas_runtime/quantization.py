@@ -22,7 +22,7 @@ def quantize_module(module: torch.nn.Module, method: str, device: torch.device
     if method == "int8-dynamic":
         if device.type != "cpu":
             raise ModelLoadFailed("int8-dynamic quantization runs on CPU only")
-        from torch.ao.quantization import quantize_dynamic  # noqa: PLC0415 (only when asked)
+        from torch.ao.quantization import quantize_dynamic
         return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8), None
     raise ModelLoadFailed(f"quantization {method} is not implemented by this runtime yet "
                           f"(implemented: {', '.join(IMPLEMENTED)})")

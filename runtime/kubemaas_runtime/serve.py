@@ -65,7 +65,7 @@ def serve(config: ServeConfig) -> int:
     except ModelLoadFailed as exc:
         write_termination_log(config.termination_log, f"ModelLoadFailed: {exc}")
         return 1
-    from kubemaas_runtime.server import create_app  # noqa: PLC0415
+    from kubemaas_runtime.server import create_app
 
     app = create_app(state)
     uv_config = uvicorn.Config(
@@ -88,13 +88,13 @@ def serve(config: ServeConfig) -> int:
 
 
 def _build_state(config: ServeConfig):
-    import torch  # noqa: PLC0415 (heavy; only for serve)
+    import torch
 
-    from kubemaas_runtime.device import available_cpus, resolve_device  # noqa: PLC0415
-    from kubemaas_runtime.metrics import create_metrics  # noqa: PLC0415
-    from kubemaas_runtime.models.base import ModelOptions  # noqa: PLC0415
-    from kubemaas_runtime.models.registry import create_model  # noqa: PLC0415
-    from kubemaas_runtime.server import ServingState  # noqa: PLC0415
+    from kubemaas_runtime.device import available_cpus, resolve_device
+    from kubemaas_runtime.metrics import create_metrics
+    from kubemaas_runtime.models.base import ModelOptions
+    from kubemaas_runtime.models.registry import create_model
+    from kubemaas_runtime.server import ServingState
 
     threads = available_cpus()
     torch.set_num_threads(threads)

@@ -83,7 +83,7 @@ class ServingState:
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self.executor, load_and_warm_up, self.model)
-        except Exception as exc:  # any failure to load ends the process with its reason
+        except Exception as exc:  # noqa: BLE001 - any failure to load ends the process
             reason = str(exc) if isinstance(exc, ModelLoadFailed) else (
                 f"{type(exc).__name__}: {exc}")
             self.load_error = " ".join(reason.split())  # one line for the termination log

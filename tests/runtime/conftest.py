@@ -48,7 +48,7 @@ class RuntimeServer:
         self.process: subprocess.Popen | None = None
 
     def launch(self) -> RuntimeServer:
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - open while the server runs
         self.process = subprocess.Popen(self.command, env=self.env, cwd=REPO,
                                         stdout=self._log, stderr=subprocess.STDOUT)
         return self

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from kubemaas_runtime.batcher import BatchMismatch, DynamicBatcher
 from kubemaas_runtime.errors import InvalidInput, ModelNotReady, Overloaded
 

@@ -135,7 +135,7 @@ def run_failing(args: list[str], tmp_path) -> tuple[int, str, str]:
     result = subprocess.run(
         [PYTHON, "-m", "kubemaas_runtime", "serve", "--host", "127.0.0.1", "--port", "1",
          "--termination-log", str(log), *args],
-        env=runtime_env(), capture_output=True, text=True, timeout=120)
+        env=runtime_env(), capture_output=True, text=True, check=False, timeout=120)
     return result.returncode, log.read_text() if log.exists() else "", result.stderr
 
 

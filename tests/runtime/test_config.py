@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from kubemaas_runtime.config import (
     build_serve_parser,
     default_model_name,
@@ -39,7 +38,7 @@ def test_env_supplies_every_flag_and_cli_wins():
         "KUBEMAAS_PORT": "9000",
         "UNRELATED": "x",
     }
-    cfg = parse_serve_config(["--port", "9100"], env)
+    cfg = parse_serve_config(["serve", "--port", "9100"], env)
     assert cfg.model_uri == "file:///opt/model.pt" and cfg.format == "torchscript"
     assert cfg.max_batch_size == 16 and cfg.batch_timeout_ms == 2.5
     assert cfg.variant == "int8" and cfg.name == "from-env"

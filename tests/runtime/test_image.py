@@ -45,14 +45,14 @@ def test_dockerfile_runs_as_non_root_and_documents_build_args():
     assert users and all(u not in ("root", "0") for u in users)
     text = DOCKERFILE.read_text()
     for arg in ("TORCH_INDEX_URL", "PYTHON_IMAGE"):
-        assert re.search(rf"^ARG {arg}=", text, re.M), arg
-        assert re.search(rf"^#\s+{arg}\s", text, re.M), f"{arg} is not documented"
+        assert re.search(rf"^ARG {arg}=", text, re.MULTILINE), arg
+        assert re.search(rf"^#\s+{arg}\s", text, re.MULTILINE), f"{arg} is not documented"
     assert "whl/cpu" in text and re.search(r"whl/cu\d+", text)
     assert shutil.which("kubemaas-runtime", path=str(Path(PYTHON).parent))
 
 
 def test_image_command_help():
-    result = subprocess.run([*image_command(), "--help"], capture_output=True, text=True,
+    result = subprocess.run([*image_command(), "--help"], capture_output=True, text=True, check=False,
                             env=runtime_env(), timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--max-batch-size" in result.stdout and "KUBEMAAS_MAX_BATCH_SIZE" in result.stdout

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from kubemaas_runtime.device import available_cpus, cgroup_cpu_limit
 from kubemaas_runtime.errors import InvalidInput, ModelLoadFailed
 from kubemaas_runtime.models.base import ModelOptions, load_and_warm_up, run_predict
 from kubemaas_runtime.models.registry import create_model
 from kubemaas_runtime.protocol import InferRequest, Tensor
+
 from tests.runtime.tiny_models import build_safetensors, build_torchscript
 
 ARCH = "tests.runtime.tiny_models:make_mlp"

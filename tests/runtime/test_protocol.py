@@ -7,7 +7,6 @@ import struct
 import numpy as np
 import orjson
 import pytest
-
 from kubemaas_runtime.errors import InvalidInput
 from kubemaas_runtime.protocol import (
     Tensor,

@@ -17,8 +17,8 @@ from tests.runtime.conftest import RuntimeServer, start_servers
 
 SENTENCES = [
     "A cat sits on the mat.",
-    "KubeMaaS serves PyTorch models on Kubernetes, declaratively, with dynamic batching "
-    "and quantized variants that split traffic by weight.",
+    ("KubeMaaS serves PyTorch models on Kubernetes, declaratively, with dynamic batching "
+     "and quantized variants that split traffic by weight."),
     "Hi",
     "The quick brown fox jumps over the lazy dog while the operator reconciles.",
 ]

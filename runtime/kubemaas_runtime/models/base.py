@@ -63,7 +63,7 @@ class ModelOptions:
     task: str | None = None
     architecture: str | None = None
     quantization: str = "none"
-    device: torch.device = torch.device("cpu")
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     max_batch_size: int = 32
 
 

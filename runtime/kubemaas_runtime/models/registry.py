@@ -9,19 +9,19 @@ from kubemaas_runtime.models.base import Model, ModelOptions
 def create_model(format: str, options: ModelOptions) -> Model:
     """An unloaded model of the class for `format`; imports only what that format needs."""
     if format == "torchscript":
-        from kubemaas_runtime.models.tensor_models import TorchScriptModel  # noqa: PLC0415
+        from kubemaas_runtime.models.tensor_models import TorchScriptModel
 
         return TorchScriptModel(options)
     if format == "exported-program":
-        from kubemaas_runtime.models.tensor_models import ExportedProgramModel  # noqa: PLC0415
+        from kubemaas_runtime.models.tensor_models import ExportedProgramModel
 
         return ExportedProgramModel(options)
     if format == "safetensors":
-        from kubemaas_runtime.models.tensor_models import SafetensorsModel  # noqa: PLC0415
+        from kubemaas_runtime.models.tensor_models import SafetensorsModel
 
         return SafetensorsModel(options)
     if format == "transformers":
-        from kubemaas_runtime.models import text_models  # noqa: PLC0415
+        from kubemaas_runtime.models import text_models
 
         kinds = {"feature-extraction": text_models.FeatureExtractionModel,
                  "text-classification": text_models.TextClassificationModel}

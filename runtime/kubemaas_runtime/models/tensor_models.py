@@ -188,14 +188,14 @@ class ExportedProgramModel(TensorModel):
         path = find_model_file(self.options.path, (".pt2",))
         try:
             program = torch.export.load(str(path))
-        except Exception as exc:  # torch raises many kinds for a bad archive
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad archive
             raise ModelLoadFailed(f"{path} is not a torch.export archive: {exc}") from None
         signature = read_signature_file(path.parent) or self._introspect(program)
         module = program.module().to(self.device)
         self._finish_load(module, signature)
 
     def _introspect(self, program) -> Signature:
-        from torch.export.graph_signature import InputKind, OutputKind  # noqa: PLC0415
+        from torch.export.graph_signature import InputKind, OutputKind
 
         nodes = {node.name: node for node in program.graph.nodes}
         lows = {str(sym): int(vr.lower) for sym, vr in program.range_constraints.items()}
@@ -228,7 +228,7 @@ class SafetensorsModel(TensorModel):
     platform = "pytorch_safetensors"
 
     def load(self) -> None:
-        from safetensors.torch import load_file  # noqa: PLC0415
+        from safetensors.torch import load_file
 
         path = find_model_file(self.options.path, (".safetensors",))
         module = build_architecture(self.options.architecture, path.parent)

@@ -30,7 +30,7 @@ class TextTokenizer:
         tokenizer_json = model_dir / "tokenizer.json"
         self._hf = None
         if tokenizer_json.is_file():
-            from tokenizers import Tokenizer  # noqa: PLC0415
+            from tokenizers import Tokenizer
 
             self._fast = Tokenizer.from_file(str(tokenizer_json))
             pad_token = _tokenizer_config(model_dir).get("pad_token") or "[PAD]"
@@ -40,7 +40,7 @@ class TextTokenizer:
             self._fast.enable_padding(pad_id=pad_id or 0, pad_token=pad_token)
             self._fast.enable_truncation(max_length=max_length)
         else:
-            from transformers import AutoTokenizer  # noqa: PLC0415
+            from transformers import AutoTokenizer
 
             self._fast = None
             self._hf = AutoTokenizer.from_pretrained(str(model_dir))
@@ -101,7 +101,7 @@ class TransformersModel(Model):
 
     def load(self) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # serving never reaches for the hub
-        import transformers  # noqa: PLC0415
+        import transformers
 
         path = self.options.path
         if not (path / "config.json").is_file():
