@@ -3,14 +3,22 @@ CPU-count rules."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import orjson
 import pytest
 import torch
 from kubemaas_runtime.device import available_cpus, cgroup_cpu_limit
 from kubemaas_runtime.errors import InvalidInput, ModelLoadFailed
 from kubemaas_runtime.models.base import ModelOptions, load_and_warm_up, run_predict
 from kubemaas_runtime.models.registry import create_model
-from kubemaas_runtime.protocol import InferRequest, Tensor
+from kubemaas_runtime.protocol import (
+    InferRequest,
+    Tensor,
+    encode_infer_response,
+    parse_infer_request,
+)
 
 from tests.runtime.tiny_models import build_safetensors, build_torchscript
 
@@ -99,3 +107,32 @@ def test_cpu_count_follows_cgroup_quota(tmp_path):
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert cgroup_cpu_limit(tmp_path) is None
     assert available_cpus() >= 1
+
+
+@pytest.mark.parametrize("datatype, quantization", [("BF16", "bf16"), ("FP16", "fp16")])
+def test_half_precision_tensors_through_the_codec(tmp_path, datatype, quantization):
+    """A model declared in BF16/FP16: wire data (JSON and binary) -> model -> wire data."""
+    reference = build_safetensors(tmp_path)
+    (tmp_path / "signature.json").write_text(json.dumps({
+        "inputs": [{"name": "x", "datatype": datatype, "shape": [-1, 4]}],
+        "outputs": [{"name": "logits", "datatype": datatype, "shape": [-1, 3]}]}))
+    model = loaded(tmp_path, quantization)
+    values = [0.5, -1.0, 2.0, 0.25]
+    request = parse_infer_request(orjson.dumps({
+        "inputs": [{"name": "x", "datatype": datatype, "shape": [1, 4], "data": values}],
+        "outputs": [{"name": "logits", "parameters": {"binary_data": False}}]}), None)
+    inputs, _ = model.validate(request)
+    (outputs,) = run_predict(model, [inputs])
+    assert outputs[0].datatype == datatype
+    body, header_length = encode_infer_response("m", "1", request, outputs)
+    assert header_length is None
+    got = np.array(orjson.loads(body)["outputs"][0]["data"], dtype=np.float32)
+    with torch.no_grad():
+        expected = reference(torch.tensor([values])).numpy().reshape(-1)
+    np.testing.assert_allclose(got, expected, atol=0.1, rtol=0.05)
+    binary_request = parse_infer_request(orjson.dumps({
+        "inputs": [{"name": "x", "datatype": datatype, "shape": [1, 4], "data": values}],
+        "parameters": {"binary_data_output": True}}), None)
+    body, header_length = encode_infer_response("m", "1", binary_request, outputs)
+    blob = body[header_length:]
+    assert len(blob) == 3 * 2  # three 16-bit values
