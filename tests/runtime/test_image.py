@@ -1,7 +1,7 @@
 """runtime/Dockerfile: no container engine runs here, so this reads the image's ENTRYPOINT
-and CMD and runs that same command from the repository's virtualenv (installed with the
-`runtime` extra through `dev`), configured the way the operator configures a pod: KUBEMAAS_*
-variables."""
+and CMD and runs that same command from a fresh virtualenv holding only the package with its
+`runtime` extra (as the image installs it; uv links the wheels from its cache, offline),
+configured the way the operator configures a pod: KUBEMAAS_* variables."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.runtime.conftest import PYTHON, REPO, RuntimeServer, runtime_env
 from tests.runtime.tiny_models import build_torchscript
@@ -32,12 +33,41 @@ def exec_form(instruction: str) -> list[str]:
     return value
 
 
-def image_command() -> list[str]:
-    """ENTRYPOINT + CMD, with the entry point resolved in this virtualenv's bin directory."""
+@pytest.fixture(scope="module")
+def image_venv(tmp_path_factory) -> Path:
+    """A new virtualenv holding the package's wheel, built now from this checkout, with its
+    `runtime` extra; uv links the dependencies from its cache (no network)."""
+    uv = shutil.which("uv", path=str(Path(PYTHON).parent)) or shutil.which("uv")
+    assert uv, "uv is needed to build the image's virtualenv (make setup installs it)"
+    root = tmp_path_factory.mktemp("image")
+    venv = root / "venv"
+
+    def run(*command: str) -> None:
+        result = subprocess.run([uv, *command], capture_output=True, text=True, check=False,
+                                timeout=600, cwd=REPO)
+        assert result.returncode == 0, result.stderr
+
+    run("build", "-q", "--wheel", "--offline", "--out-dir", str(root / "dist"), str(REPO))
+    (wheel,) = (root / "dist").glob("kubemaas-*.whl")
+    run("venv", "-q", "--python", PYTHON, str(venv))
+    run("pip", "install", "-q", "--offline", "--python", str(venv / "bin" / "python"),
+        f"{wheel}[runtime]")
+    return venv
+
+
+def image_command(venv: Path) -> list[str]:
+    """ENTRYPOINT + CMD, with the entry point resolved in the virtualenv's bin directory."""
     entrypoint, cmd = exec_form("ENTRYPOINT"), exec_form("CMD")
-    executable = Path(PYTHON).parent / entrypoint[0]
-    assert executable.exists(), f"{entrypoint[0]} is not installed in {Path(PYTHON).parent}"
+    executable = venv / "bin" / entrypoint[0]
+    assert executable.exists(), f"{entrypoint[0]} is not installed in {venv}"
     return [str(executable), *entrypoint[1:], *cmd]
+
+
+def image_env(**extra: str) -> dict[str, str]:
+    """The test environment minus PYTHONPATH: the installed package must stand alone."""
+    env = runtime_env(**extra)
+    env.pop("PYTHONPATH", None)
+    return env
 
 
 def test_dockerfile_runs_as_non_root_and_documents_build_args():
@@ -51,19 +81,19 @@ def test_dockerfile_runs_as_non_root_and_documents_build_args():
     assert shutil.which("kubemaas-runtime", path=str(Path(PYTHON).parent))
 
 
-def test_image_command_help():
-    result = subprocess.run([*image_command(), "--help"], capture_output=True, text=True, check=False,
-                            env=runtime_env(), timeout=60)
+def test_image_command_help(image_venv):
+    result = subprocess.run([*image_command(image_venv), "--help"], capture_output=True,
+                            text=True, check=False, env=image_env(), timeout=120, cwd="/")
     assert result.returncode == 0, result.stderr
     assert "--max-batch-size" in result.stdout and "KUBEMAAS_MAX_BATCH_SIZE" in result.stdout
 
 
-def test_image_command_serves_a_model_configured_by_env(tmp_path):
+def test_image_command_serves_a_model_configured_by_env(image_venv, tmp_path):
     build_torchscript(tmp_path / "model")
-    env = runtime_env(KUBEMAAS_MODEL_URI="pvc://models/tiny", KUBEMAAS_FORMAT="torchscript",
+    env = image_env(KUBEMAAS_MODEL_URI="pvc://models/tiny", KUBEMAAS_FORMAT="torchscript",
                       KUBEMAAS_MODEL_DIR=str(tmp_path / "model"), KUBEMAAS_VARIANT="canary",
                       KUBEMAAS_MAX_BATCH_SIZE="8")
-    server = RuntimeServer([], tmp_path, env=env, command=image_command()).start()
+    server = RuntimeServer([], tmp_path, env=env, command=image_command(image_venv)).start()
     try:
         meta = httpx.get(f"{server.url}/v2/models/tiny").json()
         assert meta["parameters"]["variant"] == "canary"
