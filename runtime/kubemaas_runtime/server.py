@@ -52,6 +52,7 @@ class ServingState:
         self.batcher: DynamicBatcher | None = None
         self.draining = False
         self.load_error: str | None = None
+        self.admitted = 0  # infer requests past admission and not yet answered
         self.request_exit: Callable[[], None] = lambda: None
         self._load_task: asyncio.Task | None = None
 
@@ -135,6 +136,8 @@ def create_app(state: ServingState) -> Starlette:
     model = state.model
     config = state.config
     metrics = state.metrics
+    # Requests held at once (being read, queued or running): bounds memory to this many bodies.
+    admission_limit = config.max_queue + config.max_batch_size
 
     def check_model(request: Request) -> None:
         name = request.path_params["name"]
@@ -194,12 +197,17 @@ def create_app(state: ServingState) -> Starlette:
         if not state.can_infer:
             raise ModelNotReady(_not_ready_reason(state))
         batcher = state.batcher
-        if batcher.is_full:
+        if batcher.is_full or state.admitted >= admission_limit:
             raise Overloaded(f"request queue is full ({batcher.max_queue} waiting); retry later")
-        body = await read_body(request, config.max_request_bytes)
-        infer_request = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
-        inputs, rows = model.validate(infer_request)
-        outputs = await batcher.submit(inputs, rows)
+        state.admitted += 1
+        try:
+            body = await read_body(request, config.max_request_bytes)
+            infer_request = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+            del body
+            inputs, rows = model.validate(infer_request)
+            outputs = await batcher.submit(inputs, rows)
+        finally:
+            state.admitted -= 1
         if infer_request.outputs is not None:
             by_name = {t.name: t for t in outputs}
             outputs = [by_name[name] for name in infer_request.outputs]
