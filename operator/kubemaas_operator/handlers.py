@@ -23,6 +23,7 @@ from kubemaas_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 CHILD = {MODELSERVICE_LABEL: kopf.PRESENT}
+KOPF_PREFIX = f"kopf.{GROUP}"
 
 
 def _owner_key(namespace: str | None, labels: dict) -> Key:
@@ -32,11 +33,13 @@ def _owner_key(namespace: str | None, labels: dict) -> Key:
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     op_settings: OperatorSettings = memo.settings
-    # kopf's bookkeeping lives in annotations: the status schema stays strict and ours alone.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    # kopf's bookkeeping lives in annotations, so the status schema stays strict and ours alone.
+    # Its prefix must not be kubemaas.io: kopf leaves annotations under its own prefix out of
+    # the diff, and a user's kubemaas.io/* annotation (the image policy) must trigger updates.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration")
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
+        prefix=KOPF_PREFIX, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{KOPF_PREFIX}/finalizer"
     settings.posting.level = logging.WARNING  # we post our own Events for transitions
     settings.execution.max_workers = op_settings.workers
     settings.watching.server_timeout = 300

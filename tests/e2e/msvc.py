@@ -17,14 +17,15 @@ EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
 def modelservice(name: str, *, replicas: int = 1, gpus: int = 0, product: str | None = None,
                  variants: list[dict] | None = None, image: str | None = None,
-                 uri: str = "file:///opt/kubemaas/models/all-MiniLM-L6-v2") -> dict[str, Any]:
+                 uri: str = "file:///opt/kubemaas/models/all-MiniLM-L6-v2",
+                 cpu: str = "1", memory: str = "2Gi") -> dict[str, Any]:
     gpu: dict[str, Any] = {"count": gpus}
     if product:
         gpu["product"] = product
     spec: dict[str, Any] = {
         "model": {"uri": uri, "format": "transformers", "task": "feature-extraction"},
         "replicas": replicas,
-        "resources": {"gpu": gpu, "cpu": "1", "memory": "2Gi"},
+        "resources": {"gpu": gpu, "cpu": cpu, "memory": memory},
     }
     if variants:
         spec["variants"] = variants
