@@ -63,10 +63,13 @@ def all_built_objects() -> list[tuple[str, dict]]:
 CASES = all_built_objects()
 
 
-@pytest.mark.parametrize("obj", [o for _, o in CASES], ids=[label for label, _ in CASES])
+# ScaledObject and HTTPRoute are CRD kinds: kubernetes-validate bundles no schema for them
+# (the e2e tier applies them to a cluster with their CRDs instead).
+BUILTIN_CASES = [(label, o) for label, o in CASES if o["kind"] not in CRD_KINDS]
+
+
+@pytest.mark.parametrize("obj", [o for _, o in BUILTIN_CASES], ids=[label for label, _ in BUILTIN_CASES])
 def test_built_object_is_valid_for_kubernetes(obj):
-    if obj["kind"] in CRD_KINDS:
-        pytest.skip(f"{obj['kind']} is a CRD kind without a bundled schema")
     kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
