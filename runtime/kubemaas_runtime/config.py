@@ -134,7 +134,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--termination-log", default="/dev/termination-log",
         help="file receiving the one-line reason when the model fails to start")
     add("--max-drift", type=_non_negative_float,
-        help="largest accepted output drift of a quantized variant (checked at start)")
+        help="largest accepted drift of a quantized variant from full precision on the probes (1 - min cosine, or share of changed labels); above it the process exits with QuantizationDriftExceeded")
     add("--drain-seconds", type=_non_negative_float, default=0.0,
         help="after SIGTERM keep serving this long with readiness false before closing")
     add("--graceful-timeout-seconds", type=_non_negative_float, default=25.0,

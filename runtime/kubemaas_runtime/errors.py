@@ -59,6 +59,23 @@ class PayloadTooLarge(RuntimeServeError):
 class ModelLoadFailed(Exception):
     """The model could not be loaded: the process exits non-zero with this as its reason."""
 
+    reason = "ModelLoadFailed"  # the first word of the termination message
+
+    def termination_line(self) -> str:
+        return f"{self.reason}: {' '.join(str(self).split())}"
+
+
+class QuantizationUnsupported(ModelLoadFailed):
+    """The variant's quantization cannot run on this device, hardware, model or torch."""
+
+    reason = "QuantizationUnsupported"
+
+
+class QuantizationDriftExceeded(ModelLoadFailed):
+    """The quantized variant drifts from full precision by more than --max-drift."""
+
+    reason = "QuantizationDriftExceeded"
+
 
 def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})

@@ -47,6 +47,13 @@ class RuntimeMetrics:
             LABELS, registry=registry)
         self.model_ready = Gauge(
             "kubemaas_model_ready", "1 when the model serves requests", LABELS, registry=registry)
+        self.quantization_info = Gauge(
+            "kubemaas_quantization_info", "1 for the quantization method actually applied",
+            LABELS + ("method", "backend"), registry=registry)
+        self.quantization_drift = Gauge(
+            "kubemaas_quantization_drift",
+            "Drift of the variant from full precision on the probes, measured at start",
+            LABELS, registry=registry)
 
     def bind(self, model: str, variant: str) -> BoundMetrics:
         return BoundMetrics(self, model, variant)
@@ -67,6 +74,11 @@ class BoundMetrics:
         self.queue_depth = metrics.queue_depth.labels(model, variant)
         self.load_seconds = metrics.model_load_seconds.labels(model, variant)
         self.ready = metrics.model_ready.labels(model, variant)
+
+    def record_quantization(self, method: str, backend: str, drift: float | None) -> None:
+        self.metrics.quantization_info.labels(*self._labels, method, backend).set(1)
+        if drift is not None:
+            self.metrics.quantization_drift.labels(*self._labels).set(drift)
 
     def failure(self, code: int) -> None:
         self.metrics.request_failures_total.labels(*self._labels, str(code)).inc()

@@ -272,3 +272,8 @@ def _json_data(tensor: Tensor) -> Any:
     if tensor.datatype == "BF16":
         return np.ascontiguousarray(bf16_bits_to_fp32(data))
     return np.ascontiguousarray(data, dtype=NUMPY_DTYPES[tensor.datatype])
+
+
+def json_tensor_data(tensor: Tensor) -> Any:
+    """The flat JSON `data` of a tensor (BF16 as floats, BYTES as text)."""
+    return _json_data(tensor)

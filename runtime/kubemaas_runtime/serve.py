@@ -63,7 +63,7 @@ def serve(config: ServeConfig) -> int:
     try:
         state = _build_state(config)
     except ModelLoadFailed as exc:
-        write_termination_log(config.termination_log, f"ModelLoadFailed: {exc}")
+        write_termination_log(config.termination_log, exc.termination_line())
         return 1
     from kubemaas_runtime.server import create_app
 
@@ -80,7 +80,7 @@ def serve(config: ServeConfig) -> int:
     state.request_exit = request_exit
     server.run()
     if state.load_error is not None:
-        write_termination_log(config.termination_log, f"ModelLoadFailed: {state.load_error}")
+        write_termination_log(config.termination_log, state.load_error)
         return 1
     if not server.started:
         return 1
@@ -103,7 +103,7 @@ def _build_state(config: ServeConfig):
     options = ModelOptions(
         path=config.model_path, name=config.name, variant=config.variant, task=config.task,
         architecture=config.architecture, quantization=config.quantization, device=device,
-        max_batch_size=config.max_batch_size)
+        max_batch_size=config.max_batch_size, max_drift=config.max_drift)
     model = create_model(config.format, options)
     metrics = create_metrics().bind(config.name, config.variant)
     return ServingState(config, model, metrics)

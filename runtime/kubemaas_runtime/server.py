@@ -85,13 +85,15 @@ class ServingState:
             await asyncio.get_running_loop().run_in_executor(
                 self.executor, load_and_warm_up, self.model)
         except Exception as exc:  # noqa: BLE001 - any failure to load ends the process
-            reason = str(exc) if isinstance(exc, ModelLoadFailed) else (
-                f"{type(exc).__name__}: {exc}")
-            self.load_error = " ".join(reason.split())  # one line for the termination log
+            # one line for the termination log, starting with the reason
+            self.load_error = exc.termination_line() if isinstance(exc, ModelLoadFailed) else (
+                ModelLoadFailed(f"{type(exc).__name__}: {exc}").termination_line())
             log.error("model failed to load: %s", self.load_error)
             self.request_exit()
             return
         self.metrics.load_seconds.set(time.perf_counter() - started)
+        self.metrics.record_quantization(self.model.quantization, self.model.quantization_backend,
+                                         self.model.drift)
         self.metrics.ready.set(1)
         log.info("model %s ready in %.2fs (%s, %s)", self.model.name,
                  time.perf_counter() - started, self.model.platform, self.model.device)

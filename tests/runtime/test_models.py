@@ -10,7 +10,7 @@ import orjson
 import pytest
 import torch
 from kubemaas_runtime.device import available_cpus, cgroup_cpu_limit
-from kubemaas_runtime.errors import InvalidInput, ModelLoadFailed
+from kubemaas_runtime.errors import InvalidInput, ModelLoadFailed, QuantizationUnsupported
 from kubemaas_runtime.models.base import ModelOptions, load_and_warm_up, run_predict
 from kubemaas_runtime.models.registry import create_model
 from kubemaas_runtime.protocol import (
@@ -44,9 +44,19 @@ def mlp_dir(tmp_path_factory):
     return directory, reference
 
 
+@pytest.fixture
+def native_half(monkeypatch):
+    """Pretend the CPU computes fp16/bf16 natively, so the cast paths run on any CPU (the
+    refusal without that support is tested in test_quantization.py)."""
+    monkeypatch.setattr("kubemaas_runtime.quantization.cpu_half_support",
+                        lambda method: "test-pretends")
+
+
 @pytest.mark.parametrize("quantization, tolerance", [
-    ("none", 1e-6), ("fp16", 2e-2), ("bf16", 1e-1), ("int8-dynamic", 1e-1)])
-def test_quantized_variants_answer_in_declared_datatypes(mlp_dir, quantization, tolerance):
+    ("none", 1e-6), ("fp16", 2e-2), ("bf16", 1e-1), ("int8-dynamic", 1e-1),
+    ("int8-weight-only", 1e-1), ("int4-weight-only", 3e-1)])
+def test_quantized_variants_answer_in_declared_datatypes(mlp_dir, native_half, quantization,
+                                                         tolerance):
     directory, reference = mlp_dir
     model = loaded(directory, quantization)
     assert model.quantization == quantization and model.ready
@@ -58,10 +68,12 @@ def test_quantized_variants_answer_in_declared_datatypes(mlp_dir, quantization, 
     np.testing.assert_allclose(logits.data, expected, atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.parametrize("quantization", ["int8-weight-only", "int4-weight-only"])
-def test_unimplemented_quantization_fails_to_load(mlp_dir, quantization):
-    with pytest.raises(ModelLoadFailed, match="not implemented"):
-        loaded(mlp_dir[0], quantization)
+@pytest.mark.parametrize("quantization", ["int8-dynamic", "int8-weight-only",
+                                          "int4-weight-only"])
+def test_torchscript_cannot_be_quantized_silently(tmp_path, quantization):
+    build_torchscript(tmp_path)
+    with pytest.raises(QuantizationUnsupported, match="TorchScript"):
+        loaded(tmp_path, quantization, fmt="torchscript")
 
 
 def test_batch_is_split_one_for_one(mlp_dir):
@@ -110,7 +122,8 @@ def test_cpu_count_follows_cgroup_quota(tmp_path):
 
 
 @pytest.mark.parametrize("datatype, quantization", [("BF16", "bf16"), ("FP16", "fp16")])
-def test_half_precision_tensors_through_the_codec(tmp_path, datatype, quantization):
+def test_half_precision_tensors_through_the_codec(tmp_path, native_half, datatype,
+                                                 quantization):
     """A model declared in BF16/FP16: wire data (JSON and binary) -> model -> wire data."""
     reference = build_safetensors(tmp_path)
     (tmp_path / "signature.json").write_text(json.dumps({

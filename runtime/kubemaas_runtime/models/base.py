@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from kubemaas_runtime.errors import InvalidInput
+from kubemaas_runtime.gate import AccuracyGate
 from kubemaas_runtime.protocol import InferRequest, Tensor
+from kubemaas_runtime.quantization import QuantizationResult, check_supported, quantize_module
 
 SIGNATURE_FILE = "signature.json"
 
@@ -65,6 +67,7 @@ class ModelOptions:
     quantization: str = "none"
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     max_batch_size: int = 32
+    max_drift: float | None = None
 
 
 class Model(abc.ABC):
@@ -77,6 +80,9 @@ class Model(abc.ABC):
         self.ready = False
         self.signature = Signature((), ())
         self.quantization = "none"  # what load() actually applied
+        self.quantization_backend = "none"
+        self.drift: float | None = None  # measured by the accuracy gate at warm-up
+        self._gate: AccuracyGate | None = None
 
     @abc.abstractmethod
     def load(self) -> None:
@@ -92,6 +98,29 @@ class Model(abc.ABC):
     def warmup(self) -> None:
         """Run a forward pass or two so the first request does not pay for lazy setup."""
 
+    # -- quantization and the accuracy gate ------------------------------------------------
+    def quantize(self, module: torch.nn.Module) -> QuantizationResult:
+        """Called by load() while the model still serves full precision: take the probes'
+        reference outputs (unless a probe file holds them), then quantize `module`."""
+        method = self.options.quantization
+        if method != "none":
+            check_supported(method, self.device)
+            self._gate = AccuracyGate.prepare(self.options.path, self.signature.inputs,
+                                              self.probe_forward, self.options.max_drift)
+        result = quantize_module(module, method, self.device)
+        self.quantization = method
+        self.quantization_backend = result.backend
+        return result
+
+    def probe_forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        with torch.inference_mode():
+            return {t.name: t for t in self.predict([inputs])[0]}
+
+    def check_accuracy(self) -> None:
+        """The gate, at warm-up: raises QuantizationDriftExceeded above --max-drift."""
+        if self._gate is not None:
+            self.drift = self._gate.check(self.probe_forward)
+
     # -- shared ----------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
         return {
@@ -103,6 +132,10 @@ class Model(abc.ABC):
             "parameters": {
                 "variant": self.options.variant,
                 "quantization": self.quantization,
+                "quantization_backend": self.quantization_backend,
+                **({"quantization_drift": self.drift} if self.drift is not None else {}),
+                **({"max_drift": self.options.max_drift}
+                   if self.options.max_drift is not None else {}),
                 "device": str(self.device),
                 "max_batch_size": self.options.max_batch_size,
                 **({"task": self.options.task} if self.options.task else {}),
@@ -164,7 +197,11 @@ def run_predict(model: Model, batch: list[dict[str, Tensor]]) -> list[list[Tenso
 
 
 def load_and_warm_up(model: Model) -> None:
-    """The worker-thread entry for loading: load, then warm up under inference_mode."""
+    """The worker-thread entry for loading: load, warm up under inference_mode, then the
+    accuracy gate of a quantized variant."""
     model.load()
+    model.ready = False  # ready only once warmed up and through the accuracy gate
     with torch.inference_mode():
         model.warmup()
+    model.check_accuracy()
+    model.ready = True

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kubemaas_runtime.errors import ModelLoadFailed
+from kubemaas_runtime.errors import ModelLoadFailed, QuantizationUnsupported
 from kubemaas_runtime.models.base import (
     SIGNATURE_FILE,
     Model,
@@ -22,7 +22,6 @@ from kubemaas_runtime.models.base import (
     read_signature_file,
 )
 from kubemaas_runtime.protocol import Tensor
-from kubemaas_runtime.quantization import quantize_module
 from kubemaas_runtime.tensors import TORCH_DTYPES, from_torch, to_torch, v2_datatype
 
 
@@ -60,10 +59,15 @@ class TensorModel(Model):
         self.signature = signature
         if not signature.outputs and _fully_shaped(signature.inputs):
             self.signature = Signature(signature.inputs, self._discover_outputs())
-        if isinstance(module, torch.nn.Module) and self.options.quantization != "none":
-            self._module, self._input_dtype = quantize_module(
-                module, self.options.quantization, self.device)
-        self.quantization = self.options.quantization
+        if self.options.quantization != "none":
+            if not isinstance(module, torch.nn.Module):
+                raise QuantizationUnsupported(
+                    f"{self.options.quantization}: the loaded program is not an nn.Module")
+            # full precision takes the probes first: floating inputs in its parameters' dtype
+            self._input_dtype = _floating_dtype(module)
+            result = self.quantize(module)
+            self._module = result.module
+            self._input_dtype = result.input_dtype or self._input_dtype
         self.ready = True
 
     def _discover_outputs(self) -> tuple[TensorSpec, ...]:
@@ -140,6 +144,13 @@ class TensorModel(Model):
             key = tuple((t.datatype, t.shape[1:]) for t in inputs.values())
             groups.setdefault(key, []).append(i)
         return list(groups.values())
+
+
+def _floating_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
 
 
 def _fully_shaped(specs: tuple[TensorSpec, ...]) -> bool:

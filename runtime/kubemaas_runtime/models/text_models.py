@@ -16,7 +16,6 @@ import torch
 from kubemaas_runtime.errors import InvalidInput, ModelLoadFailed
 from kubemaas_runtime.models.base import Model, Signature, TensorSpec
 from kubemaas_runtime.protocol import Tensor
-from kubemaas_runtime.quantization import quantize_module
 
 TEXT_INPUT = TensorSpec("text", "BYTES", (-1,))
 WARMUP_TEXTS = ["warm up", "a slightly longer sentence to warm up the model with padding"]
@@ -118,9 +117,9 @@ class TransformersModel(Model):
         model = model.to(self.device).eval()
         self._forward_args = set(inspect.signature(model.forward).parameters)
         self._tokenizer = TextTokenizer(path, _max_length(path, model.config))
-        self._model, _ = quantize_module(model, self.options.quantization, self.device)
-        self.quantization = self.options.quantization
+        self._model = model
         self._after_load(model.config)
+        self._model = self.quantize(model).module
         self.ready = True
 
     def _after_load(self, config: Any) -> None:
