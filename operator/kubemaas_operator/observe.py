@@ -50,6 +50,9 @@ class Observation:
     deployments: dict[str, dict] = field(default_factory=dict)  # by Deployment name
     pods: tuple[dict, ...] = ()
     blocking: Problem | None = None  # NameConflict, KedaNotInstalled, ...
+    # the generation each Deployment got from our last apply: an observed copy older than it
+    # (a watch event still in flight) must not count as rolled out
+    applied_generations: dict[str, int] = field(default_factory=dict)
 
 
 def pod_problem(pod: dict) -> Problem | None:
@@ -87,14 +90,16 @@ def _crash_problem(container_status: dict, terminated: dict) -> Problem:
                    f"(exit code {terminated.get('exitCode', '?')}): {detail}")
 
 
-def _deployment_counts(dep: dict | None) -> tuple[int, int, bool]:
+def _deployment_counts(dep: dict | None, applied_generation: int = 0) -> tuple[int, int, bool]:
     """(replicas, ready, rolled_out) of a Deployment as its controller reports them."""
     if not dep:
         return 0, 0, False
     spec_replicas = dep.get("spec", {}).get("replicas", 1)
     st = dep.get("status", {})
+    generation = dep["metadata"].get("generation", 0)
     rolled_out = (
-        st.get("observedGeneration", 0) >= dep["metadata"].get("generation", 0)
+        generation >= applied_generation
+        and st.get("observedGeneration", 0) >= generation
         and st.get("updatedReplicas", 0) >= spec_replicas
         and st.get("replicas", 0) == spec_replicas
         and st.get("availableReplicas", 0) >= spec_replicas
@@ -122,7 +127,8 @@ def compute_status(obs: Observation, previous_conditions: list[dict] | None = No
     all_rolled_out = True
     variants = []
     for plan in obs.variants:
-        replicas, ready, rolled_out = _deployment_counts(obs.deployments.get(plan.deployment))
+        replicas, ready, rolled_out = _deployment_counts(
+            obs.deployments.get(plan.deployment), obs.applied_generations.get(plan.deployment, 0))
         total_replicas += replicas
         total_ready += ready
         desired_total += plan.replicas

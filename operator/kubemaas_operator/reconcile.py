@@ -121,7 +121,10 @@ class Reconciler:
             return self._locks.setdefault(key, threading.Lock())
 
     def forget(self, key: Key) -> None:
-        for table in (self.plans, self.blocking, self.last_status):
+        plan = self.plans.pop(key, None)
+        for variant in plan.variants if plan else ():
+            self.applied_generation.pop((key[0], variant.deployment), None)
+        for table in (self.blocking, self.last_status):
             table.pop(key, None)
         with self._locks_guard:
             self._locks.pop(key, None)
@@ -175,6 +178,8 @@ class Reconciler:
             url=plan.url, runtime_image=plan.runtime_image, variants=plan.variants,
             deployments={d["metadata"]["name"]: d for d in deployments}, pods=tuple(pods),
             blocking=self.blocking.get(key),
+            applied_generations={v.deployment: self.applied_generation.get((key[0], v.deployment), 0)
+                                 for v in plan.variants},
         )
         status = compute_status(obs, previous_conditions)
         if _same_status(status, self.last_status.get(key)):

@@ -51,9 +51,9 @@ def pytest_runtest_makereport(item, call):
         cluster_obj = funcargs.get("cluster")
         if isinstance(cluster_obj, Cluster):
             report.sections.append(("component logs (tail)", cluster_obj.log_tail()))
-        operator_obj = funcargs.get("operator")
-        if isinstance(operator_obj, OperatorProcess):
-            report.sections.append(("operator log (tail)", operator_obj.log_tail()))
+        operators = [funcargs.get("operator"), *(funcargs.get("fresh_operator") or [])]
+        for i, operator_obj in enumerate(o for o in operators if isinstance(o, OperatorProcess)):
+            report.sections.append((f"operator {i} log (tail)", operator_obj.log_tail()))
     return report
 
 

@@ -56,6 +56,16 @@ def test_a_deployment_not_yet_observed_at_its_generation_is_progressing() -> Non
     assert _cond(st, "Progressing")["status"] == "True"
 
 
+def test_a_stale_copy_older_than_our_apply_is_not_rolled_out() -> None:
+    deps = {"m-a": _dep("m-a", 4, 4, generation=2, observed=2), "m-b": _dep("m-b", 1, 1)}
+    obs = _obs(deps)
+    fresh = compute_status(obs, now=NOW)
+    assert _cond(fresh, "Ready")["status"] == "True"
+    stale = compute_status(Observation(**{**obs.__dict__, "applied_generations": {"m-a": 3}}), now=NOW)
+    assert _cond(stale, "Ready")["status"] == "False"
+    assert _cond(stale, "Progressing")["status"] == "True"
+
+
 def _pending(message: str) -> dict:
     return {"status": {"phase": "Pending", "conditions": [
         {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}]}}
