@@ -38,5 +38,9 @@ down:
 bench: setup
 	@for b in bench/*/run; do [ -x "$$b" ] && { echo "== $$b"; $$b; }; done; true
 
+crds: $(STAMP)
+	$(PY) -m kubemaas_operator crd -o crds/modelservices.kubemaas.io.yaml
+	hack/sync-chart-crds
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check operator runtime tests bench
