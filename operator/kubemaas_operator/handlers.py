@@ -78,7 +78,7 @@ def pod_index(namespace, labels, body, **_):
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-def reconcile_modelservice(body, status, memo, deployment_index, pod_index, **_) -> None:
+def reconcile_modelservice(body, status, reason, memo, deployment_index, pod_index, **_) -> None:
     reconciler: Reconciler = memo.reconciler
     started = time.perf_counter()
     result = "error"
@@ -89,7 +89,8 @@ def reconcile_modelservice(body, status, memo, deployment_index, pod_index, **_)
             result = "invalid"
             _refuse(reconciler, body, exc)
             raise kopf.PermanentError(f"invalid spec: {exc}") from exc
-        plan = reconciler.reconcile(ms, pinned_image=status.get("runtimeImage"))
+        plan = reconciler.reconcile(ms, pinned_image=status.get("runtimeImage"),
+                                    prune=reason != kopf.Reason.CREATE)
         _refresh(reconciler, plan.key, body, deployment_index, pod_index)
         blocking = reconciler.blocking.get(plan.key)
         result = "blocked" if blocking else "applied"

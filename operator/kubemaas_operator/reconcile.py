@@ -129,14 +129,16 @@ class Reconciler:
         with self._locks_guard:
             self._locks.pop(key, None)
 
-    def reconcile(self, ms: ModelService, pinned_image: str | None) -> Plan:
+    def reconcile(self, ms: ModelService, pinned_image: str | None, prune: bool = True) -> Plan:
+        """Apply the desired children; ``prune=False`` (a first create, which cannot have stale
+        children of its own uid) skips listing every owned kind."""
         plan = decide(ms, self.settings, pinned_image)
         with self.lock(plan.key):
-            self.blocking[plan.key] = self._apply(plan)
+            self.blocking[plan.key] = self._apply(plan, prune)
             self.plans[plan.key] = plan
         return plan
 
-    def _apply(self, plan: Plan) -> Problem | None:
+    def _apply(self, plan: Plan, prune: bool) -> Problem | None:
         ns, _ = plan.key
         for child in plan.children:
             name = child["metadata"]["name"]
@@ -153,6 +155,8 @@ class Reconciler:
                 return Problem(reason, message)
             if child["kind"] == "Deployment":
                 self.applied_generation[(ns, name)] = applied["metadata"].get("generation", 0)
+        if not prune:
+            return None
         observed = [dict(obj, kind=kind) for kind in OWNED_KINDS
                     for obj in self.kube.list(kind, ns, plan.selector)]
         for obj in stale_children(plan.children, observed, plan.uid):

@@ -44,7 +44,7 @@ class OperatorSettings(BaseModel):
     drain_seconds: Annotated[int, Field(ge=0)] = Field(
         default=30, description="How long a stopping pod may take to finish in-flight requests."
     )
-    workers: Annotated[int, Field(ge=1)] = Field(default=8, description="kopf's thread pool for sync handlers (the Kubernetes client blocks).")
+    workers: Annotated[int, Field(ge=1)] = Field(default=16, description="kopf's thread pool for sync handlers (the Kubernetes client blocks).")
     health_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=8080, description="Port of the liveness endpoint /healthz; 0 disables it."
     )
