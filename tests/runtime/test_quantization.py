@@ -157,6 +157,22 @@ def test_probe_file_beside_the_model_is_used(tmp_path, mlp_dir):
         load(tmp_path, "int8-weight-only", max_drift=0.1)
 
 
+def test_classifier_is_gated_on_its_labels(tmp_path):
+    from kubemaas_runtime.models.text_models import TextClassificationModel
+
+    from tests.runtime.test_transformers import build_tiny_classifier
+
+    build_tiny_classifier(tmp_path)
+    model = TextClassificationModel(ModelOptions(
+        path=tmp_path, name="c", task="text-classification", quantization="int4-weight-only",
+        max_drift=1.0))
+    load_and_warm_up(model)
+    assert model.quantization == "int4-weight-only" and 0.0 <= model.drift <= 1.0
+    gate = model._gate
+    assert set(gate.probes.references) == {"label", "score", "probabilities"}
+    assert list(gate.probes.inputs["text"].data) == PROBE_TEXTS
+
+
 def test_max_drift_without_buildable_probes_is_refused(tmp_path):
     build_safetensors(tmp_path)
     (tmp_path / "signature.json").unlink()  # input shapes unknown
