@@ -147,6 +147,16 @@ def test_a_change_to_one_variant_rolls_out_only_that_variant(cluster: Cluster, o
     new_rs = msvc.replicasets(cluster, namespace, "ro") - rs_before
     assert len(new_rs) == 1 and next(iter(new_rs)).startswith("ro-b-")
 
+    # status went Progressing (Ready=False) and back to Ready: an Event for each transition
+    def ready_events() -> list[str]:
+        events = cluster.get_json("events", "-n", namespace, "--field-selector",
+                                  "involvedObject.kind=ModelService,involvedObject.name=ro")["items"]
+        return [e["reason"] for e in sorted(events, key=lambda e: e["metadata"]["creationTimestamp"])]
+
+    cluster.wait_until(lambda: ready_events().count("AllVariantsAvailable") >= 2, timeout=30,
+                       what="Ready -> not Ready -> Ready events")
+    assert ready_events().count("WaitingForReplicas") >= 2
+
 
 def test_removing_a_variant_deletes_its_children_and_deleting_collects_all(
         cluster: Cluster, operator, namespace: str) -> None:
