@@ -1,8 +1,10 @@
 -- Argo CD health check for kubemaas.io/ModelService (docs/install.md, "GitOps", shows how to install
 -- it; tests/unit/test_chart_gitops.py runs it against sample objects).
---   Healthy      Ready=True for the current generation
+--   Healthy      Ready=True for the current generation, no canary in progress
 --   Progressing  no status yet, the operator has not observed the current generation,
---                or replicas are still rolling out (Ready=False, reason WaitingForReplicas)
+--                replicas are still rolling out (Ready=False, reason WaitingForReplicas),
+--                or a canary is moving (Progressing=True, reason CanaryProgressing)
+--   Suspended    a canary step held until the spec advances it (Progressing reason CanaryHeld)
 --   Degraded     Degraded=True (unschedulable, image pull, crash, missing CRD, name conflict),
 --                or Ready=False for any other reason (InvalidSpec, ...)
 local hs = {}
@@ -57,6 +59,18 @@ local degraded = find_condition(conditions, "Degraded")
 if degraded ~= nil and degraded.status == "True" then
   hs.status = "Degraded"
   hs.message = describe(degraded)
+  return hs
+end
+
+local progressing = find_condition(conditions, "Progressing")
+if progressing ~= nil and progressing.status == "True" and progressing.reason == "CanaryHeld" then
+  hs.status = "Suspended"
+  hs.message = describe(progressing)
+  return hs
+end
+if progressing ~= nil and progressing.status == "True" and progressing.reason == "CanaryProgressing" then
+  hs.status = "Progressing"
+  hs.message = describe(progressing)
   return hs
 end
 

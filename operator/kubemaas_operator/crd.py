@@ -46,6 +46,10 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
      "description": "In-cluster URL of the model."},
     {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
      "description": "Why it is (not) ready.", "priority": 1},
+    {"name": "Rollout", "type": "string", "jsonPath": ".status.rollout.phase",
+     "description": "Complete, Progressing or Held (a canary step waiting for the spec).", "priority": 1},
+    {"name": "Canary", "type": "integer", "jsonPath": ".status.rollout.canaryWeight",
+     "description": "Percent of the changed variants' traffic on the canary.", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

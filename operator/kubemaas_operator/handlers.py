@@ -19,11 +19,13 @@ from kubemaas_operator.api import ModelService, describe_errors
 from kubemaas_operator.api.constants import GROUP, PLURAL, VERSION
 from kubemaas_operator.kube import KubeClient, load_api_client
 from kubemaas_operator.reconcile import MODELSERVICE_LABEL, Key, Reconciler
+from kubemaas_operator.rollout import ObservedDeployment
 from kubemaas_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 CHILD = {MODELSERVICE_LABEL: kopf.PRESENT}
 KOPF_PREFIX = f"kopf.{GROUP}"
+CANARY_TICK_SECONDS = 3
 
 
 def _owner_key(namespace: str | None, labels: dict) -> Key:
@@ -62,7 +64,8 @@ def modelservice_index(namespace, name, body, **_):
 def deployment_index(namespace, labels, body, **_):
     return {_owner_key(namespace, labels): {
         "metadata": {"name": body["metadata"]["name"],
-                     "generation": body["metadata"].get("generation", 0)},
+                     "generation": body["metadata"].get("generation", 0),
+                     "labels": dict(labels)},
         "spec": {"replicas": body.get("spec", {}).get("replicas", 1)},
         "status": dict(body.get("status", {})),
     }}
@@ -70,7 +73,13 @@ def deployment_index(namespace, labels, body, **_):
 
 @kopf.index("", "v1", "pods", labels=CHILD)
 def pod_index(namespace, labels, body, **_):
-    return {_owner_key(namespace, labels): {"status": dict(body.get("status", {}))}}
+    return {_owner_key(namespace, labels): {"metadata": {"labels": dict(labels)},
+                                            "status": dict(body.get("status", {}))}}
+
+
+def _observed(deployment_index, key: Key) -> list[ObservedDeployment]:
+    found = (ObservedDeployment.from_object(d) for d in deployment_index.get(key, ()))
+    return [d for d in found if d is not None]
 
 
 # --- the ModelService itself --------------------------------------------------------------
@@ -89,8 +98,10 @@ def reconcile_modelservice(body, status, reason, memo, deployment_index, pod_ind
             result = "invalid"
             _refuse(reconciler, body, exc)
             raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+        key = (ms.namespace, ms.name)
         plan = reconciler.reconcile(ms, pinned_image=status.get("runtimeImage"),
-                                    prune=reason != kopf.Reason.CREATE)
+                                    prune=reason != kopf.Reason.CREATE,
+                                    observed=_observed(deployment_index, key), status=dict(status))
         _refresh(reconciler, plan.key, body, deployment_index, pod_index)
         blocking = reconciler.blocking.get(plan.key)
         result = "blocked" if blocking else "applied"
@@ -109,6 +120,27 @@ def _refuse(reconciler: Reconciler, body, exc: ValidationError) -> None:
     reconciler.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"],
                                  {"conditions": [condition]})
     kopf.warn(dict(body), reason="InvalidSpec", message=message)
+
+
+def _rollout_moving(status, **_) -> bool:
+    rollout = (status or {}).get("rollout") or {}
+    return rollout.get("strategy") == "Canary" and rollout.get("phase") == "Progressing"
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=CANARY_TICK_SECONDS, when=_rollout_moving)
+def advance_canary(body, status, memo, deployment_index, pod_index, **_) -> None:
+    """While a canary moves (scaling, pausing, retiring), re-plan it every few seconds: a
+    pause ends on time and a step whose pods became available is routed. Idle ModelServices
+    have no timer; a held step waits for a spec change (the update handler)."""
+    reconciler: Reconciler = memo.reconciler
+    try:
+        ms = ModelService.from_body(body)
+    except ValidationError:
+        return  # the update handler reported it
+    key = (ms.namespace, ms.name)
+    reconciler.reconcile(ms, pinned_image=status.get("runtimeImage"), observed=_observed(deployment_index, key),
+                         status=dict(status), only_changes=True)
+    _refresh(reconciler, key, body, deployment_index, pod_index)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)  # optional: no finalizer, GC does the rest
@@ -132,7 +164,8 @@ def deployment_event(type, namespace, labels, body, memo, modelservice_index,
         log.info("Deployment %s/%s was changed by hand; putting it back", namespace,
                  body["metadata"]["name"])
         ms = ModelService.from_body(parent)
-        reconciler.reconcile(ms, pinned_image=parent.get("status", {}).get("runtimeImage"))
+        reconciler.reconcile(ms, pinned_image=parent.get("status", {}).get("runtimeImage"),
+                             observed=_observed(deployment_index, key), status=parent.get("status"))
     _refresh(reconciler, key, parent, deployment_index, pod_index)
 
 

@@ -133,6 +133,21 @@ class KubeClient:
             if exc.status not in (404, 409):
                 raise
 
+    def scale_deployment(self, namespace: str, name: str, replicas: int) -> None:
+        """Set only a Deployment's replicas (a merge patch, under our field manager), leaving its
+        template alone. A Deployment already gone (deleted while a canary is promoted) is not
+        an error."""
+        try:
+            self._call(
+                "PATCH", KINDS["Deployment"].path(namespace, name),
+                body={"spec": {"replicas": replicas}},  # the client encodes merge patches itself
+                query=[("fieldManager", self._field_manager)],
+                content_type="application/merge-patch+json",
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     def patch_status(self, namespace: str, name: str, status: dict) -> None:
         kind = KINDS["ModelService"]
         body = {"apiVersion": kind.api_version, "kind": kind.kind,

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from kubemaas_operator.api import VariantStatus, format_variant_summary
+from kubemaas_operator.builders.naming import VARIANT_LABEL
+from kubemaas_operator.builders.revision import REVISION_LABEL
 
-VARIANT_LABEL = "kubemaas.io/variant"
-
-_CAMEL_REASON = re.compile(r"^([A-Z][A-Za-z0-9]+):\s*(.*)$", re.S)
+_CAMEL_REASON = re.compile(r"^([A-Z][A-Za-z0-9]+):\s*(.*)$", re.DOTALL)
 _PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 
 
@@ -26,8 +26,18 @@ class VariantPlan:
     name: str
     quantization: str
     weight: int
-    replicas: int
-    deployment: str
+    replicas: int  # its share of spec.replicas
+    deployment: str  # the stable Deployment
+    revision: str = ""
+    stable_replicas: int | None = None  # the stable Deployment's pods now (None: `replicas`)
+    canary_deployment: str | None = None
+    canary_revision: str | None = None
+    canary_replicas: int = 0
+    canary_weight: int = 0  # percent of the variant's traffic routed to the canary
+
+    @property
+    def stable_target(self) -> int:
+        return self.replicas if self.stable_replicas is None else self.stable_replicas
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,8 @@ class Observation:
     # the generation each Deployment got from our last apply: an observed copy older than it
     # (a watch event still in flight) must not count as rolled out
     applied_generations: dict[str, int] = field(default_factory=dict)
+    gateway: bool = False  # traffic splits by weight through an HTTPRoute, not by ready pods
+    rollout: dict | None = None  # status.rollout as the plan has it
 
 
 def pod_problem(pod: dict) -> Problem | None:
@@ -119,59 +131,159 @@ def _condition(ctype: str, ok: bool, reason: str, message: str, generation: int,
     }
 
 
+def _surge_problem(pod: dict, problem: Problem, plans: dict[str, VariantPlan],
+                  deployments: dict[str, dict]) -> Problem:
+    """An unschedulable pod of the new revision while the variant's earlier pods keep their
+    capacity is a surge that cannot be placed, not an outage: say so, and what to do."""
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    plan = plans.get(labels.get(VARIANT_LABEL, ""))
+    revision = labels.get(REVISION_LABEL)
+    if plan is None or revision is None:
+        return problem
+    stable = (deployments.get(plan.deployment) or {}).get("status", {})
+    if plan.canary_revision == revision:
+        serving = stable.get("availableReplicas", 0)
+        if serving < plan.stable_target:
+            return problem
+        return Problem("SurgeUnschedulable",
+                       f"The canary pod of variant {plan.name} (revision {revision}) cannot be scheduled: "
+                       f"{problem.message}. The stable revision keeps its {serving} pod(s) and all their "
+                       "traffic until it can; free capacity (for example GPUs) or revert the spec.")
+    # the Deployment has its pods available and still runs this one: an extra (surge) pod
+    if revision == plan.revision and stable.get("availableReplicas", 0) >= plan.stable_target > 0:
+        return Problem("SurgeUnschedulable",
+                       f"A new pod of variant {plan.name} (revision {revision}) cannot be scheduled: "
+                       f"{problem.message}. The {stable.get('availableReplicas', 0)} pod(s) of the earlier "
+                       "revision keep serving, so capacity is unchanged, but the rollout waits. Free "
+                       "capacity (for example GPUs), or set spec.rollout.maxUnavailable to 1 to replace "
+                       "pods in place (one pod fewer while each is replaced).")
+    return problem
+
+
+def _traffic(plans: tuple[VariantPlan, ...], ready: dict[str, int], canary_ready: dict[str, int],
+             gateway: bool) -> dict[str, tuple[float, float | None]]:
+    """(share of all traffic, of which the canary's) per variant."""
+    total_ready = sum(ready.values())
+    out: dict[str, tuple[float, float | None]] = {}
+    for plan in plans:
+        canary: float | None = None
+        if gateway:
+            share = float(plan.weight)
+            if plan.canary_deployment:
+                canary = round(plan.weight * plan.canary_weight / 100, 1)
+        else:  # the Service spreads requests over every ready pod
+            share = round(100 * ready[plan.name] / total_ready) if total_ready else 0
+            if plan.canary_deployment:
+                canary = round(100 * canary_ready[plan.name] / total_ready) if total_ready else 0
+        out[plan.name] = (share, canary)
+    return out
+
+
 def compute_status(obs: Observation, previous_conditions: list[dict] | None = None,
                    now: datetime | None = None) -> dict:
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     previous = {c["type"]: c for c in previous_conditions or []}
     total_ready = total_replicas = desired_total = 0
     all_rolled_out = True
+    planned = set()
+    ready: dict[str, int] = {}
+    canary_ready: dict[str, int] = {}
+    for plan in obs.variants:
+        replicas, stable_ready, rolled_out = _deployment_counts(
+            obs.deployments.get(plan.deployment), obs.applied_generations.get(plan.deployment, 0))
+        all_rolled_out &= rolled_out or plan.stable_target == 0 and replicas == 0
+        planned.add(plan.deployment)
+        total_replicas += replicas
+        ready[plan.name] = stable_ready
+        canary_ready[plan.name] = 0
+        desired_total += plan.replicas
+        if plan.canary_deployment:
+            c_replicas, c_ready, c_rolled_out = _deployment_counts(
+                obs.deployments.get(plan.canary_deployment),
+                obs.applied_generations.get(plan.canary_deployment, 0))
+            all_rolled_out &= c_rolled_out
+            planned.add(plan.canary_deployment)
+            total_replicas += c_replicas
+            ready[plan.name] += c_ready
+            canary_ready[plan.name] = c_ready
+    for name, dep in obs.deployments.items():  # earlier revisions being retired still serve
+        variant = ((dep.get("metadata") or {}).get("labels") or {}).get(VARIANT_LABEL)
+        if name not in planned and variant in ready:
+            replicas, retiring_ready, _ = _deployment_counts(dep)
+            total_replicas += replicas
+            ready[variant] += retiring_ready
+            all_rolled_out = False
+    total_ready = sum(ready.values())
+    traffic = _traffic(obs.variants, ready, canary_ready, obs.gateway)
     variants = []
     for plan in obs.variants:
-        replicas, ready, rolled_out = _deployment_counts(
-            obs.deployments.get(plan.deployment), obs.applied_generations.get(plan.deployment, 0))
-        total_replicas += replicas
-        total_ready += ready
-        desired_total += plan.replicas
-        all_rolled_out &= rolled_out or plan.replicas == 0 and replicas == 0
-        variants.append({"name": plan.name, "quantization": plan.quantization,
-                         "weight": plan.weight, "replicas": plan.replicas, "readyReplicas": ready})
-    for entry in variants:  # without a gateway, traffic follows the share of ready pods
-        entry["trafficShare"] = round(100 * entry["readyReplicas"] / total_ready) if total_ready else 0
+        share, canary_share = traffic[plan.name]
+        entry: dict = {"name": plan.name, "quantization": plan.quantization, "weight": plan.weight,
+                       "replicas": plan.replicas, "readyReplicas": ready[plan.name], "trafficShare": share}
+        if plan.revision:
+            entry.update(revision=plan.revision, deployment=plan.deployment)
+        if plan.canary_deployment:
+            entry.update(canaryRevision=plan.canary_revision, canaryDeployment=plan.canary_deployment,
+                         canaryReplicas=plan.canary_replicas, canaryReadyReplicas=canary_ready[plan.name],
+                         canaryTrafficShare=canary_share)
+        variants.append(entry)
 
-    problems = [p for p in map(pod_problem, obs.pods) if p]
+    plans = {p.name: p for p in obs.variants}
+    problems = []
+    for pod in obs.pods:
+        found = pod_problem(pod)
+        if found and found.reason == "Unschedulable":
+            found = _surge_problem(pod, found, plans, obs.deployments)
+        if found:
+            problems.append(found)
     problem = obs.blocking or (problems[0] if problems else None)
     available = all_rolled_out and total_ready >= desired_total and obs.blocking is None
     gen = obs.generation
+    rollout = dict(obs.rollout) if obs.rollout else None
+    if rollout and rollout.get("phase") == "Complete" and not available:
+        rollout["phase"] = "Progressing"
+    canary = bool(rollout and rollout.get("canaryRevision"))
 
     if problem:
         degraded = _condition("Degraded", True, problem.reason, problem.message, gen, previous, stamp)
     else:
         degraded = _condition("Degraded", False, "AsExpected", "No problems observed.", gen,
                               previous, stamp)
-    if available:
+    if canary and not problem:
+        held = rollout["phase"] == "Held"
+        progressing = _condition("Progressing", True, "CanaryHeld" if held else "CanaryProgressing",
+                                 rollout.get("message", ""), gen, previous, stamp)
+    elif available:
         progressing = _condition("Progressing", False, "RolloutComplete",
                                  "Every variant runs the current spec.", gen, previous, stamp)
-        ready = _condition("Ready", True, "AllVariantsAvailable",
-                           f"{total_ready}/{desired_total} replicas ready across "
-                           f"{len(obs.variants)} variant(s).", gen, previous, stamp)
     else:
         progressing = _condition("Progressing", obs.blocking is None, "RollingOut",
                                  f"{total_ready}/{desired_total} replicas ready; waiting for the "
                                  "Deployments to roll out.", gen, previous, stamp)
-        if problem:
-            ready = _condition("Ready", False, problem.reason, problem.message, gen, previous, stamp)
-        else:
-            ready = _condition("Ready", False, "WaitingForReplicas",
-                               f"{total_ready}/{desired_total} replicas ready.", gen, previous,
-                               stamp)
-    return {
+    if available and canary:
+        ready_cond = _condition("Ready", True, "CanaryInProgress",
+                                f"{total_ready} replicas ready, stable and canary; {rollout.get('message', '')}",
+                                gen, previous, stamp)
+    elif available:
+        ready_cond = _condition("Ready", True, "AllVariantsAvailable",
+                                f"{total_ready}/{desired_total} replicas ready across "
+                                f"{len(obs.variants)} variant(s).", gen, previous, stamp)
+    elif problem:
+        ready_cond = _condition("Ready", False, problem.reason, problem.message, gen, previous, stamp)
+    else:
+        ready_cond = _condition("Ready", False, "WaitingForReplicas",
+                                f"{total_ready}/{desired_total} replicas ready.", gen, previous, stamp)
+    status = {
         "observedGeneration": gen,
         "replicas": total_replicas,
         "readyReplicas": total_ready,
         "selector": obs.selector,
         "url": obs.url,
         "runtimeImage": obs.runtime_image,
-        "conditions": [ready, progressing, degraded],
+        "conditions": [ready_cond, progressing, degraded],
         "variants": variants,
         "variantSummary": format_variant_summary([VariantStatus.model_validate(v) for v in variants]),
     }
+    if rollout:
+        status["rollout"] = rollout
+    return status

@@ -8,21 +8,23 @@ generation it came from). It never writes a ModelService's spec, only its status
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from kubemaas_operator.api import ModelService
 from kubemaas_operator.builders import (
     MODELSERVICE_LABEL,
     build_children,
-    replicas_by_variant,
     selector_string,
     service_url,
-    variant_child_name,
 )
 from kubemaas_operator.kube import OWNED_KINDS, KindNotInstalled, KubeClient
 from kubemaas_operator.observe import Observation, Problem, VariantPlan, compute_status
+from kubemaas_operator.rollout import ObservedDeployment, RolloutPlan, RolloutRecord, plan_rollout
 from kubemaas_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -64,21 +66,60 @@ class Plan:
     variants: tuple[VariantPlan, ...]
     selector: str
     url: str
+    rollout: RolloutPlan | None = None
+    scales: tuple[tuple[str, int], ...] = ()  # Deployments only scaled: (name, replicas)
+    keep: frozenset[str] = frozenset()  # Deployments not desired but not to be deleted yet
+    gateway: bool = False
 
 
-def decide(ms: ModelService, settings: OperatorSettings, pinned_image: str | None) -> Plan:
-    image = choose_runtime_image(ms, pinned_image, settings.runtime_image)
-    children = tuple(build_children(ms, settings, runtime_image=image))
-    split = replicas_by_variant(ms.spec.replicas, ms.spec.variants)
-    variants = tuple(
-        VariantPlan(v.name, v.quantization, v.weight, split[v.name], variant_child_name(ms.name, v.name))
-        for v in ms.spec.variants
+def _variant_plans(ms: ModelService, rollout: RolloutPlan) -> tuple[VariantPlan, ...]:
+    quantization = {v.name: v.quantization for v in ms.spec.variants}
+    return tuple(
+        VariantPlan(
+            layout.name, quantization[layout.name], layout.weight, layout.replicas, layout.stable.deployment,
+            revision=layout.stable.revision, stable_replicas=layout.stable.replicas,
+            canary_deployment=layout.canary.deployment if layout.canary else None,
+            canary_revision=layout.canary.revision if layout.canary else None,
+            canary_replicas=layout.canary.replicas if layout.canary else 0,
+            canary_weight=layout.canary_weight if layout.canary else 0,
+        )
+        for layout in rollout.variants
     )
+
+
+def decide(ms: ModelService, settings: OperatorSettings, pinned_image: str | None,
+           observed: Sequence[ObservedDeployment] = (), record: RolloutRecord | None = None,
+           now: datetime | None = None) -> Plan:
+    """The children to write for ``ms`` now. ``observed`` (its Deployments as watched) and
+    ``record`` (the rollout as status last recorded it) decide a canary's progress."""
+    image = choose_runtime_image(ms, pinned_image, settings.runtime_image)
+    rollout = plan_rollout(ms, image, observed, record, now or datetime.now(UTC))
+    children = tuple(build_children(ms, settings, runtime_image=image, layouts=rollout.variants))
     return Plan(
         key=(ms.namespace, ms.name), uid=ms.metadata.uid or "", generation=ms.metadata.generation or 0,
-        runtime_image=image, children=children, variants=variants,
-        selector=selector_string(ms.name), url=service_url(ms, settings),
+        runtime_image=image, children=children, variants=_variant_plans(ms, rollout),
+        selector=selector_string(ms.name), url=service_url(ms, settings), rollout=rollout,
+        scales=tuple((lay.stable.deployment, lay.stable.replicas) for lay in rollout.variants
+                     if not lay.stable.apply),
+        keep=frozenset(name for lay in rollout.variants for name in lay.keep)
+        | {lay.stable.deployment for lay in rollout.variants if not lay.stable.apply},
+        gateway=ms.spec.gateway is not None,
     )
+
+
+def rollout_status(plan: Plan) -> dict | None:
+    """``status.rollout`` from the plan (the record a restarted operator resumes from)."""
+    r = plan.rollout
+    if r is None:
+        return None
+    out: dict = {"strategy": r.strategy, "phase": r.phase, "stableRevision": r.stable_revision}
+    if r.canary_revision:
+        out.update(canaryRevision=r.canary_revision, step=r.step, steps=r.steps, canaryWeight=r.canary_weight)
+        if r.step_started_at:
+            out["stepStartedAt"] = r.step_started_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if r.message:
+        out["message"] = r.message
+    return out
 
 
 def foreign_owner(existing: dict | None, uid: str) -> str | None:
@@ -93,9 +134,12 @@ def foreign_owner(existing: dict | None, uid: str) -> str | None:
     return None
 
 
-def stale_children(desired: tuple[dict, ...], observed: list[dict], uid: str) -> list[dict]:
-    """Owned children (by controller reference) that the spec no longer asks for."""
+def stale_children(desired: tuple[dict, ...], observed: list[dict], uid: str,
+                   keep: frozenset[str] = frozenset()) -> list[dict]:
+    """Owned children (by controller reference) that the spec no longer asks for; Deployments
+    named in ``keep`` (a stable one being scaled, earlier revisions still serving) stay."""
     wanted = {(c["kind"], c["metadata"]["name"]) for c in desired}
+    wanted |= {("Deployment", name) for name in keep}
     out = []
     for obj in observed:
         owned = any(r.get("uid") == uid and r.get("controller")
@@ -129,19 +173,29 @@ class Reconciler:
         with self._locks_guard:
             self._locks.pop(key, None)
 
-    def reconcile(self, ms: ModelService, pinned_image: str | None, prune: bool = True) -> Plan:
+    def reconcile(self, ms: ModelService, pinned_image: str | None, prune: bool = True,
+                  observed: Sequence[ObservedDeployment] = (), status: dict | None = None,
+                  only_changes: bool = False) -> Plan:
         """Apply the desired children; ``prune=False`` (a first create, which cannot have stale
-        children of its own uid) skips listing every owned kind."""
-        plan = decide(ms, self.settings, pinned_image)
-        with self.lock(plan.key):
-            self.blocking[plan.key] = self._apply(plan, prune)
+        children of its own uid) skips listing every owned kind. ``status`` is the status the
+        object carries (the rollout record when this operator has written none since it
+        started); ``only_changes`` (the canary timer) writes only what differs from the last plan."""
+        key = (ms.namespace, ms.name)
+        with self.lock(key):
+            record = RolloutRecord.from_status(self.last_status.get(key) or status)
+            plan = decide(ms, self.settings, pinned_image, observed, record)
+            previous = self.plans.get(key) if only_changes else None
+            self.blocking[plan.key] = self._apply(plan, prune, previous)
             self.plans[plan.key] = plan
         return plan
 
-    def _apply(self, plan: Plan, prune: bool) -> Problem | None:
+    def _apply(self, plan: Plan, prune: bool, previous: Plan | None = None) -> Problem | None:
         ns, _ = plan.key
+        unchanged = {json.dumps(c, sort_keys=True) for c in previous.children} if previous else set()
         for child in plan.children:
             name = child["metadata"]["name"]
+            if unchanged and json.dumps(child, sort_keys=True) in unchanged:
+                continue
             try:
                 owner = foreign_owner(self.kube.get(child["kind"], ns, name), plan.uid)
                 if owner:
@@ -155,11 +209,18 @@ class Reconciler:
                 return Problem(reason, message)
             if child["kind"] == "Deployment":
                 self.applied_generation[(ns, name)] = applied["metadata"].get("generation", 0)
-        if not prune:
+        for name, replicas in plan.scales:
+            if previous is not None and (name, replicas) in previous.scales:
+                continue
+            # scaled, not applied: its template is the previous revision's, which the spec no
+            # longer describes; a changed generation here is ours, not a hand edit
+            self.kube.scale_deployment(ns, name, replicas)
+            self.applied_generation.pop((ns, name), None)
+        if not prune or (previous is not None and _same_shape(previous, plan)):
             return None
         observed = [dict(obj, kind=kind) for kind in OWNED_KINDS
                     for obj in self.kube.list(kind, ns, plan.selector)]
-        for obj in stale_children(plan.children, observed, plan.uid):
+        for obj in stale_children(plan.children, observed, plan.uid, plan.keep):
             log.info("deleting %s %s/%s: no longer desired", obj["kind"], ns, obj["metadata"]["name"])
             self.kube.delete(obj["kind"], ns, obj["metadata"]["name"], obj["metadata"].get("uid"))
             self.applied_generation.pop((ns, obj["metadata"]["name"]), None)
@@ -177,13 +238,14 @@ class Reconciler:
         plan = self.plans.get(key)
         if plan is None:
             return None
+        names = [n for v in plan.variants for n in (v.deployment, v.canary_deployment) if n]
         obs = Observation(
             name=key[1], namespace=key[0], generation=plan.generation, selector=plan.selector,
             url=plan.url, runtime_image=plan.runtime_image, variants=plan.variants,
             deployments={d["metadata"]["name"]: d for d in deployments}, pods=tuple(pods),
             blocking=self.blocking.get(key),
-            applied_generations={v.deployment: self.applied_generation.get((key[0], v.deployment), 0)
-                                 for v in plan.variants},
+            applied_generations={n: self.applied_generation.get((key[0], n), 0) for n in names},
+            gateway=plan.gateway, rollout=rollout_status(plan),
         )
         status = compute_status(obs, previous_conditions)
         if _same_status(status, self.last_status.get(key)):
@@ -195,9 +257,15 @@ class Reconciler:
         self.last_status[key] = status
 
 
+def _same_shape(a: Plan, b: Plan) -> bool:
+    """The same children by kind and name, and the same Deployments kept: nothing to prune."""
+    names = lambda p: ({(c["kind"], c["metadata"]["name"]) for c in p.children}, p.keep)
+    return names(a) == names(b)
+
+
 def _same_status(a: dict, b: dict | None) -> bool:
     if b is None:
         return False
     strip = lambda s: {**s, "conditions": [{k: v for k, v in c.items() if k != "lastTransitionTime"}
-                                           for c in s.get("conditions", [])]}  # noqa: E731
+                                           for c in s.get("conditions", [])]}
     return strip(a) == strip(b)

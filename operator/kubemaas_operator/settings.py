@@ -9,10 +9,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ENV_PREFIX = "KUBEMAAS_OPERATOR_"
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/kubemaas/kubemaas-runtime:0.1.0"
+# Envoy Gateway names the upstream cluster of each HTTPRoute rule httproute/<ns>/<route>/rule/<n>.
+# upstream_rq_completed, unlike upstream_rq_total, also counts the 503s Envoy answers itself
+# while the route has no endpoint, which is exactly the demand that must wake a model at zero.
+DEFAULT_GATEWAY_REQUEST_QUERY = (
+    "sum(rate(envoy_cluster_upstream_rq_completed"
+    '{envoy_cluster_name=~"httproute/{namespace}/{route}/rule/.*"}[1m]))'
+)
+GATEWAY_QUERY_PLACEHOLDERS = ("{namespace}", "{name}", "{route}")
 
 
 class OperatorSettings(BaseModel):
@@ -38,6 +46,15 @@ class OperatorSettings(BaseModel):
         default="http://prometheus-operated.monitoring.svc:9090",
         description="Prometheus the KEDA prometheus triggers query (engine keda, metric concurrency/rps).",
     )
+    gateway_request_query: str = Field(
+        default=DEFAULT_GATEWAY_REQUEST_QUERY,
+        description=(
+            "PromQL for the request rate the Gateway sees for one ModelService's HTTPRoute: what wakes "
+            "a model at zero replicas (engine keda, minReplicas 0, spec.gateway, no activationQuery). "
+            "{namespace}, {name} (the ModelService) and {route} (its HTTPRoute) are filled in; other "
+            "braces are PromQL's. The default reads Envoy Gateway's proxy metrics."
+        ),
+    )
     startup_timeout_seconds: Annotated[int, Field(ge=30)] = Field(
         default=1800, description="How long a model may take to load before its pod is restarted."
     )
@@ -52,6 +69,14 @@ class OperatorSettings(BaseModel):
         default=9090, description="Port of the operator's Prometheus /metrics; 0 disables it."
     )
     verbose: bool = Field(default=False, description="Debug logging.")
+
+    @field_validator("gateway_request_query")
+    @classmethod
+    def _check_gateway_request_query(cls, query: str) -> str:
+        # A query that names no model would wake every model behind the Gateway at once.
+        if "{namespace}" not in query or ("{name}" not in query and "{route}" not in query):
+            raise ValueError("must contain {namespace} and {name} or {route}, to select one model's requests")
+        return query
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorSettings:

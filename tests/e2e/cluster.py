@@ -47,7 +47,7 @@ class Cluster:
     kubectl_path: str = field(default_factory=_kubectl_binary)
 
     @classmethod
-    def existing(cls, kubeconfig: str) -> "Cluster":
+    def existing(cls, kubeconfig: str) -> Cluster:
         return cls(kubeconfig=kubeconfig)
 
     @property

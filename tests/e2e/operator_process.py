@@ -33,7 +33,7 @@ class OperatorProcess:
         self.log_path = Path(tempfile.mkstemp(prefix="kubemaas-operator-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60) -> "OperatorProcess":
+    def start(self, timeout: float = 60) -> OperatorProcess:
         env = dict(os.environ)
         env.update({
             "KUBECONFIG": self.kubeconfig,

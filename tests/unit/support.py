@@ -9,7 +9,8 @@ import yaml
 from kubemaas_operator.api import ModelService
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+# examples/*.yaml apply as they are; examples/addons/ need an add-on's CRD (KEDA, Gateway API).
+EXAMPLES = sorted([*(REPO / "examples").glob("*.yaml"), *(REPO / "examples").glob("addons/*.yaml")])
 INVALID_FIXTURES = sorted((REPO / "tests" / "fixtures" / "invalid").glob("*.yaml"))
 
 

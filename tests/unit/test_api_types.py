@@ -22,7 +22,7 @@ def test_defaults_fill_a_minimal_spec():
     assert spec.resources.gpu.count == 0 and spec.resources.gpu.product is None
     assert spec.runtime.image == "" and spec.runtime.max_batch_size == 32 and spec.runtime.batch_timeout_ms == 0
     assert spec.rollout.strategy == "RollingUpdate"
-    assert (spec.rollout.max_surge, spec.rollout.max_unavailable) == ("25%", 0)
+    assert (spec.rollout.max_surge, spec.rollout.max_unavailable) == (1, 0)  # surge first
     assert spec.autoscaling is None and spec.gateway is None
     assert spec.uses_gpu is False
 
@@ -109,7 +109,8 @@ def test_root_rules_on_the_name(name, expected):
     [
         {"resources": {"gpu": {"count": 2, "product": "NVIDIA-H100-80GB-HBM3"}, "cpu": 2, "memory": "8Gi"}},
         {"resources": {"cpu": "500m"}, "autoscaling": {"metric": "cpu", "maxReplicas": 3, "target": 70}},
-        {"autoscaling": {"engine": "keda", "minReplicas": 0, "maxReplicas": 3, "metric": "rps", "target": 5}},
+        {"autoscaling": {"engine": "keda", "minReplicas": 0, "maxReplicas": 3, "metric": "rps", "target": 5},
+         "gateway": {"name": "public"}},
         {"model": {"uri": "pvc://models", "format": "torchscript"}},
         {"model": {"uri": "pvc://models/a/b.pt", "format": "torchscript"}},
         {"model": {"uri": "hf://org/name@v1.0", "format": "transformers", "task": "text-classification"}},

@@ -54,7 +54,7 @@ def env(spec: dict | None = None, variant: str = "default") -> dict[str, str]:
         ({"autoscaling": {"maxReplicas": 3, "target": 4}},
          [("Deployment", "m-default"), ("Service", "m"), ("Service", "m-default"),
           ("PodDisruptionBudget", "m"), ("HorizontalPodAutoscaler", "m")]),
-        ({"autoscaling": {"engine": "keda", "minReplicas": 0, "maxReplicas": 1, "target": 4}},
+        ({"autoscaling": {"engine": "keda", "minReplicas": 1, "maxReplicas": 1, "target": 4}},
          [("Deployment", "m-default"), ("Service", "m"), ("Service", "m-default"), ("ScaledObject", "m")]),
         ({"gateway": {"name": "gw"}},
          [("Deployment", "m-default"), ("Service", "m"), ("Service", "m-default"), ("HTTPRoute", "m")]),
@@ -319,7 +319,7 @@ def test_hpa_targets_the_scale_subresource(metric, expected):
 )
 def test_keda_scaled_object(metric, trigger_type, query):
     spec = {"resources": {"cpu": "1"},
-            "autoscaling": {"engine": "keda", "minReplicas": 0 if metric != "cpu" else 1, "maxReplicas": 4,
+            "autoscaling": {"engine": "keda", "minReplicas": 1, "maxReplicas": 4,  # zero: test_autoscaling.py
                             "metric": metric, "target": 3}}
     objs = children(spec)
     assert not [o for o in objs if o["kind"] == "HorizontalPodAutoscaler"]

@@ -50,6 +50,8 @@ CASES: dict[str, dict[str, Any]] = {
         "runtimeImage": "registry.example.com/kubemaas-runtime:cu126", "gpuResourceName": "amd.com/gpu",
         "gpuProductLabel": "amd.com/gpu.product-name", "logFormat": "text", "verbose": True,
         "clusterDomain": "corp.internal", "prometheusAddress": "http://prometheus.obs:9090",
+        "gatewayRequestQuery": 'sum(rate(istio_requests_total{destination_service_namespace="{namespace}",'
+                               'destination_service_name=~"{name}-.+"}[1m]))',
         "startupTimeoutSeconds": 600, "drainSeconds": 10, "workers": 4, "healthPort": 8081,
         "metricsPort": 9100, "extraEnv": [{"name": "TZ", "value": "UTC"}]}},
     "scheduling": {
@@ -281,6 +283,7 @@ def test_every_setting_is_a_value(rendered):
     assert (settings.workers, settings.health_port, settings.metrics_port) == (4, 8081, 9100)
     assert (settings.startup_timeout_seconds, settings.drain_seconds) == (600, 10)
     assert settings.prometheus_address == op["prometheusAddress"]
+    assert settings.gateway_request_query == op["gatewayRequestQuery"]
     assert env["TZ"] == "UTC"
     ns_env = container_env(one(rendered["watch-namespaces"], "Deployment"))
     assert OperatorSettings.from_env(ns_env).namespaces == ("ml", "ml-staging")

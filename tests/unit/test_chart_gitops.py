@@ -70,6 +70,17 @@ SAMPLES = {
     "degraded-while-ready": (ms(2, {"observedGeneration": 2, "conditions": [
         READY, cond("Degraded", "True", "CrashLoopBackOff", message="container runtime keeps exiting")]}),
         "Degraded", "CrashLoopBackOff"),
+    "canary-moving": (ms(2, {"observedGeneration": 2, "conditions": [
+        cond("Ready", "True", "CanaryInProgress"), cond("Progressing", "True", "CanaryProgressing", message="step 1/2"),
+        cond("Degraded", "False", "AsExpected")]}), "Progressing", "CanaryProgressing: step 1/2"),
+    "canary-held": (ms(2, {"observedGeneration": 2, "conditions": [
+        cond("Ready", "True", "CanaryInProgress"), cond("Progressing", "True", "CanaryHeld", message="held"),
+        cond("Degraded", "False", "AsExpected")]}), "Suspended", "CanaryHeld: held"),
+    "surge-unschedulable": (ms(2, {"observedGeneration": 2, "conditions": [
+        cond("Ready", "False", "SurgeUnschedulable", message="a new pod cannot be scheduled"),
+        cond("Progressing", "True", "RollingOut"),
+        cond("Degraded", "True", "SurgeUnschedulable", message="a new pod cannot be scheduled")]}),
+        "Degraded", "SurgeUnschedulable"),
     # The operator refuses a spec its models reject: only a Ready condition, no observedGeneration.
     "invalid-spec": (ms(4, {"conditions": [cond("Ready", "False", "InvalidSpec", 4, "spec.x: bad")]}),
                      "Degraded", "InvalidSpec: spec.x: bad"),

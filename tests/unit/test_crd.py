@@ -59,7 +59,7 @@ def test_names_scope_and_subresources():
 
 def test_printer_columns():
     columns = [c["name"] for c in build_crd()["spec"]["versions"][0]["additionalPrinterColumns"]]
-    for wanted in ("Ready", "Replicas", "Available", "Variants", "GPUs", "URL", "Age"):
+    for wanted in ("Ready", "Replicas", "Available", "Variants", "GPUs", "URL", "Age", "Rollout", "Canary"):
         assert wanted in columns
 
 
@@ -86,7 +86,7 @@ def test_defaults_the_api_server_applies():
     assert spec["replicas"]["default"] == 1
     assert spec["variants"]["default"] == [{"name": "default", "quantization": "none", "weight": 100}]
     assert spec["resources"]["default"] == {"gpu": {"count": 0}}
-    assert spec["rollout"]["default"]["maxSurge"] == "25%"
+    assert spec["rollout"]["default"]["maxSurge"] == 1
     assert spec["resources"]["properties"]["gpu"]["properties"]["count"]["default"] == 0
 
 

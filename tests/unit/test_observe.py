@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
-
 from kubemaas_operator.observe import Observation, Problem, VariantPlan, compute_status, pod_problem
 
-NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def _dep(name: str, replicas: int, ready: int, generation: int = 1, observed: int = 1) -> dict:
@@ -121,5 +120,86 @@ def test_transition_time_kept_while_status_unchanged() -> None:
     deps = {"m-a": _dep("m-a", 4, 4), "m-b": _dep("m-b", 1, 1)}
     first = compute_status(_obs(deps), now=NOW)
     later = compute_status(_obs(deps), previous_conditions=first["conditions"],
-                           now=datetime(2026, 1, 2, tzinfo=timezone.utc))
+                           now=datetime(2026, 1, 2, tzinfo=UTC))
     assert _cond(later, "Ready")["lastTransitionTime"] == _cond(first, "Ready")["lastTransitionTime"]
+
+
+# --- rollouts: surges that cannot be placed, canaries -------------------------------------------
+
+GPU_FULL = "0/5 nodes are available: 2 Insufficient nvidia.com/gpu, 3 node(s) didn't match Pod's node affinity."
+
+
+def _labelled(pod: dict, variant: str, revision: str) -> dict:
+    return {**pod, "metadata": {"labels": {"kubemaas.io/variant": variant, "kubemaas.io/revision": revision}}}
+
+
+def _rolling(dep: dict, updated: int) -> dict:
+    return {**dep, "status": {**dep["status"], "updatedReplicas": updated, "replicas": dep["spec"]["replicas"] + 1}}
+
+
+def _plans(canary: bool = False) -> tuple[VariantPlan, ...]:
+    if canary:
+        return (VariantPlan("a", "bf16", 80, 4, "m-a", revision="old111", stable_replicas=4,
+                            canary_deployment="m-a-new222", canary_revision="new222", canary_replicas=1,
+                            canary_weight=0),
+                VariantPlan("b", "int8-weight-only", 20, 1, "m-b", revision="bbb333"))
+    return (VariantPlan("a", "bf16", 80, 4, "m-a", revision="new222"),
+            VariantPlan("b", "int8-weight-only", 20, 1, "m-b", revision="bbb333"))
+
+
+def test_a_surge_pod_that_cannot_be_placed_is_reported_with_capacity_kept() -> None:
+    deps = {"m-a": _rolling(_dep("m-a", 4, 4), updated=0), "m-b": _dep("m-b", 1, 1)}
+    pod = _labelled(_pending(GPU_FULL), "a", "new222")
+    st = compute_status(Observation(**{**_obs(deps, pods=(pod,)).__dict__, "variants": _plans()}), now=NOW)
+    ready = _cond(st, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "SurgeUnschedulable")
+    assert "Insufficient nvidia.com/gpu" in ready["message"] and "keep serving" in ready["message"]
+    assert "maxUnavailable" in ready["message"]
+    assert st["readyReplicas"] == 5
+
+
+def test_an_unschedulable_pod_without_capacity_behind_it_is_plain_unschedulable() -> None:
+    deps = {"m-a": _dep("m-a", 4, 2), "m-b": _dep("m-b", 1, 1)}
+    pod = _labelled(_pending(GPU_FULL), "a", "new222")
+    st = compute_status(Observation(**{**_obs(deps, pods=(pod,)).__dict__, "variants": _plans()}), now=NOW)
+    assert _cond(st, "Ready")["reason"] == "Unschedulable"
+
+
+def test_a_canary_pod_that_cannot_be_placed_leaves_the_stable_serving() -> None:
+    deps = {"m-a": _dep("m-a", 4, 4), "m-a-new222": _dep("m-a-new222", 1, 0), "m-b": _dep("m-b", 1, 1)}
+    pod = _labelled(_pending(GPU_FULL), "a", "new222")
+    rollout = {"strategy": "Canary", "phase": "Progressing", "canaryRevision": "c1", "message": "step 1/2"}
+    obs = Observation(**{**_obs(deps, pods=(pod,)).__dict__, "variants": _plans(canary=True), "rollout": rollout})
+    st = compute_status(obs, now=NOW)
+    assert _cond(st, "Ready")["reason"] == "SurgeUnschedulable"
+    assert "stable revision keeps its 4 pod(s)" in _cond(st, "Ready")["message"]
+
+
+def test_a_canary_at_its_step_is_ready_and_progressing_with_its_share() -> None:
+    deps = {"m-a": _dep("m-a", 3, 3), "m-a-new222": _dep("m-a-new222", 1, 1), "m-b": _dep("m-b", 1, 1)}
+    plans = (VariantPlan("a", "bf16", 80, 4, "m-a", revision="old111", stable_replicas=3,
+                         canary_deployment="m-a-new222", canary_revision="new222", canary_replicas=1,
+                         canary_weight=20), _plans()[1])
+    rollout = {"strategy": "Canary", "phase": "Progressing", "canaryRevision": "c1", "step": 1, "steps": 2,
+               "canaryWeight": 20, "message": "Step 1/2: 20% on revision c1; pausing 60 s more."}
+    for gateway, share in ((False, 20), (True, 16)):
+        obs = Observation(**{**_obs(deps).__dict__, "variants": plans, "rollout": rollout, "gateway": gateway})
+        st = compute_status(obs, now=NOW)
+        assert (_cond(st, "Ready")["status"], _cond(st, "Ready")["reason"]) == ("True", "CanaryInProgress")
+        assert _cond(st, "Progressing")["reason"] == "CanaryProgressing"
+        a = st["variants"][0]
+        assert (a["readyReplicas"], a["canaryReadyReplicas"], a["canaryTrafficShare"]) == (4, 1, share)
+        assert st["variantSummary"] == "a 4/4 (canary 1/1), b 1/1"
+        assert st["rollout"]["step"] == 1
+    held = compute_status(Observation(**{**obs.__dict__, "rollout": {**rollout, "phase": "Held"}}), now=NOW)
+    assert _cond(held, "Progressing")["reason"] == "CanaryHeld"
+
+
+def test_an_earlier_revision_still_serving_counts_and_keeps_the_rollout_open() -> None:
+    retiring = _dep("m-a-old", 1, 1)
+    retiring["metadata"]["labels"] = {"kubemaas.io/variant": "a"}
+    deps = {"m-a": _dep("m-a", 4, 4), "m-b": _dep("m-b", 1, 1), "m-a-old": retiring}
+    st = compute_status(Observation(**{**_obs(deps).__dict__,
+                                       "rollout": {"strategy": "Canary", "phase": "Complete"}}), now=NOW)
+    assert st["readyReplicas"] == 6 and st["rollout"]["phase"] == "Progressing"
+    assert _cond(st, "Ready")["status"] == "False"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from kubemaas_operator.api import ModelService
 from kubemaas_operator.reconcile import (
     FOLLOW_OPERATOR,

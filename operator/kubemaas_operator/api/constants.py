@@ -21,11 +21,16 @@ CRD_NAME: Final = f"{PLURAL}.{GROUP}"
 
 MAX_NAME_LENGTH: Final = 42
 MAX_VARIANT_NAME_LENGTH: Final = 20
+# A revision is named by this many hex digits of a hash of what shapes its pods; with a canary
+# through a gateway, Services `<name>-<variant>-<revision>` must fit in 63 characters.
+REVISION_LENGTH: Final = 6
+MAX_CANARY_NAME_LENGTH: Final = 63 - 2 - REVISION_LENGTH
 MAX_VARIANTS: Final = 8
 MAX_REPLICAS: Final = 1000
 MAX_GPUS_PER_POD: Final = 16
 MAX_URI_LENGTH: Final = 1024
 MAX_ROLLOUT_STEPS: Final = 10
+MAX_PROMQL_LENGTH: Final = 1024
 MAX_TOLERATIONS: Final = 32
 MAX_NODE_SELECTOR_ENTRIES: Final = 32
 

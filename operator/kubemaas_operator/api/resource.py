@@ -9,7 +9,12 @@ from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
 from kubemaas_operator.api import rules
 from kubemaas_operator.api.base import ApiModel
-from kubemaas_operator.api.constants import API_VERSION, KIND, MAX_NAME_LENGTH
+from kubemaas_operator.api.constants import (
+    API_VERSION,
+    KIND,
+    MAX_CANARY_NAME_LENGTH,
+    MAX_NAME_LENGTH,
+)
 from kubemaas_operator.api.spec import ModelServiceSpec
 from kubemaas_operator.api.status import ModelServiceStatus
 
@@ -46,6 +51,10 @@ class ModelService(ApiModel):
             raise rules.refusal(rules.NAME_LENGTH)
         if not _NAME_RE.search(self.metadata.name):
             raise rules.refusal(rules.NAME_FORMAT)
+        spec = self.spec
+        if spec.gateway is not None and spec.rollout.strategy == "Canary" and any(
+                len(self.metadata.name) + len(v.name) > MAX_CANARY_NAME_LENGTH for v in spec.variants):
+            raise rules.refusal(rules.CANARY_SERVICE_NAME_LENGTH)
         return self
 
     @property

@@ -15,8 +15,10 @@ from pydantic_core import PydanticCustomError
 
 from kubemaas_operator.api.constants import (
     DNS_LABEL_PATTERN,
+    MAX_CANARY_NAME_LENGTH,
     MAX_NAME_LENGTH,
     QUANTIZATION_DEVICES,
+    REVISION_LENGTH,
     URI_SCHEMES,
     URI_SHAPE_PATTERN,
 )
@@ -75,6 +77,19 @@ NAME_FORMAT = CelRule(
     message=(
         "metadata.name must be a DNS label (lowercase letters, digits and '-', starting with "
         "a letter): it names the model's Service"
+    ),
+    field_path=".metadata.name",
+)
+CANARY_SERVICE_NAME_LENGTH = CelRule(
+    rule=(
+        "!has(self.spec.gateway) || !has(self.spec.rollout) || self.spec.rollout.strategy != 'Canary' || "
+        f"self.spec.variants.all(v, size(self.metadata.name) + size(v.name) <= {MAX_CANARY_NAME_LENGTH})"
+    ),
+    message=(
+        f"metadata.name and each variant name may have at most {MAX_CANARY_NAME_LENGTH} characters "
+        "together with rollout.strategy Canary and a gateway: the HTTPRoute's per-revision Services "
+        f"are named <name>-<variant>-<revision> ({REVISION_LENGTH} characters) and a Service name "
+        "may have at most 63"
     ),
     field_path=".metadata.name",
 )
@@ -140,6 +155,11 @@ SCALE_TO_ZERO_NEEDS_REQUEST_METRIC = CelRule(
     message="autoscaling.minReplicas 0 (scale to zero) needs a request metric (concurrency or rps), not cpu",
     field_path=".minReplicas",
 )
+ACTIVATION_QUERY_ONLY_AT_ZERO = CelRule(
+    rule="!has(self.activationQuery) || (self.engine == 'keda' && self.minReplicas == 0)",
+    message="autoscaling.activationQuery applies only to scale to zero (autoscaling.engine keda, minReplicas 0)",
+    field_path=".activationQuery",
+)
 
 # --- on spec.rollout --------------------------------------------------------------------
 ROLLOUT_CAN_PROGRESS = CelRule(
@@ -182,5 +202,18 @@ CPU_METRIC_NEEDS_CPU_REQUEST = CelRule(
     message="autoscaling.metric cpu needs resources.cpu: utilization is measured against the request",
     field_path=".autoscaling.metric",
 )
+# On spec, not autoscaling: the demand signal may be the Gateway. With no pod there is no
+# runtime series, so without one of these KEDA would never start the first pod again.
+SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL = CelRule(
+    rule=(
+        "!has(self.autoscaling) || self.autoscaling.minReplicas > 0 || has(self.gateway) || "
+        "has(self.autoscaling.activationQuery)"
+    ),
+    message=(
+        "autoscaling.minReplicas 0 (scale to zero) needs a demand signal that exists while no pod "
+        "runs: set spec.gateway (its request rate wakes the model) or autoscaling.activationQuery"
+    ),
+    field_path=".autoscaling.minReplicas",
+)
 
-ROOT_RULES = (NAME_LENGTH, NAME_FORMAT)
+ROOT_RULES = (NAME_LENGTH, NAME_FORMAT, CANARY_SERVICE_NAME_LENGTH)

@@ -17,6 +17,7 @@ from kubemaas_operator.api import rules
 from kubemaas_operator.api.base import ApiModel, DnsLabel, DnsSubdomain, IntOrPercent
 from kubemaas_operator.api.compute import Resources, Scheduling
 from kubemaas_operator.api.constants import (
+    MAX_PROMQL_LENGTH,
     MAX_REPLICAS,
     MAX_ROLLOUT_STEPS,
     MAX_URI_LENGTH,
@@ -160,11 +161,16 @@ class Autoscaling(ApiModel):
 
     model_config = ConfigDict(json_schema_extra=rules.schema_rules(
         rules.MIN_NOT_ABOVE_MAX, rules.SCALE_TO_ZERO_NEEDS_KEDA, rules.SCALE_TO_ZERO_NEEDS_REQUEST_METRIC,
+        rules.ACTIVATION_QUERY_ONLY_AT_ZERO,
     ))
 
     engine: AutoscalingEngine = Field(default="hpa", description="hpa or keda.")
     min_replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = Field(
-        default=1, description="Fewest replicas in total; 0 (scale to zero) needs engine keda."
+        default=1,
+        description=(
+            "Fewest replicas in total; 0 (scale to zero) needs engine keda, a request metric and a "
+            "demand signal that exists while no pod runs (spec.gateway or activationQuery)."
+        ),
     )
     max_replicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = Field(
         description="Most replicas in total."
@@ -180,7 +186,22 @@ class Autoscaling(ApiModel):
         description="Target per pod: percent of the CPU request, in-flight requests, or requests per second."
     )
     scale_down_stabilization_seconds: Annotated[int, Field(ge=0, le=3600)] | None = Field(
-        default=None, description="How long load must stay low before scaling down (default 300)."
+        default=None,
+        description=(
+            "How long load must stay low before scaling down (default 300); with minReplicas 0 also "
+            "how long the model must be idle before KEDA stops the last pod."
+        ),
+    )
+    activation_query: Annotated[
+        str, StringConstraints(min_length=1, max_length=MAX_PROMQL_LENGTH)
+    ] | None = Field(
+        default=None,
+        description=(
+            "For scale to zero (engine keda, minReplicas 0): a PromQL query that returns the model's "
+            "demand even while no pod runs, such as the request rate a gateway or ingress sees for it "
+            "(the runtime's own metrics have no series then). Above 0, KEDA starts the first pod. "
+            "Unset, with spec.gateway: the Gateway's request rate for the model's HTTPRoute."
+        ),
     )
 
     @model_validator(mode="after")
@@ -191,16 +212,33 @@ class Autoscaling(ApiModel):
             raise rules.refusal(rules.SCALE_TO_ZERO_NEEDS_KEDA)
         if self.min_replicas == 0 and self.metric == "cpu":
             raise rules.refusal(rules.SCALE_TO_ZERO_NEEDS_REQUEST_METRIC)
+        if self.activation_query is not None and not (self.engine == "keda" and self.min_replicas == 0):
+            raise rules.refusal(rules.ACTIVATION_QUERY_ONLY_AT_ZERO)
         return self
+
+    @property
+    def scales_to_zero(self) -> bool:
+        return self.min_replicas == 0
 
 
 class CanaryStep(ApiModel):
-    """One step of a canary rollout."""
+    """One step of a canary rollout: a share of traffic on the new revision, then a pause."""
 
-    weight: Annotated[int, Field(ge=1, le=99)] = Field(description="Percent of traffic on the new revision.")
-    pause_seconds: Annotated[int, Field(ge=0, le=86400)] = Field(
-        default=60, description="How long to hold this step while the new revision stays healthy."
+    weight: Annotated[int, Field(ge=1, le=99)] = Field(
+        description="Percent of each changed variant's traffic on the new revision during this step."
     )
+    pause_seconds: Annotated[int, Field(ge=0, le=86400)] | None = Field(
+        default=None,
+        description=(
+            "How long to hold this step once the new revision's pods for it are available, "
+            "then go on. Unset: hold until the spec advances it (give this step a pauseSeconds, "
+            "or remove it)."
+        ),
+    )
+
+    @property
+    def held(self) -> bool:
+        return self.pause_seconds is None
 
 
 class Rollout(ApiModel):
@@ -210,14 +248,33 @@ class Rollout(ApiModel):
 
     strategy: RolloutStrategy = Field(
         default="RollingUpdate",
-        description="RollingUpdate (each variant's Deployment rolls) or Canary (staged by steps).",
+        description=(
+            "RollingUpdate (each changed variant's Deployment rolls in place, surge first) or "
+            "Canary (a second Deployment per changed variant takes the steps' share of traffic "
+            "while the previous revision keeps serving, then becomes the stable one)."
+        ),
     )
-    max_surge: IntOrPercent = Field(default="25%", description="Extra pods during a rolling update.")
+    max_surge: IntOrPercent = Field(
+        default=1,
+        description=(
+            "Extra pods during a rolling update. The default, 1 with maxUnavailable 0, starts "
+            "each new pod before an old one stops, so capacity never dips while a model loads."
+        ),
+    )
     max_unavailable: IntOrPercent = Field(
-        default=0, description="Pods that may be unavailable during a rolling update."
+        default=0,
+        description=(
+            "Pods that may be unavailable during a rolling update; above 0 lets a rollout "
+            "replace pods in place when no node has room (for example no free GPU) for a surge pod."
+        ),
     )
     steps: Annotated[list[CanaryStep], Field(max_length=MAX_ROLLOUT_STEPS)] = Field(
-        default_factory=list, description="Canary traffic steps (strategy Canary only)."
+        default_factory=list,
+        description=(
+            "Canary traffic steps (strategy Canary only), in order; after the last one the new "
+            "revision takes all traffic and becomes stable. Empty with Canary: one step of 10% "
+            "held until the spec advances it."
+        ),
     )
 
     @model_validator(mode="after")
@@ -227,6 +284,11 @@ class Rollout(ApiModel):
         if self.strategy != "Canary" and self.steps:
             raise rules.refusal(rules.STEPS_ONLY_FOR_CANARY)
         return self
+
+    @property
+    def canary_steps(self) -> tuple[CanaryStep, ...]:
+        """The steps a canary walks (the documented default when the spec lists none)."""
+        return tuple(self.steps) or (CanaryStep(weight=10),)
 
 
 class GatewayRef(ApiModel):
@@ -243,7 +305,9 @@ def _default_variants() -> list[Variant]:
     return [Variant(name="default", quantization="none", weight=100)]
 
 
-_SPEC_RULES = [rules.QUANTIZATION_ON_GPU, rules.CPU_METRIC_NEEDS_CPU_REQUEST]
+_SPEC_RULES = [
+    rules.QUANTIZATION_ON_GPU, rules.CPU_METRIC_NEEDS_CPU_REQUEST, rules.SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL,
+]
 if rules.GPU_ONLY_QUANTIZATIONS:
     _SPEC_RULES.append(rules.QUANTIZATION_ON_CPU)
 
@@ -322,6 +386,9 @@ class ModelServiceSpec(ApiModel):
             raise rules.refusal(rules.QUANTIZATION_ON_GPU if device == "gpu" else rules.QUANTIZATION_ON_CPU)
         if self.autoscaling and self.autoscaling.metric == "cpu" and self.resources.cpu is None:
             raise rules.refusal(rules.CPU_METRIC_NEEDS_CPU_REQUEST)
+        if (self.autoscaling and self.autoscaling.scales_to_zero and self.gateway is None
+                and self.autoscaling.activation_query is None):
+            raise rules.refusal(rules.SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL)
         return self
 
     @property

@@ -53,6 +53,71 @@ class VariantStatus(ApiModel):
             "of the ready pods behind the Service."
         ),
     )
+    revision: Annotated[str, StringConstraints(max_length=16)] | None = Field(
+        default=None, description="The stable revision it serves (a hash of what shapes its pods)."
+    )
+    deployment: Annotated[str, StringConstraints(max_length=253)] | None = Field(
+        default=None, description="The Deployment of the stable revision."
+    )
+    canary_revision: Annotated[str, StringConstraints(max_length=16)] | None = Field(
+        default=None, description="During a canary: the new revision."
+    )
+    canary_deployment: Annotated[str, StringConstraints(max_length=253)] | None = Field(
+        default=None, description="During a canary: the new revision's Deployment."
+    )
+    canary_replicas: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="During a canary: pods desired for the new revision at this step."
+    )
+    canary_ready_replicas: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="During a canary: the new revision's ready pods."
+    )
+    canary_traffic_share: Annotated[float, Field(ge=0, le=100)] | None = Field(
+        default=None, description="During a canary: percent of all requests the new revision receives."
+    )
+
+
+RolloutPhase = Literal["Complete", "Progressing", "Held"]
+
+
+class RolloutStatus(ApiModel):
+    """Where the last spec change is on its way to the pods."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    strategy: Literal["RollingUpdate", "Canary"] = Field(description="The strategy in effect.")
+    phase: RolloutPhase = Field(
+        description=(
+            "Complete (every variant runs the spec), Progressing (pods rolling, a canary step "
+            "scaling or pausing, or the previous revision being retired) or Held (a canary step "
+            "waiting for the spec to advance it)."
+        )
+    )
+    stable_revision: Annotated[str, StringConstraints(max_length=16)] | None = Field(
+        default=None, description="The revision serving (over all variants)."
+    )
+    canary_revision: Annotated[str, StringConstraints(max_length=16)] | None = Field(
+        default=None, description="During a canary: the revision being rolled out (over all variants)."
+    )
+    step: Annotated[int, Field(ge=0, le=64)] | None = Field(
+        default=None,
+        description="During a canary: the step in progress, from 1; steps + 1 is the promotion.",
+    )
+    steps: Annotated[int, Field(ge=0, le=64)] | None = Field(
+        default=None, description="During a canary: how many steps it has."
+    )
+    canary_weight: Annotated[int, Field(ge=0, le=100)] | None = Field(
+        default=None,
+        description=(
+            "During a canary: percent of each changed variant's traffic routed to the new "
+            "revision now (exact through a Gateway; otherwise approximated by pod counts)."
+        ),
+    )
+    step_started_at: datetime | None = Field(
+        default=None, description="When the current step's weight took effect."
+    )
+    message: Annotated[str, StringConstraints(max_length=4096)] = Field(
+        default="", description="What the rollout is doing or waiting for."
+    )
 
 
 class ModelServiceStatus(ApiModel):
@@ -88,11 +153,21 @@ class ModelServiceStatus(ApiModel):
     )
     variants: Annotated[list[VariantStatus], Field(max_length=MAX_VARIANTS * 2)] = Field(
         default_factory=list,
-        description="Per-variant replicas, readiness and traffic share.",
+        description="Per-variant replicas, readiness, revisions and traffic share.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    rollout: RolloutStatus | None = Field(
+        default=None, description="The rollout of the current spec: strategy, phase, canary step and weight."
     )
 
 
 def format_variant_summary(variants: Sequence[VariantStatus]) -> str:
-    """The printer column text: `bf16 2/2, int8 1/1` (ready/desired per variant)."""
-    return ", ".join(f"{v.name} {v.ready_replicas}/{v.replicas}" for v in variants)
+    """The printer column text: `bf16 2/2, int8 1/1` (ready/desired per variant); during a
+    canary `bf16 3/2 (canary 1/1)`: the ready count includes the canary's pods."""
+    def one(v: VariantStatus) -> str:
+        text = f"{v.name} {v.ready_replicas}/{v.replicas}"
+        if v.canary_deployment:
+            text += f" (canary {v.canary_ready_replicas or 0}/{v.canary_replicas or 0})"
+        return text
+
+    return ", ".join(one(v) for v in variants)

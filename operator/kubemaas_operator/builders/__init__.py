@@ -15,6 +15,7 @@ from kubemaas_operator.builders.children import (
 from kubemaas_operator.builders.deployment import build_variant_deployment
 from kubemaas_operator.builders.disruption import build_disruption_budget, wants_disruption_budget
 from kubemaas_operator.builders.gateway import build_http_route
+from kubemaas_operator.builders.layout import Track, VariantLayout, steady_layouts
 from kubemaas_operator.builders.naming import (
     MODELSERVICE_LABEL,
     VARIANT_LABEL,
@@ -24,12 +25,35 @@ from kubemaas_operator.builders.naming import (
     variant_child_name,
 )
 from kubemaas_operator.builders.replicas import replicas_by_variant
+from kubemaas_operator.builders.revision import REVISION_LABEL, TRACK_LABEL, variant_revision
 from kubemaas_operator.builders.services import build_model_service, build_variant_service
 
 __all__ = [
-    "CHILD_KINDS", "MODELSERVICE_LABEL", "REQUEST_METRICS", "VARIANT_LABEL", "ChildKind",
-    "build_autoscaler", "build_children", "build_disruption_budget", "build_hpa", "build_http_route",
-    "build_model_service", "build_scaled_object", "build_variant_deployment", "build_variant_service",
-    "owner_reference", "replicas_by_variant", "resolve_runtime_image", "selector_string", "service_url",
-    "variant_child_name", "wants_disruption_budget",
+    "CHILD_KINDS",
+    "MODELSERVICE_LABEL",
+    "REQUEST_METRICS",
+    "REVISION_LABEL",
+    "TRACK_LABEL",
+    "VARIANT_LABEL",
+    "ChildKind",
+    "Track",
+    "VariantLayout",
+    "build_autoscaler",
+    "build_children",
+    "build_disruption_budget",
+    "build_hpa",
+    "build_http_route",
+    "build_model_service",
+    "build_scaled_object",
+    "build_variant_deployment",
+    "build_variant_service",
+    "owner_reference",
+    "replicas_by_variant",
+    "resolve_runtime_image",
+    "selector_string",
+    "service_url",
+    "steady_layouts",
+    "variant_child_name",
+    "variant_revision",
+    "wants_disruption_budget",
 ]

@@ -7,6 +7,10 @@ metrics come from the runtime's series (labels `model`, `variant`, plus the `nam
 - concurrency: `kubemaas_inflight_requests` (a gauge), averaged per pod;
 - rps: the per-second rate of `kubemaas_requests_total`, per pod. For the HPA it is the custom
   metric `kubemaas_requests_per_second`, which a prometheus-adapter rule provides (docs/api.md).
+
+Scale to zero (KEDA, minReplicas 0) needs a second, activation trigger on a demand signal that
+exists while no pod runs: `autoscaling.activationQuery`, else the Gateway's request rate for the
+model's HTTPRoute (the operator setting `gateway_request_query`).
 """
 
 from __future__ import annotations
@@ -94,28 +98,81 @@ def keda_query(ms: ModelService, metric: str) -> str:
 
 def _keda_trigger(ms: ModelService, scaling: Autoscaling, settings: OperatorSettings) -> dict[str, Any]:
     if scaling.metric == "cpu":
+        # Utilization of the pods' CPU request, as the HPA's. KEDA cannot take a cpu trigger to
+        # zero (there is no pod to measure), hence the API's rule against minReplicas 0 with it.
         return {"type": "cpu", "metricType": "Utilization", "metadata": {"value": str(scaling.target)}}
     return {
         "type": "prometheus",
+        # AverageValue (KEDA's default, spelled out): the HPA divides the query's total by the
+        # threshold, so the threshold is the per-pod target. `Value` would compare the total.
+        "metricType": "AverageValue",
         "metadata": {
             "serverAddress": settings.prometheus_address,
             "query": keda_query(ms, scaling.metric),
-            # KEDA divides the query's total by this to get the replicas: a per-pod target.
             "threshold": str(scaling.target),
         },
     }
 
 
+ACTIVATION_TRIGGER_NAME = "activation"
+# KEDA hands every trigger to the HPA it creates, and the HPA follows whichever asks for the
+# most replicas: ceil(value / threshold) for this one. A threshold no request rate reaches keeps
+# that at most 1 (the HPA's floor while KEDA holds the model awake anyway), so above one pod the
+# load trigger alone decides; this trigger only wakes the model (activationThreshold).
+ACTIVATION_SCALING_THRESHOLD = "1000000000"
+
+
+def gateway_request_query(ms: ModelService, settings: OperatorSettings) -> str:
+    """The setting's query for this model: its namespace, name and HTTPRoute (named after it)."""
+    query = settings.gateway_request_query
+    for placeholder, value in (("{namespace}", ms.namespace), ("{name}", ms.name), ("{route}", ms.name)):
+        query = query.replace(placeholder, value)
+    return query
+
+
+def activation_query(ms: ModelService, scaling: Autoscaling, settings: OperatorSettings) -> str | None:
+    """What wakes a model at zero replicas: activationQuery, else the Gateway's request rate."""
+    if not scaling.scales_to_zero:
+        return None
+    if scaling.activation_query is not None:
+        return scaling.activation_query
+    if ms.spec.gateway is not None:
+        return gateway_request_query(ms, settings)
+    return None  # the API refuses minReplicas 0 without either
+
+
+def _activation_trigger(query: str, settings: OperatorSettings) -> dict[str, Any]:
+    return {
+        "type": "prometheus",
+        "name": ACTIVATION_TRIGGER_NAME,
+        "metricType": "AverageValue",
+        "metadata": {
+            "serverAddress": settings.prometheus_address,
+            "query": query,
+            "threshold": ACTIVATION_SCALING_THRESHOLD,
+            # Active above 0: any demand at all starts the first pod.
+            "activationThreshold": "0",
+        },
+    }
+
+
 def build_scaled_object(ms: ModelService, scaling: Autoscaling, settings: OperatorSettings) -> dict[str, Any]:
+    triggers = [_keda_trigger(ms, scaling, settings)]
+    wake = activation_query(ms, scaling, settings)
+    if wake is not None:
+        triggers.append(_activation_trigger(wake, settings))
     spec: dict[str, Any] = {
         "scaleTargetRef": _scale_target(ms),
         "minReplicaCount": scaling.min_replicas,
         "maxReplicaCount": scaling.max_replicas,
-        "triggers": [_keda_trigger(ms, scaling, settings)],
+        "triggers": triggers,
     }
     behavior = _scale_down_behavior(scaling)
     if behavior:
         spec["advanced"] = {"horizontalPodAutoscalerConfig": {"behavior": behavior}}
+        if scaling.scales_to_zero:
+            # The HPA never goes below one pod; KEDA stops the last one after cooldownPeriod idle.
+            spec["cooldownPeriod"] = scaling.scale_down_stabilization_seconds
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",

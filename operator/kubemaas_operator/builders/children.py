@@ -10,8 +10,13 @@ from kubemaas_operator.builders.autoscaling import build_autoscaler
 from kubemaas_operator.builders.deployment import build_variant_deployment
 from kubemaas_operator.builders.disruption import build_disruption_budget, wants_disruption_budget
 from kubemaas_operator.builders.gateway import build_http_route
-from kubemaas_operator.builders.replicas import replicas_by_variant
-from kubemaas_operator.builders.services import build_model_service, build_variant_service
+from kubemaas_operator.builders.layout import VariantLayout, route_backends, steady_layouts
+from kubemaas_operator.builders.revision import CANARY, STABLE
+from kubemaas_operator.builders.services import (
+    build_model_service,
+    build_revision_service,
+    build_variant_service,
+)
 from kubemaas_operator.settings import OperatorSettings
 
 
@@ -48,22 +53,37 @@ def resolve_runtime_image(ms: ModelService, settings: OperatorSettings) -> str:
 
 
 def build_children(
-    ms: ModelService, settings: OperatorSettings, runtime_image: str | None = None
+    ms: ModelService, settings: OperatorSettings, runtime_image: str | None = None,
+    layouts: tuple[VariantLayout, ...] | None = None,
 ) -> list[dict[str, Any]]:
     """The desired children, in apply order: Deployments, Services, PDB, autoscaler, HTTPRoute.
 
-    Pure: a function of the spec, the settings and the runtime image alone. `ms` must have a
-    namespace; its uid becomes the owner reference (a placeholder when it has none yet).
+    Pure: a function of the spec, the settings, the runtime image and the layout (default: the
+    steady state, one Deployment per variant). `ms` must have a namespace; its uid becomes the
+    owner reference (a placeholder when it has none yet). A Track that is not `apply` (a stable
+    Deployment during a canary) is left out: the reconcile only scales it.
     """
     image = runtime_image or resolve_runtime_image(ms, settings)
-    split = replicas_by_variant(ms.spec.replicas, ms.spec.variants)
-    children: list[dict[str, Any]] = [
-        build_variant_deployment(ms, variant, split[variant.name], settings, image) for variant in ms.spec.variants
-    ]
+    layouts = layouts or steady_layouts(ms, image)
+    variants = {v.name: v for v in ms.spec.variants}
+    children: list[dict[str, Any]] = []
+    for layout in layouts:
+        variant = variants[layout.name]
+        if layout.stable.apply:
+            children.append(build_variant_deployment(ms, variant, layout.stable.replicas, settings, image,
+                                                     name=layout.stable.deployment, track=STABLE))
+        if layout.canary:
+            children.append(build_variant_deployment(ms, variant, layout.canary.replicas, settings, image,
+                                                     name=layout.canary.deployment, track=CANARY))
     children.append(build_model_service(ms))
     children.extend(build_variant_service(ms, variant) for variant in ms.spec.variants)
+    by_revision = ms.spec.gateway is not None and ms.spec.rollout.strategy == "Canary"
+    if by_revision:
+        for layout in layouts:
+            tracks = [layout.stable, *([layout.canary] if layout.canary else [])]
+            children.extend(build_revision_service(ms, layout.name, t.revision) for t in tracks)
     if wants_disruption_budget(ms):
         children.append(build_disruption_budget(ms))
-    optional = (build_autoscaler(ms, settings), build_http_route(ms))
-    children.extend(child for child in optional if child is not None)
+    route = build_http_route(ms, route_backends(ms.name, layouts, by_revision))
+    children.extend(child for child in (build_autoscaler(ms, settings), route) if child is not None)
     return children

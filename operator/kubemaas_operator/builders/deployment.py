@@ -1,4 +1,5 @@
-"""One Deployment per variant, `<name>-<variant>`."""
+"""One Deployment per variant: `<name>-<variant>`, and during a canary one more for the new
+revision (`<name>-<variant>-<revision>`, which stays when it is promoted)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,39 @@ from kubemaas_operator.builders.naming import (
     variant_selector_labels,
 )
 from kubemaas_operator.builders.pod import build_pod_template
+from kubemaas_operator.builders.revision import (
+    REVISION_LABEL,
+    STABLE,
+    TRACK_LABEL,
+    variant_revision,
+)
 from kubemaas_operator.settings import OperatorSettings
 
 
+def canary_deployment_name(ms_name: str, variant: str, revision: str) -> str:
+    return f"{variant_child_name(ms_name, variant)}-{revision}"
+
+
 def build_variant_deployment(
-    ms: ModelService, variant: Variant, replicas: int, settings: OperatorSettings, runtime_image: str
+    ms: ModelService, variant: Variant, replicas: int, settings: OperatorSettings, runtime_image: str,
+    *, name: str | None = None, track: str = STABLE,
 ) -> dict[str, Any]:
-    """The Deployment serving `variant` with `replicas` pods (its share of spec.replicas)."""
+    """The Deployment serving `variant` as the spec has it, with `replicas` pods.
+
+    Every Deployment of a variant selects the same labels (a selector cannot change, and the
+    first one is `<name>-<variant>`); each owns its ReplicaSets by controller reference, so two
+    of them (stable and canary) never adopt each other's pods. The pods carry their revision,
+    which the per-revision Services of a canary through a gateway select on.
+    """
     rollout = ms.spec.rollout
+    revision = variant_revision(ms, variant, runtime_image)
+    template = build_pod_template(ms, variant, settings, runtime_image)
+    template["metadata"]["labels"][REVISION_LABEL] = revision
+    labels = {**variant_labels(ms.name, variant.name), REVISION_LABEL: revision, TRACK_LABEL: track}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": child_metadata(ms, variant_child_name(ms.name, variant.name), variant_labels(ms.name, variant.name)),
+        "metadata": child_metadata(ms, name or variant_child_name(ms.name, variant.name), labels),
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": variant_selector_labels(ms.name, variant.name)},
@@ -34,6 +56,6 @@ def build_variant_deployment(
             "revisionHistoryLimit": 5,
             # A model may take startup_timeout_seconds to load; report no progress only after that.
             "progressDeadlineSeconds": settings.startup_timeout_seconds + 300,
-            "template": build_pod_template(ms, variant, settings, runtime_image),
+            "template": template,
         },
     }

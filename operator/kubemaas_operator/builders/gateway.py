@@ -15,8 +15,12 @@ from kubemaas_operator.builders.naming import (
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 
 
-def build_http_route(ms: ModelService) -> dict[str, Any] | None:
-    """Requests under /v2/models/<name> split over the variant Services by weight."""
+def build_http_route(ms: ModelService, backends: list[tuple[str, int]] | None = None) -> dict[str, Any] | None:
+    """Requests under /v2/models/<name> split over the variant Services by weight.
+
+    `backends` ((Service, weight) pairs; weights are relative) replaces the variant Services
+    during and around a canary, when the split also runs between revisions.
+    """
     gateway = ms.spec.gateway
     if gateway is None:
         return None
@@ -25,10 +29,11 @@ def build_http_route(ms: ModelService) -> dict[str, Any] | None:
         parent["namespace"] = gateway.namespace
     if gateway.section_name:
         parent["sectionName"] = gateway.section_name
-    backends = [
-        {"group": "", "kind": "Service", "name": variant_child_name(ms.name, v.name), "port": SERVICE_PORT,
-         "weight": v.weight}
-        for v in ms.spec.variants
+    if backends is None:
+        backends = [(variant_child_name(ms.name, v.name), v.weight) for v in ms.spec.variants]
+    backend_refs = [
+        {"group": "", "kind": "Service", "name": service, "port": SERVICE_PORT, "weight": weight}
+        for service, weight in backends
     ]
     return {
         "apiVersion": f"{GATEWAY_GROUP}/v1",
@@ -39,7 +44,7 @@ def build_http_route(ms: ModelService) -> dict[str, Any] | None:
             "rules": [
                 {
                     "matches": [{"path": {"type": "PathPrefix", "value": f"/v2/models/{ms.name}"}}],
-                    "backendRefs": backends,
+                    "backendRefs": backend_refs,
                 }
             ],
         },

@@ -15,6 +15,7 @@ from kubemaas_operator.builders.naming import (
     variant_labels,
     variant_selector_labels,
 )
+from kubemaas_operator.builders.revision import REVISION_LABEL
 
 
 def _service(ms: ModelService, name: str, labels: dict[str, str], selector: dict[str, str]) -> dict[str, Any]:
@@ -35,6 +36,18 @@ def _service(ms: ModelService, name: str, labels: dict[str, str], selector: dict
 def build_model_service(ms: ModelService) -> dict[str, Any]:
     """`<name>`: every ready pod of every variant (traffic splits by pod count)."""
     return _service(ms, ms.name, common_labels(ms.name), selector_labels(ms.name))
+
+
+def revision_service_name(ms_name: str, variant: str, revision: str) -> str:
+    return f"{variant_child_name(ms_name, variant)}-{revision}"
+
+
+def build_revision_service(ms: ModelService, variant: str, revision: str) -> dict[str, Any]:
+    """`<name>-<variant>-<revision>`: one revision's pods, the HTTPRoute's backend during and
+    around a canary, so the split between the stable and the new revision is exact."""
+    labels = {**variant_labels(ms.name, variant), REVISION_LABEL: revision}
+    selector = {**variant_selector_labels(ms.name, variant), REVISION_LABEL: revision}
+    return _service(ms, revision_service_name(ms.name, variant, revision), labels, selector)
 
 
 def build_variant_service(ms: ModelService, variant: Variant) -> dict[str, Any]:

@@ -1,0 +1,62 @@
+"""Which Deployments a ModelService's variants run: the steady state, or a canary's layout that
+`kubemaas_operator.rollout` plans. The builders turn a layout into children."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kubemaas_operator.api import ModelService
+from kubemaas_operator.builders.naming import variant_child_name
+from kubemaas_operator.builders.replicas import replicas_by_variant
+from kubemaas_operator.builders.revision import variant_revision
+from kubemaas_operator.builders.services import revision_service_name
+
+
+@dataclass(frozen=True)
+class Track:
+    """One Deployment, at `replicas` pods. `apply`: written from the spec; otherwise only scaled
+    (the stable Deployment during a canary runs a revision the spec no longer describes)."""
+
+    deployment: str
+    revision: str
+    replicas: int
+    apply: bool = True
+
+
+@dataclass(frozen=True)
+class VariantLayout:
+    name: str
+    weight: int
+    replicas: int  # the variant's share of spec.replicas
+    stable: Track
+    canary: Track | None = None
+    canary_weight: int = 0  # percent of this variant's traffic routed to the canary
+    keep: tuple[str, ...] = ()  # Deployments of earlier revisions kept until the variant is at strength
+
+
+def steady_layouts(ms: ModelService, runtime_image: str) -> tuple[VariantLayout, ...]:
+    """Every variant in its own Deployment `<name>-<variant>`, running the spec."""
+    split = replicas_by_variant(ms.spec.replicas, ms.spec.variants)
+    return tuple(
+        VariantLayout(v.name, v.weight, split[v.name],
+                      Track(variant_child_name(ms.name, v.name), variant_revision(ms, v, runtime_image),
+                            split[v.name]))
+        for v in ms.spec.variants
+    )
+
+
+def route_backends(ms_name: str, layouts: tuple[VariantLayout, ...], by_revision: bool) -> list[tuple[str, int]]:
+    """(Service, weight) pairs for the HTTPRoute. Per variant Service, or, `by_revision` (a
+    Canary strategy), per revision Service with each variant's weight split by the canary's
+    share; weights are relative, so they are scaled by 100 to stay whole numbers."""
+    if not by_revision:
+        return [(variant_child_name(ms_name, layout.name), layout.weight) for layout in layouts]
+    backends = []
+    for layout in layouts:
+        canary_share = layout.canary_weight if layout.canary else 0
+        backends.append((revision_service_name(ms_name, layout.name, layout.stable.revision),
+                         layout.weight * (100 - canary_share)))
+        if layout.canary:
+            backends.append((revision_service_name(ms_name, layout.name, layout.canary.revision),
+                             layout.weight * canary_share))
+    return backends
