@@ -11,7 +11,16 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.cluster import Cluster
-from tests.e2e.msvc import apply, condition, deployments, get, modelservice, wait_ready, wait_reason
+from tests.e2e.msvc import (
+    REPO,
+    apply,
+    condition,
+    deployments,
+    get,
+    modelservice,
+    wait_ready,
+    wait_reason,
+)
 
 pytestmark = pytest.mark.e2e
 ROUTE_CRD = "httproutes.gateway.networking.k8s.io"
@@ -196,3 +205,16 @@ def test_a_surge_that_cannot_be_scheduled_is_reported_and_capacity_is_kept(
     assert "stable revision keeps its 1 pod(s)" in cond["message"]
     assert deployments(cluster, namespace, "surge")["surge-default"]["status"].get("availableReplicas") == 1
     assert _rollout(cluster, namespace, "surge")["canaryWeight"] == 0
+
+
+def test_the_gateway_canary_example_routes_exact_weights(
+        cluster: Cluster, operator, gateway_api: str, namespace: str) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "addons" / "gateway-canary.yaml"))
+    ms = wait_ready(cluster, namespace, "embedder-routed", timeout=120)
+    revisions = {v["name"]: v["revision"] for v in ms["status"]["variants"]}
+    assert _route_weights(cluster, namespace, "embedder-routed") == {
+        f"embedder-routed-bf16-{revisions['bf16']}": 8000, f"embedder-routed-int8-{revisions['int8']}": 2000}
+    assert [v["trafficShare"] for v in ms["status"]["variants"]] == [80, 20]
+    rollout = ms["status"]["rollout"]
+    assert (rollout["strategy"], rollout["phase"]) == ("Canary", "Complete")
+    assert "canaryRevision" not in rollout and "step" not in rollout

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.e2e.cluster import Cluster
-from tests.e2e.msvc import apply, deployments, get, modelservice, wait_ready, wait_reason
+from tests.e2e.msvc import REPO, apply, deployments, get, modelservice, wait_ready, wait_reason
 
 pytestmark = pytest.mark.e2e
 
@@ -100,3 +100,35 @@ def test_a_missing_crd_is_reported_then_used_once_installed(
     finally:
         cluster.kubectl("delete", "msvc", "opt", "-n", namespace, "--wait=true", check=False)
         cluster.kubectl("delete", "crd", crd_name, "--ignore-not-found", check=False)
+
+
+def test_the_scale_to_zero_example_wakes_on_the_gateways_requests(
+        cluster: Cluster, operator, namespace: str) -> None:
+    crds = [("scaledobjects.keda.sh", _crd("keda.sh", "ScaledObject", "scaledobjects", "v1alpha1")),
+            ("httproutes.gateway.networking.k8s.io",
+             _crd("gateway.networking.k8s.io", "HTTPRoute", "httproutes", "v1"))]
+    for name, body in crds:
+        cluster.kubectl("apply", "-f", "-", input=body)
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    try:
+        cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "addons" / "keda-scale-to-zero.yaml"))
+        wait_ready(cluster, namespace, "minilm-scale-to-zero", timeout=90)
+        scaled = cluster.get_json("scaledobjects.keda.sh", "minilm-scale-to-zero", "-n", namespace)
+        assert scaled["spec"]["minReplicaCount"] == 0
+        assert scaled["spec"]["scaleTargetRef"]["kind"] == "ModelService"
+        triggers = {t.get("name", "load"): t for t in scaled["spec"]["triggers"]}
+        assert "kubemaas_inflight_requests" in triggers["load"]["metadata"]["query"]
+        activation = triggers["activation"]["metadata"]
+        assert activation["activationThreshold"] == "0"
+        assert f"httproute/{namespace}/minilm-scale-to-zero/" in activation["query"]
+        # KEDA scales the model to zero through /scale: no pod is left, nothing fights it
+        cluster.kubectl("patch", "msvc", "minilm-scale-to-zero", "-n", namespace, "--subresource=scale",
+                        "--type=merge", "-p", '{"spec":{"replicas":0}}', "--field-manager=keda-stand-in")
+        cluster.wait_until(lambda: _replicas(cluster, namespace, "minilm-scale-to-zero")
+                           == {"minilm-scale-to-zero-default": 0}, timeout=30, what="scaled to zero")
+        ms = wait_ready(cluster, namespace, "minilm-scale-to-zero")
+        assert ms["status"]["replicas"] == 0
+    finally:
+        cluster.kubectl("delete", "msvc", "--all", "-n", namespace, "--wait=true", check=False)
+        for name, _ in crds:
+            cluster.kubectl("delete", "crd", name, "--ignore-not-found", check=False)
