@@ -195,10 +195,14 @@ def _at_strength(wanted: list[tuple[ObservedDeployment | None, int, str]], repli
     return available >= replicas
 
 
-def _steady_layout(v: _Variant) -> VariantLayout:
+def _steady_layout(v: _Variant, canary_strategy: bool) -> VariantLayout:
+    """The variant runs the spec in its stable Deployment. Under Canary an earlier revision
+    (a reverted canary) stays until the stable one has its pods back; switching to
+    RollingUpdate during a canary ends it at once."""
     stable = Track(v.stable_name, v.desired, v.replicas)
     wanted = [(v.stable, v.replicas, v.desired)]
-    keep = () if _at_strength(wanted, v.replicas) else tuple(d.name for d in v.others)
+    at_strength = not canary_strategy or _at_strength(wanted, v.replicas)
+    keep = () if at_strength else tuple(d.name for d in v.others)
     return VariantLayout(v.spec.name, v.spec.weight, v.replicas, stable, keep=keep)
 
 
@@ -221,7 +225,7 @@ def plan_rollout(ms: ModelService, runtime_image: str, observed: Sequence[Observ
     changing = [s for s in states if s.changing]
     stable_revision = combined_revision({s.spec.name: s.stable_revision for s in states})
     if not changing:
-        layouts = tuple(_steady_layout(s) for s in states)
+        layouts = tuple(_steady_layout(s, strategy == "Canary") for s in states)
         retiring = any(layout.keep for layout in layouts)
         message = ("The spec matches the stable revision again: the earlier revision's pods are "
                    "removed once the stable ones are back at strength." if retiring else "")
@@ -273,7 +277,7 @@ def plan_rollout(ms: ModelService, runtime_image: str, observed: Sequence[Observ
     layouts = []
     for s in states:
         if not s.changing:
-            layouts.append(_steady_layout(s))
+            layouts.append(_steady_layout(s, True))
             continue
         target = canary_replicas(s.replicas, _step_weight(steps, step))
         canary_available = 0
@@ -297,7 +301,7 @@ def _promoted(strategy: str, states: list[_Variant], revision: str) -> RolloutPl
     layouts = []
     for s in states:
         if not s.changing:
-            layouts.append(_steady_layout(s))
+            layouts.append(_steady_layout(s, True))
             continue
         layouts.append(VariantLayout(s.spec.name, s.spec.weight, s.replicas,
                                      Track(s.canary_name, s.desired, s.replicas)))

@@ -286,3 +286,15 @@ def test_status_keeps_what_a_restarted_operator_resumes_from() -> None:
     record = _record(plan)
     assert (record.canary_revision, record.step, record.step_started_at) == (plan.canary_revision, 1, NOW)
     assert record.variants["a"].deployment == "m-a" and record.variants["a"].canary_deployment == f"m-a-{rev['a']}"
+
+
+def test_switching_to_rolling_update_during_a_canary_ends_it_at_once() -> None:
+    old, new, observed = _canary_start()
+    rev_new = _revisions(new)
+    canary = _dep(f"m-a-{rev_new['a']}", "a", rev_new["a"], 1, track="canary")
+    shrunk = [_dep("m-a", "a", _revisions(old)["a"], 3), observed[1]]
+    rolling = _ms(batch=64, strategy="RollingUpdate")
+    plan = plan_rollout(rolling, IMAGE, shrunk + [canary], None, NOW)
+    a = _layout(plan, "a")
+    assert (a.stable.deployment, a.stable.revision, a.stable.replicas, a.stable.apply, a.keep) == (
+        "m-a", _revisions(rolling)["a"], 4, True, ())
