@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -218,3 +219,35 @@ def test_the_gateway_canary_example_routes_exact_weights(
     rollout = ms["status"]["rollout"]
     assert (rollout["strategy"], rollout["phase"]) == ("Canary", "Complete")
     assert "canaryRevision" not in rollout and "step" not in rollout
+
+
+def test_a_restarted_operator_resumes_a_canary_where_status_left_it(
+        cluster: Cluster, operator, namespace: str) -> None:
+    base = _canary("rs", [{"weight": 50, "pauseSeconds": 3600}], replicas=2)
+    apply(cluster, namespace, base, server_side=True)
+    wait_ready(cluster, namespace, "rs")
+    apply(cluster, namespace, _changed(base), server_side=True)
+    ms = _wait_rollout(cluster, namespace, "rs", step=1, canaryWeight=50)
+    before = ms["status"]["rollout"]
+    canary_rev = ms["status"]["variants"][0]["canaryRevision"]
+    assert before["phase"] == "Progressing" and "pausing" in before["message"]
+    generations = {n: d["metadata"]["generation"] for n, d in deployments(cluster, namespace, "rs").items()}
+    pods = set(_pods(cluster, namespace, "rs"))
+
+    operator.kill()   # SIGKILL in the middle of the pause, then a new process
+    operator.start()
+    cluster.wait_until(lambda: "pausing" in _rollout(cluster, namespace, "rs").get("message", ""), timeout=30,
+                       what="the restarted operator to report the pause")
+    time.sleep(8)  # a few of its canary ticks
+    after = _rollout(cluster, namespace, "rs")
+    assert (after["step"], after["canaryWeight"], after["stepStartedAt"]) == (
+        1, 50, before["stepStartedAt"])   # the pause goes on from when it began
+    assert {n: d["metadata"]["generation"] for n, d in deployments(cluster, namespace, "rs").items()} == generations
+    assert set(_pods(cluster, namespace, "rs")) == pods
+
+    done = _changed(base)
+    done["spec"]["rollout"]["steps"][0]["pauseSeconds"] = 0
+    apply(cluster, namespace, done, server_side=True)
+    ms = _wait_rollout(cluster, namespace, "rs", phase="Complete", timeout=90)
+    variant = ms["status"]["variants"][0]
+    assert (variant["revision"], variant["deployment"]) == (canary_rev, f"rs-default-{canary_rev}")
