@@ -4,13 +4,11 @@ from kubemaas_operator.api.compute import GpuResources, Resources, Scheduling, T
 from kubemaas_operator.api.constants import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from kubemaas_operator.api.errors import describe_errors, field_path
 from kubemaas_operator.api.resource import ModelService, ObjectMeta
+from kubemaas_operator.api.delivery import Autoscaling, CanaryStep, Rollout
 from kubemaas_operator.api.spec import (
-    Autoscaling,
-    CanaryStep,
     GatewayRef,
     ModelServiceSpec,
     ModelSource,
-    Rollout,
     RuntimeSpec,
     SecretReference,
     Variant,
