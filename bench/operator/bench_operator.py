@@ -23,8 +23,8 @@ from kubernetes import client, config, watch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from tests.e2e.msvc import modelservice  # noqa: E402
-from tests.e2e.operator_process import OperatorProcess  # noqa: E402
+from tests.e2e.msvc import modelservice
+from tests.e2e.operator_process import OperatorProcess
 
 KUBECTL = [str(Path(subprocess.check_output([str(REPO / "hack/cluster"), "bin"], text=True).strip()) / "kubectl")]
 IDLE_SECONDS = 30
@@ -50,7 +50,7 @@ def add_nodes(count: int) -> None:
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def histogram_quantile(metrics: str, name: str, q: float) -> float:

@@ -57,6 +57,11 @@ class KindNotInstalled(Exception):
         self.kind = kind
 
 
+class NamespaceTerminating(Exception):
+    """The namespace is being deleted: the API server refuses new objects in it (a 403 that
+    is not a permission problem). Its ModelServices are going away with it."""
+
+
 def load_api_client() -> client.ApiClient:
     try:
         config.load_incluster_config()
@@ -99,6 +104,8 @@ class KubeClient:
         except ApiException as exc:
             if exc.status == 404 and _not_served(exc):
                 raise KindNotInstalled(kind) from exc
+            if exc.status == 403 and "NamespaceTerminating" in (exc.body or ""):
+                raise NamespaceTerminating(meta["namespace"]) from exc
             raise
 
     def get(self, kind_name: str, namespace: str, name: str) -> dict | None:

@@ -22,7 +22,7 @@ from kubemaas_operator.builders import (
     selector_string,
     service_url,
 )
-from kubemaas_operator.kube import OWNED_KINDS, KindNotInstalled, KubeClient
+from kubemaas_operator.kube import OWNED_KINDS, KindNotInstalled, KubeClient, NamespaceTerminating
 from kubemaas_operator.observe import Observation, Problem, VariantPlan, compute_status
 from kubemaas_operator.rollout import ObservedDeployment, RolloutPlan, RolloutRecord, plan_rollout
 from kubemaas_operator.settings import OperatorSettings
@@ -34,11 +34,11 @@ IMAGE_POLICY_ANNOTATION = "kubemaas.io/runtime-image-policy"
 FOLLOW_OPERATOR = "FollowOperator"
 
 _NOT_INSTALLED_REASONS = {
-    "ScaledObject": ("KedaNotInstalled", "spec.autoscaling.engine is keda but the KEDA CRDs "
-                     "(scaledobjects.keda.sh) are not installed: install KEDA or use engine hpa."),
-    "HTTPRoute": ("GatewayAPINotInstalled", "spec.gateway is set but the Gateway API CRDs "
+    "ScaledObject": ("KedaNotInstalled", ("spec.autoscaling.engine is keda but the KEDA CRDs "
+                     "(scaledobjects.keda.sh) are not installed: install KEDA or use engine hpa.")),
+    "HTTPRoute": ("GatewayAPINotInstalled", ("spec.gateway is set but the Gateway API CRDs "
                   "(httproutes.gateway.networking.k8s.io) are not installed: install them or "
-                  "remove spec.gateway."),
+                  "remove spec.gateway.")),
 }
 
 Key = tuple[str, str]  # (namespace, name)
@@ -203,6 +203,9 @@ class Reconciler:
                                    f"{child['kind']} {name} already exists and belongs to {owner}; "
                                    "rename this ModelService or its variant.")
                 applied = self.kube.apply(child)
+            except NamespaceTerminating:
+                log.info("namespace %s is being deleted: not creating %s %s", ns, child["kind"], name)
+                return None
             except KindNotInstalled as exc:
                 reason, message = _NOT_INSTALLED_REASONS.get(
                     exc.kind.kind, ("KindNotInstalled", str(exc)))

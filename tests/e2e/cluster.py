@@ -33,7 +33,7 @@ def reachable(kubeconfig: str) -> bool:
     try:
         proc = subprocess.run(
             [_kubectl_binary(), "--kubeconfig", kubeconfig, "get", "--raw", "/readyz"],
-            capture_output=True, text=True, timeout=15,
+            capture_output=True, text=True, timeout=15, check=False,
         )
     except (FileNotFoundError, subprocess.TimeoutExpired):
         return False
@@ -63,7 +63,7 @@ class Cluster:
                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [self.kubectl_path, "--kubeconfig", self.kubeconfig, *args],
-            input=input, capture_output=True, text=True, timeout=timeout,
+            input=input, capture_output=True, text=True, timeout=timeout, check=False,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
@@ -86,7 +86,7 @@ class Cluster:
     def log_tail(self, lines: int = 30) -> str:
         if not self.started_here:
             return "(cluster not started by this test session: no component logs)"
-        proc = subprocess.run([str(HACK_CLUSTER), "logs"], capture_output=True, text=True)
+        proc = subprocess.run([str(HACK_CLUSTER), "logs"], capture_output=True, text=True, check=False)
         return proc.stdout[-lines * 400:]
 
     def stop(self) -> None:
@@ -96,7 +96,7 @@ class Cluster:
 
 def start_local_cluster(repo: Path) -> Cluster:
     """`hack/cluster up`; if it was already up (a developer's cluster), leave it running."""
-    status = subprocess.run([str(HACK_CLUSTER), "status"], capture_output=True, text=True)
+    status = subprocess.run([str(HACK_CLUSTER), "status"], capture_output=True, text=True, check=False)
     already_up = status.returncode == 0
     out = subprocess.run([str(HACK_CLUSTER), "up"], check=True, stdout=subprocess.PIPE, text=True)
     kubeconfig = out.stdout.strip().splitlines()[-1]

@@ -2,9 +2,9 @@
 
 from kubemaas_operator.api.compute import GpuResources, Resources, Scheduling, Toleration
 from kubemaas_operator.api.constants import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from kubemaas_operator.api.delivery import Autoscaling, CanaryStep, Rollout
 from kubemaas_operator.api.errors import describe_errors, field_path
 from kubemaas_operator.api.resource import ModelService, ObjectMeta
-from kubemaas_operator.api.delivery import Autoscaling, CanaryStep, Rollout
 from kubemaas_operator.api.spec import (
     GatewayRef,
     ModelServiceSpec,
