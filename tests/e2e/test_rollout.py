@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import yaml
 
 from tests.e2e.cluster import Cluster
 from tests.e2e.msvc import (
@@ -148,30 +149,34 @@ def test_a_canary_walks_its_steps_on_the_route_and_promotes_without_restarting(
                        timeout=30, what="the old revision's Service removed")
 
 
-def test_a_revert_during_a_canary_rolls_back_without_a_new_rollout(
+def test_the_canary_example_reverted_during_a_step_rolls_back_without_a_new_rollout(
         cluster: Cluster, operator, namespace: str) -> None:
-    base = _canary("rv", [{"weight": 50}], replicas=2)
+    base = yaml.safe_load((REPO / "examples" / "canary.yaml").read_text())
+    name = base["metadata"]["name"]
     apply(cluster, namespace, base, server_side=True)
-    wait_ready(cluster, namespace, "rv")
-    stable_rs = set(_replicasets(cluster, namespace, "rv"))
-    stable_pods = set(_pods(cluster, namespace, "rv"))
+    wait_ready(cluster, namespace, name)
+    stable_rs = set(_replicasets(cluster, namespace, name))
+    stable_pods = set(_pods(cluster, namespace, name))
 
     apply(cluster, namespace, _changed(base), server_side=True)
-    ms = _wait_rollout(cluster, namespace, "rv", step=1, phase="Held")
-    assert ms["status"]["variants"][0]["canaryReadyReplicas"] == 1
-    # without a gateway the weight follows the pods: 1 stable + 1 canary
-    assert ms["status"]["variants"][0]["canaryTrafficShare"] == 50
-    assert len(deployments(cluster, namespace, "rv")) == 2
+    # step 1 of the example: one of the 4 pods on the new revision, then its 5-minute pause
+    ms = _wait_rollout(cluster, namespace, name, step=1, canaryWeight=25)
+    variant = ms["status"]["variants"][0]
+    assert (variant["canaryReplicas"], variant["canaryReadyReplicas"]) == (1, 1)
+    # without a gateway the weight follows the pods: 3 stable + 1 canary
+    assert variant["canaryTrafficShare"] == 25
+    assert deployments(cluster, namespace, name)[f"{name}-default"]["spec"]["replicas"] == 3
+    assert "pausing" in ms["status"]["rollout"]["message"]
 
     apply(cluster, namespace, base, server_side=True)   # git revert
-    cluster.wait_until(lambda: set(deployments(cluster, namespace, "rv")) == {"rv-default"}, timeout=60,
+    cluster.wait_until(lambda: set(deployments(cluster, namespace, name)) == {f"{name}-default"}, timeout=60,
                        what="the canary removed")
-    ms = wait_ready(cluster, namespace, "rv")
+    ms = wait_ready(cluster, namespace, name)
     assert ms["status"]["rollout"]["phase"] == "Complete"
-    assert deployments(cluster, namespace, "rv")["rv-default"]["spec"]["replicas"] == 2
-    # no new rollout: the stable Deployment has the ReplicaSet it had, and its first pod still runs
-    assert set(_replicasets(cluster, namespace, "rv")) == stable_rs
-    assert stable_pods & set(_pods(cluster, namespace, "rv"))
+    assert deployments(cluster, namespace, name)[f"{name}-default"]["spec"]["replicas"] == 4
+    # no new rollout: the stable Deployment has the ReplicaSet it had, and 3 of its first pods still run
+    assert set(_replicasets(cluster, namespace, name)) == stable_rs
+    assert len(stable_pods & set(_pods(cluster, namespace, name))) >= 3
 
 
 def test_a_surge_that_cannot_be_scheduled_is_reported_and_capacity_is_kept(
