@@ -266,7 +266,14 @@ def plan_rollout(ms: ModelService, runtime_image: str, observed: Sequence[Observ
                            f"pausing {left} s more before the next step.")
     if step > len(steps) and reached:
         return _promoted(strategy, states, canary_revision)
-    weight = _step_weight(steps, step) if reached else _step_weight(steps, step - 1)
+    # A step once routed stays routed while every canary keeps a pod (an autoscaler moving the
+    # total, one pod restarting): its weight holds and its pause runs; it ends only when reached.
+    alive = all(s.canary is not None and s.canary.revision == s.desired and s.canary.available > 0
+                for s in changing)
+    if not reached and not alive:
+        started = None
+    routed = reached or started is not None
+    weight = _step_weight(steps, step) if routed else _step_weight(steps, step - 1)
     if not message:
         waiting = ", ".join(
             f"{s.spec.name} {min(s.canary.available, s.canary.replicas) if s.canary else 0}/"
@@ -292,7 +299,7 @@ def plan_rollout(ms: ModelService, runtime_image: str, observed: Sequence[Observ
         ))
     return RolloutPlan(strategy, tuple(layouts), phase, stable_revision, canary_revision=canary_revision,
                        step=step, steps=len(steps), canary_weight=weight,
-                       step_started_at=started if reached else None, message=message)
+                       step_started_at=started if routed else None, message=message)
 
 
 def _promoted(strategy: str, states: list[_Variant], revision: str) -> RolloutPlan:

@@ -298,3 +298,27 @@ def test_switching_to_rolling_update_during_a_canary_ends_it_at_once() -> None:
     a = _layout(plan, "a")
     assert (a.stable.deployment, a.stable.revision, a.stable.replicas, a.stable.apply, a.keep) == (
         "m-a", _revisions(rolling)["a"], 4, True, ())
+
+
+def test_an_autoscaler_moving_the_total_mid_canary_rescales_both_tracks() -> None:
+    _, new, observed = _canary_start()
+    rev = _revisions(new)
+    canary = _dep(f"m-a-{rev['a']}", "a", rev["a"], 1, track="canary")
+    first = plan_rollout(new, IMAGE, observed, None, NOW)
+    bigger = _ms(batch=64, replicas=10)           # the HPA wrote /scale: 10 pods, 8 for variant a
+    plan = plan_rollout(bigger, IMAGE, observed + [canary], _record(first), NOW)
+    a = _layout(plan, "a")
+    assert (a.replicas, a.canary.replicas, a.stable.replicas) == (8, 2, 7)  # 20% of 8; one canary pod up
+    assert plan.step == 1 and plan.canary_weight == 0   # the step was never routed: not yet
+    # a step already routed keeps its weight while the canary scales for the new total
+    canaries = [canary, _dep(f"m-b-{rev['b']}", "b", rev["b"], 1, track="canary")]
+    routed = plan_rollout(new, IMAGE, observed + canaries, _record(first), NOW)
+    assert routed.canary_weight == 20
+    later = NOW + timedelta(seconds=120)
+    moved = plan_rollout(bigger, IMAGE, observed + canaries, _record(routed), later)
+    assert (moved.step, moved.canary_weight, moved.step_started_at) == (1, 20, NOW)
+    assert _layout(moved, "a").canary.replicas == 2 and "waiting for its pods" in moved.message
+    # ...and loses it when a canary has no pod left
+    gone = [_dep(f"m-a-{rev['a']}", "a", rev["a"], 1, available=0, track="canary"), canaries[1]]
+    dead = plan_rollout(new, IMAGE, observed + gone, _record(routed), later)
+    assert (dead.canary_weight, dead.step_started_at) == (0, None)

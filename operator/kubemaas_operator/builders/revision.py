@@ -39,6 +39,9 @@ def variant_revision(ms: ModelService, variant: Variant, runtime_image: str) -> 
 
 
 def combined_revision(revisions: dict[str, str]) -> str:
-    """One revision for the whole ModelService: a hash of its variants' revisions."""
+    """One revision for the whole ModelService: a hash of its variants' revisions, or with
+    one variant that variant's own (the one its Deployment and pods are named and labelled by)."""
+    if len(revisions) == 1:
+        return next(iter(revisions.values()))
     canonical = ",".join(f"{name}={rev}" for name, rev in sorted(revisions.items()))
     return hashlib.sha256(canonical.encode()).hexdigest()[:REVISION_LENGTH]
