@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from kubemaas_operator.api import VariantStatus, format_variant_summary
+from kubemaas_operator.builders.layout import VariantLayout
 from kubemaas_operator.builders.naming import VARIANT_LABEL
 from kubemaas_operator.builders.revision import REVISION_LABEL
 
@@ -23,21 +24,31 @@ _PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrIma
 
 @dataclass(frozen=True)
 class VariantPlan:
-    name: str
+    """A variant as the reconcile laid it out: its stable Deployment and, during a canary, the
+    new revision's."""
+
     quantization: str
-    weight: int
-    replicas: int  # its share of spec.replicas
-    deployment: str  # the stable Deployment
-    revision: str = ""
-    stable_replicas: int | None = None  # the stable Deployment's pods now (None: `replicas`)
-    canary_deployment: str | None = None
-    canary_revision: str | None = None
-    canary_replicas: int = 0
-    canary_weight: int = 0  # percent of the variant's traffic routed to the canary
+    layout: VariantLayout
+
+    name = property(lambda self: self.layout.name)
+    weight = property(lambda self: self.layout.weight)
+    replicas = property(lambda self: self.layout.replicas)  # its share of spec.replicas
+    deployment = property(lambda self: self.layout.stable.deployment)
+    revision = property(lambda self: self.layout.stable.revision)
+    stable_target = property(lambda self: self.layout.stable.replicas)  # the stable Deployment's pods now
+    canary_weight = property(lambda self: self.layout.canary_weight)
 
     @property
-    def stable_target(self) -> int:
-        return self.replicas if self.stable_replicas is None else self.stable_replicas
+    def canary_deployment(self) -> str | None:
+        return self.layout.canary.deployment if self.layout.canary else None
+
+    @property
+    def canary_revision(self) -> str | None:
+        return self.layout.canary.revision if self.layout.canary else None
+
+    @property
+    def canary_replicas(self) -> int:
+        return self.layout.canary.replicas if self.layout.canary else 0
 
 
 @dataclass(frozen=True)
@@ -102,21 +113,27 @@ def _crash_problem(container_status: dict, terminated: dict) -> Problem:
                    f"(exit code {terminated.get('exitCode', '?')}): {detail}")
 
 
-def _deployment_counts(dep: dict | None, applied_generation: int = 0) -> tuple[int, int, bool]:
-    """(replicas, ready, rolled_out) of a Deployment as its controller reports them."""
-    if not dep:
-        return 0, 0, False
+def deployment_rolled_out(dep: dict, applied_generation: int = 0) -> bool:
+    """Whether the Deployment controller reports every pod updated to the current template and
+    available; a copy older than our last apply (a watch event in flight) is not."""
     spec_replicas = dep.get("spec", {}).get("replicas", 1)
     st = dep.get("status", {})
     generation = dep["metadata"].get("generation", 0)
-    rolled_out = (
+    return (
         generation >= applied_generation
         and st.get("observedGeneration", 0) >= generation
         and st.get("updatedReplicas", 0) >= spec_replicas
         and st.get("replicas", 0) == spec_replicas
         and st.get("availableReplicas", 0) >= spec_replicas
     )
-    return st.get("replicas", 0), st.get("readyReplicas", 0), rolled_out
+
+
+def _deployment_counts(dep: dict | None, applied_generation: int = 0) -> tuple[int, int, bool]:
+    """(replicas, ready, rolled_out) of a Deployment as its controller reports them."""
+    if not dep:
+        return 0, 0, False
+    st = dep.get("status", {})
+    return st.get("replicas", 0), st.get("readyReplicas", 0), deployment_rolled_out(dep, applied_generation)
 
 
 def _condition(ctype: str, ok: bool, reason: str, message: str, generation: int,
@@ -183,7 +200,7 @@ def compute_status(obs: Observation, previous_conditions: list[dict] | None = No
                    now: datetime | None = None) -> dict:
     stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     previous = {c["type"]: c for c in previous_conditions or []}
-    total_ready = total_replicas = desired_total = 0
+    total_replicas = desired_total = 0
     all_rolled_out = True
     planned = set()
     ready: dict[str, int] = {}

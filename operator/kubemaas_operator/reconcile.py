@@ -66,25 +66,10 @@ class Plan:
     variants: tuple[VariantPlan, ...]
     selector: str
     url: str
-    rollout: RolloutPlan | None = None
+    rollout: RolloutPlan
     scales: tuple[tuple[str, int], ...] = ()  # Deployments only scaled: (name, replicas)
     keep: frozenset[str] = frozenset()  # Deployments not desired but not to be deleted yet
     gateway: bool = False
-
-
-def _variant_plans(ms: ModelService, rollout: RolloutPlan) -> tuple[VariantPlan, ...]:
-    quantization = {v.name: v.quantization for v in ms.spec.variants}
-    return tuple(
-        VariantPlan(
-            layout.name, quantization[layout.name], layout.weight, layout.replicas, layout.stable.deployment,
-            revision=layout.stable.revision, stable_replicas=layout.stable.replicas,
-            canary_deployment=layout.canary.deployment if layout.canary else None,
-            canary_revision=layout.canary.revision if layout.canary else None,
-            canary_replicas=layout.canary.replicas if layout.canary else 0,
-            canary_weight=layout.canary_weight if layout.canary else 0,
-        )
-        for layout in rollout.variants
-    )
 
 
 def decide(ms: ModelService, settings: OperatorSettings, pinned_image: str | None,
@@ -94,10 +79,12 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: str | Non
     ``record`` (the rollout as status last recorded it) decide a canary's progress."""
     image = choose_runtime_image(ms, pinned_image, settings.runtime_image)
     rollout = plan_rollout(ms, image, observed, record, now or datetime.now(UTC))
+    quantization = {v.name: v.quantization for v in ms.spec.variants}
     children = tuple(build_children(ms, settings, runtime_image=image, layouts=rollout.variants))
     return Plan(
         key=(ms.namespace, ms.name), uid=ms.metadata.uid or "", generation=ms.metadata.generation or 0,
-        runtime_image=image, children=children, variants=_variant_plans(ms, rollout),
+        runtime_image=image, children=children,
+        variants=tuple(VariantPlan(quantization[lay.name], lay) for lay in rollout.variants),
         selector=selector_string(ms.name), url=service_url(ms, settings), rollout=rollout,
         scales=tuple((lay.stable.deployment, lay.stable.replicas) for lay in rollout.variants
                      if not lay.stable.apply),
@@ -107,13 +94,11 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: str | Non
     )
 
 
-def rollout_status(plan: Plan) -> dict | None:
+def rollout_status(plan: Plan) -> dict:
     """``status.rollout`` from the plan (the record a restarted operator resumes from)."""
     r = plan.rollout
-    if r is None:
-        return None
     out: dict = {"strategy": r.strategy, "phase": r.phase, "stableRevision": r.stable_revision}
-    if r.canary_revision:
+    if r.in_canary:
         out.update(canaryRevision=r.canary_revision, step=r.step, steps=r.steps, canaryWeight=r.canary_weight)
         if r.step_started_at:
             out["stepStartedAt"] = r.step_started_at.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -260,10 +245,13 @@ class Reconciler:
         self.last_status[key] = status
 
 
+def _child_names(plan: Plan) -> tuple[set[tuple[str, str]], frozenset[str]]:
+    return {(c["kind"], c["metadata"]["name"]) for c in plan.children}, plan.keep
+
+
 def _same_shape(a: Plan, b: Plan) -> bool:
     """The same children by kind and name, and the same Deployments kept: nothing to prune."""
-    names = lambda p: ({(c["kind"], c["metadata"]["name"]) for c in p.children}, p.keep)
-    return names(a) == names(b)
+    return _child_names(a) == _child_names(b)
 
 
 def _same_status(a: dict, b: dict | None) -> bool:

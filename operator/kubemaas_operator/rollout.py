@@ -39,6 +39,7 @@ from kubemaas_operator.builders.revision import (
     combined_revision,
     variant_revision,
 )
+from kubemaas_operator.observe import deployment_rolled_out
 
 
 @dataclass(frozen=True)
@@ -59,17 +60,10 @@ class ObservedDeployment:
         labels = meta.get("labels") or {}
         if VARIANT_LABEL not in labels:
             return None
-        spec_replicas = (obj.get("spec") or {}).get("replicas", 1)
-        st = obj.get("status") or {}
-        rolled_out = (
-            st.get("observedGeneration", 0) >= meta.get("generation", 0)
-            and st.get("updatedReplicas", 0) >= spec_replicas
-            and st.get("replicas", 0) == spec_replicas
-            and st.get("availableReplicas", 0) >= spec_replicas
-        )
         return cls(name=meta["name"], variant=labels[VARIANT_LABEL], revision=labels.get(REVISION_LABEL),
-                   track=labels.get(TRACK_LABEL), replicas=spec_replicas,
-                   available=st.get("availableReplicas", 0), rolled_out=rolled_out)
+                   track=labels.get(TRACK_LABEL), replicas=(obj.get("spec") or {}).get("replicas", 1),
+                   available=(obj.get("status") or {}).get("availableReplicas", 0),
+                   rolled_out=deployment_rolled_out(obj))
 
 
 @dataclass(frozen=True)
@@ -132,8 +126,10 @@ def canary_replicas(variant_replicas: int, weight: int) -> int:
     return min(variant_replicas, max(1, math.ceil(variant_replicas * weight / 100)))
 
 
-def _find_stable(variant: str, observed: list[ObservedDeployment], record: VariantRecord | None,
+def _find_stable(observed: list[ObservedDeployment], record: VariantRecord | None,
                  desired: str) -> ObservedDeployment | None:
+    """The Deployment serving the stable revision: the one status names, else the one labelled
+    stable, else one made before tracks were labelled, else one already running the spec."""
     by_name = {d.name: d for d in observed}
     if record and record.deployment in by_name:
         return by_name[record.deployment]
@@ -166,7 +162,7 @@ class _Variant:
 
 def _variant_state(ms: ModelService, variant: Variant, replicas: int, desired: str, canary_strategy: bool,
                    observed: list[ObservedDeployment], record: VariantRecord | None) -> _Variant:
-    stable = _find_stable(variant.name, observed, record, desired)
+    stable = _find_stable(observed, record, desired)
     if stable is None:
         name = variant_child_name(ms.name, variant.name)
         return _Variant(variant, replicas, desired, None, name, desired, [d for d in observed if d.name != name])
@@ -187,12 +183,13 @@ def _variant_state(ms: ModelService, variant: Variant, replicas: int, desired: s
     return state
 
 
-def _at_strength(wanted: list[tuple[ObservedDeployment | None, int, str]], replicas: int) -> bool:
-    """Whether the Deployments the plan wants (observed, target, revision) have the variant's
-    pods available, so older Deployments can go."""
-    available = sum(min(d.available, target) for d, target, revision in wanted
-                    if d is not None and d.revision in (revision, None) and d.replicas == target)
-    return available >= replicas
+def _at_strength(stable: ObservedDeployment | None, replicas: int, revision: str) -> bool:
+    """Whether the stable Deployment, running `revision`, has the variant's pods available
+    again, so older Deployments can go."""
+    if replicas == 0:
+        return True
+    return (stable is not None and stable.revision in (revision, None) and stable.replicas == replicas
+            and stable.available >= replicas)
 
 
 def _steady_layout(v: _Variant, canary_strategy: bool) -> VariantLayout:
@@ -200,8 +197,7 @@ def _steady_layout(v: _Variant, canary_strategy: bool) -> VariantLayout:
     (a reverted canary) stays until the stable one has its pods back; switching to
     RollingUpdate during a canary ends it at once."""
     stable = Track(v.stable_name, v.desired, v.replicas)
-    wanted = [(v.stable, v.replicas, v.desired)]
-    at_strength = not canary_strategy or _at_strength(wanted, v.replicas)
+    at_strength = not canary_strategy or _at_strength(v.stable, v.replicas, v.desired)
     keep = () if at_strength else tuple(d.name for d in v.others)
     return VariantLayout(v.spec.name, v.spec.weight, v.replicas, stable, keep=keep)
 

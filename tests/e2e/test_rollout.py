@@ -110,10 +110,14 @@ def test_a_canary_walks_its_steps_on_the_route_and_promotes_without_restarting(
     canary_rev = ms["status"]["variants"][0]["canaryRevision"]
     canary_dep = f"cn-default-{canary_rev}"
     assert ms["status"]["variants"][0]["canaryDeployment"] == canary_dep
+    assert "kopf.kubemaas.io/finalizer" in ms["metadata"].get("finalizers", [])  # while its timer runs
     assert _route_weights(cluster, namespace, "cn") == {f"cn-default-{stable_rev}": 7500,
                                                         f"cn-default-{canary_rev}": 2500}
     # step 2 has no pause: it holds, half the traffic on 2 canary pods
     ms = _wait_rollout(cluster, namespace, "cn", step=2, phase="Held", canaryWeight=50)
+    # kopf's finalizer came with the canary's timer and left when the held step stopped it
+    cluster.wait_until(lambda: not get(cluster, namespace, "cn")["metadata"].get("finalizers"), timeout=30,
+                       what="kopf's finalizer removed while the canary holds")
     assert _route_weights(cluster, namespace, "cn") == {f"cn-default-{stable_rev}": 5000,
                                                         f"cn-default-{canary_rev}": 5000}
     assert condition(ms, "Progressing")["reason"] == "CanaryHeld"
@@ -135,6 +139,7 @@ def test_a_canary_walks_its_steps_on_the_route_and_promotes_without_restarting(
     cluster.wait_until(lambda: set(deployments(cluster, namespace, "cn")) == {canary_dep}, timeout=60,
                        what="the old stable Deployment removed")
     ms = wait_ready(cluster, namespace, "cn")
+    assert not ms["metadata"].get("finalizers")
     variant = ms["status"]["variants"][0]
     assert (variant["deployment"], variant["revision"]) == (canary_dep, canary_rev)
     assert "canaryDeployment" not in variant

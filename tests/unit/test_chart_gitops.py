@@ -10,6 +10,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from kubemaas_operator.builders.layout import Track, VariantLayout
 from kubemaas_operator.observe import Observation, Problem, VariantPlan, compute_status
 from lupa import LuaRuntime
 
@@ -98,7 +99,7 @@ def test_health_of_sample_modelservices(case):
     assert expected_message in message
 
 
-PLAN = (VariantPlan("default", "none", 100, 2, "m-default"),)
+PLAN = (VariantPlan("none", VariantLayout("default", 100, 2, Track("m-default", "abc123", 2))),)
 
 
 def deployment(ready: int, replicas: int = 2) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from kubemaas_operator.builders.layout import Track, VariantLayout
 from kubemaas_operator.observe import Observation, Problem, VariantPlan, compute_status, pod_problem
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -17,11 +18,17 @@ def _dep(name: str, replicas: int, ready: int, generation: int = 1, observed: in
                        "readyReplicas": ready, "availableReplicas": ready}}
 
 
+def _plan(name: str, quantization: str, weight: int, replicas: int, deployment: str, revision: str = "",
+          stable_replicas: int | None = None, canary: Track | None = None, canary_weight: int = 0) -> VariantPlan:
+    stable = Track(deployment, revision, replicas if stable_replicas is None else stable_replicas)
+    return VariantPlan(quantization, VariantLayout(name, weight, replicas, stable, canary, canary_weight))
+
+
 def _obs(deployments: dict, pods: tuple = (), blocking: Problem | None = None) -> Observation:
     return Observation(
         name="m", namespace="ns", generation=3, selector="kubemaas.io/modelservice=m",
         url="http://m.ns.svc.cluster.local/v2/models/m", runtime_image="img:1",
-        variants=(VariantPlan("a", "bf16", 80, 4, "m-a"), VariantPlan("b", "int8-weight-only", 20, 1, "m-b")),
+        variants=(_plan("a", "bf16", 80, 4, "m-a"), _plan("b", "int8-weight-only", 20, 1, "m-b")),
         deployments=deployments, pods=pods, blocking=blocking,
     )
 
@@ -139,12 +146,11 @@ def _rolling(dep: dict, updated: int) -> dict:
 
 def _plans(canary: bool = False) -> tuple[VariantPlan, ...]:
     if canary:
-        return (VariantPlan("a", "bf16", 80, 4, "m-a", revision="old111", stable_replicas=4,
-                            canary_deployment="m-a-new222", canary_revision="new222", canary_replicas=1,
-                            canary_weight=0),
-                VariantPlan("b", "int8-weight-only", 20, 1, "m-b", revision="bbb333"))
-    return (VariantPlan("a", "bf16", 80, 4, "m-a", revision="new222"),
-            VariantPlan("b", "int8-weight-only", 20, 1, "m-b", revision="bbb333"))
+        return (_plan("a", "bf16", 80, 4, "m-a", revision="old111", stable_replicas=4,
+                      canary=Track("m-a-new222", "new222", 1), canary_weight=0),
+                _plan("b", "int8-weight-only", 20, 1, "m-b", revision="bbb333"))
+    return (_plan("a", "bf16", 80, 4, "m-a", revision="new222"),
+            _plan("b", "int8-weight-only", 20, 1, "m-b", revision="bbb333"))
 
 
 def test_a_surge_pod_that_cannot_be_placed_is_reported_with_capacity_kept() -> None:
@@ -177,9 +183,8 @@ def test_a_canary_pod_that_cannot_be_placed_leaves_the_stable_serving() -> None:
 
 def test_a_canary_at_its_step_is_ready_and_progressing_with_its_share() -> None:
     deps = {"m-a": _dep("m-a", 3, 3), "m-a-new222": _dep("m-a-new222", 1, 1), "m-b": _dep("m-b", 1, 1)}
-    plans = (VariantPlan("a", "bf16", 80, 4, "m-a", revision="old111", stable_replicas=3,
-                         canary_deployment="m-a-new222", canary_revision="new222", canary_replicas=1,
-                         canary_weight=20), _plans()[1])
+    plans = (_plan("a", "bf16", 80, 4, "m-a", revision="old111", stable_replicas=3,
+                   canary=Track("m-a-new222", "new222", 1), canary_weight=20), _plans()[1])
     rollout = {"strategy": "Canary", "phase": "Progressing", "canaryRevision": "c1", "step": 1, "steps": 2,
                "canaryWeight": 20, "message": "Step 1/2: 20% on revision c1; pausing 60 s more."}
     for gateway, share in ((False, 20), (True, 16)):

@@ -322,3 +322,69 @@ def test_an_autoscaler_moving_the_total_mid_canary_rescales_both_tracks() -> Non
     gone = [_dep(f"m-a-{rev['a']}", "a", rev["a"], 1, available=0, track="canary"), canaries[1]]
     dead = plan_rollout(new, IMAGE, observed + gone, _record(routed), later)
     assert (dead.canary_weight, dead.step_started_at) == (0, None)
+
+
+def test_canary_without_steps_holds_one_step_of_ten_percent() -> None:
+    ms = _ms(batch=64, steps=[])
+    assert [(s.weight, s.held) for s in ms.spec.rollout.canary_steps] == [(10, True)]
+    old = _ms(batch=32, steps=[])
+    rev = _revisions(ms)
+    observed = _stable_of(old, {"a": 4, "b": 1}) + [
+        _dep(f"m-a-{rev['a']}", "a", rev["a"], 1, track="canary"),
+        _dep(f"m-b-{rev['b']}", "b", rev["b"], 1, track="canary")]
+    plan = plan_rollout(ms, IMAGE, observed, None, NOW)
+    assert (plan.phase, plan.step, plan.steps, plan.canary_weight) == ("Held", 1, 1, 10)
+
+
+def test_a_revert_through_a_gateway_sends_all_traffic_back_at_once() -> None:
+    old, new = _ms(gateway=True), _ms(gateway=True, batch=64)
+    rev_old, rev_new = _revisions(old), _revisions(new)
+    canary = _dep(f"m-a-{rev_new['a']}", "a", rev_new["a"], 1, track="canary")
+    observed = [_dep("m-a", "a", rev_old["a"], 3), _dep("m-b", "b", rev_old["b"], 1), canary]
+    plan = plan_rollout(old, IMAGE, observed, None, NOW)
+    assert _layout(plan, "a").keep == (canary.name,)  # its pods stay until the stable is back at 4...
+    route = next(c for c in build_children(old, SETTINGS, IMAGE, plan.variants) if c["kind"] == "HTTPRoute")
+    weights = {b["name"]: b["weight"] for b in route["spec"]["rules"][0]["backendRefs"]}
+    assert weights == {f"m-a-{rev_old['a']}": 8000, f"m-b-{rev_old['b']}": 2000}  # ...but get no traffic
+
+
+class _RecordingKube:
+    """The KubeClient calls a reconcile makes, against nothing: which writes it would send."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, str]] = []
+
+    def get(self, kind, namespace, name):
+        return None
+
+    def apply(self, obj):
+        self.writes.append(("apply", f"{obj['kind']}/{obj['metadata']['name']}"))
+        return {**obj, "metadata": {**obj["metadata"], "generation": 1}}
+
+    def scale_deployment(self, namespace, name, replicas):
+        self.writes.append(("scale", f"{name}={replicas}"))
+
+    def list(self, kind, namespace, selector):
+        self.writes.append(("list", kind))
+        return []
+
+    def delete(self, *args):
+        self.writes.append(("delete", args[1]))
+
+
+def test_the_canary_timer_writes_only_what_changed_since_the_last_plan() -> None:
+    from kubemaas_operator.reconcile import Reconciler
+
+    _, new, observed = _canary_start()
+    kube = _RecordingKube()
+    reconciler = Reconciler(kube, SETTINGS)
+    reconciler.reconcile(new, IMAGE, observed=observed)
+    assert ("scale", "m-a=4") in kube.writes and ("apply", "HTTPRoute/m") not in kube.writes
+    kube.writes.clear()
+    reconciler.reconcile(new, IMAGE, observed=observed, only_changes=True)
+    assert kube.writes == []   # nothing moved: no apply, no scale, no listing for stale children
+    rev = _revisions(new)
+    up = observed + [_dep(f"m-a-{rev['a']}", "a", rev["a"], 1, track="canary"),
+                     _dep(f"m-b-{rev['b']}", "b", rev["b"], 1, track="canary")]
+    reconciler.reconcile(new, IMAGE, observed=up, only_changes=True)
+    assert kube.writes == [("scale", "m-a=3")]   # the canary pod is up: the stable gives one back

@@ -9,18 +9,14 @@ from kubemaas_operator.builders.naming import (
     SERVICE_PORT,
     child_metadata,
     common_labels,
-    variant_child_name,
 )
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 
 
-def build_http_route(ms: ModelService, backends: list[tuple[str, int]] | None = None) -> dict[str, Any] | None:
-    """Requests under /v2/models/<name> split over the variant Services by weight.
-
-    `backends` ((Service, weight) pairs; weights are relative) replaces the variant Services
-    during and around a canary, when the split also runs between revisions.
-    """
+def build_http_route(ms: ModelService, backends: list[tuple[str, int]]) -> dict[str, Any] | None:
+    """Requests under /v2/models/<name> split over `backends`, (Service, weight) pairs with
+    relative weights (`layout.route_backends`: per variant, or per revision under Canary)."""
     gateway = ms.spec.gateway
     if gateway is None:
         return None
@@ -29,8 +25,6 @@ def build_http_route(ms: ModelService, backends: list[tuple[str, int]] | None = 
         parent["namespace"] = gateway.namespace
     if gateway.section_name:
         parent["sectionName"] = gateway.section_name
-    if backends is None:
-        backends = [(variant_child_name(ms.name, v.name), v.weight) for v in ms.spec.variants]
     backend_refs = [
         {"group": "", "kind": "Service", "name": service, "port": SERVICE_PORT, "weight": weight}
         for service, weight in backends
