@@ -37,7 +37,7 @@ from kubemaas_operator.builders.revision import (
     STABLE,
     TRACK_LABEL,
     combined_revision,
-    variant_revision,
+    variant_revisions,
 )
 from kubemaas_operator.observe import deployment_rolled_out
 
@@ -212,7 +212,7 @@ def plan_rollout(ms: ModelService, runtime_image: str, observed: Sequence[Observ
     spec = ms.spec
     strategy = spec.rollout.strategy
     split = replicas_by_variant(spec.replicas, spec.variants)
-    desired = {v.name: variant_revision(ms, v, runtime_image) for v in spec.variants}
+    desired = variant_revisions(ms, runtime_image)
     states = [
         _variant_state(ms, v, split[v.name], desired[v.name], strategy == "Canary",
                        [d for d in observed if d.variant == v.name], record.variants.get(v.name))

@@ -70,11 +70,9 @@ def build_children(
     for layout in layouts:
         variant = variants[layout.name]
         if layout.stable.apply:
-            children.append(build_variant_deployment(ms, variant, layout.stable.replicas, settings, image,
-                                                     name=layout.stable.deployment, track=STABLE))
+            children.append(build_variant_deployment(ms, variant, layout.stable, settings, image, STABLE))
         if layout.canary:
-            children.append(build_variant_deployment(ms, variant, layout.canary.replicas, settings, image,
-                                                     name=layout.canary.deployment, track=CANARY))
+            children.append(build_variant_deployment(ms, variant, layout.canary, settings, image, CANARY))
     children.append(build_model_service(ms))
     children.extend(build_variant_service(ms, variant) for variant in ms.spec.variants)
     by_revision = ms.spec.gateway is not None and ms.spec.rollout.strategy == "Canary"

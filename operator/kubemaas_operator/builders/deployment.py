@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubemaas_operator.api import ModelService, Variant
+from kubemaas_operator.builders.layout import Track
 from kubemaas_operator.builders.naming import (
     child_metadata,
     variant_child_name,
@@ -17,7 +18,6 @@ from kubemaas_operator.builders.revision import (
     REVISION_LABEL,
     STABLE,
     TRACK_LABEL,
-    variant_revision,
 )
 from kubemaas_operator.settings import OperatorSettings
 
@@ -27,10 +27,11 @@ def canary_deployment_name(ms_name: str, variant: str, revision: str) -> str:
 
 
 def build_variant_deployment(
-    ms: ModelService, variant: Variant, replicas: int, settings: OperatorSettings, runtime_image: str,
-    *, name: str | None = None, track: str = STABLE,
+    ms: ModelService, variant: Variant, track: Track, settings: OperatorSettings, runtime_image: str,
+    role: str = STABLE,
 ) -> dict[str, Any]:
-    """The Deployment serving `variant` as the spec has it, with `replicas` pods.
+    """The Deployment `track.deployment` serving `variant` as the spec has it (revision
+    `track.revision`), with `track.replicas` pods, labelled as the `role` (stable or canary).
 
     Every Deployment of a variant selects the same labels (a selector cannot change, and the
     first one is `<name>-<variant>`); each owns its ReplicaSets by controller reference, so two
@@ -38,16 +39,15 @@ def build_variant_deployment(
     which the per-revision Services of a canary through a gateway select on.
     """
     rollout = ms.spec.rollout
-    revision = variant_revision(ms, variant, runtime_image)
     template = build_pod_template(ms, variant, settings, runtime_image)
-    template["metadata"]["labels"][REVISION_LABEL] = revision
-    labels = {**variant_labels(ms.name, variant.name), REVISION_LABEL: revision, TRACK_LABEL: track}
+    template["metadata"]["labels"][REVISION_LABEL] = track.revision
+    labels = {**variant_labels(ms.name, variant.name), REVISION_LABEL: track.revision, TRACK_LABEL: role}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": child_metadata(ms, name or variant_child_name(ms.name, variant.name), labels),
+        "metadata": child_metadata(ms, track.deployment, labels),
         "spec": {
-            "replicas": replicas,
+            "replicas": track.replicas,
             "selector": {"matchLabels": variant_selector_labels(ms.name, variant.name)},
             "strategy": {
                 "type": "RollingUpdate",

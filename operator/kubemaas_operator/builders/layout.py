@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from kubemaas_operator.api import ModelService
 from kubemaas_operator.builders.naming import variant_child_name
 from kubemaas_operator.builders.replicas import replicas_by_variant
-from kubemaas_operator.builders.revision import variant_revision
+from kubemaas_operator.builders.revision import variant_revisions
 from kubemaas_operator.builders.services import revision_service_name
 
 
@@ -37,10 +37,10 @@ class VariantLayout:
 def steady_layouts(ms: ModelService, runtime_image: str) -> tuple[VariantLayout, ...]:
     """Every variant in its own Deployment `<name>-<variant>`, running the spec."""
     split = replicas_by_variant(ms.spec.replicas, ms.spec.variants)
+    revisions = variant_revisions(ms, runtime_image)
     return tuple(
         VariantLayout(v.name, v.weight, split[v.name],
-                      Track(variant_child_name(ms.name, v.name), variant_revision(ms, v, runtime_image),
-                            split[v.name]))
+                      Track(variant_child_name(ms.name, v.name), revisions[v.name], split[v.name]))
         for v in ms.spec.variants
     )
 

@@ -22,20 +22,30 @@ STABLE = "stable"
 CANARY = "canary"
 
 
-def variant_revision(ms: ModelService, variant: Variant, runtime_image: str) -> str:
+def _pod_shape(ms: ModelService, runtime_image: str) -> str:
+    """The part every variant shares, as canonical JSON."""
     spec = ms.spec
-    shaping = {
-        "model": spec.model.model_dump(mode="json", by_alias=True, exclude_defaults=True),
-        "resources": spec.resources.model_dump(mode="json", by_alias=True, exclude_defaults=True),
-        "scheduling": spec.scheduling.model_dump(mode="json", by_alias=True, exclude_defaults=True),
-        "runtime": {
-            **spec.runtime.model_dump(mode="json", by_alias=True, exclude_defaults=True, exclude={"image"}),
-            "image": runtime_image,
-        },
-        "variant": [variant.name, variant.quantization],
+    dump = lambda model, **kw: model.model_dump(mode="json", by_alias=True, exclude_defaults=True, **kw)
+    shape = {
+        "model": dump(spec.model), "resources": dump(spec.resources), "scheduling": dump(spec.scheduling),
+        "runtime": {**dump(spec.runtime, exclude={"image"}), "image": runtime_image},
     }
-    canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:REVISION_LENGTH]
+    return json.dumps(shape, sort_keys=True, separators=(",", ":"))
+
+
+def _hash(shape: str, variant: Variant) -> str:
+    text = f"{shape}|{variant.name}|{variant.quantization}"
+    return hashlib.sha256(text.encode()).hexdigest()[:REVISION_LENGTH]
+
+
+def variant_revisions(ms: ModelService, runtime_image: str) -> dict[str, str]:
+    """{variant name: revision} for every variant (the shared part serialised once)."""
+    shape = _pod_shape(ms, runtime_image)
+    return {v.name: _hash(shape, v) for v in ms.spec.variants}
+
+
+def variant_revision(ms: ModelService, variant: Variant, runtime_image: str) -> str:
+    return _hash(_pod_shape(ms, runtime_image), variant)
 
 
 def combined_revision(revisions: dict[str, str]) -> str:
