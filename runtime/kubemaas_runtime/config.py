@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
-FORMATS = ("torchscript", "exported-program", "safetensors", "transformers")
-TASKS = ("feature-extraction", "text-classification")
+FORMATS = ("torchscript", "exported-program", "safetensors", "transformers", "gguf")
+TASKS = ("feature-extraction", "text-classification", "text-generation")
 QUANTIZATIONS = ("none", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-weight-only")
 DEVICES = ("auto", "cpu", "cuda")
 URI_SCHEMES = ("pvc", "file", "s3", "hf")
@@ -44,6 +44,10 @@ class ServeConfig:
     drain_seconds: float = 0.0
     graceful_timeout_seconds: float = 25.0
     log_level: str = "info"
+    # text-generation (docs/runtime.md "Generation limits"); None: from the model / derived
+    max_model_len: int | None = None
+    max_num_seqs: int = 16
+    kv_cache_tokens: int | None = None
 
     @property
     def model_path(self) -> Path:
@@ -139,6 +143,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="after SIGTERM keep serving this long with readiness false before closing")
     add("--graceful-timeout-seconds", type=_non_negative_float, default=25.0,
         help="after closing, longest wait for in-flight requests")
+    add("--max-model-len", type=_positive_int,
+        help="text-generation: longest context (prompt + generated tokens) of one sequence; "
+             "default: the model's max_position_embeddings")
+    add("--max-num-seqs", type=_positive_int, default=16,
+        help="text-generation: most sequences decoded together in the running batch")
+    add("--kv-cache-tokens", type=_positive_int,
+        help="text-generation: KV-cache token budget over all running sequences (each reserves "
+             "its prompt + max_tokens); past it requests wait in the queue (--max-queue). "
+             "Default: max-num-seqs x max-model-len")
     add("--log-level", choices=("debug", "info", "warning", "error"), default="info",
         help="log verbosity")
     _mention_env_vars(parser)
@@ -188,6 +201,12 @@ def parse_serve_config(argv: list[str], env: Mapping[str, str]) -> ServeConfig:
     ns = parser.parse_args(env_arguments(parser, env) + list(argv))
     if ns.format == "transformers" and ns.task is None:
         parser.error(f"--format transformers needs --task (one of {', '.join(TASKS)})")
+    if ns.format == "gguf" and ns.task not in (None, "text-generation"):
+        parser.error("--format gguf serves --task text-generation only")
+    if ns.format == "gguf":
+        ns.task = "text-generation"
+    if ns.task == "text-generation" and ns.format not in ("transformers", "gguf"):
+        parser.error("--task text-generation needs --format transformers or gguf")
     if ns.format == "safetensors" and not ns.architecture:
         parser.error("--format safetensors needs --architecture module:factory")
     if ns.architecture and ":" not in ns.architecture:

@@ -15,6 +15,11 @@ LABELS = ("model", "variant")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256,
                    0.512, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Time to first token spans queueing and a prefill: up to a minute.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+                       0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 
 class RuntimeMetrics:
@@ -55,6 +60,30 @@ class RuntimeMetrics:
             "Drift of the variant from full precision on the probes, measured at start",
             LABELS, registry=registry)
 
+        # text-generation (docs/runtime.md "Generation metrics": the vLLM names they match)
+        self.num_requests_running = Gauge(
+            "kubemaas_num_requests_running", "Sequences in the running (decoding) batch",
+            LABELS, registry=registry)
+        self.num_requests_waiting = Gauge(
+            "kubemaas_num_requests_waiting", "Generation requests waiting for a running slot",
+            LABELS, registry=registry)
+        self.kv_cache_usage_ratio = Gauge(
+            "kubemaas_kv_cache_usage_ratio",
+            "Share (0..1) of the KV-cache token budget reserved by running sequences",
+            LABELS, registry=registry)
+        self.time_to_first_token_seconds = Histogram(
+            "kubemaas_time_to_first_token_seconds",
+            "From a generation request's arrival to its first generated token",
+            LABELS, buckets=TTFT_BUCKETS, registry=registry)
+        self.inter_token_latency_seconds = Histogram(
+            "kubemaas_inter_token_latency_seconds",
+            "Time between two consecutive generated tokens of one sequence",
+            LABELS, buckets=INTER_TOKEN_BUCKETS, registry=registry)
+        self.prompt_tokens_total = Counter(
+            "kubemaas_prompt_tokens_total", "Prompt tokens prefilled", LABELS, registry=registry)
+        self.generation_tokens_total = Counter(
+            "kubemaas_generation_tokens_total", "Tokens generated", LABELS, registry=registry)
+
     def bind(self, model: str, variant: str) -> BoundMetrics:
         return BoundMetrics(self, model, variant)
 
@@ -74,6 +103,13 @@ class BoundMetrics:
         self.queue_depth = metrics.queue_depth.labels(model, variant)
         self.load_seconds = metrics.model_load_seconds.labels(model, variant)
         self.ready = metrics.model_ready.labels(model, variant)
+        self.running = metrics.num_requests_running.labels(model, variant)
+        self.waiting = metrics.num_requests_waiting.labels(model, variant)
+        self.kv_cache_usage = metrics.kv_cache_usage_ratio.labels(model, variant)
+        self.ttft = metrics.time_to_first_token_seconds.labels(model, variant)
+        self.inter_token = metrics.inter_token_latency_seconds.labels(model, variant)
+        self.prompt_tokens = metrics.prompt_tokens_total.labels(model, variant)
+        self.generation_tokens = metrics.generation_tokens_total.labels(model, variant)
 
     def record_quantization(self, method: str, backend: str, drift: float | None) -> None:
         self.metrics.quantization_info.labels(*self._labels, method, backend).set(1)

@@ -65,11 +65,28 @@ def test_every_flag_has_an_env_var():
     (["--model-uri", "pvc://a/b", "--format", "safetensors"], {}),            # no architecture
     (["--model-uri", "pvc://a/b", "--format", "torchscript"], {"KUBEMAAS_MAX_BATCH_SIZE": "0"}),
     (["--model-uri", "pvc://a/b", "--format", "torchscript", "--quantization", "int3"], {}),
+    (["--model-uri", "pvc://a/b", "--format", "gguf", "--task", "feature-extraction"], {}),
+    (["--model-uri", "pvc://a/b", "--format", "torchscript", "--task", "text-generation"], {}),
+    (["--model-uri", "pvc://a/b", "--format", "gguf"], {"KUBEMAAS_MAX_NUM_SEQS": "0"}),
+    (["--model-uri", "pvc://a/b", "--format", "gguf"], {"KUBEMAAS_KV_CACHE_TOKENS": "-5"}),
+    (["--model-uri", "pvc://a/b", "--format", "gguf", "--max-model-len", "x"], {}),
 ])
 def test_bad_input_exits(argv, env, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_serve_config(argv, env)
     assert exc.value.code == 2
+
+
+def test_generation_flags_and_env():
+    cfg = parse_serve_config(["--model-uri", "file:///m/smollm2.gguf", "--format", "gguf"], {})
+    assert cfg.task == "text-generation"  # the only task a GGUF file serves
+    assert cfg.max_model_len is None and cfg.kv_cache_tokens is None and cfg.max_num_seqs == 16
+    env = {"KUBEMAAS_MODEL_URI": "pvc://models/llm", "KUBEMAAS_FORMAT": "transformers",
+           "KUBEMAAS_TASK": "text-generation", "KUBEMAAS_MAX_MODEL_LEN": "2048",
+           "KUBEMAAS_MAX_NUM_SEQS": "8", "KUBEMAAS_KV_CACHE_TOKENS": "8192"}
+    cfg = parse_serve_config(["--max-num-seqs", "4"], env)
+    assert (cfg.task, cfg.max_model_len, cfg.max_num_seqs, cfg.kv_cache_tokens) == (
+        "text-generation", 2048, 4, 8192)
 
 
 def test_uri_mapping():
@@ -88,7 +105,11 @@ def test_metrics_contract_names():
     for name in ("kubemaas_inflight_requests", "kubemaas_requests_total",
                  "kubemaas_request_duration_seconds_bucket", "kubemaas_queue_wait_seconds_bucket",
                  "kubemaas_inference_seconds_bucket", "kubemaas_batch_size_bucket",
-                 "kubemaas_queue_depth", "kubemaas_model_load_seconds"):
+                 "kubemaas_queue_depth", "kubemaas_model_load_seconds",
+                 "kubemaas_num_requests_running", "kubemaas_num_requests_waiting",
+                 "kubemaas_kv_cache_usage_ratio", "kubemaas_time_to_first_token_seconds_bucket",
+                 "kubemaas_inter_token_latency_seconds_bucket", "kubemaas_prompt_tokens_total",
+                 "kubemaas_generation_tokens_total"):
         assert name in names
     assert metrics.registry.get_sample_value(
         "kubemaas_requests_total", {"model": "m", "variant": "default"}) == 1

@@ -103,3 +103,34 @@ def test_every_autoscaler_metric_is_a_runtime_series():
                     named += re.findall(r"kubemaas_[a-z_]+", trigger["metadata"]["query"])
     assert named, "the examples and cases include an HPA and a ScaledObject on request metrics"
     assert set(named) <= names, set(named) - names
+
+
+# The generation seams agreed with the operator (issue 13): flags, env and metric names.
+GENERATION_ENV = {"KUBEMAAS_MODEL_URI": "pvc://models/llm", "KUBEMAAS_FORMAT": "gguf",
+                  "KUBEMAAS_TASK": "text-generation", "KUBEMAAS_MAX_MODEL_LEN": "4096",
+                  "KUBEMAAS_MAX_NUM_SEQS": "32", "KUBEMAAS_KV_CACHE_TOKENS": "65536",
+                  "KUBEMAAS_MAX_QUEUE": "64"}
+GENERATION_METRICS = ("kubemaas_num_requests_running", "kubemaas_num_requests_waiting",
+                      "kubemaas_kv_cache_usage_ratio", "kubemaas_time_to_first_token_seconds",
+                      "kubemaas_inter_token_latency_seconds", "kubemaas_prompt_tokens_total",
+                      "kubemaas_generation_tokens_total")
+
+
+def test_runtime_reads_the_generation_limits_from_env():
+    config = parse_serve_config([], GENERATION_ENV)
+    assert (config.format, config.task) == ("gguf", "text-generation")
+    assert (config.max_model_len, config.max_num_seqs, config.kv_cache_tokens,
+            config.max_queue) == (4096, 32, 65536, 64)
+    for name in GENERATION_ENV:
+        assert name[len("KUBEMAAS_"):].lower() in vars(config), name
+
+
+def test_generation_metrics_are_runtime_series_with_model_and_variant():
+    registry = CollectorRegistry()
+    create_metrics(registry).bind("llm", "bf16")
+    families = {family.name: family for family in registry.collect()}
+    names = runtime_registry_names()
+    for name in GENERATION_METRICS:
+        assert name in names, name
+        family = families[name.removesuffix("_total")]
+        assert {"model", "variant"} <= set(family.samples[0].labels), name
