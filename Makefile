@@ -22,7 +22,7 @@ setup: $(STAMP)
 demo: setup
 	hack/demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -ra tests/unit tests/runtime tests/e2e
 
 test-unit: $(STAMP)
@@ -47,3 +47,4 @@ crds: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check operator runtime tests bench
+	$(VENV)/bin/mypy  # files and settings: [tool.mypy] in pyproject.toml

@@ -12,6 +12,7 @@ import copy
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from kubemaas_operator.api import rules
 from kubemaas_operator.api.constants import (
@@ -92,7 +93,7 @@ def _ordered(node: dict[str, Any]) -> dict[str, Any]:
     return {**first, **{k: v for k, v in node.items() if k not in first}}
 
 
-def model_schema(model: type) -> dict[str, Any]:
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
     return structural(raw, defs)

@@ -131,7 +131,7 @@ class KubeClient:
 
     def delete(self, kind_name: str, namespace: str, name: str, uid: str | None = None) -> None:
         """Delete, with a uid precondition when given so a same-named newcomer survives."""
-        body = {"propagationPolicy": "Background"}
+        body: dict[str, Any] = {"propagationPolicy": "Background"}
         if uid:
             body["preconditions"] = {"uid": uid}
         try:

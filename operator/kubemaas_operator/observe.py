@@ -139,8 +139,8 @@ def _deployment_counts(dep: dict | None, applied_generation: int = 0) -> tuple[i
 def _condition(ctype: str, ok: bool, reason: str, message: str, generation: int,
                previous: dict[str, dict], now: str) -> dict:
     status = "True" if ok else "False"
-    prev = previous.get(ctype)
-    changed = not prev or prev.get("status") != status
+    prev = previous.get(ctype) or {}
+    changed = prev.get("status") != status
     return {
         "type": ctype, "status": status, "reason": reason, "message": message,
         "observedGeneration": generation,
@@ -256,10 +256,10 @@ def compute_status(obs: Observation, previous_conditions: list[dict] | None = No
     problem = obs.blocking or (problems[0] if problems else None)
     available = all_rolled_out and total_ready >= desired_total and obs.blocking is None
     gen = obs.generation
-    rollout = dict(obs.rollout) if obs.rollout else None
+    rollout = dict(obs.rollout) if obs.rollout else {}
     if rollout and rollout.get("phase") == "Complete" and not available:
         rollout["phase"] = "Progressing"
-    canary = bool(rollout and rollout.get("canaryRevision"))
+    canary = bool(rollout.get("canaryRevision"))
 
     if problem:
         degraded = _condition("Degraded", True, problem.reason, problem.message, gen, previous, stamp)

@@ -277,23 +277,23 @@ def plan_rollout(ms: ModelService, runtime_image: str, observed: Sequence[Observ
         target = "promotion" if step > len(steps) else f"step {step}/{len(steps)}"
         message = (f"Canary of revision {canary_revision}, {target}: waiting for its pods to be "
                    f"available ({waiting}); {weight}% of the changed variants' traffic is on it.")
-    layouts = []
+    planned: list[VariantLayout] = []
     for s in states:
         if not s.changing:
-            layouts.append(_steady_layout(s, True))
+            planned.append(_steady_layout(s, True))
             continue
-        target = canary_replicas(s.replicas, _step_weight(steps, step))
+        pods = canary_replicas(s.replicas, _step_weight(steps, step))
         canary_available = 0
         if s.canary is not None and s.canary.revision == s.desired:
-            canary_available = min(s.canary.available, target, s.canary.replicas)
+            canary_available = min(s.canary.available, pods, s.canary.replicas)
         stable_target = max(1, s.replicas - canary_available)
-        layouts.append(VariantLayout(
+        planned.append(VariantLayout(
             s.spec.name, s.spec.weight, s.replicas,
             Track(s.stable_name, s.stable_revision, stable_target, apply=False),
-            Track(s.canary_name, s.desired, target), canary_weight=weight,
+            Track(s.canary_name or "", s.desired, pods), canary_weight=weight,
             keep=tuple(d.name for d in s.others),
         ))
-    return RolloutPlan(strategy, tuple(layouts), phase, stable_revision, canary_revision=canary_revision,
+    return RolloutPlan(strategy, tuple(planned), phase, stable_revision, canary_revision=canary_revision,
                        step=step, steps=len(steps), canary_weight=weight,
                        step_started_at=started if routed else None, message=message)
 
@@ -307,6 +307,6 @@ def _promoted(strategy: str, states: list[_Variant], revision: str) -> RolloutPl
             layouts.append(_steady_layout(s, True))
             continue
         layouts.append(VariantLayout(s.spec.name, s.spec.weight, s.replicas,
-                                     Track(s.canary_name, s.desired, s.replicas)))
+                                     Track(s.canary_name or "", s.desired, s.replicas)))
     return RolloutPlan(strategy, tuple(layouts), "Complete", revision,
                        message=f"Revision {revision} was promoted after its last canary step.")

@@ -71,7 +71,7 @@ def serve(config: ServeConfig) -> int:
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, loop="uvloop", http="httptools",
         lifespan="on", access_log=False, log_level=config.log_level,
-        timeout_graceful_shutdown=config.graceful_timeout_seconds or None)
+        timeout_graceful_shutdown=config.graceful_timeout_seconds or None)  # type: ignore[arg-type]  # uvicorn waits on a float fine
     server = DrainingServer(uv_config, state, config.drain_seconds)
 
     def request_exit() -> None:

@@ -249,7 +249,7 @@ def create_app(state: ServingState) -> Starlette:
         Route("/metrics", prometheus),
     ]
     return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={HTTPException: http_error})
+                     exception_handlers={HTTPException: http_error})  # type: ignore[dict-item]  # starlette types handlers as (Request, Exception)
 
 
 def _not_ready_reason(state: ServingState) -> str:

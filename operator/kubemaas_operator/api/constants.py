@@ -11,7 +11,7 @@ from typing import Final, Literal
 
 GROUP: Final = "kubemaas.io"
 VERSION: Final = "v1alpha1"
-API_VERSION: Final = f"{GROUP}/{VERSION}"
+API_VERSION: Final = "kubemaas.io/v1alpha1"  # GROUP/VERSION, spelled out: a literal type
 KIND: Final = "ModelService"
 PLURAL: Final = "modelservices"
 SINGULAR: Final = "modelservice"
