@@ -1,9 +1,19 @@
-"""How fast the operator converges N ModelServices, and what it costs (run via bench/operator/run).
+"""How fast the operator converges N ModelServices, against the floor, in one run (bench/operator/run).
 
-Reports, per N: time from the first create to all Ready; create-to-Deployment latency p50/p99
-as the bench sees it (create call returned -> the Deployment's ADDED event on a watch); the
-operator's own reconcile duration p50/p99 (its histogram); the operator's peak RSS and CPU
-seconds; and its CPU over an idle window once everything has converged.
+Per N, on the same cluster, one after the other, each in a fresh namespace deleted (and waited
+for) before the next phase:
+
+- the floor: no operator; 16 threads create each ModelService and, for it, server-side apply
+  the children the operator's own builders make with the operator's own client, then patch its
+  status once: the least work any operator must do. Converged when every Deployment is
+  Available.
+- the operator, started fresh (cluster-wide, as installed): the same creates; converged when
+  every ModelService says Ready=True.
+
+Reports the ratio operator / floor; create-to-Deployment latency p50/p99 as a watch sees it
+(create returned -> the Deployment's ADDED event); the operator's reconcile duration (its
+histogram), CPU seconds, peak RSS (VmHWM) and CPU over an idle window once converged; and the
+machine's load average (the machine is shared).
 """
 
 from __future__ import annotations
@@ -19,6 +29,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from kubemaas_operator.api import Condition, ModelService, ModelServiceStatus
+from kubemaas_operator.builders import build_children
+from kubemaas_operator.kube import KubeClient, load_api_client
+from kubemaas_operator.settings import OperatorSettings
 from kubernetes import client, config, watch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,50 +88,149 @@ def proc_stats(pid: int) -> tuple[float, float]:
     return cpu, int(hwm.split()[1]) / 1024
 
 
-def run_one(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> dict:
-    ns = f"bench-{n}-{uuid.uuid4().hex[:6]}"
-    kubectl("create", "namespace", ns)
-    created: dict[str, float] = {}
-    seen: dict[str, float] = {}
-    stop = threading.Event()
+WORKERS = 16
+TIMEOUT_S = 1200
 
-    def watch_deployments() -> None:
+
+def load() -> str:
+    """The 1, 5 and 15 minute load averages."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+class DeploymentWatch:
+    """The first ADDED event of each ModelService's Deployment in a namespace."""
+
+    def __init__(self, apps: client.AppsV1Api, ns: str, n: int) -> None:
+        self.seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(apps, ns, n), daemon=True)
+        self._thread.start()
+        time.sleep(1)
+
+    def _run(self, apps: client.AppsV1Api, ns: str, n: int) -> None:
         w = watch.Watch()
-        for event in w.stream(apps.list_namespaced_deployment, ns, timeout_seconds=600):
+        for event in w.stream(apps.list_namespaced_deployment, ns, timeout_seconds=TIMEOUT_S):
             if event["type"] == "ADDED":
                 owner = event["object"].metadata.labels.get("kubemaas.io/modelservice")
-                seen.setdefault(owner, time.monotonic())
-            if stop.is_set() or len(seen) >= n:
+                self.seen.setdefault(owner, time.monotonic())
+            if self._stop.is_set() or len(self.seen) >= n:
                 w.stop()
 
-    watcher = threading.Thread(target=watch_deployments, daemon=True)
-    watcher.start()
-    time.sleep(1)
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def create_all(n: int, ns: str, api: client.CustomObjectsApi, then=None) -> dict[str, float]:
+    """Create N one-replica ModelServices from 16 threads; ``then(body)`` runs after each create."""
+    created: dict[str, float] = {}
 
     def create(i: int) -> None:
         name = f"m{i:04d}"
-        api.create_namespaced_custom_object("kubemaas.io", "v1alpha1", ns, "modelservices",
-                                            modelservice(name, cpu="100m", memory="128Mi"))
+        body = api.create_namespaced_custom_object("kubemaas.io", "v1alpha1", ns, "modelservices",
+                                                   modelservice(name, cpu="100m", memory="128Mi"))
         created[name] = time.monotonic()
+        if then is not None:
+            then(body)
 
-    t0 = time.monotonic()
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(WORKERS) as pool:
         list(pool.map(create, range(n)))
+    return created
+
+
+def wait_until(n: int, count, what: str, t0: float) -> float:
     while True:
-        items = api.list_namespaced_custom_object("kubemaas.io", "v1alpha1", ns, "modelservices")["items"]
-        ready = sum(1 for m in items for c in m.get("status", {}).get("conditions", [])
-                    if c["type"] == "Ready" and c["status"] == "True")
-        if ready == n:
-            break
-        if time.monotonic() - t0 > 600:
-            raise SystemExit(f"N={n}: only {ready} Ready after 600 s")
+        done = count()
+        if done >= n:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > TIMEOUT_S:
+            raise SystemExit(f"N={n}: only {done}/{n} {what} after {TIMEOUT_S} s")
         time.sleep(1)
-    converge = time.monotonic() - t0
-    stop.set()
-    latencies = [seen[k] - created[k] for k in created if k in seen]
-    return {"n": n, "converge_s": converge, "ns": ns,
-            "lat_p50_ms": 1000 * statistics.median(latencies),
-            "lat_p99_ms": 1000 * percentile(latencies, 0.99)}
+
+
+def latencies(created: dict[str, float], seen: dict[str, float]) -> tuple[float, float]:
+    values = [seen[k] - created[k] for k in created if k in seen]
+    return 1000 * statistics.median(values), 1000 * percentile(values, 0.99)
+
+
+def floor_status(ms: ModelService) -> dict:
+    """The one status an operator must write at least: built through the API model."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    ready = Condition(type="Ready", status="False", reason="WaitingForReplicas",
+                      message="0/1 replicas ready.", last_transition_time=now,
+                      observed_generation=ms.metadata.generation or 1)
+    return ModelServiceStatus(observed_generation=ms.metadata.generation or 1, replicas=0,
+                              ready_replicas=0, conditions=[ready]).to_wire()
+
+
+def run_floor(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> dict:
+    ns = new_namespace("floor", n)
+    settings = OperatorSettings()
+    kube = KubeClient(load_api_client(), settings.field_manager)
+
+    def children_and_status(body: dict) -> None:
+        ms = ModelService.from_body(body)
+        for child in build_children(ms, settings):
+            kube.apply(child)
+        kube.patch_status(ms.namespace, ms.name, floor_status(ms))
+
+    watcher = DeploymentWatch(apps, ns, n)
+    t0 = time.monotonic()
+    created = create_all(n, ns, api, then=children_and_status)
+
+    def available() -> int:
+        items = apps.list_namespaced_deployment(ns).items
+        return sum(1 for d in items for c in d.status.conditions or []
+                   if c.type == "Available" and c.status == "True")
+
+    converge = wait_until(n, available, "Deployments Available", t0)
+    watcher.stop()
+    p50, p99 = latencies(created, watcher.seen)
+    delete_namespace(ns)
+    return {"converge_s": converge, "lat_p50_ms": p50, "lat_p99_ms": p99}
+
+
+def run_operator(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> dict:
+    ns = new_namespace("operator", n)
+    op = OperatorProcess(os.environ["KUBECONFIG"], extra_env={"KUBEMAAS_OPERATOR_LOG_FORMAT": "json"}).start()
+    try:
+        cpu0, _ = proc_stats(op.proc.pid)
+        watcher = DeploymentWatch(apps, ns, n)
+        t0 = time.monotonic()
+        created = create_all(n, ns, api)
+
+        def ready() -> int:
+            items = api.list_namespaced_custom_object("kubemaas.io", "v1alpha1", ns, "modelservices")["items"]
+            return sum(1 for m in items for c in m.get("status", {}).get("conditions", [])
+                       if c["type"] == "Ready" and c["status"] == "True")
+
+        converge = wait_until(n, ready, "ModelServices Ready", t0)
+        watcher.stop()
+        cpu1, rss = proc_stats(op.proc.pid)
+        time.sleep(5)  # let the last status writes land
+        idle0, _ = proc_stats(op.proc.pid)
+        time.sleep(IDLE_SECONDS)
+        idle1, _ = proc_stats(op.proc.pid)
+        metrics = op.metrics()
+    finally:
+        op.stop()
+    p50, p99 = latencies(created, watcher.seen)
+    delete_namespace(ns)
+    rec = "kubemaas_operator_reconcile_duration_seconds"
+    return {"converge_s": converge, "lat_p50_ms": p50, "lat_p99_ms": p99, "cpu_s": cpu1 - cpu0,
+            "peak_rss_mib": rss, "idle_cpu_pct": 100 * (idle1 - idle0) / IDLE_SECONDS,
+            "rec_p50_ms": 1000 * histogram_quantile(metrics, rec, 0.5),
+            "rec_p99_ms": 1000 * histogram_quantile(metrics, rec, 0.99)}
+
+
+def new_namespace(phase: str, n: int) -> str:
+    ns = f"bench-{phase}-{n}-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "namespace", ns)
+    return ns
+
+
+def delete_namespace(ns: str) -> None:
+    """Delete and wait, so the next phase does not share the machine with the garbage collector."""
+    kubectl("delete", "namespace", ns, "--wait=true", f"--timeout={TIMEOUT_S}s")
 
 
 def main() -> None:
@@ -129,34 +242,26 @@ def main() -> None:
     kubectl("wait", "--for=condition=Established", "crd/modelservices.kubemaas.io")
     config.load_kube_config()
     api, apps = client.CustomObjectsApi(), client.AppsV1Api()
-    op = OperatorProcess(os.environ["KUBECONFIG"], extra_env={"KUBEMAAS_OPERATOR_LOG_FORMAT": "json"}).start()
-    try:
-        rows = []
-        for n in sizes:
-            cpu0, _ = proc_stats(op.proc.pid)
-            row = run_one(n, api, apps)
-            cpu1, rss = proc_stats(op.proc.pid)
-            time.sleep(5)  # let the last status writes land
-            idle0, _ = proc_stats(op.proc.pid)
-            time.sleep(IDLE_SECONDS)
-            idle1, _ = proc_stats(op.proc.pid)
-            metrics = op.metrics()
-            row.update(cpu_s=cpu1 - cpu0, peak_rss_mib=rss, idle_cpu_pct=100 * (idle1 - idle0) / IDLE_SECONDS,
-                       rec_p50_ms=1000 * histogram_quantile(metrics, "kubemaas_operator_reconcile_duration_seconds", 0.5),
-                       rec_p99_ms=1000 * histogram_quantile(metrics, "kubemaas_operator_reconcile_duration_seconds", 0.99))
-            rows.append(row)
-            kubectl("delete", "namespace", row["ns"], "--wait=false")
-    finally:
-        op.stop()
-    print(f"\nKubeMaaS operator benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores")
-    print("| N | all Ready (s) | create->Deployment p50 / p99 (ms) | reconcile p50 / p99 (ms, histogram bucket) "
-          "| operator CPU (s) | peak RSS (MiB) | idle CPU over 30 s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['n']} | {r['converge_s']:.1f} | {r['lat_p50_ms']:.0f} / {r['lat_p99_ms']:.0f} | "
-              f"<= {r['rec_p50_ms']:.0f} / <= {r['rec_p99_ms']:.0f} | {r['cpu_s']:.1f} | {r['peak_rss_mib']:.0f} | "
-              f"{r['idle_cpu_pct']:.2f}% |")
-    print("targets (2 cores): 500 converge < 60 s, peak RSS < 200 MiB, idle CPU near zero")
+    rows = []
+    for n in sizes:
+        load_before = load()
+        floor = run_floor(n, api, apps)
+        print(f"N={n} floor: {floor['converge_s']:.1f} s (load {load_before})", flush=True)
+        load_before = load()
+        op = run_operator(n, api, apps)
+        print(f"N={n} operator: {op['converge_s']:.1f} s (load {load_before})", flush=True)
+        rows.append((n, floor, op, load()))
+    print(f"\nKubeMaaS operator benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores")
+    print("| N | floor all Available (s) | operator all Ready (s) | ratio | create->Deployment p50 / p99 (ms), "
+          "floor / operator | reconcile p50 / p99 (ms, bucket) | operator CPU (s) | peak RSS (MiB) "
+          "| idle CPU over 30 s | load avg after |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for n, f, o, after in rows:
+        print(f"| {n} | {f['converge_s']:.1f} | {o['converge_s']:.1f} | {o['converge_s'] / f['converge_s']:.2f}x | "
+              f"{f['lat_p50_ms']:.0f} / {f['lat_p99_ms']:.0f} ; {o['lat_p50_ms']:.0f} / {o['lat_p99_ms']:.0f} | "
+              f"<= {o['rec_p50_ms']:.0f} / <= {o['rec_p99_ms']:.0f} | {o['cpu_s']:.1f} | {o['peak_rss_mib']:.0f} | "
+              f"{o['idle_cpu_pct']:.2f}% | {after} |")
+    print("targets: ratio <= 1.3x at 500 and 2000, peak RSS < 200 MiB at 500, idle CPU near zero")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from kubemaas_operator.api import ModelService
 from kubemaas_operator.builders import (
     MODELSERVICE_LABEL,
     build_children,
+    choose_runtime_image,
     selector_string,
     service_url,
 )
@@ -29,10 +30,6 @@ from kubemaas_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 
-# An explicit policy to move a ModelService onto the operator's current default runtime image.
-IMAGE_POLICY_ANNOTATION = "kubemaas.io/runtime-image-policy"
-FOLLOW_OPERATOR = "FollowOperator"
-
 _NOT_INSTALLED_REASONS = {
     "ScaledObject": ("KedaNotInstalled", ("spec.autoscaling.engine is keda but the KEDA CRDs "
                      "(scaledobjects.keda.sh) are not installed: install KEDA or use engine hpa.")),
@@ -42,18 +39,6 @@ _NOT_INSTALLED_REASONS = {
 }
 
 Key = tuple[str, str]  # (namespace, name)
-
-
-def choose_runtime_image(ms: ModelService, pinned: str | None, default: str) -> str:
-    """The spec's image when it names one; else the image already pinned in status (so an
-    operator upgrade with a new default restarts nothing); else the operator's default.
-    The annotation ``kubemaas.io/runtime-image-policy: FollowOperator`` opts into the default."""
-    if ms.spec.runtime.image:
-        return ms.spec.runtime.image
-    policy = (ms.metadata.annotations or {}).get(IMAGE_POLICY_ANNOTATION)
-    if pinned and policy != FOLLOW_OPERATOR:
-        return pinned
-    return default
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The operator's settings, read once from the environment at startup (CONVENTIONS item 9).
+"""The operator's settings, read once from the environment at startup.
 
 Every variable is prefixed `KUBEMAAS_OPERATOR_` so it never collides with the runtime's own
 `KUBEMAAS_*` configuration.
@@ -20,7 +20,6 @@ DEFAULT_GATEWAY_REQUEST_QUERY = (
     "sum(rate(envoy_cluster_upstream_rq_completed"
     '{envoy_cluster_name=~"httproute/{namespace}/{route}/rule/.*"}[1m]))'
 )
-GATEWAY_QUERY_PLACEHOLDERS = ("{namespace}", "{name}", "{route}")
 
 
 class OperatorSettings(BaseModel):

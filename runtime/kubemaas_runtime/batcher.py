@@ -63,7 +63,6 @@ class DynamicBatcher(Generic[P, R]):
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup = asyncio.Event()
         self._closing = False
-        self._busy = False
         self._task: asyncio.Task | None = None
 
     # -- state -----------------------------------------------------------------------------
@@ -74,10 +73,6 @@ class DynamicBatcher(Generic[P, R]):
     @property
     def is_full(self) -> bool:
         return len(self._queue) >= self.max_queue
-
-    @property
-    def busy(self) -> bool:
-        return self._busy
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -156,7 +151,6 @@ class DynamicBatcher(Generic[P, R]):
     async def _execute(self, batch: list[_Pending], rows: int) -> None:
         started = self._clock()
         waits = [started - p.enqueued_at for p in batch]
-        self._busy = True
         try:
             results = await self._run_batch([p.payload for p in batch])
             if len(results) != len(batch):
@@ -173,8 +167,6 @@ class DynamicBatcher(Generic[P, R]):
             for pending, result in zip(batch, results):
                 if not pending.future.done():
                     pending.future.set_result(result)
-        finally:
-            self._busy = False
         if self._observer is not None:
             self._observer.observe_batch(rows, waits, self._clock() - started)
 

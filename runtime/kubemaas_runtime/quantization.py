@@ -42,7 +42,6 @@ class QuantizationResult:
     module: torch.nn.Module
     input_dtype: torch.dtype | None  # floating inputs are cast to it (None: unchanged)
     backend: str  # what ran, e.g. "torchao Int8WeightOnlyConfig (per-row)"
-    quantized_layers: int = 0
 
 
 def device_class(device: torch.device) -> str:
@@ -123,7 +122,7 @@ def _int8_dynamic(module: torch.nn.Module, linear_names: list[str]) -> Quantizat
     kept = len(linear_names) - len(chosen)
     return QuantizationResult(
         quantized, None, f"torch.ao quantize_dynamic qint8 per-channel ({len(chosen)} Linear, "
-        f"{kept} FFN output kept fp32)", len(chosen))
+        f"{kept} FFN output kept fp32)")
 
 
 def _keep_full_precision(name: str) -> bool:
@@ -156,8 +155,7 @@ def _weight_only(module: torch.nn.Module, method: str, device: torch.device,
     if quantized == 0:
         raise QuantizationUnsupported(f"{method}: torchao left every Linear in full precision")
     return QuantizationResult(
-        module, cast, f"torchao {'; '.join(backends)} ({quantized} of {linear_count} Linear)",
-        quantized)
+        module, cast, f"torchao {'; '.join(backends)} ({quantized} of {linear_count} Linear)")
 
 
 def _is_quantized(weight: torch.Tensor) -> bool:

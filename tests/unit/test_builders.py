@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-from kubemaas_operator.builders import build_children, resolve_runtime_image
+from kubemaas_operator.api import ModelService
+from kubemaas_operator.builders import FOLLOW_OPERATOR, IMAGE_POLICY_ANNOTATION, build_children
 from kubemaas_operator.builders.naming import PLACEHOLDER_UID
 from kubemaas_operator.settings import OperatorSettings
 
@@ -119,15 +120,20 @@ def test_runtime_image_is_the_callers_choice():
 
 
 @pytest.mark.parametrize(
-    ("spec_image", "pinned", "expected"),
-    [("", None, SETTINGS.runtime_image), ("", "pinned:1", "pinned:1"), ("spec:2", "pinned:1", "spec:2")],
+    ("spec_image", "pinned", "annotations", "expected"),
+    [("", None, {}, SETTINGS.runtime_image), ("", "pinned:1", {}, "pinned:1"), ("spec:2", "pinned:1", {}, "spec:2"),
+     ("", "pinned:1", {IMAGE_POLICY_ANNOTATION: FOLLOW_OPERATOR}, SETTINGS.runtime_image)],
 )
-def test_resolve_runtime_image(spec_image, pinned, expected):
-    body_status = {"runtimeImage": pinned} if pinned else None
-    ms = make_ms({"runtime": {"image": spec_image}})
-    if body_status:
-        ms = ms.model_copy(update={"status": ms.model_validate({**ms.to_wire(), "status": body_status}).status})
-    assert resolve_runtime_image(ms, SETTINGS) == expected
+def test_render_pins_the_image_as_the_operator_does(spec_image, pinned, annotations, expected):
+    """build_children without an image (what `render` calls) follows the operator's one policy,
+    with status as the pin and the FollowOperator annotation honoured."""
+    body = make_ms({"runtime": {"image": spec_image}}).to_wire()
+    body["metadata"]["annotations"] = annotations
+    if pinned:
+        body["status"] = {"runtimeImage": pinned}
+    ms = ModelService.from_body(body)
+    deployment = next(c for c in build_children(ms, SETTINGS) if c["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == expected
 
 
 def test_container_runs_serve_with_the_kubemaas_env():

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 from kubemaas_operator.api import ModelService
-from kubemaas_operator.reconcile import (
+from kubemaas_operator.builders import (
     FOLLOW_OPERATOR,
     IMAGE_POLICY_ANNOTATION,
     choose_runtime_image,
+)
+from kubemaas_operator.reconcile import (
     decide,
     foreign_owner,
     stale_children,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from kubemaas_operator.builders import build_children, variant_revision
+from kubemaas_operator.builders import build_children, variant_revisions
 from kubemaas_operator.reconcile import decide, rollout_status
 from kubemaas_operator.rollout import (
     ObservedDeployment,
@@ -38,7 +38,7 @@ def _ms(replicas: int = 5, strategy: str = "Canary", steps: list | None = None, 
 
 
 def _revisions(ms) -> dict[str, str]:
-    return {v.name: variant_revision(ms, v, IMAGE) for v in ms.spec.variants}
+    return variant_revisions(ms, IMAGE)
 
 
 def _dep(name: str, variant: str, revision: str, replicas: int, available: int | None = None,
@@ -88,7 +88,7 @@ def test_a_revision_changes_with_what_shapes_pods_and_only_that() -> None:
     one = _revisions(_ms(variants=[TWO_VARIANTS[0], {**TWO_VARIANTS[1], "quantization": "fp16"}]))
     assert one["a"] == base["a"] and one["b"] != base["b"]           # only that variant
     ms = _ms()
-    assert variant_revision(ms, ms.spec.variants[0], "other:2") != base["a"]  # the runtime image
+    assert variant_revisions(ms, "other:2")["a"] != base["a"]  # the runtime image
     assert all(len(r) == 6 for r in base.values())
 
 

@@ -6,15 +6,16 @@ from kubemaas_operator.builders.autoscaling import (
     build_hpa,
     build_scaled_object,
 )
-from kubemaas_operator.builders.children import (
-    CHILD_KINDS,
-    ChildKind,
-    build_children,
-    resolve_runtime_image,
-)
+from kubemaas_operator.builders.children import build_children
 from kubemaas_operator.builders.deployment import build_variant_deployment
 from kubemaas_operator.builders.disruption import build_disruption_budget, wants_disruption_budget
 from kubemaas_operator.builders.gateway import build_http_route
+from kubemaas_operator.builders.image import (
+    FOLLOW_OPERATOR,
+    IMAGE_POLICY_ANNOTATION,
+    choose_runtime_image,
+    pinned_image,
+)
 from kubemaas_operator.builders.layout import Track, VariantLayout, steady_layouts
 from kubemaas_operator.builders.naming import (
     MODELSERVICE_LABEL,
@@ -25,17 +26,17 @@ from kubemaas_operator.builders.naming import (
     variant_child_name,
 )
 from kubemaas_operator.builders.replicas import replicas_by_variant
-from kubemaas_operator.builders.revision import REVISION_LABEL, TRACK_LABEL, variant_revision
+from kubemaas_operator.builders.revision import REVISION_LABEL, TRACK_LABEL, variant_revisions
 from kubemaas_operator.builders.services import build_model_service, build_variant_service
 
 __all__ = [
-    "CHILD_KINDS",
+    "FOLLOW_OPERATOR",
+    "IMAGE_POLICY_ANNOTATION",
     "MODELSERVICE_LABEL",
     "REQUEST_METRICS",
     "REVISION_LABEL",
     "TRACK_LABEL",
     "VARIANT_LABEL",
-    "ChildKind",
     "Track",
     "VariantLayout",
     "build_autoscaler",
@@ -47,13 +48,14 @@ __all__ = [
     "build_scaled_object",
     "build_variant_deployment",
     "build_variant_service",
+    "choose_runtime_image",
     "owner_reference",
+    "pinned_image",
     "replicas_by_variant",
-    "resolve_runtime_image",
     "selector_string",
     "service_url",
     "steady_layouts",
     "variant_child_name",
-    "variant_revision",
+    "variant_revisions",
     "wants_disruption_budget",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from kubemaas_operator.api import ModelService
@@ -10,6 +9,7 @@ from kubemaas_operator.builders.autoscaling import build_autoscaler
 from kubemaas_operator.builders.deployment import build_variant_deployment
 from kubemaas_operator.builders.disruption import build_disruption_budget, wants_disruption_budget
 from kubemaas_operator.builders.gateway import build_http_route
+from kubemaas_operator.builders.image import choose_runtime_image, pinned_image
 from kubemaas_operator.builders.layout import VariantLayout, route_backends, steady_layouts
 from kubemaas_operator.builders.revision import CANARY, STABLE
 from kubemaas_operator.builders.services import (
@@ -20,50 +20,19 @@ from kubemaas_operator.builders.services import (
 from kubemaas_operator.settings import OperatorSettings
 
 
-@dataclass(frozen=True)
-class ChildKind:
-    """A kind the operator may create; `crd` names the CRD it needs when not built in."""
-
-    api_version: str
-    kind: str
-    plural: str
-    crd: str | None = None
-
-
-CHILD_KINDS: tuple[ChildKind, ...] = (
-    ChildKind("apps/v1", "Deployment", "deployments"),
-    ChildKind("v1", "Service", "services"),
-    ChildKind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
-    ChildKind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
-    ChildKind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects", crd="scaledobjects.keda.sh"),
-    ChildKind(
-        "gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes", crd="httproutes.gateway.networking.k8s.io"
-    ),
-)
-
-
-def resolve_runtime_image(ms: ModelService, settings: OperatorSettings) -> str:
-    """The image when the caller pins none: spec.runtime.image, else status.runtimeImage, else
-    the operator's default. (The operator decides the pin itself and passes `runtime_image`.)"""
-    if ms.spec.runtime.image:
-        return ms.spec.runtime.image
-    if ms.status is not None and ms.status.runtime_image:
-        return ms.status.runtime_image
-    return settings.runtime_image
-
-
 def build_children(
     ms: ModelService, settings: OperatorSettings, runtime_image: str | None = None,
     layouts: tuple[VariantLayout, ...] | None = None,
 ) -> list[dict[str, Any]]:
     """The desired children, in apply order: Deployments, Services, PDB, autoscaler, HTTPRoute.
 
-    Pure: a function of the spec, the settings, the runtime image and the layout (default: the
-    steady state, one Deployment per variant). `ms` must have a namespace; its uid becomes the
+    Pure: a function of the spec, the settings, the runtime image (default: the one policy of
+    `builders.image`, with status as the pin) and the layout (default: the steady state, one
+    Deployment per variant). `ms` must have a namespace; its uid becomes the
     owner reference (a placeholder when it has none yet). A Track that is not `apply` (a stable
     Deployment during a canary) is left out: the reconcile only scales it.
     """
-    image = runtime_image or resolve_runtime_image(ms, settings)
+    image = runtime_image or choose_runtime_image(ms, pinned_image(ms), settings.runtime_image)
     layouts = layouts or steady_layouts(ms, image)
     variants = {v.name: v for v in ms.spec.variants}
     children: list[dict[str, Any]] = []

@@ -44,10 +44,6 @@ def variant_revisions(ms: ModelService, runtime_image: str) -> dict[str, str]:
     return {v.name: _hash(shape, v) for v in ms.spec.variants}
 
 
-def variant_revision(ms: ModelService, variant: Variant, runtime_image: str) -> str:
-    return _hash(_pod_shape(ms, runtime_image), variant)
-
-
 def combined_revision(revisions: dict[str, str]) -> str:
     """One revision for the whole ModelService: a hash of its variants' revisions, or with
     one variant that variant's own (the one its Deployment and pods are named and labelled by)."""
