@@ -51,6 +51,7 @@ class DynamicBatcher(Generic[P, R]):
         batch_timeout_s: float = 0.0,
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        retry_alone: Callable[[Exception], bool] = lambda exc: True,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
@@ -60,6 +61,7 @@ class DynamicBatcher(Generic[P, R]):
         self.batch_timeout_s = batch_timeout_s
         self._observer = observer
         self._clock = clock
+        self._retry_alone = retry_alone
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -152,10 +154,19 @@ class DynamicBatcher(Generic[P, R]):
         started = self._clock()
         waits = [started - p.enqueued_at for p in batch]
         try:
-            results = await self._run_batch([p.payload for p in batch])
-            if len(results) != len(batch):
-                raise BatchMismatch(
-                    f"batch of {len(batch)} requests produced {len(results)} results")
+            try:
+                results = await self._run(batch)
+            except Exception as exc:
+                if len(batch) == 1 or not self._retry_alone(exc):
+                    raise
+                # One member may have poisoned the batch: each runs alone, so only the culprit
+                # gets the error.
+                for pending in batch:
+                    await self._execute_alone(pending)
+                return
+            for pending, result in zip(batch, results):
+                if not pending.future.done():
+                    pending.future.set_result(result)
         except BaseException as exc:  # every waiter gets the batch's error
             error = exc if isinstance(exc, Exception) else ModelNotReady("batcher stopped")
             for pending in batch:
@@ -163,12 +174,39 @@ class DynamicBatcher(Generic[P, R]):
                     pending.future.set_exception(error)
             if error is not exc:
                 raise
+        finally:
+            if self._observer is not None:
+                self._observer.observe_batch(rows, waits, self._clock() - started)
+
+    async def _run(self, batch: list[_Pending]) -> Sequence[R]:
+        results = await self._run_batch([p.payload for p in batch])
+        if len(results) != len(batch):
+            raise BatchMismatch(f"batch of {len(batch)} requests produced {len(results)} results")
+        return results
+
+    async def _execute_alone(self, pending: _Pending) -> None:
+        if pending.future.done():
+            return
+        try:
+            (result,) = await self._run([pending])
+        except Exception as exc:  # noqa: BLE001 - the waiter gets whatever its run raised
+            if not pending.future.done():
+                pending.future.set_exception(exc)
         else:
-            for pending, result in zip(batch, results):
-                if not pending.future.done():
-                    pending.future.set_result(result)
-        if self._observer is not None:
-            self._observer.observe_batch(rows, waits, self._clock() - started)
+            if not pending.future.done():
+                pending.future.set_result(result)
+
+    def fail_waiting(self, error: Exception) -> int:
+        """Answer every request still waiting in the queue with `error` (shutdown: a clear 503
+        rather than a connection reset when the grace period ends); how many there were."""
+        failed = 0
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(error)
+                failed += 1
+        self._report_depth()
+        return failed
 
     def _report_depth(self) -> None:
         if self._observer is not None:

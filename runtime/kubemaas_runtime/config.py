@@ -36,6 +36,16 @@ class ServeConfig:
     batch_timeout_ms: float = 0.0
     max_queue: int = 256
     max_request_bytes: int = 64 * 1024 * 1024
+    # hostile-input limits (docs/runtime.md, "Limits and hostile input")
+    max_json_bytes: int = 8 * 1024 * 1024
+    max_tensor_rank: int = 8
+    max_tensor_elements: int = 1 << 24
+    max_string_bytes: int = 64 * 1024
+    max_buffered_bytes: int = 512 * 1024 * 1024
+    body_timeout_seconds: float = 30.0
+    max_connections: int = 1024
+    max_header_bytes: int = 64 * 1024
+    auth_token_file: str | None = None
     host: str = "0.0.0.0"
     port: int = 8080
     model_dir: str = DEFAULT_MODEL_DIR
@@ -96,6 +106,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def _model_uri(text: str) -> str:
     try:
         model_path_for_uri(text)
@@ -131,6 +148,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="most requests waiting for the model; beyond it requests get 503 + Retry-After")
     add("--max-request-bytes", type=_positive_int, default=64 * 1024 * 1024,
         help="largest request body; larger ones get 413")
+    add_limit_arguments(parser)
     add("--host", default="0.0.0.0", help="address to listen on")
     add("--port", type=_positive_int, default=8080, help="HTTP port")
     add("--model-dir", default=DEFAULT_MODEL_DIR,
@@ -155,6 +173,34 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-level", choices=("debug", "info", "warning", "error"), default="info",
         help="log verbosity")
     _mention_env_vars(parser)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """What one request, and all of them together, may cost (docs/runtime.md)."""
+    add = parser.add_argument
+    add("--max-json-bytes", type=_positive_int, default=8 * 1024 * 1024,
+        help="largest JSON part of a request (all of a JSON request, the header of a binary "
+             "one); larger gets 413")
+    add("--max-tensor-rank", type=_positive_int, default=8,
+        help="most dimensions an input may declare; more gets 400")
+    add("--max-tensor-elements", type=_positive_int, default=1 << 24,
+        help="most elements one input may declare; more gets 400")
+    add("--max-string-bytes", type=_positive_int, default=64 * 1024,
+        help="longest BYTES element (one text), refused with 400 before tokenizing")
+    add("--max-buffered-bytes", type=_positive_int, default=512 * 1024 * 1024,
+        help="memory budget of every request's body and decoded tensors together; a request "
+             "that would pass it gets 503 + Retry-After")
+    add("--body-timeout-seconds", type=_positive_float, default=30.0,
+        help="a request's headers, and then its body, must arrive within this; else 408 / "
+             "closed")
+    add("--max-connections", type=_positive_int, default=1024,
+        help="most open connections and requests at once (uvicorn limit_concurrency); "
+             "beyond, 503")
+    add("--max-header-bytes", type=_positive_int, default=64 * 1024,
+        help="largest request line plus headers; larger gets 400 and the connection closed")
+    add("--auth-token-file",
+        help="file holding a bearer token; when set, /v2/models/* and /v1/* need "
+             "'Authorization: Bearer <token>' (401 otherwise); health and /metrics stay open")
 
 
 def _mention_env_vars(parser: argparse.ArgumentParser) -> None:
@@ -211,6 +257,9 @@ def parse_serve_config(argv: list[str], env: Mapping[str, str]) -> ServeConfig:
         parser.error("--format safetensors needs --architecture module:factory")
     if ns.architecture and ":" not in ns.architecture:
         parser.error("--architecture must look like package.module:factory")
+    if ns.max_buffered_bytes < ns.max_request_bytes:
+        parser.error(f"--max-buffered-bytes ({ns.max_buffered_bytes}) must be at least "
+                     f"--max-request-bytes ({ns.max_request_bytes})")
     values = vars(ns)
     if not values["name"]:
         values["name"] = default_model_name(ns.model_uri)

@@ -56,6 +56,34 @@ class PayloadTooLarge(RuntimeServeError):
     status_code = 413
 
 
+class RequestTimeout(RuntimeServeError):
+    """The request body did not arrive within --body-timeout-seconds."""
+
+    status_code = 408
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
+class Unauthorized(RuntimeServeError):
+    """No bearer token, or the wrong one (--auth-token-file)."""
+
+    status_code = 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="kubemaas"'}
+
+
+class DeviceLost(RuntimeServeError):
+    """The accelerator failed in a way that leaves it unusable: the process exits."""
+
+    status_code = 503
+    reason = "DeviceLost"
+
+    def termination_line(self) -> str:
+        return f"{self.reason}: {' '.join(self.message.split())}"
+
+
 class ModelLoadFailed(Exception):
     """The model could not be loaded: the process exits non-zero with this as its reason."""
 

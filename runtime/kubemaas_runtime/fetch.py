@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import logging
-import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlparse
+
+from kubemaas_runtime.termination import write_termination_log
 
 log = logging.getLogger("kubemaas_runtime.fetch")
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
@@ -140,14 +140,8 @@ def fetch_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     try:
         written = fetch(args.uri, Path(args.dest), env)
     except Exception as exc:  # noqa: BLE001 - any failure becomes the pod's one-line reason
-        line = " ".join(f"ModelFetchFailed: {exc}".split())
-        print(line, file=sys.stderr)
-        termination_log = env.get("KUBEMAAS_TERMINATION_LOG", "/dev/termination-log")
-        if os.access(os.path.dirname(termination_log) or ".", os.W_OK):
-            try:
-                Path(termination_log).write_text(line + "\n")
-            except OSError:
-                pass
+        write_termination_log(env.get("KUBEMAAS_TERMINATION_LOG", "/dev/termination-log"),
+                              f"ModelFetchFailed: {exc}")
         return 1
     for path in written:
         log.info("fetched %s", path)

@@ -7,24 +7,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
+import os
 
 import uvicorn
 
 from kubemaas_runtime.config import ServeConfig
-from kubemaas_runtime.errors import ModelLoadFailed
+from kubemaas_runtime.errors import ModelLoadFailed, ModelNotReady
+from kubemaas_runtime.http_limits import bounded_protocol
+from kubemaas_runtime.termination import write_termination_log
 
 log = logging.getLogger("kubemaas_runtime")
-
-
-def write_termination_log(path: str, line: str) -> None:
-    """The reason Kubernetes shows as the container's termination message."""
-    print(line, file=sys.stderr, flush=True)
-    try:
-        with open(path, "w") as handle:
-            handle.write(line.replace("\n", " ") + "\n")
-    except OSError as exc:
-        log.warning("cannot write termination log %s: %s", path, exc)
+QUEUE_REJECT_MARGIN_S = 1.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -46,6 +39,26 @@ class DrainingServer(uvicorn.Server):
                 loop.call_later, self._drain_seconds, super().handle_exit, sig, frame)
             return
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None) -> None:
+        # Requests still queued when the grace period is about to end get a clear 503 rather
+        # than a connection reset (uvicorn cancels what is left at the deadline).
+        grace = self.config.timeout_graceful_shutdown
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(max(0.0, (grace or 0) - QUEUE_REJECT_MARGIN_S),
+                                 self._reject_queued) if grace else None
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if handle is not None:
+                handle.cancel()
+
+    def _reject_queued(self) -> None:
+        batcher = self._state.batcher
+        if batcher is not None:
+            failed = batcher.fail_waiting(ModelNotReady("server is shutting down; retry"))
+            if failed:
+                log.warning("shutting down: %d queued requests answered 503", failed)
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -69,8 +82,10 @@ def serve(config: ServeConfig) -> int:
 
     app = create_app(state)
     uv_config = uvicorn.Config(
-        app, host=config.host, port=config.port, loop="uvloop", http="httptools",
+        app, host=config.host, port=config.port, loop="uvloop",
+        http=bounded_protocol(config.max_header_bytes, config.body_timeout_seconds),
         lifespan="on", access_log=False, log_level=config.log_level,
+        limit_concurrency=config.max_connections,
         timeout_graceful_shutdown=config.graceful_timeout_seconds or None)  # type: ignore[arg-type]  # uvicorn waits on a float fine
     server = DrainingServer(uv_config, state, config.drain_seconds)
 
@@ -79,6 +94,10 @@ def serve(config: ServeConfig) -> int:
 
     state.request_exit = request_exit
     server.run()
+    if state.fatal_error is not None:
+        write_termination_log(config.termination_log, state.fatal_error)
+        logging.shutdown()
+        os._exit(1)  # the model thread may be stuck in the failed device: do not join it
     if state.load_error is not None:
         write_termination_log(config.termination_log, state.load_error)
         return 1
@@ -90,6 +109,7 @@ def serve(config: ServeConfig) -> int:
 def _build_state(config: ServeConfig):
     import torch
 
+    from kubemaas_runtime.auth import read_token_file
     from kubemaas_runtime.device import available_cpus, resolve_device
     from kubemaas_runtime.metrics import create_metrics
     from kubemaas_runtime.models.base import ModelOptions
@@ -106,4 +126,5 @@ def _build_state(config: ServeConfig):
         max_batch_size=config.max_batch_size, max_drift=config.max_drift)
     model = create_model(config.format, options)
     metrics = create_metrics().bind(config.name, config.variant)
-    return ServingState(config, model, metrics)
+    token = read_token_file(config.auth_token_file) if config.auth_token_file else None
+    return ServingState(config, model, metrics, auth_token=token)

@@ -229,3 +229,77 @@ def test_cancelled_waiter_is_skipped():
 
     calls, results = run(scenario())
     assert calls == [[0], [2]] and results == [0, 20]
+
+
+class PoisonedModel(GatedModel):
+    """Fails any batch holding a negative payload, as one bad request would."""
+
+    async def __call__(self, payloads):
+        self.calls.append(list(payloads))
+        self.started.set()
+        await self.gate.wait()
+        if any(p < 0 for p in payloads):
+            raise ValueError(f"bad payload in {payloads}")
+        return [p * 10 for p in payloads]
+
+
+async def _busy_then_batch(batcher, model, payloads):
+    """Hold the model busy so `payloads` queue up and run as one batch."""
+    model.gate.clear()
+    first = asyncio.ensure_future(batcher.submit(100))
+    await model.started.wait()
+    rest = [asyncio.ensure_future(batcher.submit(p)) for p in payloads]
+    await asyncio.sleep(0)
+    model.gate.set()
+    return [await first, *await asyncio.gather(*rest, return_exceptions=True)]
+
+
+def test_a_failed_batch_is_retried_alone_so_only_the_culprit_fails():
+    async def scenario():
+        model = PoisonedModel()
+        batcher = DynamicBatcher(model, max_batch_size=8, max_queue=8)
+        batcher.start()
+        results = await _busy_then_batch(batcher, model, [1, -1, 2])
+        await batcher.close()
+        return model.calls, results
+
+    calls, results = run(scenario())
+    assert results[0] == 1000 and results[1] == 10 and results[3] == 20
+    assert isinstance(results[2], ValueError)
+    assert calls == [[100], [1, -1, 2], [1], [-1], [2]]
+
+
+def test_an_error_that_is_not_retried_reaches_every_member():
+    async def scenario():
+        model = PoisonedModel()
+        batcher = DynamicBatcher(model, max_batch_size=8, max_queue=8,
+                                 retry_alone=lambda exc: False)
+        batcher.start()
+        results = await _busy_then_batch(batcher, model, [1, -1, 2])
+        await batcher.close()
+        return model.calls, results
+
+    calls, results = run(scenario())
+    assert all(isinstance(r, ValueError) for r in results[1:])
+    assert calls == [[100], [1, -1, 2]]
+
+
+def test_fail_waiting_answers_the_queue_and_spares_the_running_batch():
+    async def scenario():
+        model = GatedModel()
+        batcher = DynamicBatcher(model, max_batch_size=1, max_queue=8)
+        batcher.start()
+        model.gate.clear()
+        running = asyncio.ensure_future(batcher.submit(1))
+        await model.started.wait()
+        queued = [asyncio.ensure_future(batcher.submit(p)) for p in (2, 3)]
+        await asyncio.sleep(0)
+        failed = batcher.fail_waiting(ModelNotReady("shutting down"))
+        model.gate.set()
+        results = [await running, *await asyncio.gather(*queued, return_exceptions=True)]
+        await batcher.close()
+        return failed, results
+
+    failed, results = run(scenario())
+    assert failed == 2 and results[0] == 10
+    assert all(isinstance(r, ModelNotReady) for r in results[1:])

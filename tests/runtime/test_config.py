@@ -53,7 +53,10 @@ def test_every_flag_has_an_env_var():
     for flag in ("--model-uri", "--format", "--task", "--architecture", "--name", "--variant",
                  "--quantization", "--device", "--max-batch-size", "--batch-timeout-ms",
                  "--max-queue", "--max-request-bytes", "--host", "--port", "--model-dir",
-                 "--termination-log", "--max-drift"):
+                 "--termination-log", "--max-drift", "--max-json-bytes", "--max-tensor-rank",
+                 "--max-tensor-elements", "--max-string-bytes", "--max-buffered-bytes",
+                 "--body-timeout-seconds", "--max-connections", "--max-header-bytes",
+                 "--auth-token-file"):
         assert flag in flags
 
 
@@ -70,6 +73,9 @@ def test_every_flag_has_an_env_var():
     (["--model-uri", "pvc://a/b", "--format", "gguf"], {"KUBEMAAS_MAX_NUM_SEQS": "0"}),
     (["--model-uri", "pvc://a/b", "--format", "gguf"], {"KUBEMAAS_KV_CACHE_TOKENS": "-5"}),
     (["--model-uri", "pvc://a/b", "--format", "gguf", "--max-model-len", "x"], {}),
+    (["--model-uri", "pvc://a/b", "--format", "torchscript", "--max-request-bytes", "100",
+      "--max-buffered-bytes", "10"], {}),                                    # budget < one body
+    (["--model-uri", "pvc://a/b", "--format", "torchscript", "--body-timeout-seconds", "0"], {}),
 ])
 def test_bad_input_exits(argv, env, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -84,7 +84,7 @@ def test_binary_inputs_follow_the_json_header():
     (request({"name": "x", "datatype": "FP32", "shape": [1]}), None, "neither 'data'"),
     (request({"name": "x", "datatype": "BYTES", "shape": [1], "data": [3]}), None,
      "BYTES data must be strings"),
-    (request({"name": "x", "datatype": "FP32", "shape": [2], "data": [[1], [2, 3]]}), None,
+    (request({"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [[1], [2, 3]]}), None,
      "regular nested list"),
     (request({"name": "x", "datatype": "FP32", "shape": [1], "data": [1]},
              {"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}), None,

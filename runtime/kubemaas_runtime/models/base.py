@@ -13,7 +13,7 @@ import torch
 
 from kubemaas_runtime.errors import InvalidInput
 from kubemaas_runtime.gate import AccuracyGate
-from kubemaas_runtime.protocol import InferRequest, Tensor
+from kubemaas_runtime.protocol import InferHeader, InferRequest, InputHeader, Tensor
 from kubemaas_runtime.quantization import QuantizationResult, check_supported, quantize_module
 
 SIGNATURE_FILE = "signature.json"
@@ -95,6 +95,11 @@ class Model(abc.ABC):
         Called off the event loop, under torch.inference_mode.
         """
 
+    def prepare(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-request work that can fail for this request alone (decoding text, ...), done
+        before it joins a batch so that a bad request never fails anyone else's."""
+        return inputs
+
     def warmup(self) -> None:
         """Run a forward pass or two so the first request does not pay for lazy setup."""
 
@@ -142,10 +147,12 @@ class Model(abc.ABC):
             },
         }
 
-    def validate(self, request: InferRequest) -> tuple[dict[str, Tensor], int]:
-        """Check the request against the signature; its inputs by name and its row count."""
+    def validate(self, request: InferRequest | InferHeader
+                 ) -> tuple[dict[str, Tensor | InputHeader], int]:
+        """Check the request against the signature; its inputs by name and its row count.
+        Runs on the parsed header, before any tensor data is decoded."""
         specs = {s.name: s for s in self.signature.inputs}
-        given = {t.name: t for t in request.inputs}
+        given: dict[str, Tensor | InputHeader] = {t.name: t for t in request.inputs}
         unknown = sorted(set(given) - set(specs))
         if unknown:
             raise InvalidInput(f"unknown input {', '.join(map(repr, unknown))}; model "
@@ -175,7 +182,7 @@ class Model(abc.ABC):
         return given, rows
 
 
-def check_tensor(spec: TensorSpec, tensor: Tensor) -> None:
+def check_tensor(spec: TensorSpec, tensor: Tensor | InputHeader) -> None:
     where = f"input '{spec.name}'"
     if spec.exact and tensor.datatype != spec.datatype:
         raise InvalidInput(f"{where}: expected datatype {spec.datatype}, got {tensor.datatype}")

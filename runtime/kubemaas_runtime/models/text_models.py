@@ -128,6 +128,11 @@ class TransformersModel(Model):
     def warmup(self) -> None:
         self._run(WARMUP_TEXTS)
 
+    def prepare(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        text = inputs["text"]
+        decoded = np.array(decode_texts(text), dtype=object).reshape(text.data.shape)
+        return {"text": Tensor(text.name, text.datatype, text.shape, decoded)}
+
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         encoded = self._tokenizer(texts)
         return {k: v.to(self.device) for k, v in encoded.items() if k in self._forward_args}
