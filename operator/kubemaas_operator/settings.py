@@ -35,6 +35,10 @@ class OperatorSettings(BaseModel):
     gpu_product_label: str = Field(
         default="nvidia.com/gpu.product", description="Node label naming the GPU model (GPU feature discovery)."
     )
+    gpu_memory_label: str = Field(
+        default="nvidia.com/gpu.memory",
+        description="Node label with the memory of one GPU in MiB (GPU feature discovery): the GPU-fit check.",
+    )
     namespaces: tuple[str, ...] = Field(
         default=(), description="Namespaces to watch; empty: the whole cluster."
     )

@@ -48,7 +48,8 @@ CASES: dict[str, dict[str, Any]] = {
     "watch-namespaces": {"watchNamespaces": ["ml", "ml-staging"]},
     "operator-settings": {"operator": {
         "runtimeImage": "registry.example.com/kubemaas-runtime:cu126", "gpuResourceName": "amd.com/gpu",
-        "gpuProductLabel": "amd.com/gpu.product-name", "logFormat": "text", "verbose": True,
+        "gpuProductLabel": "amd.com/gpu.product-name", "gpuMemoryLabel": "amd.com/gpu.vram",
+        "logFormat": "text", "verbose": True,
         "clusterDomain": "corp.internal", "prometheusAddress": "http://prometheus.obs:9090",
         "gatewayRequestQuery": 'sum(rate(istio_requests_total{destination_service_namespace="{namespace}",'
                                'destination_service_name=~"{name}-.+"}[1m]))',
@@ -278,6 +279,7 @@ def test_every_setting_is_a_value(rendered):
     assert settings.runtime_image == op["runtimeImage"]
     assert (settings.gpu_resource_name, settings.gpu_product_label) == (op["gpuResourceName"],
                                                                         op["gpuProductLabel"])
+    assert settings.gpu_memory_label == op["gpuMemoryLabel"]
     assert (settings.log_format, settings.verbose, settings.cluster_domain) == ("text", True,
                                                                                 "corp.internal")
     assert (settings.workers, settings.health_port, settings.metrics_port) == (4, 8081, 9100)

@@ -7,7 +7,12 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
-from kubemaas_operator.api.constants import PERCENT_PATTERN, QUANTITY_PATTERN
+from kubemaas_operator.api.constants import (
+    MAX_PARAMETER_COUNT,
+    PARAMETER_COUNT_PATTERN,
+    PERCENT_PATTERN,
+    QUANTITY_PATTERN,
+)
 
 
 class ApiModel(BaseModel):
@@ -33,6 +38,19 @@ Quantity = Annotated[
             "anyOf": [{"type": "integer"}, {"type": "string"}],
             "x-kubernetes-int-or-string": True,
             "pattern": QUANTITY_PATTERN,
+        }
+    ),
+]
+
+# A model's size: a plain integer or "135M", "7B", "1.5T".
+ParameterCount = Annotated[
+    Annotated[int, Field(ge=1, le=MAX_PARAMETER_COUNT)]
+    | Annotated[str, StringConstraints(pattern=PARAMETER_COUNT_PATTERN, max_length=16)],
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "x-kubernetes-int-or-string": True,
+            "pattern": PARAMETER_COUNT_PATTERN,
         }
     ),
 ]

@@ -41,14 +41,24 @@ QUANTITY_PATTERN: Final = (
     r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 PERCENT_PATTERN: Final = r"^[0-9]{1,3}%$"
+# A model's size: a plain count of parameters, or a count with K, M, B or T ("135M", "7B", "1.5B").
+PARAMETER_COUNT_PATTERN: Final = r"^([1-9][0-9]{0,14}|[0-9]{1,6}(\.[0-9]{1,3})?[KMBT])$"
+MAX_PARAMETER_COUNT: Final = 10**15
+MAX_GENERATION_TOKENS: Final = 16 * 1024 * 1024  # bounds maxModelLen and kvCacheTokens
 
-ModelFormat = Literal["torchscript", "exported-program", "safetensors", "transformers"]
-ModelTask = Literal["feature-extraction", "text-classification"]
+ModelFormat = Literal["torchscript", "exported-program", "safetensors", "transformers", "gguf"]
+ModelTask = Literal["feature-extraction", "text-classification", "text-generation"]
+# Formats that take spec.model.task (gguf files are causal LMs: text-generation only).
+TASKED_FORMATS: Final = ("transformers", "gguf")
 Quantization = Literal[
     "none", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-weight-only"
 ]
 AutoscalingEngine = Literal["hpa", "keda"]
-AutoscalingMetric = Literal["cpu", "concurrency", "rps"]
+AutoscalingMetric = Literal[
+    "cpu", "concurrency", "rps", "running-sequences", "waiting-sequences", "kv-cache-usage"
+]
+# Metrics only a text-generation runtime exports.
+GENERATIVE_METRICS: Final = ("running-sequences", "waiting-sequences", "kv-cache-usage")
 RolloutStrategy = Literal["RollingUpdate", "Canary"]
 
 # Which quantization runs on which device. The API server refuses the pairs missing here;
@@ -68,5 +78,5 @@ URI_SHAPE_PATTERN: Final = (
     r"^(pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^/].*)?"
     r"|file:///.+"
     r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?"
-    r"|hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*(@[-A-Za-z0-9_./]+)?)$"
+    r"|hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*(/[A-Za-z0-9_][-A-Za-z0-9_.]*)*(@[-A-Za-z0-9_./]+)?)$"
 )

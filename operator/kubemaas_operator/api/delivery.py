@@ -24,7 +24,7 @@ class Autoscaling(ApiModel):
 
     model_config = ConfigDict(json_schema_extra=rules.schema_rules(
         rules.MIN_NOT_ABOVE_MAX, rules.SCALE_TO_ZERO_NEEDS_KEDA, rules.SCALE_TO_ZERO_NEEDS_REQUEST_METRIC,
-        rules.ACTIVATION_QUERY_ONLY_AT_ZERO,
+        rules.ACTIVATION_QUERY_ONLY_AT_ZERO, rules.KV_CACHE_USAGE_IS_A_PERCENT,
     ))
 
     engine: AutoscalingEngine = Field(default="hpa", description="hpa or keda.")
@@ -42,11 +42,17 @@ class Autoscaling(ApiModel):
         default="concurrency",
         description=(
             "cpu (utilization of resources.cpu), concurrency (in-flight requests per pod, "
-            "kubemaas_inflight_requests) or rps (requests per second per pod)."
+            "kubemaas_inflight_requests), rps (requests per second per pod), or for "
+            "text-generation running-sequences (kubemaas_num_requests_running), "
+            "waiting-sequences (kubemaas_num_requests_waiting) or kv-cache-usage "
+            "(kubemaas_kv_cache_usage_ratio, target in percent)."
         ),
     )
     target: Annotated[int, Field(ge=1, le=100000)] = Field(
-        description="Target per pod: percent of the CPU request, in-flight requests, or requests per second."
+        description=(
+            "Target per pod: percent of the CPU request, in-flight requests, requests per second, "
+            "sequences running or waiting, or percent of the KV-cache budget in use."
+        )
     )
     scale_down_stabilization_seconds: Annotated[int, Field(ge=0, le=3600)] | None = Field(
         default=None,
@@ -77,6 +83,8 @@ class Autoscaling(ApiModel):
             raise rules.refusal(rules.SCALE_TO_ZERO_NEEDS_REQUEST_METRIC)
         if self.activation_query is not None and not (self.engine == "keda" and self.min_replicas == 0):
             raise rules.refusal(rules.ACTIVATION_QUERY_ONLY_AT_ZERO)
+        if self.metric == "kv-cache-usage" and self.target > 100:
+            raise rules.refusal(rules.KV_CACHE_USAGE_IS_A_PERCENT)
         return self
 
     @property

@@ -15,10 +15,12 @@ from pydantic_core import PydanticCustomError
 
 from kubemaas_operator.api.constants import (
     DNS_LABEL_PATTERN,
+    GENERATIVE_METRICS,
     MAX_CANARY_NAME_LENGTH,
     MAX_NAME_LENGTH,
     QUANTIZATION_DEVICES,
     REVISION_LENGTH,
+    TASKED_FORMATS,
     URI_SCHEMES,
     URI_SHAPE_PATTERN,
 )
@@ -104,8 +106,26 @@ URI_SHAPE = CelRule(
     rule="!self.uri.matches('^(" + "|".join(URI_SCHEMES) + f")://') || self.uri.matches('{URI_SHAPE_PATTERN}')",
     message=(
         "model.uri must look like pvc://<claim>[/<path>], file:///<absolute path>, "
-        "s3://<bucket>[/<key>] or hf://<org>/<name>[@<revision>]"
+        "s3://<bucket>[/<key>] or hf://<org>/<name>[/<file>][@<revision>]"
     ),
+    field_path=".uri",
+)
+# hf://org/name/file.gguf: one file of the repo. A path in an hf:// URI names a GGUF file only.
+_HF_WITH_PATH = "^hf://[^/@]+/[^/@]+/"
+HF_GGUF_NAMES_A_FILE = CelRule(
+    rule=(
+        "self.format != 'gguf' || !self.uri.startsWith('hf://') || "
+        "self.uri.matches('^hf://[^/@]+/[^/@]+/[^@]+[.]gguf(@.*)?$')"
+    ),
+    message=(
+        "model.uri: with model.format gguf an hf:// URI names one file of the repo: "
+        "hf://<org>/<name>/<file>.gguf[@<revision>]"
+    ),
+    field_path=".uri",
+)
+HF_PATH_ONLY_FOR_GGUF = CelRule(
+    rule=f"self.format == 'gguf' || !self.uri.matches('{_HF_WITH_PATH}')",
+    message="model.uri: a file path in an hf:// URI applies only to model.format gguf; name the repo, hf://<org>/<name>",
     field_path=".uri",
 )
 ARCHITECTURE_FOR_SAFETENSORS = CelRule(
@@ -116,13 +136,21 @@ ARCHITECTURE_FOR_SAFETENSORS = CelRule(
 )
 TASK_FOR_TRANSFORMERS = CelRule(
     rule="self.format != 'transformers' || has(self.task)",
-    message="model.task (feature-extraction or text-classification) is required when model.format is transformers",
+    message=(
+        "model.task (feature-extraction, text-classification or text-generation) is required "
+        "when model.format is transformers"
+    ),
     field_path=".task",
     reason="FieldValueRequired",
 )
 TASK_ONLY_FOR_TRANSFORMERS = CelRule(
-    rule="!has(self.task) || self.format == 'transformers'",
-    message="model.task applies only to model.format transformers",
+    rule=f"!has(self.task) || self.format in {_cel_list(list(TASKED_FORMATS))}",
+    message="model.task applies only to model.format transformers or gguf",
+    field_path=".task",
+)
+GGUF_IS_TEXT_GENERATION = CelRule(
+    rule="self.format != 'gguf' || !has(self.task) || self.task == 'text-generation'",
+    message="model.format gguf serves only model.task text-generation (a GGUF file is a causal LM)",
     field_path=".task",
 )
 
@@ -159,6 +187,22 @@ ACTIVATION_QUERY_ONLY_AT_ZERO = CelRule(
     rule="!has(self.activationQuery) || (self.engine == 'keda' && self.minReplicas == 0)",
     message="autoscaling.activationQuery applies only to scale to zero (autoscaling.engine keda, minReplicas 0)",
     field_path=".activationQuery",
+)
+
+KV_CACHE_USAGE_IS_A_PERCENT = CelRule(
+    rule="self.metric != 'kv-cache-usage' || self.target <= 100",
+    message="autoscaling.target is a percent (1-100) of the KV-cache budget with metric kv-cache-usage",
+    field_path=".target",
+)
+
+# --- on spec.runtime --------------------------------------------------------------------
+KV_CACHE_HOLDS_ONE_SEQUENCE = CelRule(
+    rule="!has(self.kvCacheTokens) || !has(self.maxModelLen) || self.kvCacheTokens >= self.maxModelLen",
+    message=(
+        "runtime.kvCacheTokens must be at least runtime.maxModelLen: a sequence of the longest "
+        "context must fit in the KV-cache budget"
+    ),
+    field_path=".kvCacheTokens",
 )
 
 # --- on spec.rollout --------------------------------------------------------------------
@@ -214,6 +258,39 @@ SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL = CelRule(
         "runs: set spec.gateway (its request rate wakes the model) or autoscaling.activationQuery"
     ),
     field_path=".autoscaling.minReplicas",
+)
+
+# Generative-only fields on a model that does not generate text.
+_GENERATES = "(self.model.format == 'gguf' || (has(self.model.task) && self.model.task == 'text-generation'))"
+
+
+def _generation_limit_rule(field: str) -> CelRule:
+    return CelRule(
+        rule=f"!has(self.runtime) || !has(self.runtime.{field}) || {_GENERATES}",
+        message=(
+            f"runtime.{field} is a generation limit: it applies only to model.task text-generation "
+            "(or model.format gguf)"
+        ),
+        field_path=f".runtime.{field}",
+    )
+
+
+MAX_MODEL_LEN_NEEDS_TEXT_GENERATION = _generation_limit_rule("maxModelLen")
+MAX_NUM_SEQS_NEEDS_TEXT_GENERATION = _generation_limit_rule("maxNumSeqs")
+KV_CACHE_TOKENS_NEEDS_TEXT_GENERATION = _generation_limit_rule("kvCacheTokens")
+GENERATION_LIMITS_NEED_TEXT_GENERATION = (
+    MAX_MODEL_LEN_NEEDS_TEXT_GENERATION, MAX_NUM_SEQS_NEEDS_TEXT_GENERATION, KV_CACHE_TOKENS_NEEDS_TEXT_GENERATION,
+)
+GENERATIVE_METRIC_NEEDS_TEXT_GENERATION = CelRule(
+    rule=(
+        f"!has(self.autoscaling) || !(self.autoscaling.metric in {_cel_list(list(GENERATIVE_METRICS))}) || "
+        + _GENERATES
+    ),
+    message=(
+        "autoscaling.metric " + ", ".join(GENERATIVE_METRICS) + " are exported only by a "
+        "text-generation runtime: use model.task text-generation, or concurrency, rps or cpu"
+    ),
+    field_path=".autoscaling.metric",
 )
 
 ROOT_RULES = (NAME_LENGTH, NAME_FORMAT, CANARY_SERVICE_NAME_LENGTH)

@@ -14,14 +14,17 @@ from pydantic import ConfigDict, Field, StringConstraints, field_validator, mode
 from pydantic_core import PydanticCustomError
 
 from kubemaas_operator.api import rules
-from kubemaas_operator.api.base import ApiModel, DnsLabel, DnsSubdomain
+from kubemaas_operator.api.base import ApiModel, DnsLabel, DnsSubdomain, ParameterCount
 from kubemaas_operator.api.compute import Resources, Scheduling
 from kubemaas_operator.api.constants import (
+    GENERATIVE_METRICS,
+    MAX_GENERATION_TOKENS,
     MAX_REPLICAS,
     MAX_URI_LENGTH,
     MAX_VARIANT_NAME_LENGTH,
     MAX_VARIANTS,
     QUANTIZATION_DEVICES,
+    TASKED_FORMATS,
     URI_SCHEMES,
     URI_SHAPE_PATTERN,
     ModelFormat,
@@ -32,6 +35,9 @@ from kubemaas_operator.api.delivery import Autoscaling, Rollout
 
 _SCHEME_RE = re.compile(r"^(" + "|".join(URI_SCHEMES) + ")://")
 _SHAPE_RE = re.compile(URI_SHAPE_PATTERN)
+_HF_WITH_PATH_RE = re.compile(r"^hf://[^/@]+/[^/@]+/")
+_HF_GGUF_FILE_RE = re.compile(r"^hf://[^/@]+/[^/@]+/[^@]+[.]gguf(@.*)?$")
+_SIZE_SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
 
 class SecretReference(ApiModel):
@@ -45,7 +51,8 @@ class ModelSource(ApiModel):
 
     model_config = ConfigDict(json_schema_extra=rules.schema_rules(
         rules.URI_SCHEME, rules.URI_SHAPE, rules.ARCHITECTURE_FOR_SAFETENSORS,
-        rules.TASK_FOR_TRANSFORMERS, rules.TASK_ONLY_FOR_TRANSFORMERS,
+        rules.TASK_FOR_TRANSFORMERS, rules.TASK_ONLY_FOR_TRANSFORMERS, rules.GGUF_IS_TEXT_GENERATION,
+        rules.HF_GGUF_NAMES_A_FILE, rules.HF_PATH_ONLY_FOR_GGUF,
     ))
 
     uri: Annotated[str, StringConstraints(min_length=1, max_length=MAX_URI_LENGTH)] = Field(
@@ -53,19 +60,34 @@ class ModelSource(ApiModel):
             "Where the model files are: pvc://<claim>[/<path>] (mounted read-only at "
             "/mnt/models), file:///<path> (already in the runtime image), s3://<bucket>/<key> "
             "or hf://<org>/<name>[@<revision>] (downloaded into /mnt/models by an init "
-            "container before the server starts)."
+            "container before the server starts); with format gguf, hf://<org>/<name>/<file>.gguf "
+            "names one file of the repo."
         )
     )
     format: ModelFormat = Field(
         description=(
             "How the model is stored: torchscript (torch.jit archive), exported-program "
-            "(torch.export archive), safetensors (a bare state dict; needs architecture) or "
-            "transformers (a Hugging Face model directory)."
+            "(torch.export archive), safetensors (a bare state dict; needs architecture), "
+            "transformers (a Hugging Face model directory) or gguf (a GGUF causal LM file, "
+            "task text-generation)."
         )
     )
     task: ModelTask | None = Field(
         default=None,
-        description="What a transformers model computes: feature-extraction or text-classification.",
+        description=(
+            "What the model computes: feature-extraction, text-classification or text-generation "
+            "(an OpenAI-compatible chat model under /v1). Required for transformers; gguf is "
+            "text-generation."
+        ),
+    )
+    parameter_count: ParameterCount | None = Field(
+        default=None,
+        description=(
+            "The model's size in parameters, as \"135M\", \"7B\", \"70B\" or a plain integer. "
+            "With GPUs it enables the GPU-fit check: each variant's per-GPU memory is estimated "
+            "from it and its quantization, and pods are placed only on GPUs that hold it "
+            "(docs/api.md, GPU fit)."
+        ),
     )
     architecture: Annotated[
         str,
@@ -100,13 +122,43 @@ class ModelSource(ApiModel):
             raise rules.refusal(rules.ARCHITECTURE_FOR_SAFETENSORS)
         if self.format == "transformers" and self.task is None:
             raise rules.refusal(rules.TASK_FOR_TRANSFORMERS)
-        if self.task is not None and self.format != "transformers":
+        if self.task is not None and self.format not in TASKED_FORMATS:
             raise rules.refusal(rules.TASK_ONLY_FOR_TRANSFORMERS)
+        if self.format == "gguf" and self.task not in (None, "text-generation"):
+            raise rules.refusal(rules.GGUF_IS_TEXT_GENERATION)
+        if self.format == "gguf" and self.scheme == "hf" and not _HF_GGUF_FILE_RE.search(self.uri):
+            raise rules.refusal(rules.HF_GGUF_NAMES_A_FILE)
+        if self.format != "gguf" and _HF_WITH_PATH_RE.search(self.uri):
+            raise rules.refusal(rules.HF_PATH_ONLY_FOR_GGUF)
         return self
+
+    @property
+    def generative(self) -> bool:
+        """A text-generation model: served under /v1 (OpenAI API) with generation limits."""
+        return self.format == "gguf" or self.task == "text-generation"
+
+    @property
+    def runtime_task(self) -> str | None:
+        """The task the runtime is told: gguf is always text-generation."""
+        return "text-generation" if self.format == "gguf" else self.task
+
+    @property
+    def parameters(self) -> int | None:
+        """parameterCount as a number ("7B" -> 7_000_000_000), or None when unset."""
+        value = self.parameter_count
+        if value is None or isinstance(value, int):
+            return value
+        if value[-1] in _SIZE_SUFFIX:
+            whole, _, fraction = value[:-1].partition(".")
+            scale = _SIZE_SUFFIX[value[-1]]
+            return int(whole) * scale + (int(fraction) * scale // 10 ** len(fraction) if fraction else 0)
+        return int(value)
 
 
 class RuntimeSpec(ApiModel):
     """The serving runtime's configuration (KUBEMAAS_* variables of the runtime container)."""
+
+    model_config = ConfigDict(json_schema_extra=rules.schema_rules(rules.KV_CACHE_HOLDS_ONE_SEQUENCE))
 
     image: Annotated[str, StringConstraints(max_length=512)] = Field(
         default="",
@@ -122,6 +174,29 @@ class RuntimeSpec(ApiModel):
         default=0,
         description="How long a batch may wait for more requests; 0 runs as soon as the model is free.",
     )
+    max_model_len: Annotated[int, Field(ge=1, le=MAX_GENERATION_TOKENS)] | None = Field(
+        default=None,
+        description=(
+            "text-generation: longest context of one sequence (prompt + generated tokens), "
+            "KUBEMAAS_MAX_MODEL_LEN. Empty: the model's own."
+        ),
+    )
+    max_num_seqs: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+        default=None,
+        description=(
+            "text-generation: most sequences decoded together, KUBEMAAS_MAX_NUM_SEQS. Empty: the "
+            "runtime's default (16)."
+        ),
+    )
+    kv_cache_tokens: Annotated[int, Field(ge=1, le=MAX_GENERATION_TOKENS)] | None = Field(
+        default=None,
+        description=(
+            "text-generation: KV-cache token budget over all running sequences, "
+            "KUBEMAAS_KV_CACHE_TOKENS; requests beyond it wait in the queue. Empty: maxNumSeqs x "
+            "maxModelLen, or with the GPU-fit check and neither limit set, the operator's "
+            "default budget (docs/api.md, GPU fit)."
+        ),
+    )
     max_drift: Annotated[float, Field(ge=0)] | None = Field(
         default=None,
         description=(
@@ -130,6 +205,13 @@ class RuntimeSpec(ApiModel):
             "runtime's default."
         ),
     )
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> RuntimeSpec:
+        if (self.kv_cache_tokens is not None and self.max_model_len is not None
+                and self.kv_cache_tokens < self.max_model_len):
+            raise rules.refusal(rules.KV_CACHE_HOLDS_ONE_SEQUENCE)
+        return self
 
 
 class Variant(ApiModel):
@@ -168,6 +250,7 @@ def _default_variants() -> list[Variant]:
 
 _SPEC_RULES = [
     rules.QUANTIZATION_ON_GPU, rules.CPU_METRIC_NEEDS_CPU_REQUEST, rules.SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL,
+    *rules.GENERATION_LIMITS_NEED_TEXT_GENERATION, rules.GENERATIVE_METRIC_NEEDS_TEXT_GENERATION,
 ]
 if rules.GPU_ONLY_QUANTIZATIONS:
     _SPEC_RULES.append(rules.QUANTIZATION_ON_CPU)
@@ -250,6 +333,14 @@ class ModelServiceSpec(ApiModel):
         if (self.autoscaling and self.autoscaling.scales_to_zero and self.gateway is None
                 and self.autoscaling.activation_query is None):
             raise rules.refusal(rules.SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL)
+        if not self.model.generative:
+            runtime = self.runtime
+            limits = (runtime.max_model_len, runtime.max_num_seqs, runtime.kv_cache_tokens)
+            for rule, value in zip(rules.GENERATION_LIMITS_NEED_TEXT_GENERATION, limits, strict=True):
+                if value is not None:
+                    raise rules.refusal(rule)
+            if self.autoscaling and self.autoscaling.metric in GENERATIVE_METRICS:
+                raise rules.refusal(rules.GENERATIVE_METRIC_NEEDS_TEXT_GENERATION)
         return self
 
     @property

@@ -6,7 +6,10 @@ metrics come from the runtime's series (labels `model`, `variant`, plus the `nam
 
 - concurrency: `kubemaas_inflight_requests` (a gauge), averaged per pod;
 - rps: the per-second rate of `kubemaas_requests_total`, per pod. For the HPA it is the custom
-  metric `kubemaas_requests_per_second`, which a prometheus-adapter rule provides (docs/api.md).
+  metric `kubemaas_requests_per_second`, which a prometheus-adapter rule provides (docs/api.md);
+- for text-generation, running-sequences, waiting-sequences and kv-cache-usage: the gauges
+  `kubemaas_num_requests_running`, `kubemaas_num_requests_waiting` and
+  `kubemaas_kv_cache_usage_ratio` (0..1; the spec's target is a percent of it), per pod.
 
 Scale to zero (KEDA, minReplicas 0) needs a second, activation trigger on a demand signal that
 exists while no pod runs: `autoscaling.activationQuery`, else the Gateway's request rate for the
@@ -30,6 +33,18 @@ class RequestMetric:
     hpa_metric: str
     runtime_series: str
     promql: str  # the KEDA prometheus trigger's query, {selector} filled per ModelService
+    percent: bool = False  # the series is a ratio (0..1) and the spec's target a percent of it
+
+    def target(self, target: int) -> str:
+        """The per-pod target as the HPA (a quantity) and KEDA (a number) both read it."""
+        if not self.percent:
+            return str(target)
+        return f"{target * 10}m"  # 80 (%) -> 800m = 0.8
+
+
+def _gauge(series: str, percent: bool = False) -> RequestMetric:
+    return RequestMetric(hpa_metric=series, runtime_series=series,
+                         promql=f"sum({series}{{{{{{selector}}}}}})", percent=percent)
 
 
 REQUEST_METRICS: dict[str, RequestMetric] = {
@@ -43,6 +58,9 @@ REQUEST_METRICS: dict[str, RequestMetric] = {
         runtime_series="kubemaas_requests_total",
         promql="sum(rate(kubemaas_requests_total{{{selector}}}[1m]))",
     ),
+    "running-sequences": _gauge("kubemaas_num_requests_running"),
+    "waiting-sequences": _gauge("kubemaas_num_requests_waiting"),
+    "kv-cache-usage": _gauge("kubemaas_kv_cache_usage_ratio", percent=True),
 }
 
 
@@ -61,7 +79,7 @@ def _hpa_metric(scaling: Autoscaling) -> dict[str, Any]:
         "type": "Pods",
         "pods": {
             "metric": {"name": metric.hpa_metric},
-            "target": {"type": "AverageValue", "averageValue": str(scaling.target)},
+            "target": {"type": "AverageValue", "averageValue": metric.target(scaling.target)},
         },
     }
 
@@ -109,9 +127,16 @@ def _keda_trigger(ms: ModelService, scaling: Autoscaling, settings: OperatorSett
         "metadata": {
             "serverAddress": settings.prometheus_address,
             "query": keda_query(ms, scaling.metric),
-            "threshold": str(scaling.target),
+            "threshold": _keda_number(REQUEST_METRICS[scaling.metric].target(scaling.target)),
         },
     }
+
+
+def _keda_number(quantity: str) -> str:
+    """KEDA's threshold is a plain number: 800m -> 0.8."""
+    if quantity.endswith("m"):
+        return f"{int(quantity[:-1]) / 1000:g}"
+    return quantity
 
 
 ACTIVATION_TRIGGER_NAME = "activation"

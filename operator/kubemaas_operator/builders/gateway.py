@@ -14,9 +14,19 @@ from kubemaas_operator.builders.naming import (
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 
 
+def route_matches(ms: ModelService) -> list[dict[str, Any]]:
+    """The v2 path of the model; a generative model's OpenAI API names the model in the body,
+    so /v1 is matched whole (one generative model per Gateway listener or hostname)."""
+    matches = [{"path": {"type": "PathPrefix", "value": f"/v2/models/{ms.name}"}}]
+    if ms.spec.model.generative:
+        matches.append({"path": {"type": "PathPrefix", "value": "/v1"}})
+    return matches
+
+
 def build_http_route(ms: ModelService, backends: list[tuple[str, int]]) -> dict[str, Any] | None:
-    """Requests under /v2/models/<name> split over `backends`, (Service, weight) pairs with
-    relative weights (`layout.route_backends`: per variant, or per revision under Canary)."""
+    """Requests under /v2/models/<name> (and for a text-generation model the OpenAI API under
+    /v1) split over `backends`, (Service, weight) pairs with relative weights
+    (`layout.route_backends`: per variant, or per revision under Canary)."""
     gateway = ms.spec.gateway
     if gateway is None:
         return None
@@ -37,7 +47,7 @@ def build_http_route(ms: ModelService, backends: list[tuple[str, int]]) -> dict[
             "parentRefs": [parent],
             "rules": [
                 {
-                    "matches": [{"path": {"type": "PathPrefix", "value": f"/v2/models/{ms.name}"}}],
+                    "matches": route_matches(ms),
                     "backendRefs": backend_refs,
                 }
             ],

@@ -39,8 +39,12 @@ def selector_string(ms_name: str) -> str:
 
 
 def service_url(ms: ModelService, settings: OperatorSettings) -> str:
-    """status.url: the model's v2 endpoint through the Service `<name>`."""
-    return f"http://{ms.name}.{ms.namespace}.svc.{settings.cluster_domain}/v2/models/{ms.name}"
+    """status.url through the Service `<name>`: the model's v2 endpoint, or for a text-generation
+    model its OpenAI API base `/v1`."""
+    base = f"http://{ms.name}.{ms.namespace}.svc.{settings.cluster_domain}"
+    if ms.spec.model.generative:
+        return f"{base}/v1"
+    return f"{base}/v2/models/{ms.name}"
 
 
 def common_labels(ms_name: str, component: str = "model-server") -> dict[str, str]:

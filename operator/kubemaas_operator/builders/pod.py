@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from kubemaas_operator import gpufit
 from kubemaas_operator.api import ModelService, Variant
 from kubemaas_operator.builders.model_source import TMP_VOLUME, fetch_init_container, model_mount
 from kubemaas_operator.builders.naming import (
@@ -48,7 +49,7 @@ def runtime_env(ms: ModelService, variant: Variant, settings: OperatorSettings) 
     values: dict[str, str | None] = {
         "KUBEMAAS_MODEL_URI": spec.model.uri,
         "KUBEMAAS_FORMAT": spec.model.format,
-        "KUBEMAAS_TASK": spec.model.task,
+        "KUBEMAAS_TASK": spec.model.runtime_task,
         "KUBEMAAS_ARCHITECTURE": spec.model.architecture,
         "KUBEMAAS_NAME": ms.name,
         "KUBEMAAS_VARIANT": variant.name,
@@ -57,6 +58,7 @@ def runtime_env(ms: ModelService, variant: Variant, settings: OperatorSettings) 
         "KUBEMAAS_MAX_BATCH_SIZE": str(spec.runtime.max_batch_size),
         "KUBEMAAS_BATCH_TIMEOUT_MS": str(spec.runtime.batch_timeout_ms),
         "KUBEMAAS_MAX_DRIFT": None if spec.runtime.max_drift is None else str(spec.runtime.max_drift),
+        **generation_env(ms),
         "KUBEMAAS_PORT": str(HTTP_PORT),
         "KUBEMAAS_MODEL_DIR": MODEL_DIR,
         "KUBEMAAS_GRACEFUL_TIMEOUT_SECONDS": str(settings.drain_seconds),
@@ -64,6 +66,19 @@ def runtime_env(ms: ModelService, variant: Variant, settings: OperatorSettings) 
         "HOME": "/tmp",
     }
     return [{"name": name, "value": value} for name, value in values.items() if value is not None]
+
+
+def generation_env(ms: ModelService) -> dict[str, str | None]:
+    """A text-generation model's limits; the KV budget the GPU-fit estimate assumed when the
+    spec sets none that bounds it (gpufit.operator_kv_cache_tokens)."""
+    runtime = ms.spec.runtime
+    kv_tokens = runtime.kv_cache_tokens or gpufit.operator_kv_cache_tokens(ms)
+    as_text = lambda value: None if value is None else str(value)
+    return {
+        "KUBEMAAS_MAX_MODEL_LEN": as_text(runtime.max_model_len),
+        "KUBEMAAS_MAX_NUM_SEQS": as_text(runtime.max_num_seqs),
+        "KUBEMAAS_KV_CACHE_TOKENS": as_text(kv_tokens),
+    }
 
 
 def container_resources(ms: ModelService, settings: OperatorSettings, with_gpu: bool) -> dict[str, Any]:
@@ -97,7 +112,8 @@ def _http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
 def runtime_container(
     ms: ModelService, variant: Variant, settings: OperatorSettings, image: str, mounts: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    startup_failures = max(1, settings.startup_timeout_seconds // PROBE_PERIOD_SECONDS)
+    startup_seconds = gpufit.startup_seconds(ms, settings.startup_timeout_seconds)
+    startup_failures = max(1, startup_seconds // PROBE_PERIOD_SECONDS)
     return {
         "name": RUNTIME_CONTAINER,
         "image": image,
@@ -118,8 +134,9 @@ def runtime_container(
     }
 
 
-def scheduling_fields(ms: ModelService, settings: OperatorSettings) -> dict[str, Any]:
-    """The user's scheduling merged with what GPUs need (product selector, GPU toleration)."""
+def scheduling_fields(ms: ModelService, settings: OperatorSettings, variant: Variant | None = None) -> dict[str, Any]:
+    """The user's scheduling merged with what GPUs need (product selector, GPU toleration, and
+    with the GPU-fit check the variant's memory per GPU as a required node affinity)."""
     spec = ms.spec
     sched = spec.scheduling
     node_selector = dict(sched.node_selector)
@@ -135,7 +152,11 @@ def scheduling_fields(ms: ModelService, settings: OperatorSettings) -> dict[str,
         fields["nodeSelector"] = node_selector
     if tolerations:
         fields["tolerations"] = tolerations
-    if sched.affinity:
+    need = gpufit.estimate(ms, variant) if variant is not None else None
+    if need is not None:
+        fields["affinity"] = gpufit.with_memory_requirement(
+            sched.affinity, gpufit.memory_requirement(need, settings.gpu_memory_label))
+    elif sched.affinity:
         fields["affinity"] = copy.deepcopy(sched.affinity)
     if sched.priority_class_name:
         fields["priorityClassName"] = sched.priority_class_name
@@ -165,7 +186,7 @@ def build_pod_template(
         **({"initContainers": init_containers} if init_containers else {}),
         "containers": [runtime_container(ms, variant, settings, image, source.mounts)],
         "volumes": [*source.volumes, {"name": TMP_VOLUME, "emptyDir": {}}],
-        **scheduling_fields(ms, settings),
+        **scheduling_fields(ms, settings, variant),
     }
     return {
         "metadata": {

@@ -1,0 +1,256 @@
+"""GPU fit: how much memory one pod of a variant needs per GPU, and where it can run.
+
+The estimate (docs/api.md, "GPU fit"), for a ModelService with `model.parameterCount` and GPUs:
+
+    per GPU = (weights + KV cache) / gpu.count + overhead
+    weights = parameterCount x bytes per parameter of the variant's quantization
+              (none: fp32, 4; fp16 and bf16: 2; int8: 1; int4: 0.5)
+    KV cache = token budget x bytes per token (text-generation only; encoders have none)
+
+The token budget is `runtime.kvCacheTokens`, else `maxNumSeqs` (default 16) x `maxModelLen`
+(what the runtime reserves), else DEFAULT_KV_CACHE_TOKENS, which the operator then passes to the
+runtime so the bound holds. The operator never reads the model's files, so its shape is unknown:
+bytes per token are those of a dense transformer of that size (hidden ~ (128 P / 12)^(1/3),
+layers = hidden / 128, K and V in 16 bits), an upper bound for models with grouped-query
+attention. The overhead (CUDA context, allocator, activations) is OVERHEAD_GIB per GPU.
+
+Placement: a required node affinity `nvidia.com/gpu.memory Gt <need - 1>` (MiB, as NVIDIA GPU
+feature discovery publishes it); the product stays a node selector. A variant that no GPU in the
+cluster holds (none of the named product, or none at all) gets no pods: `GPUMemoryInsufficient`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubemaas_operator.api import ModelService, Variant
+
+GIB = 1024**3
+MIB = 1024**2
+OVERHEAD_GIB = 2
+DEFAULT_KV_CACHE_TOKENS = 4096
+RUNTIME_DEFAULT_MAX_NUM_SEQS = 16  # the runtime's --max-num-seqs default
+KV_BYTES_PER_VALUE = 2  # the runtime keeps K and V in 16 bits
+FIT_REASON = "GPUMemoryInsufficient"
+
+BYTES_PER_PARAMETER: dict[str, float] = {
+    "none": 4, "fp16": 2, "bf16": 2, "int8-dynamic": 1, "int8-weight-only": 1, "int4-weight-only": 0.5,
+}
+PRECISION = {
+    "none": "fp32", "fp16": "fp16", "bf16": "bf16", "int8-dynamic": "int8", "int8-weight-only": "int8",
+    "int4-weight-only": "int4",
+}
+
+# Loading reads the weights as stored (16 bits a parameter for the large models) and then
+# quantizes them; startup probes allow this rate from slow network storage, plus a base.
+LOAD_BYTES_PER_SECOND = 100 * MIB
+LOAD_BASE_SECONDS = 600
+
+
+@dataclass(frozen=True)
+class GpuEstimate:
+    """One pod of one variant: its memory, in bytes, and the parts it is made of."""
+
+    parameters: int
+    quantization: str
+    gpus: int
+    weights: int
+    kv_cache: int
+    kv_tokens: int
+    overhead: int  # per GPU
+
+    @property
+    def per_gpu(self) -> int:
+        return math.ceil((self.weights + self.kv_cache) / self.gpus) + self.overhead
+
+    @property
+    def per_gpu_mib(self) -> int:
+        return math.ceil(self.per_gpu / MIB)
+
+    @property
+    def per_gpu_gib(self) -> int:
+        return math.ceil(self.per_gpu / GIB)
+
+    def parts(self) -> str:
+        """`70B parameters at fp16: 130 GiB, KV cache 8 GiB, overhead 2 GiB`."""
+        text = (f"{format_parameters(self.parameters)} parameters at {PRECISION[self.quantization]}: "
+                f"{_gib(self.weights)} GiB")
+        if self.kv_tokens:
+            text += f", KV cache {_gib(self.kv_cache)} GiB for {self.kv_tokens} tokens"
+        text += f", overhead {_gib(self.overhead)} GiB"
+        return text + (f" per GPU, over {self.gpus} GPUs" if self.gpus > 1 else "")
+
+    def describe(self) -> str:
+        return f"needs ~{self.per_gpu_gib} GiB per GPU ({self.parts()})"
+
+    def short(self) -> str:
+        """The printer column's text for one variant: `~44GiB/GPU`."""
+        return f"~{self.per_gpu_gib}GiB/GPU"
+
+
+@dataclass(frozen=True)
+class GpuNode:
+    """A node's GPUs as GPU feature discovery labels them."""
+
+    name: str
+    memory_mib: int
+    product: str | None = None
+
+    @classmethod
+    def from_labels(cls, name: str, labels: Mapping[str, str], memory_label: str,
+                    product_label: str) -> GpuNode | None:
+        raw = labels.get(memory_label, "")
+        if not raw.isdigit() or int(raw) == 0:
+            return None
+        return cls(name=name, memory_mib=int(raw), product=labels.get(product_label))
+
+
+@dataclass(frozen=True)
+class VariantFit:
+    """A variant's estimate and, when no GPU in the cluster holds it, why it gets no pods."""
+
+    variant: str
+    estimate: GpuEstimate
+    refusal: str | None = None
+
+
+def _gib(size: float) -> int:
+    return round(size / GIB)
+
+
+def format_parameters(count: int) -> str:
+    """70_000_000_000 -> 70B, 1_500_000_000 -> 1.5B, 135_000_000 -> 135M."""
+    for suffix, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}" if count / scale < 1000 else f"{count // scale}{suffix}"
+    return str(count)
+
+
+def kv_bytes_per_token(parameters: int) -> int:
+    """K and V of every layer of a dense transformer with `parameters` (shape unknown)."""
+    hidden = (128 * parameters / 12) ** (1 / 3)
+    layers = hidden / 128
+    return math.ceil(2 * layers * hidden * KV_BYTES_PER_VALUE)
+
+
+def operator_kv_cache_tokens(ms: ModelService) -> int | None:
+    """The KV budget the operator passes when the user set no limit that bounds it: only with the
+    fit check on (GPUs, parameterCount) for a text-generation model."""
+    spec = ms.spec
+    runtime = spec.runtime
+    if (spec.uses_gpu and spec.model.parameters and spec.model.generative
+            and runtime.kv_cache_tokens is None and runtime.max_model_len is None):
+        return DEFAULT_KV_CACHE_TOKENS
+    return None
+
+
+def kv_cache_tokens(ms: ModelService) -> int:
+    """The token budget the runtime reserves KV cache for (0 for a model that generates nothing)."""
+    spec = ms.spec
+    if not spec.model.generative:
+        return 0
+    runtime = spec.runtime
+    if runtime.kv_cache_tokens is not None:
+        return runtime.kv_cache_tokens
+    if runtime.max_model_len is not None:
+        return (runtime.max_num_seqs or RUNTIME_DEFAULT_MAX_NUM_SEQS) * runtime.max_model_len
+    return DEFAULT_KV_CACHE_TOKENS
+
+
+def estimate(ms: ModelService, variant: Variant) -> GpuEstimate | None:
+    """The per-GPU estimate of one variant's pod, or None without GPUs or parameterCount."""
+    parameters = ms.spec.model.parameters
+    gpus = ms.spec.resources.gpu.count
+    if not parameters or gpus == 0:
+        return None
+    tokens = kv_cache_tokens(ms)
+    return GpuEstimate(
+        parameters=parameters, quantization=variant.quantization, gpus=gpus,
+        weights=math.ceil(parameters * BYTES_PER_PARAMETER[variant.quantization]),
+        kv_cache=tokens * kv_bytes_per_token(parameters), kv_tokens=tokens,
+        overhead=OVERHEAD_GIB * GIB,
+    )
+
+
+def startup_seconds(ms: ModelService, configured: int) -> int:
+    """How long a pod may take to load its model: the operator setting, or more for a model so
+    large that reading its 16-bit weights at LOAD_BYTES_PER_SECOND takes longer."""
+    parameters = ms.spec.model.parameters
+    if not parameters:
+        return configured
+    return max(configured, LOAD_BASE_SECONDS + math.ceil(parameters * 2 / LOAD_BYTES_PER_SECOND))
+
+
+def memory_requirement(need: GpuEstimate, memory_label: str) -> dict[str, Any]:
+    """The node selector requirement: GPUs with at least the estimate (Gt is strict)."""
+    return {"key": memory_label, "operator": "Gt", "values": [str(need.per_gpu_mib - 1)]}
+
+
+def with_memory_requirement(affinity: dict[str, Any] | None, requirement: dict[str, Any]) -> dict[str, Any]:
+    """The user's affinity with `requirement` added to every required node selector term (terms
+    are ORed, expressions within one ANDed), or a first term holding it."""
+    out = copy.deepcopy(affinity) if affinity else {}
+    required = out.setdefault("nodeAffinity", {}).setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+    terms = required.setdefault("nodeSelectorTerms", [])
+    if not terms:
+        terms.append({})
+    for term in terms:
+        term.setdefault("matchExpressions", []).append(requirement)
+    return out
+
+
+def _advice(ms: ModelService, variant: Variant) -> str:
+    tips = ["use more GPUs (resources.gpu.count)"]
+    if variant.quantization != "int4-weight-only":
+        smaller = estimate(ms, variant.model_copy(update={"quantization": "int4-weight-only"}))
+        if smaller is not None:
+            tips.append(f"an int4-weight-only variant (~{smaller.per_gpu_gib} GiB per GPU)")
+    tips.append("or GPUs with more memory")
+    return ", ".join(tips)
+
+
+def refusal(ms: ModelService, variant: Variant, need: GpuEstimate, nodes: Iterable[GpuNode],
+            memory_label: str) -> str | None:
+    """Why no node's GPUs hold `need`, phrased for a person, or None when one does."""
+    nodes = tuple(nodes)
+    product = ms.spec.resources.gpu.product
+    candidates = [n for n in nodes if product is None or n.product == product]
+    if any(n.memory_mib >= need.per_gpu_mib for n in candidates):
+        return None
+    head = f"Variant {variant.name} {need.describe()}"
+    if not candidates:
+        where = f"nvidia.com/gpu.product={product} and " if product else ""
+        return (f"{head}; no node has {where}a {memory_label} label (NVIDIA GPU feature discovery "
+                "publishes it): install GPU feature discovery or add such nodes; without "
+                "model.parameterCount pods are placed without this check.")
+    largest = max(candidates, key=lambda n: n.memory_mib)
+    text = (f"{head}; the largest {largest.product or 'GPU'} has {largest.memory_mib // 1024} GiB: "
+            f"{_advice(ms, variant)}.")
+    elsewhere = [n for n in nodes if n.memory_mib >= need.per_gpu_mib]
+    if product and elsewhere:
+        best = max(elsewhere, key=lambda n: n.memory_mib)
+        text += f" {best.product or best.name} GPUs in the cluster would hold it (resources.gpu.product)."
+    return text
+
+
+def plan_fit(ms: ModelService, nodes: Iterable[GpuNode] | None, memory_label: str) -> tuple[VariantFit, ...]:
+    """Every variant's estimate; with `nodes` (the cluster's GPU nodes; None offline) also
+    whether any holds it."""
+    nodes = None if nodes is None else tuple(nodes)
+    fits = []
+    for variant in ms.spec.variants:
+        need = estimate(ms, variant)
+        if need is None:
+            continue
+        why = None if nodes is None else refusal(ms, variant, need, nodes, memory_label)
+        fits.append(VariantFit(variant.name, need, why))
+    return tuple(fits)
+
+
+def gpu_memory_summary(fits: Iterable[VariantFit]) -> str:
+    """The printer column: `int4 ~44GiB/GPU, bf16 ~142GiB/GPU (no fit)`."""
+    return ", ".join(f"{f.variant} {f.estimate.short()}" + (" (no fit)" if f.refusal else "") for f in fits)
