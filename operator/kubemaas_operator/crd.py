@@ -45,6 +45,8 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
      "description": "GPUs per pod."},
     {"name": "URL", "type": "string", "jsonPath": ".status.url",
      "description": "In-cluster URL of the model."},
+    {"name": "GPU-Memory", "type": "string", "jsonPath": ".status.gpuMemory",
+     "description": "Estimated memory per GPU of each variant (model.parameterCount).", "priority": 1},
     {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
      "description": "Why it is (not) ready.", "priority": 1},
     {"name": "Rollout", "type": "string", "jsonPath": ".status.rollout.phase",

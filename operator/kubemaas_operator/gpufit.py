@@ -116,6 +116,13 @@ class VariantFit:
     variant: str
     estimate: GpuEstimate
     refusal: str | None = None
+    checked: bool = False  # against the cluster's GPUs (offline, as in `render`, it is not)
+
+    @property
+    def verdict(self) -> str:
+        if not self.checked:
+            return "Unknown"
+        return "Insufficient" if self.refusal else "Fits"
 
 
 def _gib(size: float) -> int:
@@ -247,8 +254,37 @@ def plan_fit(ms: ModelService, nodes: Iterable[GpuNode] | None, memory_label: st
         if need is None:
             continue
         why = None if nodes is None else refusal(ms, variant, need, nodes, memory_label)
-        fits.append(VariantFit(variant.name, need, why))
+        fits.append(VariantFit(variant.name, need, why, checked=nodes is not None))
     return tuple(fits)
+
+
+def withheld_deployments(fits: Iterable[VariantFit], layouts: Iterable[Any]) -> frozenset[str]:
+    """The Deployments (stable and canary) of the variants no GPU holds: not written."""
+    refused = {f.variant for f in fits if f.refusal}
+    names = set()
+    for layout in layouts:
+        if layout.name in refused:
+            names.add(layout.stable.deployment)
+            if layout.canary is not None:
+                names.add(layout.canary.deployment)
+    return frozenset(names)
+
+
+def with_fit_status(status: dict[str, Any], fits: Iterable[VariantFit]) -> dict[str, Any]:
+    """`status` with each estimated variant's `gpuMemoryMiB` (per GPU), `gpuMemoryEstimate`
+    (its parts) and `gpuFit` (Fits, Insufficient or Unknown), and the printer column `gpuMemory`."""
+    fits = tuple(fits)
+    if not fits:
+        return status
+    by_name = {f.variant: f for f in fits}
+    variants = []
+    for entry in status.get("variants", []):
+        fit = by_name.get(entry["name"])
+        if fit is not None:
+            entry = {**entry, "gpuMemoryMiB": fit.estimate.per_gpu_mib,
+                     "gpuMemoryEstimate": fit.estimate.describe(), "gpuFit": fit.verdict}
+        variants.append(entry)
+    return {**status, "variants": variants, "gpuMemory": gpu_memory_summary(fits)}
 
 
 def gpu_memory_summary(fits: Iterable[VariantFit]) -> str:

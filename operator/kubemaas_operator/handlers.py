@@ -14,7 +14,7 @@ import time
 import kopf
 from pydantic import ValidationError
 
-from kubemaas_operator import metrics
+from kubemaas_operator import gpufit, metrics
 from kubemaas_operator.api import ModelService, describe_errors
 from kubemaas_operator.api.constants import GROUP, PLURAL, VERSION
 from kubemaas_operator.kube import KubeClient, load_api_client
@@ -77,6 +77,26 @@ def pod_index(namespace, labels, body, **_):
                                             "status": dict(body.get("status", {}))}}
 
 
+# The cluster's GPUs for the GPU-fit check, from GPU feature discovery's node labels. Nodes are
+# cluster-scoped: this needs get/list/watch on nodes (the chart's ClusterRole, also with
+# watchNamespaces). Every node counts under NODES, so "no node seen" (nodes not readable) is
+# told apart from "no GPU node": the first places as without the check, the second refuses.
+NODES, GPU_NODES = "nodes", "gpus"
+
+
+@kopf.index("", "v1", "nodes")
+def node_index(name, labels, memo, **_):
+    settings: OperatorSettings = memo.settings
+    gpu = gpufit.GpuNode.from_labels(name, labels, settings.gpu_memory_label, settings.gpu_product_label)
+    return {NODES: name, **({GPU_NODES: gpu} if gpu else {})}
+
+
+def _gpu_nodes(node_index) -> tuple[gpufit.GpuNode, ...] | None:
+    if not node_index.get(NODES):
+        return None
+    return tuple(sorted(node_index.get(GPU_NODES, ()), key=lambda n: n.name))
+
+
 def _observed(deployment_index, key: Key) -> list[ObservedDeployment]:
     found = (ObservedDeployment.from_object(d) for d in deployment_index.get(key, ()))
     return [d for d in found if d is not None]
@@ -87,7 +107,7 @@ def _observed(deployment_index, key: Key) -> list[ObservedDeployment]:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-def reconcile_modelservice(body, status, reason, memo, deployment_index, pod_index, **_) -> None:
+def reconcile_modelservice(body, status, reason, memo, deployment_index, pod_index, node_index, **_) -> None:
     reconciler: Reconciler = memo.reconciler
     started = time.perf_counter()
     result = "error"
@@ -101,11 +121,13 @@ def reconcile_modelservice(body, status, reason, memo, deployment_index, pod_ind
         key = (ms.namespace, ms.name)
         plan = reconciler.reconcile(ms, pinned_image=status.get("runtimeImage"),
                                     prune=reason != kopf.Reason.CREATE,
-                                    observed=_observed(deployment_index, key), status=dict(status))
+                                    observed=_observed(deployment_index, key), status=dict(status),
+                                    gpu_nodes=_gpu_nodes(node_index))
         _refresh(reconciler, plan.key, body, deployment_index, pod_index)
         blocking = reconciler.blocking.get(plan.key)
         result = "blocked" if blocking else "applied"
-        if blocking:
+        # GPUMemoryInsufficient needs no retry: a change of the nodes re-plans (node_changed)
+        if blocking and blocking.reason != gpufit.FIT_REASON:
             raise kopf.TemporaryError(f"{blocking.reason}: {blocking.message}", delay=30)
     finally:
         metrics.record_reconcile(result, time.perf_counter() - started)
@@ -128,7 +150,7 @@ def _rollout_moving(status, **_) -> bool:
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=CANARY_TICK_SECONDS, when=_rollout_moving)
-def advance_canary(body, status, memo, deployment_index, pod_index, **_) -> None:
+def advance_canary(body, status, memo, deployment_index, pod_index, node_index, **_) -> None:
     """While a canary moves (scaling, pausing, retiring), re-plan it every few seconds: a
     pause ends on time and a step whose pods became available is routed. Idle ModelServices
     have no timer; a held step waits for a spec change (the update handler)."""
@@ -139,7 +161,7 @@ def advance_canary(body, status, memo, deployment_index, pod_index, **_) -> None
         return  # the update handler reported it
     key = (ms.namespace, ms.name)
     reconciler.reconcile(ms, pinned_image=status.get("runtimeImage"), observed=_observed(deployment_index, key),
-                         status=dict(status), only_changes=True)
+                         status=dict(status), only_changes=True, gpu_nodes=_gpu_nodes(node_index))
     _refresh(reconciler, key, body, deployment_index, pod_index)
 
 
@@ -152,7 +174,7 @@ def modelservice_deleted(namespace, name, memo, **_) -> None:
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD)
 def deployment_event(type, namespace, labels, body, memo, modelservice_index,
-                     deployment_index, pod_index, **_) -> None:
+                     deployment_index, pod_index, node_index, **_) -> None:
     reconciler: Reconciler = memo.reconciler
     key = _owner_key(namespace, labels)
     parent = _parent(modelservice_index, key)
@@ -165,7 +187,8 @@ def deployment_event(type, namespace, labels, body, memo, modelservice_index,
                  body["metadata"]["name"])
         ms = ModelService.from_body(parent)
         reconciler.reconcile(ms, pinned_image=parent.get("status", {}).get("runtimeImage"),
-                             observed=_observed(deployment_index, key), status=parent.get("status"))
+                             observed=_observed(deployment_index, key), status=parent.get("status"),
+                             gpu_nodes=_gpu_nodes(node_index))
     _refresh(reconciler, key, parent, deployment_index, pod_index)
 
 
@@ -176,6 +199,33 @@ def pod_event(namespace, labels, memo, modelservice_index, deployment_index, pod
     parent = _parent(modelservice_index, key)
     if parent is not None:
         _refresh(memo.reconciler, key, parent, deployment_index, pod_index)
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_changed(memo, modelservice_index, deployment_index, pod_index, node_index, **_) -> None:
+    """When the cluster's GPUs change (a node added, removed or relabelled), re-plan every
+    ModelService with a GPU-fit estimate: a refused variant may fit now, or no longer."""
+    reconciler: Reconciler = memo.reconciler
+    gpus = _gpu_nodes(node_index)
+    with reconciler.lock(GPU_INVENTORY_KEY):
+        if gpus == reconciler.gpu_nodes:
+            return  # a heartbeat or a status change: the GPUs are the same
+        reconciler.gpu_nodes = gpus
+    for key, plan in list(reconciler.plans.items()):
+        parent = _parent(modelservice_index, key)
+        if not plan.fits or parent is None:
+            continue
+        try:
+            ms = ModelService.from_body(parent)
+        except ValidationError:
+            continue
+        reconciler.reconcile(ms, pinned_image=(parent.get("status") or {}).get("runtimeImage"),
+                             observed=_observed(deployment_index, key), status=parent.get("status"),
+                             gpu_nodes=gpus)
+        _refresh(reconciler, key, parent, deployment_index, pod_index)
+
+
+GPU_INVENTORY_KEY: Key = ("", "gpu-nodes")
 
 
 def _parent(modelservice_index, key: Key):

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from kubemaas_operator import gpufit
 from kubemaas_operator.api import ModelService
 from kubemaas_operator.builders import (
     MODELSERVICE_LABEL,
@@ -55,26 +56,36 @@ class Plan:
     scales: tuple[tuple[str, int], ...] = ()  # Deployments only scaled: (name, replicas)
     keep: frozenset[str] = frozenset()  # Deployments not desired but not to be deleted yet
     gateway: bool = False
+    fits: tuple[gpufit.VariantFit, ...] = ()  # the GPU-fit estimate of each variant with one
+    fit_problem: Problem | None = None  # GPUMemoryInsufficient: variants that get no pods
 
 
 def decide(ms: ModelService, settings: OperatorSettings, pinned_image: str | None,
            observed: Sequence[ObservedDeployment] = (), record: RolloutRecord | None = None,
-           now: datetime | None = None) -> Plan:
+           now: datetime | None = None, gpu_nodes: Sequence[gpufit.GpuNode] | None = None) -> Plan:
     """The children to write for ``ms`` now. ``observed`` (its Deployments as watched) and
-    ``record`` (the rollout as status last recorded it) decide a canary's progress."""
+    ``record`` (the rollout as status last recorded it) decide a canary's progress;
+    ``gpu_nodes`` (the cluster's GPUs; None: unknown) which variants no GPU can hold."""
     image = choose_runtime_image(ms, pinned_image, settings.runtime_image)
     rollout = plan_rollout(ms, image, observed, record, now or datetime.now(UTC))
     quantization = {v.name: v.quantization for v in ms.spec.variants}
-    children = tuple(build_children(ms, settings, runtime_image=image, layouts=rollout.variants))
+    fits = gpufit.plan_fit(ms, gpu_nodes, settings.gpu_memory_label)
+    # A variant no GPU holds gets no Deployment written (none created: no Pending pod); one that
+    # already runs an earlier revision is left as it is, serving, not pruned.
+    withheld = gpufit.withheld_deployments(fits, rollout.variants)
+    children = tuple(c for c in build_children(ms, settings, runtime_image=image, layouts=rollout.variants)
+                     if not (c["kind"] == "Deployment" and c["metadata"]["name"] in withheld))
+    refusals = [f.refusal for f in fits if f.refusal]
     return Plan(
+        fits=fits, fit_problem=Problem(gpufit.FIT_REASON, " ".join(refusals)) if refusals else None,
         key=(ms.namespace, ms.name), uid=ms.metadata.uid or "", generation=ms.metadata.generation or 0,
         runtime_image=image, children=children,
         variants=tuple(VariantPlan(quantization[lay.name], lay) for lay in rollout.variants),
         selector=selector_string(ms.name), url=service_url(ms, settings), rollout=rollout,
         scales=tuple((lay.stable.deployment, lay.stable.replicas) for lay in rollout.variants
-                     if not lay.stable.apply),
+                     if not lay.stable.apply and lay.stable.deployment not in withheld),
         keep=frozenset(name for lay in rollout.variants for name in lay.keep)
-        | {lay.stable.deployment for lay in rollout.variants if not lay.stable.apply},
+        | {lay.stable.deployment for lay in rollout.variants if not lay.stable.apply} | withheld,
         gateway=ms.spec.gateway is not None,
     )
 
@@ -127,6 +138,7 @@ class Reconciler:
     blocking: dict[Key, Problem | None] = field(default_factory=dict)
     last_status: dict[Key, dict] = field(default_factory=dict)
     applied_generation: dict[tuple[str, str], int] = field(default_factory=dict)
+    gpu_nodes: tuple[gpufit.GpuNode, ...] | None = None  # the GPUs node_changed last saw
     _locks: dict[Key, threading.Lock] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -145,7 +157,8 @@ class Reconciler:
 
     def reconcile(self, ms: ModelService, pinned_image: str | None, prune: bool = True,
                   observed: Sequence[ObservedDeployment] = (), status: dict | None = None,
-                  only_changes: bool = False) -> Plan:
+                  only_changes: bool = False,
+                  gpu_nodes: Sequence[gpufit.GpuNode] | None = None) -> Plan:
         """Apply the desired children; ``prune=False`` (a first create, which cannot have stale
         children of its own uid) skips listing every owned kind. ``status`` is the status the
         object carries (the rollout record when this operator has written none since it
@@ -153,9 +166,9 @@ class Reconciler:
         key = (ms.namespace, ms.name)
         with self.lock(key):
             record = RolloutRecord.from_status(self.last_status.get(key) or status)
-            plan = decide(ms, self.settings, pinned_image, observed, record)
+            plan = decide(ms, self.settings, pinned_image, observed, record, gpu_nodes=gpu_nodes)
             previous = self.plans.get(key) if only_changes else None
-            self.blocking[plan.key] = self._apply(plan, prune, previous)
+            self.blocking[plan.key] = self._apply(plan, prune, previous) or plan.fit_problem
             self.plans[plan.key] = plan
         return plan
 
@@ -220,7 +233,7 @@ class Reconciler:
             applied_generations={n: self.applied_generation.get((key[0], n), 0) for n in names},
             gateway=plan.gateway, rollout=rollout_status(plan),
         )
-        status = compute_status(obs, previous_conditions)
+        status = gpufit.with_fit_status(compute_status(obs, previous_conditions), plan.fits)
         if _same_status(status, self.last_status.get(key)):
             return None
         return status

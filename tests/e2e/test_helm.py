@@ -284,6 +284,8 @@ def test_watch_namespaces_mode_reconciles_with_roles_only(release: Release, name
         assert not can_i(cluster, user, "list", "deployments.apps", "--all-namespaces")
         assert not can_i(cluster, user, "list", MSVC, "--all-namespaces")
         assert can_i(cluster, user, "watch", "namespaces")
+        assert can_i(cluster, user, "watch", "nodes")  # cluster-scoped: the GPU-fit check
+        assert not can_i(cluster, user, "patch", "nodes")
         reconcile_example_as(scoped, scoped.rendered_deployment(*settings), namespace)
     finally:
         scoped.helm("uninstall", scoped.name, "--wait", check=False)
@@ -301,6 +303,7 @@ NEEDED = [
     ("patch", "httproutes.gateway.networking.k8s.io"),
     ("list", "pods"), ("watch", "pods"), ("create", "events"),
     ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
+    ("list", "nodes"), ("watch", "nodes"),  # the GPU-fit check reads their GPU labels
 ]
 REFUSED = [
     ("get", "secrets"), ("list", "secrets"), ("watch", "secrets"), ("create", "secrets"),
@@ -314,7 +317,7 @@ REFUSED = [
     ("bind", "clusterroles.rbac.authorization.k8s.io"),
     ("create", "customresourcedefinitions.apiextensions.k8s.io"),
     ("patch", "customresourcedefinitions.apiextensions.k8s.io"),
-    ("list", "nodes"), ("list", "namespaces"), ("delete", "namespaces"),
+    ("patch", "nodes"), ("delete", "nodes"), ("list", "namespaces"), ("delete", "namespaces"),
     ("delete", "events"), ("*", "*"),
 ]
 

@@ -339,7 +339,9 @@ OPERATOR_RULES = {
     ("apps", "replicasets"): READ,
     ("", "events"): {"create"},
 }
-DISCOVERY_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): READ}
+# Cluster-scoped reads, a ClusterRole in every mode: CRDs (is KEDA/Gateway API installed?) and
+# nodes (their GPU feature discovery labels: the GPU-fit check).
+DISCOVERY_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): READ, ("", "nodes"): READ}
 
 
 def operator_roles(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -36,11 +36,57 @@ def example_children() -> list[tuple[str, dict]]:
                                      "target": 3},
                      "gateway": {"name": "public"}})
     out += [("safetensors-pvc-keda", o) for o in build_children(extra, SETTINGS)]
+    out += [(label, o) for label, ms in GENERATIVE_CASES.items() for o in build_children(ms, SETTINGS)]
     return out
+
+
+# Generative ModelServices: every generation limit, every generative metric under both engines,
+# and the KV budget the operator passes itself for the GPU-fit estimate.
+_GGUF = {"uri": "pvc://models/smollm2", "format": "gguf"}
+GENERATIVE_CASES = {
+    "gguf-limits-hpa-running": make_ms({
+        "model": _GGUF, "runtime": {"maxModelLen": 2048, "maxNumSeqs": 8, "kvCacheTokens": 8192},
+        "autoscaling": {"maxReplicas": 4, "metric": "running-sequences", "target": 6}}),
+    "hf-generation-hpa-waiting": make_ms({
+        "model": {"uri": "hf://org/llm", "format": "transformers", "task": "text-generation",
+                  "parameterCount": "13B"},
+        "resources": {"gpu": {"count": 1}}, "variants": [{"name": "bf16", "quantization": "bf16"}],
+        "autoscaling": {"maxReplicas": 4, "metric": "waiting-sequences", "target": 2}}),
+    "gguf-keda-kv-cache": make_ms({
+        "model": _GGUF, "runtime": {"maxModelLen": 4096},
+        "autoscaling": {"engine": "keda", "maxReplicas": 4, "metric": "kv-cache-usage", "target": 80}}),
+}
 
 
 CHILDREN = example_children()
 DEPLOYMENTS = [(label, o) for label, o in CHILDREN if o["kind"] == "Deployment"]
+
+
+def test_the_runtime_reads_the_generation_limits_the_spec_sets():
+    (dep,) = [o for label, o in CHILDREN if label == "gguf-limits-hpa-running" and o["kind"] == "Deployment"]
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    config = parse_serve_config(container["args"][1:], {e["name"]: e["value"] for e in container["env"]})
+    assert (config.format, config.task) == ("gguf", "text-generation")
+    assert (config.max_model_len, config.max_num_seqs, config.kv_cache_tokens) == (2048, 8, 8192)
+
+
+def test_the_runtime_reads_the_kv_budget_the_fit_estimate_assumed():
+    from kubemaas_operator.gpufit import DEFAULT_KV_CACHE_TOKENS
+
+    (dep,) = [o for label, o in CHILDREN if label == "hf-generation-hpa-waiting" and o["kind"] == "Deployment"]
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    config = parse_serve_config(container["args"][1:], {e["name"]: e["value"] for e in container["env"]})
+    assert config.kv_cache_tokens == DEFAULT_KV_CACHE_TOKENS and config.max_model_len is None
+
+
+def test_every_generative_metric_is_named_by_an_autoscaler():
+    named = set()
+    for _, obj in CHILDREN:
+        if obj["kind"] == "HorizontalPodAutoscaler":
+            named |= {m["pods"]["metric"]["name"] for m in obj["spec"]["metrics"] if m["type"] == "Pods"}
+        if obj["kind"] == "ScaledObject":
+            named |= {n for t in obj["spec"]["triggers"] for n in re.findall(r"kubemaas_[a-z_]+", t["metadata"].get("query", ""))}
+    assert {"kubemaas_num_requests_running", "kubemaas_num_requests_waiting", "kubemaas_kv_cache_usage_ratio"} <= named
 
 
 def runtime_registry_names() -> set[str]:

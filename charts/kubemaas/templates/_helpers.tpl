@@ -105,6 +105,10 @@ without a restart), and, when watching listed namespaces, namespace names.
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [get, list, watch]
+# GPU feature discovery's node labels (nvidia.com/gpu.memory, gpu.product): the GPU-fit check
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [get, list, watch]
 {{- if .Values.watchNamespaces }}
 - apiGroups: [""]
   resources: [namespaces]

@@ -74,6 +74,20 @@ class VariantStatus(ApiModel):
     canary_traffic_share: Annotated[float, Field(ge=0, le=100)] | None = Field(
         default=None, description="During a canary: percent of all requests the new revision receives."
     )
+    gpu_memory_mib: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, alias="gpuMemoryMiB",
+        description="GPU fit (model.parameterCount with GPUs): the estimated memory one pod needs per GPU, in MiB.",
+    )
+    gpu_memory_estimate: Annotated[str, StringConstraints(max_length=1024)] | None = Field(
+        default=None, description="GPU fit: the estimate and its parts (weights, KV cache, overhead), in GiB."
+    )
+    gpu_fit: Literal["Fits", "Insufficient", "Unknown"] | None = Field(
+        default=None,
+        description=(
+            "GPU fit: Fits (some node's GPUs hold it; its pods require such GPUs), Insufficient "
+            "(none does: it gets no pods, Ready=False GPUMemoryInsufficient) or Unknown (no node seen)."
+        ),
+    )
 
 
 RolloutPhase = Literal["Complete", "Progressing", "Held"]
@@ -145,6 +159,10 @@ class ModelServiceStatus(ApiModel):
     )
     variant_summary: Annotated[str, StringConstraints(max_length=1024)] | None = Field(
         default=None, description="Ready/desired pods per variant, e.g. \"bf16 2/2, int8 1/1\"."
+    )
+    gpu_memory: Annotated[str, StringConstraints(max_length=1024)] | None = Field(
+        default=None,
+        description="GPU fit per variant, e.g. \"int4 ~45GiB/GPU, bf16 ~143GiB/GPU (no fit)\" (kubectl get -o wide).",
     )
     conditions: Annotated[list[Condition], Field(max_length=16)] = Field(
         default_factory=list,
