@@ -15,8 +15,9 @@ from typing import Any, TextIO
 import yaml
 from pydantic import ValidationError
 
+from kubemaas_operator import gpufit
 from kubemaas_operator.api import KIND, ModelService, describe_errors
-from kubemaas_operator.builders import build_children
+from kubemaas_operator.builders import VARIANT_LABEL, build_children
 from kubemaas_operator.settings import OperatorSettings
 
 STDIN = "-"
@@ -58,7 +59,12 @@ def render_document(document: Any, where: str, settings: OperatorSettings, names
     if not ms.metadata.namespace:
         ms = ms.model_copy(update={"metadata": ms.metadata.model_copy(update={"namespace": namespace})})
     note = f"{where}: ModelService {ms.namespace}/{ms.name}"
-    result.objects.extend((note, child) for child in build_children(ms, settings))
+    # The GPU-fit estimate (offline: against no cluster, so nothing is refused here)
+    fits = {f.variant: f.estimate for f in gpufit.plan_fit(ms, None, settings.gpu_memory_label)}
+    for child in build_children(ms, settings):
+        variant = child["metadata"]["labels"].get(VARIANT_LABEL)
+        fit = fits.get(variant) if child["kind"] == "Deployment" and variant else None
+        result.objects.append((f"{note}\n# GPU fit: variant {variant} {fit.describe()}" if fit else note, child))
 
 
 def render_paths(paths: Iterable[str], settings: OperatorSettings, namespace: str = "default",

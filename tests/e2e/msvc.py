@@ -93,6 +93,26 @@ def with_changes(obj: dict, **spec_changes: Any) -> dict:
     return out
 
 
+def example_claims(examples: list[dict]) -> set[str]:
+    """The PersistentVolumeClaims the pvc:// examples read from."""
+    return {ex["spec"]["model"]["uri"].removeprefix("pvc://").split("/")[0]
+            for ex in examples if ex["spec"]["model"]["uri"].startswith("pvc://")}
+
+
+def static_claim(cluster: Cluster, namespace: str, claim: str) -> None:
+    """A claim bound to a static hostPath volume (no provisioner runs here), as `hack/cluster pvc`."""
+    volume = {"apiVersion": "v1", "kind": "PersistentVolume",
+              "metadata": {"name": f"{namespace}-{claim}", "labels": {"kubemaas.io/local-pv": "true"}},
+              "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadOnlyMany", "ReadWriteOnce"],
+                       "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "",
+                       "hostPath": {"path": f"/var/lib/kubemaas/{namespace}/{claim}"},
+                       "claimRef": {"namespace": namespace, "name": claim}}}
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": namespace},
+           "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": f"{namespace}-{claim}",
+                    "resources": {"requests": {"storage": "10Gi"}}}}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [volume, pvc]}))
+
+
 def load_examples() -> list[dict]:
     docs = []
     for path in EXAMPLES:

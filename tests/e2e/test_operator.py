@@ -33,12 +33,16 @@ def _node_labels(cluster: Cluster) -> dict[str, dict]:
 
 
 def test_every_example_becomes_ready_as_render_printed_it(cluster: Cluster, operator, namespace: str) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples"))
     examples = msvc.load_examples()
+    for claim in msvc.example_claims(examples):  # no provisioner here: static volumes, as make demo
+        msvc.static_claim(cluster, namespace, claim)
+    cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples"))
     for ex in examples:
         ms = wait_ready(cluster, namespace, ex["metadata"]["name"], timeout=120)
-        assert ms["status"]["url"] == (f"http://{ex['metadata']['name']}.{namespace}.svc.cluster.local"
-                                       f"/v2/models/{ex['metadata']['name']}")
+        name, model = ex["metadata"]["name"], ex["spec"]["model"]
+        generative = model.get("task") == "text-generation" or model["format"] == "gguf"
+        path = "/v1" if generative else f"/v2/models/{name}"
+        assert ms["status"]["url"] == f"http://{name}.{namespace}.svc.cluster.local{path}"
         assert ms["status"]["readyReplicas"] == ex["spec"].get("replicas", 1)
         assert ms["status"]["runtimeImage"]
 

@@ -9,8 +9,10 @@ import yaml
 from kubemaas_operator.api import ModelService
 
 REPO = Path(__file__).resolve().parents[2]
-# examples/*.yaml apply as they are; examples/addons/ need an add-on's CRD (KEDA, Gateway API).
-EXAMPLES = sorted([*(REPO / "examples").glob("*.yaml"), *(REPO / "examples").glob("addons/*.yaml")])
+# examples/*.yaml apply as they are; examples/addons/ need an add-on's CRD (KEDA, Gateway API);
+# examples/refused/ are accepted by the API server and refused by the GPU-fit check on purpose.
+EXAMPLES = sorted([*(REPO / "examples").glob("*.yaml"), *(REPO / "examples").glob("addons/*.yaml"),
+                   *(REPO / "examples").glob("refused/*.yaml")])
 INVALID_FIXTURES = sorted((REPO / "tests" / "fixtures" / "invalid").glob("*.yaml"))
 
 
