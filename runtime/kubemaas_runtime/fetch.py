@@ -3,7 +3,8 @@
 s3://bucket/key copies the object `key` (as its base name) or, when `key` is a prefix, every
 object under it (keeping paths relative to the prefix). hf://org/name[@revision] copies the
 repository's files at that revision (default main), skipping other frameworks' weights and
-pickled weights. Files land under a temporary name and are renamed when complete.
+pickled weights; hf://org/name/path/file.gguf[@revision] copies that one file (a GGUF repo
+holds many quantizations), saved under its base name. Files land under a temporary name and are renamed when complete.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class FetchError(Exception):
 
 
 def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--uri", required=True, help="s3://bucket/key or hf://org/name[@rev]")
+    parser.add_argument("--uri", required=True, help="s3://bucket/key or hf://org/name[/file][@rev]")
     parser.add_argument("--dest", required=True, help="directory to fill (created if missing)")
 
 
@@ -80,19 +81,21 @@ def fetch_s3(uri: str, dest: Path, env: Mapping[str, str]) -> list[Path]:
     return written
 
 
-def parse_hf_uri(uri: str) -> tuple[str, str]:
+def parse_hf_uri(uri: str) -> tuple[str, str | None, str]:
+    """hf://org/name[/file][@revision] -> (org/name, the file or None, revision)."""
     parsed = urlparse(uri)
-    repo = (parsed.netloc + parsed.path).strip("/")
-    repo, _, revision = repo.partition("@")
-    if repo.count("/") > 1 or not repo:
-        raise FetchError(f"{uri}: expected hf://org/name[@revision]")
-    return repo, revision or "main"
+    path = (parsed.netloc + parsed.path).strip("/")
+    path, _, revision = path.partition("@")
+    parts = path.split("/")
+    if len(parts) < 2 or not all(parts) or ".." in parts:
+        raise FetchError(f"{uri}: expected hf://org/name[/file][@revision]")
+    return "/".join(parts[:2]), "/".join(parts[2:]) or None, revision or "main"
 
 
 def fetch_hf(uri: str, dest: Path, env: Mapping[str, str]) -> list[Path]:
     import httpx
 
-    repo, revision = parse_hf_uri(uri)
+    repo, single, revision = parse_hf_uri(uri)
     endpoint = (env.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
     headers = {"User-Agent": "kubemaas-runtime-fetch"}
     if env.get("HF_TOKEN"):
@@ -106,12 +109,18 @@ def fetch_hf(uri: str, dest: Path, env: Mapping[str, str]) -> list[Path]:
         doc = info.json()
         commit = doc.get("sha") or revision
         files = [s["rfilename"] for s in doc.get("siblings", [])]
-        wanted = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in HF_SKIP_PATTERNS)]
+        if single is not None:
+            if single not in files:
+                raise FetchError(f"{uri}: the repository has no file {single}")
+            wanted = [single]
+        else:
+            wanted = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in HF_SKIP_PATTERNS)]
         if not wanted:
             raise FetchError(f"{uri}: the repository has no files to fetch")
         written = []
         for name in wanted:
-            target = safe_destination(dest, name)
+            # one named file lands at the top (the runtime finds the one .gguf there)
+            target = safe_destination(dest, PurePosixPath(name).name if single else name)
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(target.name + ".part")
             url = f"{endpoint}/{repo}/resolve/{commit}/{quote(name)}"

@@ -22,6 +22,8 @@ HUB_FILES = {
     "nested/tokenizer.json": b"{}",
     "pytorch_model.bin": b"pickled, never fetched",
     "onnx/model.onnx": b"other framework, never fetched",
+    "gguf/tiny-Q8_0.gguf": b"GGUF" + b"\x08" * 64,
+    "gguf/tiny-Q4_K_M.gguf": b"GGUF" + b"\x04" * 32,
 }
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -128,7 +130,23 @@ def test_hf_repository_files(hub, tmp_path):
     assert result.returncode == 0, result.stderr
     fetched = {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
     assert fetched == {name: HUB_FILES[name] for name in
-                       ("config.json", "model.safetensors", "nested/tokenizer.json")}
+                       ("config.json", "model.safetensors", "nested/tokenizer.json",
+                        "gguf/tiny-Q8_0.gguf", "gguf/tiny-Q4_K_M.gguf")}
+
+
+def test_hf_one_named_gguf_file(hub, tmp_path):
+    dest = tmp_path / "models"
+    result = run_fetch(f"hf://{HUB_REPO}/gguf/tiny-Q8_0.gguf", dest, HF_ENDPOINT=hub, HF_TOKEN=HUB_TOKEN)
+    assert result.returncode == 0, result.stderr
+    fetched = {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    assert fetched == {"tiny-Q8_0.gguf": HUB_FILES["gguf/tiny-Q8_0.gguf"]}  # only it, at the top
+
+
+@pytest.mark.parametrize("path", ["gguf/absent.gguf", "gguf/../config.json"])
+def test_hf_named_file_must_be_in_the_repository(hub, tmp_path, path):
+    result = run_fetch(f"hf://{HUB_REPO}/{path}", tmp_path / "models", HF_ENDPOINT=hub, HF_TOKEN=HUB_TOKEN)
+    assert result.returncode == 1 and "ModelFetchFailed" in result.stderr
+    assert not (tmp_path / "models").exists() or not list((tmp_path / "models").rglob("*.*"))
 
 
 def test_hf_without_token_is_refused(hub, tmp_path):

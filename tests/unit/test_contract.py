@@ -79,6 +79,13 @@ def test_the_runtime_reads_the_kv_budget_the_fit_estimate_assumed():
     assert config.kv_cache_tokens == DEFAULT_KV_CACHE_TOKENS and config.max_model_len is None
 
 
+def test_the_fit_estimate_assumes_the_runtimes_default_running_sequences():
+    from kubemaas_operator.gpufit import RUNTIME_DEFAULT_MAX_NUM_SEQS
+
+    config = parse_serve_config([], {"KUBEMAAS_MODEL_URI": "pvc://m/llm", "KUBEMAAS_FORMAT": "gguf"})
+    assert config.max_num_seqs == RUNTIME_DEFAULT_MAX_NUM_SEQS and config.kv_cache_tokens is None
+
+
 def test_every_generative_metric_is_named_by_an_autoscaler():
     named = set()
     for _, obj in CHILDREN:
