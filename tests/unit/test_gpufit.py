@@ -299,3 +299,30 @@ def test_status_without_an_estimate_is_unchanged():
     status = compute_status(obs)
     assert gpufit.with_fit_status(status, plan.fits) == status
 
+
+
+def test_render_prints_each_variants_estimate():
+    import io
+
+    from kubemaas_operator.render import run_render
+
+    from tests.unit.support import REPO
+
+    out, err = io.StringIO(), io.StringIO()
+    assert run_render([str(REPO / "examples" / "llm-h100.yaml")], "ml", SETTINGS, out=out, err=err) == 0
+    comments = [line for line in out.getvalue().splitlines() if line.startswith("# GPU fit:")]
+    assert comments == [
+        ("# GPU fit: variant int4 needs ~29 GiB per GPU (70B parameters at int4: 33 GiB, KV cache 20 GiB for "
+        "8192 tokens, overhead 2 GiB per GPU, over 2 GPUs)"),
+        ("# GPU fit: variant bf16 needs ~78 GiB per GPU (70B parameters at bf16: 130 GiB, KV cache 20 GiB for "
+        "8192 tokens, overhead 2 GiB per GPU, over 2 GPUs)"),
+    ]
+
+
+def test_the_operator_tells_no_node_seen_from_no_gpu_node():
+    from kubemaas_operator.handlers import GPU_NODES, NODES, _gpu_nodes
+
+    assert _gpu_nodes({}) is None  # nodes not readable: place without refusing
+    assert _gpu_nodes({NODES: ["cpu-0"]}) == ()  # nodes, none with GPUs: refuse
+    index = {NODES: ["a", "b"], GPU_NODES: [gpufit.GpuNode("b", 1, None), gpufit.GpuNode("a", 2, None)]}
+    assert _gpu_nodes(index) == (gpufit.GpuNode("a", 2, None), gpufit.GpuNode("b", 1, None))  # by name
