@@ -14,7 +14,7 @@ import time
 import kopf
 from pydantic import ValidationError
 
-from kubemaas_operator import gpufit, metrics
+from kubemaas_operator import gpufit, metrics, policy
 from kubemaas_operator.api import ModelService, describe_errors
 from kubemaas_operator.api.constants import GROUP, PLURAL, VERSION
 from kubemaas_operator.kube import KubeClient, load_api_client
@@ -119,6 +119,12 @@ def reconcile_modelservice(body, status, reason, memo, deployment_index, pod_ind
             _refuse(reconciler, body, exc)
             raise kopf.PermanentError(f"invalid spec: {exc}") from exc
         key = (ms.namespace, ms.name)
+        refused = policy.refusal(ms, reconciler.settings, status.get("runtimeImage"))
+        if refused is not None:
+            result = "refused"
+            reconciler.forget(key)  # events of earlier children must not overwrite the refusal
+            _write_refusal(reconciler, body, refused.reason, refused.message)
+            raise kopf.PermanentError(f"{refused.reason}: {refused.message}")
         plan = reconciler.reconcile(ms, pinned_image=status.get("runtimeImage"),
                                     prune=reason != kopf.Reason.CREATE,
                                     observed=_observed(deployment_index, key), status=dict(status),
@@ -136,12 +142,16 @@ def reconcile_modelservice(body, status, reason, memo, deployment_index, pod_ind
 
 def _refuse(reconciler: Reconciler, body, exc: ValidationError) -> None:
     message = f"{'; '.join(describe_errors(exc))}. Fix the spec; nothing was created."
-    condition = {"type": "Ready", "status": "False", "reason": "InvalidSpec", "message": message,
+    _write_refusal(reconciler, body, "InvalidSpec", message)
+
+
+def _write_refusal(reconciler: Reconciler, body, reason: str, message: str) -> None:
+    condition = {"type": "Ready", "status": "False", "reason": reason, "message": message,
                  "observedGeneration": body["metadata"].get("generation", 0),
                  "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     reconciler.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"],
                                  {"conditions": [condition]})
-    kopf.warn(dict(body), reason="InvalidSpec", message=message)
+    kopf.warn(dict(body), reason=reason, message=message)
 
 
 def _rollout_moving(status, **_) -> bool:

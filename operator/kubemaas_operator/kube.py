@@ -35,6 +35,7 @@ KINDS: dict[str, Kind] = {
         Kind("apps/v1", "Deployment", "deployments"),
         Kind("v1", "Service", "services"),
         Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
+        Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
         Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
         Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects"),
         Kind("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes"),
@@ -46,7 +47,7 @@ KINDS: dict[str, Kind] = {
 
 # Kinds a ModelService may own; stale ones among them are deleted after each apply.
 OWNED_KINDS = ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
-               "ScaledObject", "HTTPRoute")
+               "ScaledObject", "HTTPRoute", "NetworkPolicy")
 
 
 class KindNotInstalled(Exception):

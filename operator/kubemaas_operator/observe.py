@@ -17,6 +17,7 @@ from kubemaas_operator.api import VariantStatus, format_variant_summary
 from kubemaas_operator.builders.layout import VariantLayout
 from kubemaas_operator.builders.naming import VARIANT_LABEL
 from kubemaas_operator.builders.revision import REVISION_LABEL
+from kubemaas_operator.redact import safe_termination_line
 
 _CAMEL_REASON = re.compile(r"^([A-Z][A-Za-z0-9]+):\s*(.*)$", re.DOTALL)
 _PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
@@ -102,8 +103,7 @@ def pod_problem(pod: dict) -> Problem | None:
 
 
 def _crash_problem(container_status: dict, terminated: dict) -> Problem:
-    message = (terminated.get("message") or "").strip().splitlines()
-    first = message[0] if message else ""
+    first = safe_termination_line(terminated.get("message") or "")
     match = _CAMEL_REASON.match(first)
     if match:  # the runtime's own one-line reason, e.g. "ModelLoadFailed: no config.json"
         return Problem(match.group(1), f"container {container_status.get('name')}: {first}")

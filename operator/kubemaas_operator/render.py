@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import yaml
 from pydantic import ValidationError
 
-from kubemaas_operator import gpufit
+from kubemaas_operator import gpufit, policy
 from kubemaas_operator.api import KIND, ModelService, describe_errors
 from kubemaas_operator.builders import VARIANT_LABEL, build_children
 from kubemaas_operator.settings import OperatorSettings
@@ -59,6 +59,10 @@ def render_document(document: Any, where: str, settings: OperatorSettings, names
     if not ms.metadata.namespace:
         ms = ms.model_copy(update={"metadata": ms.metadata.model_copy(update={"namespace": namespace})})
     note = f"{where}: ModelService {ms.namespace}/{ms.name}"
+    refused = policy.refusal(ms, settings, None)
+    if refused is not None:  # the operator would create nothing for it
+        result.errors.append(f'{where}: ModelService "{name}": {refused.reason}: {refused.message}')
+        return
     # The GPU-fit estimate (offline: against no cluster, so nothing is refused here)
     fits = {f.variant: f.estimate for f in gpufit.plan_fit(ms, None, settings.gpu_memory_label)}
     for child in build_children(ms, settings):

@@ -12,6 +12,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ENV_PREFIX = "KUBEMAAS_OPERATOR_"
+# comma-separated lists in the environment
+LIST_SETTINGS = ("namespaces", "allowed_runtime_images", "trusted_code_sources")
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/kubemaas/kubemaas-runtime:0.1.0"
 # Envoy Gateway names the upstream cluster of each HTTPRoute rule httproute/<ns>/<route>/rule/<n>.
 # upstream_rq_completed, unlike upstream_rq_total, also counts the 503s Envoy answers itself
@@ -64,6 +67,42 @@ class OperatorSettings(BaseModel):
     drain_seconds: Annotated[int, Field(ge=0)] = Field(
         default=30, description="How long a stopping pod may take to finish in-flight requests."
     )
+    # -- limits and lock-down (docs/install.md, "Locking endpoints down") ---------------------
+    runtime_memory_limit: Annotated[str, Field(pattern=QUANTITY)] = Field(
+        default="4Gi",
+        description="Memory limit (and request) of a runtime container whose spec.resources.memory is empty.",
+    )
+    tmp_size_limit: Annotated[str, Field(pattern=QUANTITY)] = Field(
+        default="1Gi", description="sizeLimit of the runtime's writable /tmp emptyDir."
+    )
+    model_volume_size_limit: Annotated[str, Field(pattern=QUANTITY)] = Field(
+        default="50Gi",
+        description="sizeLimit of the emptyDir an s3:// or hf:// model is fetched into; the fetch stops past it.",
+    )
+    fetch_timeout_seconds: Annotated[int, Field(ge=60)] = Field(
+        default=3600, description="Longest a model fetch (the init container) may take."
+    )
+    allowed_runtime_images: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Runtime images a ModelService may run (fnmatch patterns, e.g. "
+            "'registry.example/kubemaas-runtime:*'); empty: any tag or digest of the default "
+            "runtime image's repository. Another image is refused (Ready=False, ImageNotAllowed)."
+        ),
+    )
+    trusted_code_sources: tuple[str, ...] = Field(
+        default=("pvc://", "file://", "s3://"),
+        description=(
+            "URI prefixes torchscript and exported-program models (which are programs the runtime "
+            "runs) may come from; others are refused (UntrustedModelSource)."
+        ),
+    )
+    network_policy: bool = Field(
+        default=True, description="Create a NetworkPolicy per ModelService admitting only the namespaces that need it."
+    )
+    metrics_namespace: str = Field(
+        default="monitoring", description="Namespace of the metrics scraper (Prometheus), admitted by the NetworkPolicy."
+    )
     workers: Annotated[int, Field(ge=1)] = Field(default=16, description="kopf's thread pool for sync handlers (the Kubernetes client blocks).")
     health_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=8080, description="Port of the liveness endpoint /healthz; 0 disables it."
@@ -85,14 +124,15 @@ class OperatorSettings(BaseModel):
     def from_env(cls, env: Mapping[str, str]) -> OperatorSettings:
         """Settings from `KUBEMAAS_OPERATOR_*` variables; unset ones keep their defaults.
 
-        KUBEMAAS_OPERATOR_NAMESPACES is a comma-separated list.
+        KUBEMAAS_OPERATOR_NAMESPACES, _ALLOWED_RUNTIME_IMAGES and _TRUSTED_CODE_SOURCES are
+        comma-separated lists.
         """
         values: dict[str, object] = {}
         for name in cls.model_fields:
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is None or raw == "":
                 continue
-            if name == "namespaces":
+            if name in LIST_SETTINGS:
                 values[name] = tuple(ns.strip() for ns in raw.split(",") if ns.strip())
             else:
                 values[name] = raw

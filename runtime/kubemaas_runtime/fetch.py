@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import logging
+import signal
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlparse
@@ -32,6 +33,25 @@ class FetchError(Exception):
 def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uri", required=True, help="s3://bucket/key or hf://org/name[/file][@rev]")
     parser.add_argument("--dest", required=True, help="directory to fill (created if missing)")
+    parser.add_argument("--max-bytes", type=int, default=None,
+                        help="most bytes to fetch in all; past it the fetch fails (the operator "
+                             "passes the model volume's sizeLimit)")
+    parser.add_argument("--timeout-seconds", type=int, default=None,
+                        help="longest the whole fetch may take; past it the fetch fails")
+
+
+class Budget:
+    """Bytes left to fetch; raises FetchError when a file would pass --max-bytes."""
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+
+    def take(self, size: int, name: str) -> None:
+        self.used += size
+        if self.max_bytes is not None and self.used > self.max_bytes:
+            raise FetchError(f"{name} takes the fetch past --max-bytes {self.max_bytes} (the model "
+                             f"volume's size limit)")
 
 
 def safe_destination(dest: Path, relative: str) -> Path:
@@ -42,7 +62,7 @@ def safe_destination(dest: Path, relative: str) -> Path:
     return dest.joinpath(*parts)
 
 
-def fetch_s3(uri: str, dest: Path, env: Mapping[str, str]) -> list[Path]:
+def fetch_s3(uri: str, dest: Path, env: Mapping[str, str], budget: Budget) -> list[Path]:
     import boto3
 
     parsed = urlparse(uri)
@@ -64,10 +84,12 @@ def fetch_s3(uri: str, dest: Path, env: Mapping[str, str]) -> list[Path]:
             name = item["Key"]
             if name == prefix:
                 objects.append((name, PurePosixPath(name).name))
+                budget.take(int(item.get("Size", 0)), name)
             elif not prefix or name.startswith(prefix + "/"):
                 relative = name[len(prefix) + 1:] if prefix else name
                 if relative and not relative.endswith("/"):
                     objects.append((name, relative))
+                    budget.take(int(item.get("Size", 0)), name)
     if not objects:
         raise FetchError(f"{uri}: no objects found")
     written = []
@@ -92,7 +114,7 @@ def parse_hf_uri(uri: str) -> tuple[str, str | None, str]:
     return "/".join(parts[:2]), "/".join(parts[2:]) or None, revision or "main"
 
 
-def fetch_hf(uri: str, dest: Path, env: Mapping[str, str]) -> list[Path]:
+def fetch_hf(uri: str, dest: Path, env: Mapping[str, str], budget: Budget) -> list[Path]:
     import httpx
 
     repo, single, revision = parse_hf_uri(uri)
@@ -128,26 +150,38 @@ def fetch_hf(uri: str, dest: Path, env: Mapping[str, str]) -> list[Path]:
                 if response.status_code != 200:
                     raise FetchError(f"{uri}: GET {name} answered {response.status_code}")
                 with open(partial, "wb") as handle:
-                    handle.writelines(response.iter_bytes(1 << 20))
+                    for chunk in response.iter_bytes(1 << 20):
+                        budget.take(len(chunk), name)
+                        handle.write(chunk)
             partial.replace(target)
             written.append(target)
     return written
 
 
-def fetch(uri: str, dest: Path, env: Mapping[str, str]) -> list[Path]:
+def fetch(uri: str, dest: Path, env: Mapping[str, str], max_bytes: int | None = None) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     scheme = urlparse(uri).scheme
+    budget = Budget(max_bytes)
     if scheme == "s3":
-        return fetch_s3(uri, dest, env)
+        return fetch_s3(uri, dest, env, budget)
     if scheme == "hf":
-        return fetch_hf(uri, dest, env)
+        return fetch_hf(uri, dest, env, budget)
     raise FetchError(f"fetch handles s3:// and hf:// URIs, not {uri!r}")
+
+
+def _timed_out(seconds: int):
+    def handler(signum, frame):
+        raise FetchError(f"the fetch took longer than --timeout-seconds {seconds}")
+    return handler
 
 
 def fetch_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.timeout_seconds:
+        signal.signal(signal.SIGALRM, _timed_out(args.timeout_seconds))
+        signal.alarm(args.timeout_seconds)
     try:
-        written = fetch(args.uri, Path(args.dest), env)
+        written = fetch(args.uri, Path(args.dest), env, args.max_bytes)
     except Exception as exc:  # noqa: BLE001 - any failure becomes the pod's one-line reason
         write_termination_log(env.get("KUBEMAAS_TERMINATION_LOG", "/dev/termination-log"),
                               f"ModelFetchFailed: {exc}")

@@ -28,9 +28,9 @@ HUB_FILES = {
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def run_fetch(uri: str, dest: Path, **env: str) -> subprocess.CompletedProcess:
+def run_fetch(uri: str, dest: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, "-m", "kubemaas_runtime", "fetch", "--uri", uri,
-                           "--dest", str(dest)],
+                           "--dest", str(dest), *extra],
                           env=runtime_env(KUBEMAAS_TERMINATION_LOG=str(dest.parent / "tlog"),
                                           **env),
                           capture_output=True, text=True, check=False, timeout=120)
@@ -159,3 +159,18 @@ def test_hf_unknown_revision(hub, tmp_path):
     result = run_fetch(f"hf://{HUB_REPO}@v9", tmp_path / "models", HF_ENDPOINT=hub,
                        HF_TOKEN=HUB_TOKEN)
     assert result.returncode == 1 and "hub answered 404" in result.stderr
+
+
+def test_s3_past_max_bytes_fails_before_downloading(s3, tmp_path):
+    dest = tmp_path / "models"
+    result = run_fetch("s3://models/minilm", dest, "--max-bytes", "5", **s3)
+    assert result.returncode == 1
+    assert "past --max-bytes 5" in result.stderr
+    assert not any(p.is_file() for p in dest.rglob("*"))
+
+
+def test_hf_past_max_bytes_stops_the_download(hub, tmp_path):
+    result = run_fetch(f"hf://{HUB_REPO}", tmp_path / "models", "--max-bytes", "100",
+                       HF_ENDPOINT=hub, HF_TOKEN=HUB_TOKEN)
+    assert result.returncode == 1 and "past --max-bytes 100" in result.stderr
+    assert (tmp_path / "tlog").read_text().startswith("ModelFetchFailed:")

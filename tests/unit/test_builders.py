@@ -63,16 +63,16 @@ def env(spec: dict | None = None, variant: str = "default") -> dict[str, str]:
     ids=["minimal", "variants", "hpa", "keda", "gateway"],
 )
 def test_children_by_spec(spec, expected):
-    assert [(o["kind"], o["metadata"]["name"]) for o in children(spec)] == expected
+    assert [(o["kind"], o["metadata"]["name"]) for o in children(spec)] == [("NetworkPolicy", "m"), *expected]
 
 
 def test_build_is_pure_and_never_mutates_its_input():
     ms = make_ms({**TWO_VARIANTS, "scheduling": {"affinity": {"nodeAffinity": {"x": 1}}}})
     before = copy.deepcopy(ms.to_wire())
     first = build_children(ms, SETTINGS, runtime_image=IMAGE)
-    first[0]["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["x"] = 2
-    assert build_children(ms, SETTINGS, runtime_image=IMAGE)[0]["spec"]["template"]["spec"]["affinity"] == {
-        "nodeAffinity": {"x": 1}}
+    find(first, "Deployment", "m-bf16")["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["x"] = 2
+    again = build_children(ms, SETTINGS, runtime_image=IMAGE)
+    assert find(again, "Deployment", "m-bf16")["spec"]["template"]["spec"]["affinity"] == {"nodeAffinity": {"x": 1}}
     assert ms.to_wire() == before
 
 
@@ -161,9 +161,11 @@ def test_port_8080_named_http():
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ({}, {}),
+        # no memory in the spec: the operator's documented default is the limit
+        ({}, {"requests": {"memory": "4Gi"}, "limits": {"memory": "4Gi"}}),
         ({"resources": {"cpu": 2, "memory": "8Gi"}}, {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}}),
-        ({"resources": {"gpu": {"count": 2}}}, {"limits": {"nvidia.com/gpu": "2"}}),
+        ({"resources": {"gpu": {"count": 2}}},
+         {"requests": {"memory": "4Gi"}, "limits": {"memory": "4Gi", "nvidia.com/gpu": "2"}}),
     ],
     ids=["none", "cpu-memory", "gpu"],
 )
@@ -225,7 +227,9 @@ def test_restricted_security_profile():
         assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
         assert sc["capabilities"] == {"drop": ["ALL"]}
         assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
-    assert {"name": "tmp", "emptyDir": {}} in p["volumes"]
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}} in p["volumes"]
+    assert all(v["emptyDir"].get("sizeLimit") for v in p["volumes"] if "emptyDir" in v)
+    assert all(c["resources"]["limits"]["memory"] for c in p["containers"] + p["initContainers"])
 
 
 @pytest.mark.parametrize(
@@ -236,9 +240,9 @@ def test_restricted_security_profile():
         ("pvc://models", {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
          {"name": "model", "mountPath": "/mnt/models", "readOnly": True}),
         ("file:///opt/models/m", None, None),
-        ("s3://bucket/m.pt", {"name": "model", "emptyDir": {}},
+        ("s3://bucket/m.pt", {"name": "model", "emptyDir": {"sizeLimit": "50Gi"}},
          {"name": "model", "mountPath": "/mnt/models", "readOnly": True}),
-        ("hf://org/m", {"name": "model", "emptyDir": {}},
+        ("hf://org/m@abc123", {"name": "model", "emptyDir": {"sizeLimit": "50Gi"}},
          {"name": "model", "mountPath": "/mnt/models", "readOnly": True}),
     ],
     ids=["pvc-subpath", "pvc-whole-claim", "file", "s3", "hf"],
@@ -255,7 +259,8 @@ def test_model_volume_by_uri_scheme(uri, volume, mount):
 def test_fetch_init_container_alone_gets_the_secret():
     p = pod({"model": {"uri": "s3://bucket/m.pt", "format": "torchscript", "secretRef": {"name": "creds"}}})
     (fetch,) = p["initContainers"]
-    assert fetch["args"] == ["fetch", "--uri", "s3://bucket/m.pt", "--dest", "/mnt/models"]
+    assert fetch["args"] == ["fetch", "--uri", "s3://bucket/m.pt", "--dest", "/mnt/models",
+                             "--max-bytes", str(50 * 2**30), "--timeout-seconds", "3600"]
     assert fetch["image"] == IMAGE
     assert fetch["envFrom"] == [{"secretRef": {"name": "creds"}}]
     assert {"name": "model", "mountPath": "/mnt/models"} in fetch["volumeMounts"]

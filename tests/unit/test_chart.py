@@ -54,7 +54,12 @@ CASES: dict[str, dict[str, Any]] = {
         "gatewayRequestQuery": 'sum(rate(istio_requests_total{destination_service_namespace="{namespace}",'
                                'destination_service_name=~"{name}-.+"}[1m]))',
         "startupTimeoutSeconds": 600, "drainSeconds": 10, "workers": 4, "healthPort": 8081,
-        "metricsPort": 9100, "extraEnv": [{"name": "TZ", "value": "UTC"}]}},
+        "metricsPort": 9100, "extraEnv": [{"name": "TZ", "value": "UTC"}],
+        "runtimeMemoryLimit": "6Gi", "tmpSizeLimit": "2Gi", "modelVolumeSizeLimit": "100Gi",
+        "fetchTimeoutSeconds": 600,
+        "allowedRuntimeImages": ["registry.example.com/kubemaas-runtime:*", "registry.example.com/kubemaas-runtime@*"],
+        "trustedCodeSources": ["pvc://", "s3://models/"]},
+        "networkPolicy": {"enabled": False, "metricsNamespace": "observability"}},
     "scheduling": {
         "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"cpu": 1, "memory": "1Gi"}},
         "podAnnotations": {"example.com/team": "ml-platform"}, "podLabels": {"team": "ml"},
@@ -287,6 +292,11 @@ def test_every_setting_is_a_value(rendered):
     assert settings.prometheus_address == op["prometheusAddress"]
     assert settings.gateway_request_query == op["gatewayRequestQuery"]
     assert env["TZ"] == "UTC"
+    assert (settings.runtime_memory_limit, settings.tmp_size_limit, settings.model_volume_size_limit,
+            settings.fetch_timeout_seconds) == ("6Gi", "2Gi", "100Gi", 600)
+    assert settings.allowed_runtime_images == tuple(op["allowedRuntimeImages"])
+    assert settings.trusted_code_sources == ("pvc://", "s3://models/")
+    assert (settings.network_policy, settings.metrics_namespace) == (False, "observability")
     ns_env = container_env(one(rendered["watch-namespaces"], "Deployment"))
     assert OperatorSettings.from_env(ns_env).namespaces == ("ml", "ml-staging")
 
@@ -335,6 +345,7 @@ OPERATOR_RULES = {
     ("autoscaling", "horizontalpodautoscalers"): OWN,
     ("keda.sh", "scaledobjects"): OWN,
     ("gateway.networking.k8s.io", "httproutes"): OWN,
+    ("networking.k8s.io", "networkpolicies"): OWN,
     ("", "pods"): READ,
     ("apps", "replicasets"): READ,
     ("", "events"): {"create"},

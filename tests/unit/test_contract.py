@@ -31,7 +31,7 @@ def example_children() -> list[tuple[str, dict]]:
             body["metadata"]["namespace"] = "ns"
             out += [(path.name, o) for o in build_children(ModelService.from_body(body), SETTINGS)]
     extra = make_ms({"model": {"uri": "pvc://c/p", "format": "safetensors", "architecture": "pkg.m:f"},
-                     "runtime": {"maxDrift": 0.02, "batchTimeoutMs": 3},
+                     "runtime": {"maxDrift": 0.02, "batchTimeoutMs": 3, "auth": {"secretName": "token"}},
                      "autoscaling": {"engine": "keda", "minReplicas": 0, "maxReplicas": 2, "metric": "rps",
                                      "target": 3},
                      "gateway": {"name": "public"}})
@@ -136,6 +136,22 @@ def test_fetch_init_container_command_is_the_runtimes():
         assert container["command"] == ["kubemaas-runtime"] and container["args"][0] == "fetch"
         args = parser.parse_args(container["args"][1:])
         assert args.dest == "/mnt/models" and args.uri.startswith(("s3://", "hf://"))
+        assert args.max_bytes > 0 and args.timeout_seconds == SETTINGS.fetch_timeout_seconds
+
+
+def test_auth_token_file_is_a_flag_naming_the_mounted_secret():
+    authed = [o for label, o in DEPLOYMENTS if label == "safetensors-pvc-keda"]
+    assert authed
+    for deployment in authed:
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        config = parse_serve_config(container["args"][1:], {e["name"]: e["value"] for e in container["env"]})
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "auth-token")
+        assert config.auth_token_file == f"{mount['mountPath']}/token" and mount["readOnly"] is True
+        volume = next(v for v in pod["volumes"] if v["name"] == "auth-token")
+        assert volume["secret"] == {"secretName": "token", "items": [{"key": "token", "path": "token"}],
+                                    "defaultMode": 0o440}
+        assert not any("TOKEN" in e["name"] for e in container["env"])
 
 
 def test_every_autoscaler_metric_is_a_runtime_series():

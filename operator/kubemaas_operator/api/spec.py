@@ -14,6 +14,7 @@ from pydantic import ConfigDict, Field, StringConstraints, field_validator, mode
 from pydantic_core import PydanticCustomError
 
 from kubemaas_operator.api import rules
+from kubemaas_operator.api.access import NetworkAccess, RuntimeAuth
 from kubemaas_operator.api.base import ApiModel, DnsLabel, DnsSubdomain, ParameterCount
 from kubemaas_operator.api.compute import Resources, Scheduling
 from kubemaas_operator.api.constants import (
@@ -205,6 +206,10 @@ class RuntimeSpec(ApiModel):
             "runtime's default."
         ),
     )
+    auth: RuntimeAuth | None = Field(
+        default=None,
+        description="Bearer-token auth on metadata and inference routes; health and metrics stay open.",
+    )
 
     @model_validator(mode="after")
     def _check_rules(self) -> RuntimeSpec:
@@ -305,6 +310,11 @@ class ModelServiceSpec(ApiModel):
     )
     gateway: GatewayRef | None = Field(
         default=None, description="Attach an HTTPRoute with exact per-variant weights to this Gateway."
+    )
+    network: NetworkAccess = Field(
+        default_factory=NetworkAccess,
+        description="Who may connect to the model's pods (the operator's NetworkPolicy).",
+        json_schema_extra={"default": NetworkAccess().to_wire()},
     )
 
     @field_validator("variants")

@@ -11,6 +11,7 @@ from kubemaas_operator.builders.disruption import build_disruption_budget, wants
 from kubemaas_operator.builders.gateway import build_http_route
 from kubemaas_operator.builders.image import choose_runtime_image, pinned_image
 from kubemaas_operator.builders.layout import VariantLayout, route_backends, steady_layouts
+from kubemaas_operator.builders.network_policy import build_network_policy
 from kubemaas_operator.builders.revision import CANARY, STABLE
 from kubemaas_operator.builders.services import (
     build_model_service,
@@ -24,7 +25,8 @@ def build_children(
     ms: ModelService, settings: OperatorSettings, runtime_image: str | None = None,
     layouts: tuple[VariantLayout, ...] | None = None,
 ) -> list[dict[str, Any]]:
-    """The desired children, in apply order: Deployments, Services, PDB, autoscaler, HTTPRoute.
+    """The desired children, in apply order: NetworkPolicy (so no pod runs unprotected),
+    Deployments, Services, PDB, autoscaler, HTTPRoute.
 
     Pure: a function of the spec, the settings, the runtime image (default: the one policy of
     `builders.image`, with status as the pin) and the layout (default: the steady state, one
@@ -35,7 +37,8 @@ def build_children(
     image = runtime_image or choose_runtime_image(ms, pinned_image(ms), settings.runtime_image)
     layouts = layouts or steady_layouts(ms, image)
     variants = {v.name: v for v in ms.spec.variants}
-    children: list[dict[str, Any]] = []
+    policy = build_network_policy(ms, settings)
+    children: list[dict[str, Any]] = [policy] if policy is not None else []
     for layout in layouts:
         variant = variants[layout.name]
         if layout.stable.apply:

@@ -14,6 +14,7 @@ from typing import Any
 
 from kubemaas_operator.api import ModelSource
 from kubemaas_operator.builders.naming import FETCH_CONTAINER, MODEL_DIR
+from kubemaas_operator.settings import OperatorSettings
 
 MODEL_VOLUME = "model"
 TMP_VOLUME = "tmp"
@@ -35,7 +36,17 @@ def parse_pvc_uri(uri: str) -> tuple[str, str]:
     return claim, path.strip("/")
 
 
-def model_mount(model: ModelSource) -> ModelMount:
+_QUANTITY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+                   "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """"50Gi" -> 53687091200 (the suffixes settings accept)."""
+    number = quantity.rstrip("kMGTPEi")
+    return int(float(number) * _QUANTITY_UNITS[quantity[len(number):]])
+
+
+def model_mount(model: ModelSource, size_limit: str | None = None) -> ModelMount:
     if model.scheme == "pvc":
         claim, path = parse_pvc_uri(model.uri)
         mount: dict[str, Any] = {"name": MODEL_VOLUME, "mountPath": MODEL_DIR, "readOnly": True}
@@ -45,7 +56,7 @@ def model_mount(model: ModelSource) -> ModelMount:
         return ModelMount(volumes=[volume], mounts=[mount])
     if model.scheme in ("s3", "hf"):
         return ModelMount(
-            volumes=[{"name": MODEL_VOLUME, "emptyDir": {}}],
+            volumes=[{"name": MODEL_VOLUME, "emptyDir": {"sizeLimit": size_limit} if size_limit else {}}],
             mounts=[{"name": MODEL_VOLUME, "mountPath": MODEL_DIR, "readOnly": True}],
             fetch=True,
         )
@@ -53,14 +64,18 @@ def model_mount(model: ModelSource) -> ModelMount:
 
 
 def fetch_init_container(
-    model: ModelSource, image: str, security_context: dict[str, Any], resources: dict[str, Any]
+    model: ModelSource, image: str, security_context: dict[str, Any], resources: dict[str, Any],
+    settings: OperatorSettings,
 ) -> dict[str, Any]:
-    """The init container that downloads s3:// or hf:// into the model volume."""
+    """The init container that downloads s3:// or hf:// into the model volume, within the
+    volume's size and the operator's fetch time limit."""
     container: dict[str, Any] = {
         "name": FETCH_CONTAINER,
         "image": image,
         "command": ["kubemaas-runtime"],
-        "args": ["fetch", "--uri", model.uri, "--dest", MODEL_DIR],
+        "args": ["fetch", "--uri", model.uri, "--dest", MODEL_DIR,
+                 "--max-bytes", str(quantity_bytes(settings.model_volume_size_limit)),
+                 "--timeout-seconds", str(settings.fetch_timeout_seconds)],
         "env": [{"name": "HOME", "value": "/tmp"}],
         "resources": resources,
         "securityContext": security_context,

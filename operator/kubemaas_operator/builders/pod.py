@@ -7,6 +7,7 @@ from typing import Any
 
 from kubemaas_operator import gpufit
 from kubemaas_operator.api import ModelService, Variant
+from kubemaas_operator.builders.auth import auth_args, auth_mounts, auth_volumes
 from kubemaas_operator.builders.model_source import TMP_VOLUME, fetch_init_container, model_mount
 from kubemaas_operator.builders.naming import (
     HTTP_PORT,
@@ -82,14 +83,15 @@ def generation_env(ms: ModelService) -> dict[str, str | None]:
 
 
 def container_resources(ms: ModelService, settings: OperatorSettings, with_gpu: bool) -> dict[str, Any]:
-    """Requests from spec.resources; memory is also the limit; GPUs are limits (= requests)."""
+    """Requests from spec.resources; memory is also the limit, and every container has one (the
+    operator's runtime_memory_limit when the spec names none); GPUs are limits (= requests)."""
     res = ms.spec.resources
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
     if res.cpu is not None:
         requests["cpu"] = str(res.cpu)
-    if res.memory is not None:
-        requests["memory"] = limits["memory"] = str(res.memory)
+    memory = str(res.memory) if res.memory is not None else settings.runtime_memory_limit
+    requests["memory"] = limits["memory"] = memory
     if with_gpu and res.gpu.count > 0:
         limits[settings.gpu_resource_name] = str(res.gpu.count)
     out: dict[str, Any] = {}
@@ -118,7 +120,7 @@ def runtime_container(
         "name": RUNTIME_CONTAINER,
         "image": image,
         "command": ["kubemaas-runtime"],
-        "args": ["serve"],
+        "args": ["serve", *auth_args(ms.spec.runtime)],
         "env": runtime_env(ms, variant, settings),
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
         "resources": container_resources(ms, settings, with_gpu=True),
@@ -128,7 +130,8 @@ def runtime_container(
         "livenessProbe": _http_probe("/v2/health/live", 10, 3),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_SECONDS}}},
         "securityContext": container_security_context(),
-        "volumeMounts": [*mounts, {"name": TMP_VOLUME, "mountPath": "/tmp"}],
+        "volumeMounts": [*mounts, {"name": TMP_VOLUME, "mountPath": "/tmp"},
+                         *auth_mounts(ms.spec.runtime)],
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -173,11 +176,12 @@ def termination_grace_seconds(settings: OperatorSettings) -> int:
 def build_pod_template(
     ms: ModelService, variant: Variant, settings: OperatorSettings, image: str
 ) -> dict[str, Any]:
-    source = model_mount(ms.spec.model)
+    source = model_mount(ms.spec.model, settings.model_volume_size_limit)
     init_containers = []
     if source.fetch:
         resources = container_resources(ms, settings, with_gpu=False)
-        init_containers.append(fetch_init_container(ms.spec.model, image, container_security_context(), resources))
+        init_containers.append(fetch_init_container(ms.spec.model, image, container_security_context(), resources,
+                                                    settings))
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -185,7 +189,8 @@ def build_pod_template(
         "terminationGracePeriodSeconds": termination_grace_seconds(settings),
         **({"initContainers": init_containers} if init_containers else {}),
         "containers": [runtime_container(ms, variant, settings, image, source.mounts)],
-        "volumes": [*source.volumes, {"name": TMP_VOLUME, "emptyDir": {}}],
+        "volumes": [*source.volumes, {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": settings.tmp_size_limit}},
+                    *auth_volumes(ms.spec.runtime)],
         **scheduling_fields(ms, settings, variant),
     }
     return {

@@ -1,0 +1,70 @@
+"""What the operator's settings allow a ModelService to run, checked before anything is built:
+runtime images from an allowlist, code-bearing model formats only from trusted sources, hub
+models at a pinned revision (docs/install.md, "Locking endpoints down").
+
+A refusal is a condition (Ready=False with one of these reasons) and no children at all.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from kubemaas_operator.api import ModelService
+from kubemaas_operator.builders.image import choose_runtime_image
+from kubemaas_operator.settings import OperatorSettings
+
+CODE_FORMATS = ("torchscript", "exported-program")  # archives whose graphs the runtime executes
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    message: str
+
+
+def image_repository(image: str) -> str:
+    """registry:5000/org/runtime:1.0 -> registry:5000/org/runtime (digest or tag dropped)."""
+    name = image.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    return name[:colon] if colon > slash else name
+
+
+def allowed_image_patterns(settings: OperatorSettings) -> tuple[str, ...]:
+    if settings.allowed_runtime_images:
+        return (settings.runtime_image, *settings.allowed_runtime_images)
+    repository = image_repository(settings.runtime_image)
+    return (settings.runtime_image, f"{repository}:*", f"{repository}@*")
+
+
+def image_allowed(image: str, settings: OperatorSettings) -> bool:
+    return any(fnmatch.fnmatchcase(image, pattern) for pattern in allowed_image_patterns(settings))
+
+
+def hf_revision(uri: str) -> str | None:
+    repo = uri.removeprefix("hf://")
+    return repo.partition("@")[2] or None
+
+
+def refusal(ms: ModelService, settings: OperatorSettings, pinned_image: str | None) -> Refusal | None:
+    """Why `ms` may not run under these settings, or None."""
+    image = choose_runtime_image(ms, pinned_image, settings.runtime_image)
+    if not image_allowed(image, settings):
+        patterns = ", ".join(allowed_image_patterns(settings))
+        return Refusal("ImageNotAllowed",
+                       f"runtime image {image} is not allowed by the operator (allowed: {patterns}); "
+                       "use an allowed image in spec.runtime.image or ask an administrator to allow it "
+                       "(operator.allowedRuntimeImages). Nothing was created.")
+    model = ms.spec.model
+    if model.format in CODE_FORMATS and not model.uri.startswith(settings.trusted_code_sources):
+        return Refusal("UntrustedModelSource",
+                       f"spec.model.format {model.format} is a program the runtime executes, and "
+                       f"{model.uri} is not under a trusted source ({', '.join(settings.trusted_code_sources)}); "
+                       "serve it from a trusted source, use safetensors, or ask an administrator "
+                       "(operator.trustedCodeSources). Nothing was created.")
+    if model.uri.startswith("hf://") and hf_revision(model.uri) is None:
+        return Refusal("UnpinnedModelRevision",
+                       f"spec.model.uri {model.uri} names no revision, so the files could change under "
+                       "the pods; pin one: hf://org/name@<commit>. Nothing was created.")
+    return None
