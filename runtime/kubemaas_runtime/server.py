@@ -269,10 +269,18 @@ def create_app(state: ServingState) -> Starlette:
         return Response(error_body(exc.detail), exc.status_code, headers=exc.headers,
                         media_type=JSON)
 
+    generation = None
+    if model.options.task == "text-generation":  # /v1 and v2 generate (generation/routes.py)
+        from kubemaas_runtime.generation.routes import GenerationService
+
+        generation = GenerationService(state)
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await state.start()
         yield
+        if generation is not None:
+            await asyncio.to_thread(generation.stop)
         await state.stop()
 
     routes = [
@@ -286,6 +294,7 @@ def create_app(state: ServingState) -> Starlette:
         Route("/v2/models/{name}/infer", infer, methods=["POST"]),
         Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/metrics", prometheus),
+        *(generation.routes() if generation is not None else []),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error})  # type: ignore[dict-item]  # starlette types handlers as (Request, Exception)

@@ -68,6 +68,11 @@ class ModelOptions:
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     max_batch_size: int = 32
     max_drift: float | None = None
+    # text-generation limits (config.py; None: from the model)
+    max_model_len: int | None = None
+    max_num_seqs: int = 16
+    kv_cache_tokens: int | None = None
+    max_queue: int = 256
 
 
 class Model(abc.ABC):

@@ -8,6 +8,10 @@ from kubemaas_runtime.models.base import Model, ModelOptions
 
 def create_model(format: str, options: ModelOptions) -> Model:
     """An unloaded model of the class for `format`; imports only what that format needs."""
+    if options.task == "text-generation" or format == "gguf":
+        from kubemaas_runtime.generation.model import create_generative_model
+
+        return create_generative_model(options, format)
     if format == "torchscript":
         from kubemaas_runtime.models.tensor_models import TorchScriptModel
 

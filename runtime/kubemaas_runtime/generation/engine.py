@@ -1,0 +1,266 @@
+"""The generation engine: continuous batching on one dedicated thread.
+
+Each iteration: drop cancelled sequences, admit waiting ones (Scheduler), prefill each newly
+admitted prompt alone (its first token), then run one batched decode step over every running
+sequence and hand each its token. Sequences therefore join and leave the batch at token
+boundaries, and a short request never waits for a long one to finish. Attention runs per row
+on each sequence's own cache (rowwise.py), so a greedy sequence gets exactly the tokens
+`generate(do_sample=False)` gives it alone, whatever else runs beside it.
+
+The HTTP side talks to the thread through `submit()` (under the lock) and gets chunks on its
+event loop through `GenerationStream`; the model never runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from kubemaas_runtime.errors import ModelNotReady
+from kubemaas_runtime.generation.causal_lm import CausalLM
+from kubemaas_runtime.generation.detokenize import IncrementalText
+from kubemaas_runtime.generation.rowwise import RowCache
+from kubemaas_runtime.generation.sampling import Sampler, SamplingParams
+from kubemaas_runtime.generation.scheduler import ScheduledSequence, Scheduler
+
+log = logging.getLogger("kubemaas_runtime")
+# Chunks a client may leave unread before its stream counts as abandoned and is cancelled.
+MAX_UNREAD_CHUNKS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """New text of one sequence; the last chunk has a finish_reason: `stop` (eos or a stop
+    string), `length` (max_tokens or the context), `abort` (server stopping) or `error`."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+class GenerationStream:
+    """The event-loop side of one sequence: iterate `chunks()`; `cancel()` when the client
+    goes away (the engine drops the sequence at its next token boundary)."""
+
+    def __init__(self, engine: GenerationEngine, sequence: ScheduledSequence,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self._engine = engine
+        self._sequence = sequence
+        self._loop = loop
+        self._queue: asyncio.Queue[Chunk] = asyncio.Queue()
+        self.unread = 0  # chunks sent by the engine and not yet taken (read by the engine)
+        self.done = False
+
+    def deliver(self, chunk: Chunk) -> None:
+        """Engine thread: hand a chunk to the event loop."""
+        self.unread += 1
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, chunk)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self._sequence.cancelled = True
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        try:
+            while True:
+                chunk = await self._queue.get()
+                self.unread -= 1
+                yield chunk
+                if chunk.finish_reason is not None:
+                    self.done = True
+                    return
+        finally:
+            if not self.done:
+                self.cancel()
+
+    def cancel(self) -> None:
+        if not self.done:
+            self._engine.cancel(self._sequence)
+
+
+@dataclasses.dataclass(eq=False)
+class _Running:
+    """Engine-thread state of one sequence."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float
+    stream: GenerationStream | None = None
+    cache: DynamicCache | None = None
+    sampler: Sampler | None = None
+    text: IncrementalText | None = None
+    last_token: int = 0
+    position: int = 0  # tokens held in its cache
+    generated: int = 0
+    last_token_at: float = 0.0
+
+
+class GenerationEngine:
+    def __init__(self, lm: CausalLM, scheduler: Scheduler, *, max_model_len: int,
+                 metrics=None) -> None:
+        self.lm = lm
+        self.scheduler = scheduler
+        self.max_model_len = max_model_len
+        self.metrics = metrics  # BoundMetrics or None
+        self.device = next(lm.model.parameters()).device
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- the event-loop side -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
+        """Queue a sequence (InvalidInput if it can never fit, Overloaded when the queue is
+        full); call on the event loop."""
+        if not self.alive:
+            raise ModelNotReady("the generation engine is not running")
+        state = _Running(list(prompt_ids), params, time.perf_counter())
+        sequence = ScheduledSequence(len(prompt_ids), params.max_tokens, state)
+        stream = GenerationStream(self, sequence, asyncio.get_running_loop())
+        state.stream = stream
+        with self._wake:
+            self.scheduler.add(sequence)
+            self._publish_gauges()
+            self._wake.notify()
+        return stream
+
+    def cancel(self, sequence: ScheduledSequence) -> None:
+        with self._wake:
+            sequence.cancelled = True
+            self._wake.notify()
+
+    # -- the engine thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while self.scheduler.idle and not self._stopping:
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    for sequence in self.scheduler.drop_cancelled_waiting():
+                        self._finish(sequence, "abort", error="cancelled")
+                    for sequence in [s for s in self.scheduler.running if s.cancelled]:
+                        self._finish(sequence, "abort", error="cancelled")
+                    admitted = self.scheduler.admit()
+                    running = list(self.scheduler.running)
+                    self._publish_gauges()
+                try:
+                    for sequence in admitted:
+                        self._prefill(sequence)
+                    self._decode([s for s in running if s in self.scheduler.running])
+                except Exception as exc:  # noqa: BLE001 - fail these sequences, keep serving
+                    log.exception("generation step failed")
+                    with self._wake:
+                        for sequence in list(self.scheduler.running):
+                            self._finish(sequence, "error", error=f"{type(exc).__name__}: {exc}")
+                with self._wake:
+                    self._publish_gauges()
+            with self._wake:
+                for sequence in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self._finish(sequence, "abort", error="the server is stopping")
+                self.scheduler.waiting.clear()
+                self._publish_gauges()
+
+    def _prefill(self, sequence: ScheduledSequence) -> None:
+        state: _Running = sequence.payload
+        state.cache = DynamicCache(config=self.lm.model.config)
+        state.sampler = Sampler(state.params)
+        state.text = IncrementalText(self.lm.decode, state.params.stop)
+        ids = torch.tensor([state.prompt_ids], device=self.device)
+        positions = torch.arange(len(state.prompt_ids), device=self.device)[None]
+        logits = self.lm.model(input_ids=ids, position_ids=positions,
+                               cache=RowCache([state.cache]), use_cache=True,
+                               logits_to_keep=1).logits
+        state.position = len(state.prompt_ids)
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(state.prompt_ids))
+        self._emit(sequence, state.sampler(logits[0, -1]))
+
+    def _decode(self, sequences: list[ScheduledSequence]) -> None:
+        if not sequences:
+            return
+        states: list[_Running] = [s.payload for s in sequences]
+        ids = torch.tensor([[s.last_token] for s in states], device=self.device)
+        positions = torch.tensor([[s.position] for s in states], device=self.device)
+        logits = self.lm.model(input_ids=ids, position_ids=positions,
+                               cache=RowCache([s.cache for s in states]), use_cache=True,
+                               logits_to_keep=1).logits
+        for row, (sequence, state) in enumerate(zip(sequences, states)):
+            state.position += 1
+            self._emit(sequence, state.sampler(logits[row, -1]))
+
+    def _emit(self, sequence: ScheduledSequence, token: int) -> None:
+        """Hand out one generated token, and end the sequence when it is its last."""
+        state: _Running = sequence.payload
+        now = time.perf_counter()
+        if self.metrics is not None:
+            if state.generated == 0:
+                self.metrics.ttft.observe(now - state.arrival)
+            else:
+                self.metrics.inter_token.observe(now - state.last_token_at)
+            self.metrics.generation_tokens.inc()
+        state.generated += 1
+        state.last_token, state.last_token_at = token, now
+        finish = None
+        if token in self.lm.eos_token_ids and not state.params.ignore_eos:
+            piece, finish = state.text.flush(), "stop"
+        else:
+            piece = state.text.add(token)
+            if state.text.stopped:
+                finish = "stop"
+            elif (state.generated >= state.params.max_tokens
+                  or state.position + 1 > self.max_model_len):
+                piece, finish = piece + state.text.flush(), "length"
+        if finish is not None:
+            with self._wake:
+                self._finish(sequence, finish, piece=piece, token=token)
+            return
+        state.stream.deliver(Chunk(piece, (token,), None, len(state.prompt_ids),
+                                   state.generated))
+        if state.stream.unread > MAX_UNREAD_CHUNKS:  # nobody reads it: abandoned
+            log.info("cancelling a stream with %d unread chunks", state.stream.unread)
+            with self._wake:
+                sequence.cancelled = True
+
+    def _finish(self, sequence: ScheduledSequence, reason: str, *, piece: str = "",
+                token: int | None = None, error: str | None = None) -> None:
+        """Call with the lock held."""
+        state: _Running = sequence.payload
+        state.stream.deliver(Chunk(piece, (token,) if token is not None else (), reason,
+                                   len(state.prompt_ids), state.generated, error))
+        if sequence in self.scheduler.running:
+            self._leave(sequence)
+
+    def _leave(self, sequence: ScheduledSequence) -> None:
+        self.scheduler.finish(sequence)
+        sequence.payload.cache = None  # frees its KV cache now
+
+    def _publish_gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.running.set(len(self.scheduler.running))
+            self.metrics.waiting.set(len(self.scheduler.waiting))
+            self.metrics.kv_cache_usage.set(self.scheduler.kv_cache_usage)

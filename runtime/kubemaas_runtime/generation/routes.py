@@ -1,0 +1,283 @@
+"""HTTP routes of a text-generation model: the OpenAI API under /v1 and the KServe v2 generate
+extension, Server-Sent Events for streams. Mounted by server.create_app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from kubemaas_runtime.errors import (
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    RuntimeServeError,
+    error_response_parts,
+)
+from kubemaas_runtime.generation import openai_api as api
+from kubemaas_runtime.generation.engine import Chunk, GenerationStream
+from kubemaas_runtime.generation.sampling import SamplingParams
+
+log = logging.getLogger("kubemaas_runtime")
+JSON = "application/json"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Generation bodies are prompts, not tensors: a smaller cap than --max-request-bytes.
+MAX_GENERATION_BODY = 8 * 1024 * 1024
+
+
+class ChunkFailed(RuntimeServeError):
+    """A sequence ended by the engine with `abort` (server stopping) or `error`."""
+
+    def __init__(self, chunk: Chunk) -> None:
+        super().__init__(chunk.error or chunk.finish_reason)
+        self.status_code = 503 if chunk.finish_reason == "abort" else 500
+
+
+def _failed(chunk: Chunk) -> bool:
+    return chunk.finish_reason in ("abort", "error")
+
+
+class GenerationService:
+    def __init__(self, state) -> None:
+        self.state = state
+        self.model = state.model
+        self.model.metrics = state.metrics
+        self.body_limit = min(state.config.max_request_bytes, MAX_GENERATION_BODY)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/models", self.list_models),
+            Route("/v1/models/{name}", self.get_model),
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v2/models/{name}/generate", self.v2_generate, methods=["POST"]),
+            Route("/v2/models/{name}/generate_stream", self.v2_generate_stream,
+                  methods=["POST"]),
+        ]
+
+    def stop(self) -> None:
+        if self.model.engine is not None:
+            self.model.engine.stop()
+
+    # -- shared --------------------------------------------------------------------------
+    async def _read(self, request: Request) -> bytes:
+        from kubemaas_runtime.server import read_body  # one body reader for every route
+
+        return await read_body(request, self.body_limit)
+
+    def _check_ready(self) -> None:
+        if not self.state.can_infer:
+            from kubemaas_runtime.server import _not_ready_reason
+
+            raise ModelNotReady(_not_ready_reason(self.state))
+
+    async def _submit(self, request: api.GenerationRequest) -> GenerationStream:
+        """Tokenize off the event loop, check the context, queue the sequence."""
+        lm, max_len = self.model.lm, self.model.max_model_len
+        api.check_prompt_size(request, max_len)
+        if request.messages is not None:
+            prompt_ids = await asyncio.to_thread(lm.encode_chat, request.messages)
+        elif isinstance(request.prompt, str):
+            prompt_ids = await asyncio.to_thread(lm.encode, request.prompt)
+        else:
+            vocab = lm.model.config.vocab_size
+            if any(t < 0 or t >= vocab for t in request.prompt):
+                raise api.InvalidParameter("prompt", f"token ids must be in [0, {vocab})")
+            prompt_ids = request.prompt
+        if not prompt_ids:
+            raise api.InvalidParameter("prompt", "the prompt is empty")
+        max_tokens = api.resolve_max_tokens(request, len(prompt_ids), max_len)
+        params = SamplingParams(max_tokens=max_tokens, temperature=request.temperature,
+                                top_p=request.top_p, seed=request.seed, stop=request.stop)
+        return self.model.engine.submit(prompt_ids, params)
+
+    def _account(self, started: float, status: int) -> None:
+        metrics = self.state.metrics
+        if status != 200:
+            metrics.failure(status)
+        metrics.requests.inc()
+        metrics.duration.observe(time.perf_counter() - started)
+
+    # -- /v1 -----------------------------------------------------------------------------
+    async def list_models(self, request: Request) -> Response:
+        return _json({"object": "list", "data": [self._model_card()]})
+
+    async def get_model(self, request: Request) -> Response:
+        if request.path_params["name"] != self.model.name:
+            return _openai_error(ModelNotFound(request.path_params["name"]))
+        return _json(self._model_card())
+
+    def _model_card(self) -> dict:
+        return {"id": self.model.name, "object": "model", "created": 0,
+                "owned_by": "kubemaas", "max_model_len": self.model.max_model_len}
+
+    async def chat(self, request: Request) -> Response:
+        return await self._openai(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._openai(request, chat=False)
+
+    async def _openai(self, request: Request, chat: bool) -> Response:
+        started = time.perf_counter()
+        metrics = self.state.metrics
+        metrics.inflight.inc()
+        streaming = False
+        try:
+            self._check_ready()
+            doc = api.parse_json_object(await self._read(request))
+            parse = api.parse_chat_request if chat else api.parse_completion_request
+            parsed = parse(doc, self.model.name)
+            stream = await self._submit(parsed)
+            rid = api.new_id("chatcmpl" if chat else "cmpl")
+            if parsed.stream:
+                streaming = True
+                return StreamingResponse(
+                    self._openai_events(stream, parsed, chat, rid, started),
+                    media_type="text/event-stream", headers=SSE_HEADERS)
+            text, last = await _collect(stream, request)
+            response = _json(api.completion_body(chat, rid, self.model.name, text,
+                                                 last.finish_reason, last.prompt_tokens,
+                                                 last.completion_tokens))
+        except Exception as exc:  # noqa: BLE001 - every failure is an OpenAI-shaped answer
+            if not isinstance(exc, RuntimeServeError):
+                log.exception("generation request failed")
+            response = _openai_error(exc)
+        finally:
+            if not streaming:
+                metrics.inflight.dec()
+        self._account(started, response.status_code)
+        return response
+
+    async def _openai_events(self, stream: GenerationStream, parsed: api.GenerationRequest,
+                             chat: bool, rid: str, started: float) -> AsyncIterator[bytes]:
+        name, created = self.model.name, int(time.time())
+        usage = parsed.include_usage
+        status = 200
+        try:
+            if chat:  # OpenAI's first chunk carries the role
+                yield api.sse(api.chunk_body(chat, rid, name, created, "", None, first=True,
+                                             with_usage=usage))
+            async for chunk in stream.chunks():
+                if _failed(chunk):
+                    status, _, body = api.openai_error(ChunkFailed(chunk))
+                    yield api.sse(body)
+                    break
+                if chunk.text:
+                    yield api.sse(api.chunk_body(chat, rid, name, created, chunk.text, None,
+                                                 with_usage=usage))
+                if chunk.finish_reason is not None:
+                    yield api.sse(api.chunk_body(chat, rid, name, created, None if chat else "",
+                                                 chunk.finish_reason, with_usage=usage))
+                    if usage:
+                        yield api.sse({"id": rid, "object": "chat.completion.chunk" if chat
+                                       else "text_completion", "created": created,
+                                       "model": name, "choices": [],
+                                       "usage": api.usage(chunk.prompt_tokens,
+                                                          chunk.completion_tokens)})
+            yield api.SSE_DONE
+        finally:
+            stream.cancel()  # a no-op when it finished; frees the slot when the client left
+            self.state.metrics.inflight.dec()
+            self._account(started, status)
+
+    # -- KServe v2 generate extension ----------------------------------------------------
+    async def _v2_parse(self, request: Request) -> api.GenerationRequest:
+        if request.path_params["name"] != self.model.name:
+            raise ModelNotFound(request.path_params["name"])
+        self._check_ready()
+        doc = api.parse_json_object(await self._read(request))
+        text = doc.get("text_input")
+        if not isinstance(text, str):
+            raise InvalidInput("'text_input' must be a string")
+        parameters = doc.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise InvalidInput("'parameters' must be an object")
+        return api.parse_completion_request(
+            {**parameters, "model": self.model.name, "prompt": text, "stream": False},
+            self.model.name)
+
+    async def v2_generate(self, request: Request) -> Response:
+        started = time.perf_counter()
+        self.state.metrics.inflight.inc()
+        try:
+            stream = await self._submit(await self._v2_parse(request))
+            text, last = await _collect(stream, request)
+            response = _json(self._v2_body(text, last))
+        except Exception as exc:  # noqa: BLE001 - v2 error bodies
+            if not isinstance(exc, RuntimeServeError):
+                log.exception("generate failed")
+            status, headers, body = error_response_parts(exc)
+            response = Response(body, status, headers=headers, media_type=JSON)
+        finally:
+            self.state.metrics.inflight.dec()
+        self._account(started, response.status_code)
+        return response
+
+    async def v2_generate_stream(self, request: Request) -> Response:
+        try:
+            stream = await self._submit(await self._v2_parse(request))
+        except Exception as exc:  # noqa: BLE001 - v2 error bodies
+            status, headers, body = error_response_parts(exc)
+            self._account(time.perf_counter(), status)
+            return Response(body, status, headers=headers, media_type=JSON)
+        return StreamingResponse(self._v2_events(stream), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+
+    async def _v2_events(self, stream: GenerationStream) -> AsyncIterator[bytes]:
+        started = time.perf_counter()
+        self.state.metrics.inflight.inc()
+        status = 200
+        try:
+            async for chunk in stream.chunks():
+                if _failed(chunk):
+                    status = ChunkFailed(chunk).status_code
+                    yield api.sse({"error": chunk.error})
+                    break
+                yield api.sse(self._v2_body(chunk.text, chunk))
+        finally:
+            stream.cancel()
+            self.state.metrics.inflight.dec()
+            self._account(started, status)
+
+    def _v2_body(self, text: str, chunk: Chunk) -> dict:
+        body = {"model_name": self.model.name, "model_version": "1", "text_output": text}
+        if chunk.finish_reason is not None:
+            body["finish_reason"] = chunk.finish_reason
+            body["usage"] = api.usage(chunk.prompt_tokens, chunk.completion_tokens)
+        return body
+
+
+async def _collect(stream: GenerationStream, request: Request) -> tuple[str, Chunk]:
+    """The whole text of a non-streamed request; the sequence is cancelled if the client
+    disconnects while it waits."""
+    async def cancel_on_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        stream.cancel()
+
+    watcher = asyncio.ensure_future(cancel_on_disconnect())
+    pieces = []
+    try:
+        async for chunk in stream.chunks():
+            if _failed(chunk):
+                raise ChunkFailed(chunk)
+            pieces.append(chunk.text)
+            last = chunk
+    finally:
+        watcher.cancel()
+    return "".join(pieces), last
+
+
+def _json(doc, status: int = 200) -> Response:
+    return Response(orjson.dumps(doc), status, media_type=JSON)
+
+
+def _openai_error(exc: BaseException) -> Response:
+    status, headers, body = api.openai_error(exc)
+    return Response(orjson.dumps(body), status, headers=headers, media_type=JSON)
