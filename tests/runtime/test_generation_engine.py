@@ -1,0 +1,278 @@
+"""The generation scheduler, detokenizer, sampler and engine alone: a fake counting model, no
+server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from kubemaas_runtime.errors import InvalidInput, Overloaded
+from kubemaas_runtime.generation.causal_lm import CausalLM
+from kubemaas_runtime.generation.detokenize import IncrementalText
+from kubemaas_runtime.generation.engine import GenerationEngine
+from kubemaas_runtime.generation.sampling import Sampler, SamplingParams, nucleus
+from kubemaas_runtime.generation.scheduler import ScheduledSequence, Scheduler
+from kubemaas_runtime.metrics import create_metrics
+from transformers import LlamaConfig
+
+VOCAB = 32
+EOS = 0
+
+
+# -- scheduler -------------------------------------------------------------------------------
+def seq(prompt: int, max_tokens: int) -> ScheduledSequence:
+    return ScheduledSequence(prompt, max_tokens)
+
+
+def test_scheduler_admits_fifo_within_slots_and_budget():
+    s = Scheduler(max_num_seqs=2, kv_cache_tokens=100, max_queue=10)
+    a, b, c, d = seq(10, 10), seq(30, 30), seq(5, 5), seq(1, 1)
+    for x in (a, b, c, d):
+        s.add(x)
+    assert s.admit() == [a, b]  # two slots
+    assert s.reserved_tokens == 80 and s.kv_cache_usage == pytest.approx(0.8)
+    s.finish(a)
+    assert s.admit() == [c]  # a slot, and 10 tokens fit
+    s.finish(b)
+    assert s.admit() == [d] and s.idle is False
+    s.finish(c)
+    s.finish(d)
+    assert s.idle and s.reserved_tokens == 0
+
+
+def test_scheduler_head_of_line_is_not_overtaken_by_smaller_requests():
+    s = Scheduler(max_num_seqs=8, kv_cache_tokens=100, max_queue=10)
+    big, small = seq(50, 40), seq(1, 1)
+    s.add(seq(30, 30))
+    s.add(big)
+    s.add(small)
+    assert len(s.admit()) == 1  # the big one waits for budget; the small one waits behind it
+    assert list(s.waiting) == [big, small]
+
+
+def test_scheduler_refuses_what_never_fits_and_a_full_queue():
+    s = Scheduler(max_num_seqs=1, kv_cache_tokens=100, max_queue=2)
+    with pytest.raises(InvalidInput, match="101 KV-cache tokens"):
+        s.add(seq(1, 100))
+    s.add(seq(1, 1))
+    s.add(seq(1, 1))
+    with pytest.raises(Overloaded):
+        s.add(seq(1, 1))
+
+
+def test_scheduler_drops_cancelled_waiters():
+    s = Scheduler(max_num_seqs=1, kv_cache_tokens=100, max_queue=5)
+    a, b, c = seq(1, 1), seq(1, 1), seq(1, 1)
+    for x in (a, b, c):
+        s.add(x)
+    b.cancelled = True
+    assert s.drop_cancelled_waiting() == [b]
+    assert s.admit() == [a] and list(s.waiting) == [c]
+
+
+# -- detokenizer and sampler -----------------------------------------------------------------
+def letters(ids):
+    return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_incremental_text_holds_back_a_possible_stop_string():
+    text = IncrementalText(letters, stop=("cd",))
+    pieces = [text.add(i) for i in (0, 1, 2)]  # "a", "b", "c" (c may start "cd")
+    assert "".join(pieces) == "ab" and not text.stopped
+    assert text.add(3) == "" and text.stopped  # "cd" matched: text ends before it
+    assert text.text == "ab"
+
+
+def test_incremental_text_flushes_what_it_held():
+    text = IncrementalText(letters, stop=("zz",))
+    out = "".join(text.add(i) for i in range(5)) + text.flush()
+    assert out == "abcde"
+
+
+def test_incremental_text_waits_for_a_whole_character():
+    raw = "é".encode()
+    def decode(ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+    text = IncrementalText(decode)
+    assert text.add(raw[0]) == ""
+    assert text.add(raw[1]) == "é"
+
+
+def test_greedy_sampler_is_argmax_and_seeded_sampling_repeats():
+    logits = torch.tensor([0.1, 3.0, 0.2, 2.9])
+    assert Sampler(SamplingParams(max_tokens=1, temperature=0.0))(logits) == 1
+    draws = [[Sampler(SamplingParams(max_tokens=1, temperature=1.5, seed=7))(logits)
+              for _ in range(1)] for _ in range(3)]
+    assert draws[0] == draws[1] == draws[2]
+    first = Sampler(SamplingParams(max_tokens=1, temperature=1.5, seed=7))
+    again = Sampler(SamplingParams(max_tokens=1, temperature=1.5, seed=7))
+    assert [first(logits) for _ in range(20)] == [again(logits) for _ in range(20)]
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    kept = nucleus(probs, 0.7)
+    assert kept.tolist() == pytest.approx([0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0])
+    assert nucleus(probs, 0.1).tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0])
+
+
+# -- engine with a fake model ----------------------------------------------------------------
+class CountingLM(torch.nn.Module):
+    """Next token = last token + 1 (mod VOCAB); writes one KV entry per token through the
+    cache, as a real model does, and records each forward's batch size. `gate` lets a test
+    hold the engine between steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.config = LlamaConfig(num_hidden_layers=1, vocab_size=VOCAB, hidden_size=8,
+                                  intermediate_size=8, num_attention_heads=1)
+        self.batch_sizes: list[int] = []
+        self.gate = threading.Semaphore(1000)
+        self.entered = 0
+
+    def forward(self, input_ids, position_ids, cache, use_cache, logits_to_keep):
+        self.entered += 1
+        self.gate.acquire()
+        batch, length = input_ids.shape
+        self.batch_sizes.append(batch)
+        kv = torch.zeros(batch, 1, length, 1)
+        keys, _ = cache.update(kv, kv, 0)
+        for row, key in enumerate(keys):  # each row's cache holds exactly its own tokens
+            assert key.shape[-2] == int(position_ids[row, -1]) + 1
+        nxt = (input_ids[:, -1] + 1) % VOCAB
+        logits = torch.nn.functional.one_hot(nxt, VOCAB).float()[:, None, :] * 10
+        return type("Out", (), {"logits": logits})()
+
+
+def make_engine(max_num_seqs=4, kv_cache_tokens=1000, max_queue=16, max_model_len=64):
+    lm = CausalLM(CountingLM(), tokenizer=None, eos_token_ids=frozenset({EOS}),
+                  context_length=max_model_len, source="fake")
+    lm.decode = letters  # type: ignore[method-assign]
+    metrics = create_metrics().bind("fake", "default")
+    engine = GenerationEngine(
+        lm, Scheduler(max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens,
+                      max_queue=max_queue), max_model_len=max_model_len, metrics=metrics)
+    engine.start()
+    return engine, lm.model, metrics
+
+
+async def collect(stream):
+    text, last = "", None
+    async for chunk in stream.chunks():
+        text += chunk.text
+        last = chunk
+    return text, last
+
+
+def greedy(max_tokens, stop=(), ignore_eos=False):
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop,
+                          ignore_eos=ignore_eos)
+
+
+def test_engine_runs_sequences_of_different_lengths_together():
+    async def main():
+        engine, model, metrics = make_engine()
+        try:
+            streams = [engine.submit([1], greedy(3)), engine.submit([5, 6], greedy(10)),
+                       engine.submit([20], greedy(5))]
+            results = await asyncio.gather(*(collect(s) for s in streams))
+        finally:
+            engine.stop()
+        return results, model, metrics
+
+    results, model, metrics = asyncio.run(main())
+    assert results[0][0] == letters([2, 3, 4]) and results[0][1].finish_reason == "length"
+    assert results[1][0] == letters(range(7, 17)) and results[1][1].completion_tokens == 10
+    # 20 -> 21 ... 31 -> 0 is eos: stops, eos not in the text, but counted
+    assert results[2][1].finish_reason == "length" and results[2][0] == letters(range(21, 26))
+    assert max(model.batch_sizes) == 3  # decoded together
+    assert metrics.metrics.registry.get_sample_value(
+        "kubemaas_generation_tokens_total", {"model": "fake", "variant": "default"}) == 18
+    assert metrics.metrics.registry.get_sample_value(
+        "kubemaas_num_requests_running", {"model": "fake", "variant": "default"}) == 0
+
+
+def test_engine_stops_at_eos_and_at_stop_strings():
+    async def main():
+        engine, _, _ = make_engine()
+        try:
+            eos = await collect(engine.submit([29], greedy(10)))  # 30, 31, then 0 = eos
+            stop = await collect(engine.submit([1], greedy(10, stop=("de",))))
+        finally:
+            engine.stop()
+        return eos, stop
+
+    (eos_text, eos_last), (stop_text, stop_last) = asyncio.run(main())
+    assert eos_last.finish_reason == "stop" and eos_text == letters([30, 31])
+    assert eos_last.completion_tokens == 3
+    assert stop_last.finish_reason == "stop" and stop_text == letters([2])  # "c", then "de"
+
+
+def test_a_short_request_joins_and_leaves_while_a_long_one_runs():
+    async def main():
+        engine, model, _ = make_engine(max_num_seqs=2)
+        try:
+            long = engine.submit([1], greedy(40, ignore_eos=True))
+            chunks = long.chunks()
+            await chunks.__anext__()  # the long one is running
+            short_text, short_last = await collect(engine.submit([3], greedy(2)))
+            rest = [c async for c in chunks]
+        finally:
+            engine.stop()
+        return short_last, rest
+
+    short_last, rest = asyncio.run(main())
+    assert short_last.finish_reason == "length"
+    assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 40
+
+
+def test_cancelled_stream_leaves_at_the_next_token_and_frees_its_slot():
+    async def main():
+        engine, model, metrics = make_engine(max_num_seqs=1, kv_cache_tokens=10000,
+                                             max_model_len=4000)
+        try:
+            stream = engine.submit([1], greedy(3000, ignore_eos=True))
+            chunks = stream.chunks()
+            await chunks.__anext__()
+            await chunks.aclose()  # the client went away
+            text, last = await collect(engine.submit([2], greedy(2)))
+        finally:
+            engine.stop()
+        return last, metrics
+
+    last, metrics = asyncio.run(main())
+    assert last.finish_reason == "length"
+    generated = metrics.metrics.registry.get_sample_value(
+        "kubemaas_generation_tokens_total", {"model": "fake", "variant": "default"})
+    assert generated < 1000  # the cancelled one did not run to its end (nor to the unread cap)
+
+
+def test_waiting_sequences_are_bounded_and_counted():
+    async def main():
+        engine, model, metrics = make_engine(max_num_seqs=1, max_queue=1)
+        model.gate = threading.Semaphore(0)  # hold the engine inside its first forward
+        try:
+            first = engine.submit([1], greedy(2))
+            while not model.entered:  # the first is admitted and inside its prefill
+                await asyncio.sleep(0.01)
+            second = engine.submit([1], greedy(2))
+            waiting = metrics.metrics.registry.get_sample_value(
+                "kubemaas_num_requests_waiting", {"model": "fake", "variant": "default"})
+            overloaded = None
+            try:
+                engine.submit([1], greedy(2))
+            except Overloaded as exc:
+                overloaded = exc
+            for _ in range(100):
+                model.gate.release()
+            results = [await collect(first), await collect(second)]
+        finally:
+            engine.stop()
+        return waiting, overloaded, results
+
+    waiting, overloaded, results = asyncio.run(main())
+    assert overloaded is not None and waiting >= 1
+    assert [r[1].finish_reason for r in results] == ["length", "length"]
