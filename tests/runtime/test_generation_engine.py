@@ -213,12 +213,12 @@ def test_engine_stops_at_eos_and_at_stop_strings():
 
 def test_a_short_request_joins_and_leaves_while_a_long_one_runs():
     async def main():
-        engine, model, _ = make_engine(max_num_seqs=2)
+        engine, _model, _ = make_engine(max_num_seqs=2)
         try:
             long = engine.submit([1], greedy(40, ignore_eos=True))
             chunks = long.chunks()
             await chunks.__anext__()  # the long one is running
-            short_text, short_last = await collect(engine.submit([3], greedy(2)))
+            _short_text, short_last = await collect(engine.submit([3], greedy(2)))
             rest = [c async for c in chunks]
         finally:
             engine.stop()
@@ -231,14 +231,14 @@ def test_a_short_request_joins_and_leaves_while_a_long_one_runs():
 
 def test_cancelled_stream_leaves_at_the_next_token_and_frees_its_slot():
     async def main():
-        engine, model, metrics = make_engine(max_num_seqs=1, kv_cache_tokens=10000,
+        engine, _model, metrics = make_engine(max_num_seqs=1, kv_cache_tokens=10000,
                                              max_model_len=4000)
         try:
             stream = engine.submit([1], greedy(3000, ignore_eos=True))
             chunks = stream.chunks()
             await chunks.__anext__()
             await chunks.aclose()  # the client went away
-            text, last = await collect(engine.submit([2], greedy(2)))
+            _text, last = await collect(engine.submit([2], greedy(2)))
         finally:
             engine.stop()
         return last, metrics

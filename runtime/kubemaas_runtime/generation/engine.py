@@ -172,7 +172,7 @@ class GenerationEngine:
                     for sequence in admitted:
                         self._prefill(sequence)
                     self._decode([s for s in running if s in self.scheduler.running])
-                except Exception as exc:  # noqa: BLE001 - fail these sequences, keep serving
+                except Exception as exc:
                     log.exception("generation step failed")
                     with self._wake:
                         for sequence in list(self.scheduler.running):

@@ -144,7 +144,7 @@ class GenerationService:
             response = _json(api.completion_body(chat, rid, self.model.name, text,
                                                  last.finish_reason, last.prompt_tokens,
                                                  last.completion_tokens))
-        except Exception as exc:  # noqa: BLE001 - every failure is an OpenAI-shaped answer
+        except Exception as exc:
             if not isinstance(exc, RuntimeServeError):
                 log.exception("generation request failed")
             response = _openai_error(exc)
@@ -209,7 +209,7 @@ class GenerationService:
             stream = await self._submit(await self._v2_parse(request))
             text, last = await _collect(stream, request)
             response = _json(self._v2_body(text, last))
-        except Exception as exc:  # noqa: BLE001 - v2 error bodies
+        except Exception as exc:
             if not isinstance(exc, RuntimeServeError):
                 log.exception("generate failed")
             status, headers, body = error_response_parts(exc)

@@ -25,7 +25,7 @@ class RowTensors(list):
 class RowCache(Cache):
     """A batch view over one DynamicCache per sequence (row b of the batch is `rows[b]`)."""
 
-    def __init__(self, rows: list[DynamicCache]) -> None:  # noqa: D107 - no Cache layers here
+    def __init__(self, rows: list[DynamicCache]) -> None:
         self.rows = rows
         self.layers = []
         self.layer_class_to_replicate = None
