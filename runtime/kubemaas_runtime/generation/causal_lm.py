@@ -68,6 +68,7 @@ def load_causal_lm(path: Path, format: str, device: torch.device) -> CausalLM:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # serving never reaches for the hub
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kwargs: dict[str, Any]
     if format == "gguf":
         gguf = find_gguf_file(path)
         directory, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
@@ -78,7 +79,7 @@ def load_causal_lm(path: Path, format: str, device: torch.device) -> CausalLM:
             raise ModelLoadFailed(f"{path} has no .safetensors weights (pickled weights are "
                                   f"never loaded)")
         directory, kwargs = str(path), {"use_safetensors": True}
-    common = {"local_files_only": True, "trust_remote_code": False, **kwargs}
+    common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False, **kwargs}
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **common)
         tokenizer = AutoTokenizer.from_pretrained(directory, **common)

@@ -4,19 +4,23 @@ extension, Server-Sent Events for streams. Mounted by server.create_app."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from kubemaas_runtime.admission import ClientGone, Ticket
 from kubemaas_runtime.errors import (
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
+    PayloadTooLarge,
     RuntimeServeError,
     error_response_parts,
 )
@@ -29,6 +33,7 @@ JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Generation bodies are prompts, not tensors: a smaller cap than --max-request-bytes.
 MAX_GENERATION_BODY = 8 * 1024 * 1024
+CLIENT_GONE = 499  # never sent: recorded in the failure counter only
 
 
 class ChunkFailed(RuntimeServeError):
@@ -37,6 +42,24 @@ class ChunkFailed(RuntimeServeError):
     def __init__(self, chunk: Chunk) -> None:
         super().__init__(chunk.error or chunk.finish_reason)
         self.status_code = 503 if chunk.finish_reason == "abort" else 500
+
+
+class StreamEnd:
+    """A stream's bookkeeping (cancel the sequence, free the in-flight slot, count the
+    request), done exactly once: after its last event, or when the response never iterated
+    it because the client left before the first byte (the generator is then collected)."""
+
+    def __init__(self, end: Callable[[int], None]) -> None:
+        self.status = status = [200]
+
+        def finish() -> None:
+            end(status[0])
+        self._finalizer = weakref.finalize(self, finish)
+
+    def __call__(self, status: int | None = None) -> None:
+        if status is not None:
+            self.status[0] = status
+        self._finalizer()
 
 
 def _failed(chunk: Chunk) -> bool:
@@ -48,7 +71,7 @@ class GenerationService:
         self.state = state
         self.model = state.model
         self.model.metrics = state.metrics
-        self.body_limit = min(state.config.max_request_bytes, MAX_GENERATION_BODY)
+        self.admission = state.admission
 
     def routes(self) -> list[Route]:
         return [
@@ -66,10 +89,26 @@ class GenerationService:
             self.model.engine.stop()
 
     # -- shared --------------------------------------------------------------------------
-    async def _read(self, request: Request) -> bytes:
-        from kubemaas_runtime.server import read_body  # one body reader for every route
-
-        return await read_body(request, self.body_limit)
+    async def _admit(self, request: Request, slot: contextlib.ExitStack) -> dict:
+        """The body as a JSON object, through the shared admission (size, deadline, memory
+        budget; admission.py), then an in-flight slot held in `slot` until the answer ends
+        (a stream's last event)."""
+        self._check_ready()
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_GENERATION_BODY:
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the generation "
+                                  f"limit of {MAX_GENERATION_BODY}")
+        ticket = Ticket(self.admission)
+        try:
+            body = await self.admission.read_body(request, ticket)
+            if len(body) > MAX_GENERATION_BODY:
+                raise PayloadTooLarge(f"request body exceeds the generation limit of "
+                                      f"{MAX_GENERATION_BODY} bytes")
+            doc = api.parse_json_object(bytes(body))
+        finally:
+            ticket.release()
+        slot.enter_context(self.admission.in_flight())
+        return doc
 
     def _check_ready(self) -> None:
         if not self.state.can_infer:
@@ -125,37 +164,44 @@ class GenerationService:
 
     async def _openai(self, request: Request, chat: bool) -> Response:
         started = time.perf_counter()
-        metrics = self.state.metrics
-        metrics.inflight.inc()
-        streaming = False
+        slot = contextlib.ExitStack()
         try:
-            self._check_ready()
-            doc = api.parse_json_object(await self._read(request))
+            doc = await self._admit(request, slot)
             parse = api.parse_chat_request if chat else api.parse_completion_request
             parsed = parse(doc, self.model.name)
             stream = await self._submit(parsed)
             rid = api.new_id("chatcmpl" if chat else "cmpl")
-            if parsed.stream:
-                streaming = True
-                return StreamingResponse(
-                    self._openai_events(stream, parsed, chat, rid, started),
-                    media_type="text/event-stream", headers=SSE_HEADERS)
+            if parsed.stream:  # the slot and the accounting go with the stream
+                events = self._openai_events(stream, parsed, chat, rid,
+                                             self._stream_end(stream, started, slot))
+                slot = contextlib.ExitStack()
+                return StreamingResponse(events, media_type="text/event-stream",
+                                         headers=SSE_HEADERS)
             text, last = await _collect(stream, request)
             response = _json(api.completion_body(chat, rid, self.model.name, text,
                                                  last.finish_reason, last.prompt_tokens,
                                                  last.completion_tokens))
+        except ClientGone:
+            response = Response(status_code=CLIENT_GONE)
         except Exception as exc:
             if not isinstance(exc, RuntimeServeError):
                 log.exception("generation request failed")
             response = _openai_error(exc)
         finally:
-            if not streaming:
-                metrics.inflight.dec()
+            slot.close()
         self._account(started, response.status_code)
         return response
 
+    def _stream_end(self, stream: GenerationStream, started: float,
+                    slot: contextlib.ExitStack) -> StreamEnd:
+        def end(status: int) -> None:
+            stream.cancel()  # a no-op when it finished; frees its slot when the client left
+            slot.close()
+            self._account(started, status)
+        return StreamEnd(end)
+
     async def _openai_events(self, stream: GenerationStream, parsed: api.GenerationRequest,
-                             chat: bool, rid: str, started: float) -> AsyncIterator[bytes]:
+                             chat: bool, rid: str, end: StreamEnd) -> AsyncIterator[bytes]:
         name, created = self.model.name, int(time.time())
         usage = parsed.include_usage
         status = 200
@@ -182,16 +228,14 @@ class GenerationService:
                                                           chunk.completion_tokens)})
             yield api.SSE_DONE
         finally:
-            stream.cancel()  # a no-op when it finished; frees the slot when the client left
-            self.state.metrics.inflight.dec()
-            self._account(started, status)
+            end(status)
 
     # -- KServe v2 generate extension ----------------------------------------------------
-    async def _v2_parse(self, request: Request) -> api.GenerationRequest:
+    async def _v2_parse(self, request: Request, slot: contextlib.ExitStack
+                        ) -> api.GenerationRequest:
         if request.path_params["name"] != self.model.name:
             raise ModelNotFound(request.path_params["name"])
-        self._check_ready()
-        doc = api.parse_json_object(await self._read(request))
+        doc = await self._admit(request, slot)
         text = doc.get("text_input")
         if not isinstance(text, str):
             raise InvalidInput("'text_input' must be a string")
@@ -203,35 +247,37 @@ class GenerationService:
             self.model.name)
 
     async def v2_generate(self, request: Request) -> Response:
+        return await self._v2(request, streaming=False)
+
+    async def v2_generate_stream(self, request: Request) -> Response:
+        return await self._v2(request, streaming=True)
+
+    async def _v2(self, request: Request, streaming: bool) -> Response:
         started = time.perf_counter()
-        self.state.metrics.inflight.inc()
+        slot = contextlib.ExitStack()
         try:
-            stream = await self._submit(await self._v2_parse(request))
+            stream = await self._submit(await self._v2_parse(request, slot))
+            if streaming:
+                events = self._v2_events(stream, self._stream_end(stream, started, slot))
+                slot = contextlib.ExitStack()
+                return StreamingResponse(events, media_type="text/event-stream",
+                                         headers=SSE_HEADERS)
             text, last = await _collect(stream, request)
             response = _json(self._v2_body(text, last))
+        except ClientGone:
+            response = Response(status_code=CLIENT_GONE)
         except Exception as exc:
             if not isinstance(exc, RuntimeServeError):
                 log.exception("generate failed")
             status, headers, body = error_response_parts(exc)
             response = Response(body, status, headers=headers, media_type=JSON)
         finally:
-            self.state.metrics.inflight.dec()
+            slot.close()
         self._account(started, response.status_code)
         return response
 
-    async def v2_generate_stream(self, request: Request) -> Response:
-        try:
-            stream = await self._submit(await self._v2_parse(request))
-        except Exception as exc:  # noqa: BLE001 - v2 error bodies
-            status, headers, body = error_response_parts(exc)
-            self._account(time.perf_counter(), status)
-            return Response(body, status, headers=headers, media_type=JSON)
-        return StreamingResponse(self._v2_events(stream), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
-
-    async def _v2_events(self, stream: GenerationStream) -> AsyncIterator[bytes]:
-        started = time.perf_counter()
-        self.state.metrics.inflight.inc()
+    async def _v2_events(self, stream: GenerationStream, end: StreamEnd
+                         ) -> AsyncIterator[bytes]:
         status = 200
         try:
             async for chunk in stream.chunks():
@@ -241,9 +287,7 @@ class GenerationService:
                     break
                 yield api.sse(self._v2_body(chunk.text, chunk))
         finally:
-            stream.cancel()
-            self.state.metrics.inflight.dec()
-            self._account(started, status)
+            end(status)
 
     def _v2_body(self, text: str, chunk: Chunk) -> dict:
         body = {"model_name": self.model.name, "model_version": "1", "text_output": text}

@@ -27,7 +27,7 @@ class RowCache(Cache):
 
     def __init__(self, rows: list[DynamicCache]) -> None:
         self.rows = rows
-        self.layers = []
+        self.layers: list = []
         self.layer_class_to_replicate = None
         self.offloading = False
 
