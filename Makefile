@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-unit test-runtime test-e2e down bench crds lint
+.PHONY: setup demo test test-unit test-runtime test-e2e down bench crds lint images images-light
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,14 @@ test-runtime: $(STAMP)
 
 test-e2e: setup
 	$(PY) -m pytest -ra tests/e2e
+
+# Container images without Docker (hack/images): OCI archives in ~/.cache/kubemaas/images that
+# load into containerd, kind or any registry. images-light: local cluster and CI only.
+images: $(STAMP)
+	hack/images build runtime operator
+
+images-light: $(STAMP)
+	hack/images build --light runtime operator
 
 down:
 	hack/demo down || true

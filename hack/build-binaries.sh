@@ -12,6 +12,9 @@ SRC_DIR=$CACHE_ROOT/src
 export CGO_ENABLED=0 GOFLAGS=-trimpath GOTOOLCHAIN=local
 
 log() { printf '[kubemaas %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# The real kubelet node (hack/real-node.sh) is on unless KUBEMAAS_REAL_NODE=0: only one may run
+# on a machine, so every other checkout sets it to 0 and builds and installs none of it.
+real_node_wanted() { [ "${KUBEMAAS_REAL_NODE:-1}" != 0 ]; }
 have() { [ -x "$BIN_DIR/$1" ]; }
 
 # go.mod of a wrapper module that builds k8s.io/kubernetes commands: every staging module the
@@ -20,7 +23,8 @@ kube_wrapper() {
   local dir=$SRC_DIR/kubernetes-$KUBE_VERSION minor=${KUBE_VERSION#v1.} stage_ver
   stage_ver=v0.$minor
   mkdir -p "$dir"
-  if [ ! -f "$dir/go.sum" ] || [ ! -f "$dir/.resolved" ]; then
+  # a wrapper resolved before kubelet and kube-proxy were in it is resolved again
+  if [ ! -f "$dir/go.sum" ] || [ ! -f "$dir/.resolved" ] || ! grep -q kube-proxy "$dir/tools.go"; then
     log "resolving k8s.io/kubernetes@$KUBE_VERSION (staging modules at $stage_ver)"
     local gomod
     gomod=$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
@@ -43,6 +47,8 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )
 GO
     (cd "$dir" && go mod tidy -e >&2)
@@ -62,8 +68,9 @@ kube_ldflags() {
 }
 
 build_kube() {
-  local missing=() c
-  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do have "$c" || missing+=("$c"); done
+  local missing=() c wanted=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+  real_node_wanted && wanted+=(kubelet kube-proxy)
+  for c in "${wanted[@]}"; do have "$c" || missing+=("$c"); done
   [ ${#missing[@]} -eq 0 ] && { log "kubernetes $KUBE_VERSION: cached"; return; }
   local dir; dir=$(kube_wrapper)
   local pkgs=(); for c in "${missing[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
@@ -105,12 +112,34 @@ build_plain() { # name module-path version
   GOBIN=$BIN_DIR go install -ldflags "${4:-} -s -w" "$2@$3"
 }
 
+# Debian packages the real node and the image builder use; apt-get only for what is missing.
+NODE_PACKAGES=(containerd runc containernetworking-plugins iptables conntrack mmdebstrap umoci skopeo)
+install_node_packages() {
+  local missing=() p
+  for p in "${NODE_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && { log "node packages: installed"; return; }
+  if [ "$(id -u)" != 0 ]; then
+    log "the real node needs: sudo apt-get install ${missing[*]} (or set KUBEMAAS_REAL_NODE=0)"
+    return 1
+  fi
+  log "installing ${missing[*]} (apt-get)"
+  # Debian's own containerd service, where apt starts one, is left unused: each cluster runs its own
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 ||
+    { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; }
+}
+
 build_all() {
   mkdir -p "$BIN_DIR" "$SRC_DIR"
   build_etcd
   build_plain kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
   build_plain helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
   build_kube
+  if real_node_wanted; then
+    build_plain crictl sigs.k8s.io/cri-tools/cmd/crictl "$CRICTL_VERSION" "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION"
+    install_node_packages
+  fi
   log "binaries in $BIN_DIR"
 }
 

@@ -1,0 +1,3 @@
+module kubemaas.local/pause
+
+go 1.25.0
