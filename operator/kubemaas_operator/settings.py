@@ -65,7 +65,11 @@ class OperatorSettings(BaseModel):
         default=1800, description="How long a model may take to load before its pod is restarted."
     )
     drain_seconds: Annotated[int, Field(ge=0)] = Field(
-        default=30, description="How long a stopping pod may take to finish in-flight requests."
+        default=30,
+        description=(
+            "How long a stopping pod may take to finish in-flight requests: the runtime's --drain-seconds "
+            "(KUBEMAAS_DRAIN_SECONDS), and with the preStop pause and a margin the pod's grace period."
+        ),
     )
     # -- limits and lock-down (docs/install.md, "Locking endpoints down") ---------------------
     runtime_memory_limit: Annotated[str, Field(pattern=QUANTITY)] = Field(

@@ -51,8 +51,8 @@ class ServeConfig:
     model_dir: str = DEFAULT_MODEL_DIR
     termination_log: str = "/dev/termination-log"
     max_drift: float | None = None
-    drain_seconds: float = 0.0
-    graceful_timeout_seconds: float = 25.0
+    drain_seconds: float = 25.0
+    unready_delay_seconds: float = 0.0
     log_level: str = "info"
     # text-generation (docs/runtime.md "Generation limits"); None: from the model / derived
     max_model_len: int | None = None
@@ -157,10 +157,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="file receiving the one-line reason when the model fails to start")
     add("--max-drift", type=_non_negative_float,
         help="largest accepted drift of a quantized variant from full precision on the probes (1 - min cosine, or share of changed labels); above it the process exits with QuantizationDriftExceeded")
-    add("--drain-seconds", type=_non_negative_float, default=0.0,
-        help="after SIGTERM keep serving this long with readiness false before closing")
-    add("--graceful-timeout-seconds", type=_non_negative_float, default=25.0,
-        help="after closing, longest wait for in-flight requests")
+    add("--drain-seconds", type=_non_negative_float, default=25.0,
+        help="after SIGTERM, the longest the server waits for in-flight and queued requests "
+             "before it exits; requests still queued 1 s before the end get 503 + Retry-After "
+             "(the operator sets it from its drainSeconds, which also sizes the pod's grace period)")
+    add("--unready-delay-seconds", type=_non_negative_float, default=0.0,
+        help="after SIGTERM keep accepting this long with readiness false before closing (in "
+             "Kubernetes the pod's preStop pause does this)")
     add("--max-model-len", type=_positive_int,
         help="text-generation: longest context (prompt + generated tokens) of one sequence; "
              "default: the model's max_position_embeddings")

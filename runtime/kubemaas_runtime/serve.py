@@ -12,7 +12,7 @@ import os
 import uvicorn
 
 from kubemaas_runtime.config import ServeConfig
-from kubemaas_runtime.errors import ModelLoadFailed, ModelNotReady
+from kubemaas_runtime.errors import ModelLoadFailed, Overloaded
 from kubemaas_runtime.http_limits import bounded_protocol
 from kubemaas_runtime.termination import write_termination_log
 
@@ -21,7 +21,7 @@ QUEUE_REJECT_MARGIN_S = 1.0
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn that turns readiness off at the first SIGTERM and, with `drain_seconds`, keeps
+    """uvicorn that turns readiness off at the first SIGTERM and, with `unready_delay_seconds`, keeps
     serving that long before it closes its socket and waits for in-flight requests."""
 
     def __init__(self, config: uvicorn.Config, state, drain_seconds: float) -> None:
@@ -56,7 +56,7 @@ class DrainingServer(uvicorn.Server):
     def _reject_queued(self) -> None:
         batcher = self._state.batcher
         if batcher is not None:
-            failed = batcher.fail_waiting(ModelNotReady("server is shutting down; retry"))
+            failed = batcher.fail_waiting(Overloaded("server is shutting down; retry elsewhere"))
             if failed:
                 log.warning("shutting down: %d queued requests answered 503", failed)
 
@@ -86,8 +86,8 @@ def serve(config: ServeConfig) -> int:
         http=bounded_protocol(config.max_header_bytes, config.body_timeout_seconds),
         lifespan="on", access_log=False, log_level=config.log_level,
         limit_concurrency=config.max_connections,
-        timeout_graceful_shutdown=config.graceful_timeout_seconds or None)  # type: ignore[arg-type]  # uvicorn waits on a float fine
-    server = DrainingServer(uv_config, state, config.drain_seconds)
+        timeout_graceful_shutdown=config.drain_seconds or None)  # type: ignore[arg-type]  # uvicorn waits on a float fine
+    server = DrainingServer(uv_config, state, config.unready_delay_seconds)
 
     def request_exit() -> None:
         server.should_exit = True

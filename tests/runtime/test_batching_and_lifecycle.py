@@ -100,7 +100,7 @@ def wait_until_live(server: RuntimeServer) -> None:
 def test_loading_then_sigterm_drains_in_flight_requests(module_tmp):
     build_safetensors(module_tmp / "drain", slow_delay_s=0.3, load_delay_s=4)
     server = RuntimeServer(slow_server_args(module_tmp / "drain", "--max-batch-size", "2",
-                                            "--drain-seconds", "1.5"), module_tmp).launch()
+                                            "--unready-delay-seconds", "1.5"), module_tmp).launch()
     try:
         wait_until_live(server)  # live while the model still loads, but not ready
         ready = httpx.get(f"{server.url}/v2/health/ready")
@@ -125,6 +125,35 @@ def test_loading_then_sigterm_drains_in_flight_requests(module_tmp):
         assert [r.status_code for r in responses] == [200] * 6
         assert ready.status_code == 503 and ready.json()["ready"] is False
         assert late.status_code == 200  # still served while endpoints catch up
+        assert server.process.wait(30) == 0, server.logs()
+    finally:
+        server.stop()
+
+
+def test_requests_still_queued_when_the_drain_ends_get_503_not_a_reset(module_tmp):
+    build_safetensors(module_tmp / "queued", slow_delay_s=0.5)
+    server = RuntimeServer(slow_server_args(module_tmp / "queued", "--max-batch-size", "1",
+                                            "--drain-seconds", "2"), module_tmp).start()
+    try:
+        async def scenario():
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                calls = [asyncio.create_task(client.post("/v2/models/slow/infer", json=body()))
+                         for _ in range(10)]
+                deadline = time.monotonic() + 20
+                while server.metric("kubemaas_inflight_requests", LABELS) < 10:
+                    assert time.monotonic() < deadline, "requests never arrived"
+                    await asyncio.sleep(0.02)
+                server.terminate()
+                # a reset connection would raise here instead of returning a response
+                return await asyncio.gather(*calls)
+
+        responses = asyncio.run(scenario())
+        codes = [r.status_code for r in responses]
+        assert set(codes) == {200, 503}, codes  # 10 x 0.5 s cannot finish in a 2 s drain
+        for response in responses:
+            if response.status_code == 503:
+                assert "shutting down" in response.json()["error"]
+                assert response.headers["retry-after"] == "1"
         assert server.process.wait(30) == 0, server.logs()
     finally:
         server.stop()

@@ -214,7 +214,7 @@ def test_pre_stop_pause_and_grace_period_cover_the_drain():
     pause = p["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pause > 0
     assert p["terminationGracePeriodSeconds"] > pause + SETTINGS.drain_seconds
-    assert env()["KUBEMAAS_GRACEFUL_TIMEOUT_SECONDS"] == str(SETTINGS.drain_seconds)
+    assert env()["KUBEMAAS_DRAIN_SECONDS"] == str(SETTINGS.drain_seconds)
 
 
 def test_restricted_security_profile():

@@ -62,7 +62,8 @@ def runtime_env(ms: ModelService, variant: Variant, settings: OperatorSettings) 
         **generation_env(ms),
         "KUBEMAAS_PORT": str(HTTP_PORT),
         "KUBEMAAS_MODEL_DIR": MODEL_DIR,
-        "KUBEMAAS_GRACEFUL_TIMEOUT_SECONDS": str(settings.drain_seconds),
+        # one name on both sides: the operator's drain_seconds is the runtime's --drain-seconds
+        "KUBEMAAS_DRAIN_SECONDS": str(settings.drain_seconds),
         # Libraries that cache under $HOME write to the writable /tmp (the root is read-only).
         "HOME": "/tmp",
     }
