@@ -4,18 +4,21 @@ s3://bucket/key copies the object `key` (as its base name) or, when `key` is a p
 object under it (keeping paths relative to the prefix). hf://org/name[@revision] copies the
 repository's files at that revision (default main), skipping other frameworks' weights and
 pickled weights; hf://org/name/path/file.gguf[@revision] copies that one file (a GGUF repo
-holds many quantizations), saved under its base name. Files land under a temporary name and are renamed when complete.
+holds many quantizations), saved under its base name. S3 objects land under a temporary name
+and are renamed when complete; hub files come through huggingface_hub (retries, resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import logging
+import shutil
 import signal
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from urllib.parse import quote, urlparse
+from urllib.parse import urlparse
 
 from kubemaas_runtime.termination import write_termination_log
 
@@ -115,47 +118,55 @@ def parse_hf_uri(uri: str) -> tuple[str, str | None, str]:
 
 
 def fetch_hf(uri: str, dest: Path, env: Mapping[str, str], budget: Budget) -> list[Path]:
-    import httpx
+    """huggingface_hub does the transfer (retries, resumable downloads, the commit a revision
+    names); this sizes the files first against --max-bytes and keeps pickled weights out."""
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
     repo, single, revision = parse_hf_uri(uri)
     endpoint = (env.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
-    headers = {"User-Agent": "kubemaas-runtime-fetch"}
-    if env.get("HF_TOKEN"):
-        headers["Authorization"] = f"Bearer {env['HF_TOKEN']}"
-    with httpx.Client(headers=headers, follow_redirects=True, timeout=60.0) as client:
-        info = client.get(f"{endpoint}/api/models/{repo}/revision/{quote(revision, safe='')}")
-        if info.status_code in (401, 403, 404):
-            raise FetchError(f"{uri}: hub answered {info.status_code} (missing repository, or "
-                             f"HF_TOKEN lacks access)")
-        info.raise_for_status()
-        doc = info.json()
-        commit = doc.get("sha") or revision
-        files = [s["rfilename"] for s in doc.get("siblings", [])]
+    token = env.get("HF_TOKEN") or False  # False: never a token from a file on the node
+    try:
+        info = HfApi(endpoint=endpoint, token=token).model_info(
+            repo, revision=revision, files_metadata=True)
+        sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
         if single is not None:
-            if single not in files:
+            if single not in sizes:
                 raise FetchError(f"{uri}: the repository has no file {single}")
             wanted = [single]
         else:
-            wanted = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in HF_SKIP_PATTERNS)]
+            wanted = [f for f in sizes if not any(fnmatch.fnmatch(f, p) for p in HF_SKIP_PATTERNS)]
         if not wanted:
             raise FetchError(f"{uri}: the repository has no files to fetch")
-        written = []
         for name in wanted:
+            safe_destination(dest, name)
+            budget.take(sizes[name], name)
+        commit = info.sha or revision  # every file from the one commit the revision named
+        if single is not None:
+            fetched = Path(hf_hub_download(repo, single, revision=commit, local_dir=dest,
+                                           endpoint=endpoint, token=token))
             # one named file lands at the top (the runtime finds the one .gguf there)
-            target = safe_destination(dest, PurePosixPath(name).name if single else name)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".part")
-            url = f"{endpoint}/{repo}/resolve/{commit}/{quote(name)}"
-            with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise FetchError(f"{uri}: GET {name} answered {response.status_code}")
-                with open(partial, "wb") as handle:
-                    for chunk in response.iter_bytes(1 << 20):
-                        budget.take(len(chunk), name)
-                        handle.write(chunk)
-            partial.replace(target)
-            written.append(target)
-    return written
+            target = dest / PurePosixPath(single).name
+            if fetched != target:
+                fetched.replace(target)
+            _drop_download_state(dest)
+            return [target]
+        snapshot_download(repo, revision=commit, local_dir=dest, allow_patterns=wanted,
+                          endpoint=endpoint, token=token, max_workers=4)
+        _drop_download_state(dest)
+    except (EntryNotFoundError, HfHubHTTPError) as exc:
+        status = exc.response.status_code if getattr(exc, "response", None) is not None else None
+        raise FetchError(f"{uri}: hub answered {status or type(exc).__name__} (missing "
+                         f"repository or revision, or HF_TOKEN lacks access)") from None
+    return [dest / name for name in wanted]
+
+
+def _drop_download_state(dest: Path) -> None:
+    """huggingface_hub keeps resume state in <local_dir>/.cache/huggingface (an interrupted
+    fetch, retried in the same pod, picks up there); once complete it is not model data."""
+    shutil.rmtree(dest / ".cache" / "huggingface", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (dest / ".cache").rmdir()
 
 
 def fetch(uri: str, dest: Path, env: Mapping[str, str], max_bytes: int | None = None) -> list[Path]:

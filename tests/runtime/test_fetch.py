@@ -3,6 +3,7 @@ Hugging Face hub's HTTP endpoint, both on 127.0.0.1."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import threading
@@ -32,6 +33,7 @@ def run_fetch(uri: str, dest: Path, *extra: str, **env: str) -> subprocess.Compl
     return subprocess.run([PYTHON, "-m", "kubemaas_runtime", "fetch", "--uri", uri,
                            "--dest", str(dest), *extra],
                           env=runtime_env(KUBEMAAS_TERMINATION_LOG=str(dest.parent / "tlog"),
+                                          HF_HUB_OFFLINE="0",  # fetch is what goes online
                                           **env),
                           capture_output=True, text=True, check=False, timeout=120)
 
@@ -89,30 +91,51 @@ def test_s3_unreachable_endpoint_fails(s3, tmp_path):
 
 
 class HubHandler(BaseHTTPRequestHandler):
-    """The two hub routes fetch uses: revision info and file resolve."""
+    """The hub routes huggingface_hub uses to fetch: model info (with file sizes) and file
+    resolve (HEAD for the commit, ETag and size; GET for the bytes)."""
 
     def log_message(self, *args):
         pass
 
-    def do_GET(self):
-        if self.headers.get("Authorization") != f"Bearer {HUB_TOKEN}":
-            return self._send(401, b'{"error": "unauthorized"}')
-        path = unquote(self.path)
-        info_prefix = f"/api/models/{HUB_REPO}/revision/"
-        resolve_prefix = f"/{HUB_REPO}/resolve/{HUB_COMMIT}/"
-        if path.startswith(info_prefix) and path[len(info_prefix):] == "main":
-            doc = {"id": HUB_REPO, "sha": HUB_COMMIT,
-                   "siblings": [{"rfilename": name} for name in HUB_FILES]}
-            return self._send(200, json.dumps(doc).encode())
-        if path.startswith(resolve_prefix) and path[len(resolve_prefix):] in HUB_FILES:
-            return self._send(200, HUB_FILES[path[len(resolve_prefix):]])
-        return self._send(404, b'{"error": "not found"}')
+    def do_HEAD(self):
+        self._answer(with_body=False)
 
-    def _send(self, status: int, body: bytes):
+    def do_GET(self):
+        self._answer(with_body=True)
+
+    def _answer(self, with_body: bool):
+        if self.headers.get("Authorization") != f"Bearer {HUB_TOKEN}":
+            return self._send(401, b'{"error": "unauthorized"}', with_body)
+        path = unquote(self.path).split("?", 1)[0]
+        info_prefix = f"/api/models/{HUB_REPO}/revision/"
+        resolve_prefixes = [f"/{HUB_REPO}/resolve/{rev}/" for rev in (HUB_COMMIT, "main")]
+        if path.startswith(info_prefix) and path[len(info_prefix):] in ("main", HUB_COMMIT):
+            doc = {"id": HUB_REPO, "sha": HUB_COMMIT,
+                   "siblings": [{"rfilename": name, "size": len(data)}
+                                for name, data in HUB_FILES.items()]}
+            return self._send(200, json.dumps(doc).encode(), with_body)
+        tree_prefix = f"/api/models/{HUB_REPO}/tree/"
+        if path.startswith(tree_prefix) and path[len(tree_prefix):] in ("main", HUB_COMMIT):
+            entries = [{"type": "file", "path": name, "size": len(data),
+                        "oid": hashlib.sha1(data).hexdigest()} for name, data in HUB_FILES.items()]
+            return self._send(200, json.dumps(entries).encode(), with_body)
+        for prefix in resolve_prefixes:
+            if path.startswith(prefix) and path[len(prefix):] in HUB_FILES:
+                data = HUB_FILES[path[len(prefix):]]
+                etag = hashlib.sha1(data).hexdigest()
+                return self._send(200, data, with_body,
+                                  {"X-Repo-Commit": HUB_COMMIT, "ETag": f'"{etag}"'})
+        return self._send(404, b'{"error": "not found"}', with_body)
+
+    def _send(self, status: int, body: bytes, with_body: bool = True,
+              headers: dict[str, str] | None = None):
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if with_body:
+            self.wfile.write(body)
 
 
 @pytest.fixture(scope="module")
