@@ -155,7 +155,8 @@ def fetch_hf(uri: str, dest: Path, env: Mapping[str, str], budget: Budget) -> li
                           endpoint=endpoint, token=token, max_workers=4)
         _drop_download_state(dest)
     except (EntryNotFoundError, HfHubHTTPError) as exc:
-        status = exc.response.status_code if getattr(exc, "response", None) is not None else None
+        response = getattr(exc, "response", None)
+        status = response.status_code if response is not None else None
         raise FetchError(f"{uri}: hub answered {status or type(exc).__name__} (missing "
                          f"repository or revision, or HF_TOKEN lacks access)") from None
     return [dest / name for name in wanted]
