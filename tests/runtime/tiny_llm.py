@@ -27,7 +27,7 @@ def smollm2_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
-def build_tiny_llm(directory: Path, seed: int = 0, layers: int = 2) -> Path:
+def build_tiny_llm(directory: Path, seed: int = 0, layers: int = 2, context: int = 256) -> Path:
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -43,7 +43,7 @@ def build_tiny_llm(directory: Path, seed: int = 0, layers: int = 2) -> Path:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+                         max_position_embeddings=context, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
