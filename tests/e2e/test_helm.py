@@ -301,6 +301,7 @@ NEEDED = [
     ("patch", "services"), ("patch", "poddisruptionbudgets.policy"),
     ("patch", "horizontalpodautoscalers.autoscaling"), ("patch", "scaledobjects.keda.sh"),
     ("patch", "httproutes.gateway.networking.k8s.io"),
+    ("patch", "networkpolicies.networking.k8s.io"),
     ("list", "pods"), ("watch", "pods"), ("create", "events"),
     ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
     ("list", "nodes"), ("watch", "nodes"),  # the GPU-fit check reads their GPU labels
