@@ -282,3 +282,39 @@ def test_auth_admits_the_right_token_and_leaves_health_and_metrics_open(servers)
     assert httpx.get(f"{locked.url}/v2/health/live").status_code == 200
     assert httpx.get(f"{locked.url}/v2/health/ready").status_code == 200
     assert "kubemaas_requests_total" in httpx.get(f"{locked.url}/metrics").text
+
+
+@pytest.fixture(scope="module")
+def locked_generator(module_tmp):
+    from tests.runtime.tiny_llm import build_tiny_llm
+
+    model_dir = build_tiny_llm(module_tmp / "tiny-llm")
+    token_file = module_tmp / "llm-token"
+    token_file.write_text(TOKEN)
+    server = RuntimeServer(["--model-uri", f"file://{model_dir}", "--format", "transformers",
+                            "--task", "text-generation", "--name", "tiny", "--max-num-seqs", "4",
+                            "--max-model-len", "128", "--auth-token-file", str(token_file)],
+                           module_tmp).start()
+    yield server
+    assert server.stop() == 0, server.logs()
+
+
+def test_the_openai_routes_share_the_token_and_the_limits(locked_generator):
+    import openai
+
+    def client(key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{locked_generator.url}/v1", api_key=key, max_retries=0,
+                             timeout=60)
+
+    with pytest.raises(openai.AuthenticationError):
+        client("wrong").completions.create(model="tiny", prompt="hello", max_tokens=2)
+    answer = client(TOKEN).completions.create(model="tiny", prompt="hello", max_tokens=2)
+    assert answer.usage.completion_tokens >= 1
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    url = f"{locked_generator.url}/v1/completions"
+    too_big = httpx.post(url, content=b"{" + b" " * (65 * MIB), headers=headers, timeout=60)
+    assert too_big.status_code == 413
+    deep = httpx.post(url, content=b'{"model":"tiny","prompt":' + nested(5000, b'"x"') + b"}",
+                      headers=headers, timeout=60)
+    assert 400 <= deep.status_code < 500
+    assert httpx.get(f"{locked_generator.url}/v2/health/live").status_code == 200
