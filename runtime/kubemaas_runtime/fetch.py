@@ -181,9 +181,14 @@ def fetch(uri: str, dest: Path, env: Mapping[str, str], max_bytes: int | None = 
     raise FetchError(f"fetch handles s3:// and hf:// URIs, not {uri!r}")
 
 
+class FetchTimedOut(BaseException):
+    """Raised from SIGALRM: a BaseException, so no client library's retry loop (which catch
+    Exception) can swallow it."""
+
+
 def _timed_out(seconds: int):
     def handler(signum, frame):
-        raise FetchError(f"the fetch took longer than --timeout-seconds {seconds}")
+        raise FetchTimedOut(f"the fetch took longer than --timeout-seconds {seconds}")
     return handler
 
 
@@ -194,7 +199,7 @@ def fetch_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         signal.alarm(args.timeout_seconds)
     try:
         written = fetch(args.uri, Path(args.dest), env, args.max_bytes)
-    except Exception as exc:  # noqa: BLE001 - any failure becomes the pod's one-line reason
+    except (Exception, FetchTimedOut) as exc:  # noqa: BLE001 - any failure: the pod's one-line reason
         write_termination_log(env.get("KUBEMAAS_TERMINATION_LOG", "/dev/termination-log"),
                               f"ModelFetchFailed: {exc}")
         return 1

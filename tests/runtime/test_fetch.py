@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -197,3 +198,14 @@ def test_hf_past_max_bytes_stops_the_download(hub, tmp_path):
                        HF_ENDPOINT=hub, HF_TOKEN=HUB_TOKEN)
     assert result.returncode == 1 and "past --max-bytes 100" in result.stderr
     assert (tmp_path / "tlog").read_text().startswith("ModelFetchFailed:")
+
+
+def test_a_fetch_that_stalls_stops_at_its_timeout(s3, tmp_path):
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        result = run_fetch("s3://models/minilm", tmp_path / "models", "--timeout-seconds", "2",
+                           **{**s3, "AWS_ENDPOINT_URL_S3": endpoint})
+    assert result.returncode == 1
+    assert "longer than --timeout-seconds 2" in result.stderr
