@@ -250,6 +250,17 @@ def test_slow_bodies_hold_no_slots_and_are_dropped_with_408(server):
     assert statuses == [408] * 60
 
 
+def test_headers_that_never_finish_are_closed_at_the_deadline(server):
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        sock.sendall(b"POST /v2/models/minilm/infer HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        sock.settimeout(BODY_TIMEOUT_S * 4)
+        assert sock.recv(4096) == b""  # closed by the server, not left open
+    finally:
+        sock.close()
+    assert embedding(httpx.post(infer_url(server), json=text_request("fine"))).size
+
+
 def test_headers_too_large_are_refused_before_the_app(server):
     response = httpx.post(infer_url(server), json=text_request("a"),
                           headers={"X-Padding": "p" * 100_000})
