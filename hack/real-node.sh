@@ -35,7 +35,7 @@ claim_node() {
   local owner=""
   [ -f "$NODE_OWNER" ] && owner=$(cat "$NODE_OWNER")
   if [ -n "$owner" ] && [ "$owner" != "$STATE" ]; then
-    if [ -f "$owner/pids/kubelet" ] && kill -0 "$(cat "$owner/pids/kubelet")" 2>/dev/null; then
+    if owner_alive "$owner"; then
       log "error: a real node already runs on this machine, for the cluster in $owner"
       log "  only one can: stop it there (hack/cluster down), or start this cluster without one: KUBEMAAS_REAL_NODE=0 hack/cluster up"
       exec 8>&-
@@ -46,6 +46,16 @@ claim_node() {
   fi
   echo "$STATE" >"$NODE_OWNER"
   exec 8>&-
+}
+
+# The owner is alive while any process its cluster recorded runs, or while its claim is fresh
+# (an `up` between claiming and starting its first process).
+owner_alive() { # cluster-dir
+  local f
+  for f in "$1"/pids/*; do
+    [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && return 0
+  done
+  [ -n "$(find "$NODE_OWNER" -newermt '-120 seconds' 2>/dev/null)" ]
 }
 
 gen_node_pki() {
@@ -233,7 +243,11 @@ node_load() { # archive... : import images into the node's containerd
 # Everything machine-wide the node made, gone: pods (their netns, veths and CNI iptables rules
 # through CNI DEL), kube-proxy's chains, the bridge, the kubepods cgroups, mounts under $STATE.
 node_down() {
-  [ -f "$STATE/cmd/kubelet" ] || return 0
+  if [ -f "$STATE/cmd/kubelet" ]; then node_stop_all; fi
+  if [ -f "$NODE_OWNER" ] && [ "$(cat "$NODE_OWNER")" = "$STATE" ]; then rm -f "$NODE_OWNER"; fi
+}
+
+node_stop_all() {
   stop_component kubelet
   if pid_alive containerd; then
     crictl_ rmp --all --force >/dev/null 2>&1 || log "warning: crictl rmp failed"
@@ -241,7 +255,6 @@ node_down() {
   stop_component kube-proxy
   stop_component containerd
   clean_machine
-  if [ -f "$NODE_OWNER" ] && [ "$(cat "$NODE_OWNER")" = "$STATE" ]; then rm -f "$NODE_OWNER"; fi
 }
 
 clean_machine() {
