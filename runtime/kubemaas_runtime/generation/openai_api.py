@@ -50,6 +50,7 @@ class GenerationRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
 
     @property
     def prompt_chars(self) -> int:
@@ -132,7 +133,10 @@ def _common(doc: dict[str, Any], served: str) -> dict[str, Any]:
     include_usage = bool((options or {}).get("include_usage", False))
     if options and not stream:
         raise InvalidParameter("stream_options", "'stream_options' needs 'stream': true")
-    return {"model": model, "max_tokens": max_tokens,
+    ignore_eos = doc.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise InvalidParameter("ignore_eos", "'ignore_eos' must be a boolean")
+    return {"model": model, "max_tokens": max_tokens, "ignore_eos": ignore_eos,
             "temperature": _number(doc, "temperature", 1.0, 0.0, 2.0),
             "top_p": _number(doc, "top_p", 1.0, 0.0, 1.0, low_open=True),
             "seed": _integer(doc, "seed"), "stop": tuple(s for s in stops if s),

