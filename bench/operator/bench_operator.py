@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -192,6 +193,7 @@ def run_floor(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> d
 def run_operator(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> dict:
     ns = new_namespace("operator", n)
     op = OperatorProcess(os.environ["KUBECONFIG"], extra_env={"KUBEMAAS_OPERATOR_LOG_FORMAT": "json"}).start()
+    profiler = start_profiler(op.proc.pid, n)
     try:
         cpu0, _ = proc_stats(op.proc.pid)
         watcher = DeploymentWatch(apps, ns, n)
@@ -206,6 +208,7 @@ def run_operator(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -
         converge = wait_until(n, ready, "ModelServices Ready", t0)
         watcher.stop()
         cpu1, rss = proc_stats(op.proc.pid)
+        stop_profiler(profiler)
         time.sleep(5)  # let the last status writes land
         idle0, _ = proc_stats(op.proc.pid)
         time.sleep(IDLE_SECONDS)
@@ -220,6 +223,25 @@ def run_operator(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -
             "peak_rss_mib": rss, "idle_cpu_pct": 100 * (idle1 - idle0) / IDLE_SECONDS,
             "rec_p50_ms": 1000 * histogram_quantile(metrics, rec, 0.5),
             "rec_p99_ms": 1000 * histogram_quantile(metrics, rec, 0.99)}
+
+
+def start_profiler(pid: int, n: int) -> subprocess.Popen | None:
+    """KUBEMAAS_BENCH_PROFILE=DIR: py-spy samples the operator until it converges, into
+    DIR/operator-N.txt (collapsed stacks; `bench/operator/top_frames` summarises them)."""
+    out = os.environ.get("KUBEMAAS_BENCH_PROFILE")
+    if not out:
+        return None
+    Path(out).mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen([str(spy), "record", "--pid", str(pid), "--rate", "40", "--format", "raw",
+                             "--nonblocking", "--output", f"{out}/operator-{n}.txt"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profiler(profiler: subprocess.Popen | None) -> None:
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        profiler.wait(timeout=60)
 
 
 def new_namespace(phase: str, n: int) -> str:

@@ -1,15 +1,20 @@
-"""kopf registration, and nothing else: each handler unpacks kopf's arguments and calls
-:mod:`kubemaas_operator.reconcile`.
+"""kopf registration: each handler unpacks kopf's arguments and goes down one shared path.
 
-Handlers are sync: kopf runs them in its thread pool, so the blocking Kubernetes client never
-stalls the event loop. Children are followed through kopf indexes (in-memory caches fed by
-watches), so status follows reality without polling and without a LIST per event.
+Handlers are async and cheap: a reconcile (blocking API calls) runs in the operator's thread
+pool; a child's event only marks its ModelService's status for a refresh, and
+:class:`~kubemaas_operator.refresh.StatusRefresher` folds the events of a short window into at
+most one status computation and one write. Children are followed through kopf indexes
+(in-memory caches fed by watches), so status follows reality without polling and without a
+LIST per event, and a child's name held by another ModelService is known without a GET.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import kopf
 from pydantic import ValidationError
@@ -19,16 +24,17 @@ from kubemaas_operator.api import ModelService, describe_errors
 from kubemaas_operator.api.constants import GROUP, PLURAL, VERSION
 from kubemaas_operator.kube import KubeClient, load_api_client
 from kubemaas_operator.reconcile import MODELSERVICE_LABEL, Key, Reconciler
-from kubemaas_operator.rollout import ObservedDeployment
+from kubemaas_operator.refresh import Indexes, StatusRefresher
 from kubemaas_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 CHILD = {MODELSERVICE_LABEL: kopf.PRESENT}
 KOPF_PREFIX = f"kopf.{GROUP}"
 CANARY_TICK_SECONDS = 3
+BLOCKED_RETRY_SECONDS = 30
 
 
-def _owner_key(namespace: str | None, labels: dict) -> Key:
+def _owner_key(namespace: str | None, labels: Any) -> Key:
     return (namespace or "", labels[MODELSERVICE_LABEL])
 
 
@@ -43,25 +49,30 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
         prefix=KOPF_PREFIX, key="last-handled-configuration")
     settings.persistence.finalizer = f"{KOPF_PREFIX}/finalizer"
     settings.posting.level = logging.WARNING  # we post our own Events for transitions
-    settings.execution.max_workers = op_settings.workers
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.error_backoffs = [1, 2, 5, 10, 20]
     settings.batching.error_delays = [1, 2, 5, 10, 20, 30]
-    memo.reconciler = Reconciler(KubeClient(load_api_client(), op_settings.field_manager),
-                                 op_settings)
+    memo.pool = ThreadPoolExecutor(op_settings.workers, thread_name_prefix="kubemaas")
+    memo.reconciler = Reconciler(KubeClient(load_api_client(), op_settings.field_manager), op_settings)
+    memo.refresher = StatusRefresher(memo.reconciler, memo.pool)
     metrics.serve(op_settings.metrics_port)
 
 
-# --- indexes: what the status is computed from ---------------------------------------------
+@kopf.on.cleanup()
+def stop_pool(memo: kopf.Memo, **_) -> None:
+    memo.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# --- indexes: what status is computed from, and who holds which child's name ---------------
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def modelservice_index(namespace, name, body, **_):
+async def modelservice_index(namespace, name, body, **_):
     return {(namespace, name): body}
 
 
 @kopf.index("apps", "v1", "deployments", labels=CHILD)
-def deployment_index(namespace, labels, body, **_):
+async def deployment_index(namespace, labels, body, **_):
     return {_owner_key(namespace, labels): {
         "metadata": {"name": body["metadata"]["name"],
                      "generation": body["metadata"].get("generation", 0),
@@ -72,9 +83,30 @@ def deployment_index(namespace, labels, body, **_):
 
 
 @kopf.index("", "v1", "pods", labels=CHILD)
-def pod_index(namespace, labels, body, **_):
+async def pod_index(namespace, labels, body, **_):
     return {_owner_key(namespace, labels): {"metadata": {"labels": dict(labels)},
                                             "status": dict(body.get("status", {}))}}
+
+
+def _controller(meta) -> tuple[str, str, str]:
+    """(uid, kind, name) of an object's controller, or empty strings."""
+    for ref in meta.get("ownerReferences") or ():
+        if ref.get("controller"):
+            return ref.get("uid", ""), ref.get("kind", ""), ref.get("name", "")
+    return "", "", ""
+
+
+# Children's names (Deployments and Services: the kinds two ModelServices' names can collide
+# in) -> their controller; every ModelService writes under one field manager, so the apply
+# itself would not refuse one ModelService's object to another.
+@kopf.index("apps", "v1", "deployments", labels=CHILD)
+async def deployment_names(namespace, name, meta, **_):
+    return {(namespace, name): _controller(meta)}
+
+
+@kopf.index("", "v1", "services", labels=CHILD)
+async def service_names(namespace, name, meta, **_):
+    return {(namespace, name): _controller(meta)}
 
 
 # The cluster's GPUs for the GPU-fit check, from GPU feature discovery's node labels. Nodes are
@@ -85,7 +117,7 @@ NODES, GPU_NODES = "nodes", "gpus"
 
 
 @kopf.index("", "v1", "nodes")
-def node_index(name, labels, memo, **_):
+async def node_index(name, labels, memo, **_):
     settings: OperatorSettings = memo.settings
     gpu = gpufit.GpuNode.from_labels(name, labels, settings.gpu_memory_label, settings.gpu_product_label)
     return {NODES: name, **({GPU_NODES: gpu} if gpu else {})}
@@ -97,17 +129,19 @@ def _gpu_nodes(node_index) -> tuple[gpufit.GpuNode, ...] | None:
     return tuple(sorted(node_index.get(GPU_NODES, ()), key=lambda n: n.name))
 
 
-def _observed(deployment_index, key: Key) -> list[ObservedDeployment]:
-    found = (ObservedDeployment.from_object(d) for d in deployment_index.get(key, ()))
-    return [d for d in found if d is not None]
+def _indexes(kw: dict) -> Indexes:
+    return Indexes(kw["modelservice_index"], kw["deployment_index"], kw["pod_index"],
+                   {"Deployment": kw["deployment_names"], "Service": kw["service_names"]},
+                   _gpu_nodes(kw["node_index"]))
 
 
-# --- the ModelService itself --------------------------------------------------------------
+# --- the ModelService itself: one shared path ----------------------------------------------
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
-def reconcile_modelservice(body, status, reason, memo, deployment_index, pod_index, node_index, **_) -> None:
+async def _reconcile(memo: kopf.Memo, body, indexes: Indexes, *, prune: bool = True,
+                     only_changes: bool = False, report: bool = False) -> None:
+    """Parse, reconcile (in the thread pool), and mark the status for a refresh. ``report``
+    (the create/update handler): an invalid spec gets its InvalidSpec status and Event, a
+    blocked one a retry; the timer and drift repair leave both to that handler."""
     reconciler: Reconciler = memo.reconciler
     started = time.perf_counter()
     result = "error"
@@ -116,28 +150,36 @@ def reconcile_modelservice(body, status, reason, memo, deployment_index, pod_ind
             ms = ModelService.from_body(body)
         except ValidationError as exc:
             result = "invalid"
-            _refuse(reconciler, body, exc)
+            if not report:
+                return
+            await asyncio.get_running_loop().run_in_executor(memo.pool, _refuse, reconciler, body, exc)
             raise kopf.PermanentError(f"invalid spec: {exc}") from exc
         key = (ms.namespace, ms.name)
+        status = dict(body.get("status") or {})
         refused = policy.refusal(ms, reconciler.settings, status.get("runtimeImage"))
         if refused is not None:
             result = "refused"
+            memo.refresher.forget(key)
             reconciler.forget(key)  # events of earlier children must not overwrite the refusal
-            _write_refusal(reconciler, body, refused.reason, refused.message)
+            if not report:
+                return
+            await asyncio.get_running_loop().run_in_executor(
+                memo.pool, _write_refusal, reconciler, body, refused.reason, refused.message)
             raise kopf.PermanentError(f"{refused.reason}: {refused.message}")
-        plan = reconciler.reconcile(ms, pinned_image=status.get("runtimeImage"),
-                                    prune=reason != kopf.Reason.CREATE,
-                                    observed=_observed(deployment_index, key), status=dict(status),
-                                    gpu_nodes=_gpu_nodes(node_index))
-        _refresh(reconciler, plan.key, body, deployment_index, pod_index)
-        blocking = reconciler.blocking.get(plan.key)
-        result = "blocked" if blocking else "applied"
+        _, problem = await asyncio.get_running_loop().run_in_executor(
+            memo.pool, lambda: reconciler.reconcile(
+                ms, pinned_image=status.get("runtimeImage"), prune=prune, status=status,
+                observed=indexes.observed(key), only_changes=only_changes,
+                owners=indexes.owners(key[0], ms.metadata.uid or ""), gpu_nodes=indexes.gpus))
+        memo.refresher.touch(key, indexes, now=True)
+        result = "blocked" if problem else "applied"
         # GPUMemoryInsufficient needs no retry: a change of the nodes re-plans (node_changed)
-        if blocking and blocking.reason != gpufit.FIT_REASON:
-            raise kopf.TemporaryError(f"{blocking.reason}: {blocking.message}", delay=30)
+        if problem and report and problem.reason != gpufit.FIT_REASON:
+            raise kopf.TemporaryError(f"{problem.reason}: {problem.message}", delay=BLOCKED_RETRY_SECONDS)
     finally:
-        metrics.record_reconcile(result, time.perf_counter() - started)
-        metrics.MANAGED.set(len(reconciler.plans))
+        if report:
+            metrics.record_reconcile(result, time.perf_counter() - started)
+            metrics.MANAGED.set(len(reconciler.applied))
 
 
 def _refuse(reconciler: Reconciler, body, exc: ValidationError) -> None:
@@ -154,116 +196,84 @@ def _write_refusal(reconciler: Reconciler, body, reason: str, message: str) -> N
     kopf.warn(dict(body), reason=reason, message=message)
 
 
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+async def reconcile_modelservice(body, reason, memo, **kw) -> None:
+    await _reconcile(memo, body, _indexes(kw), prune=reason != kopf.Reason.CREATE, report=True)
+
+
 def _rollout_moving(status, **_) -> bool:
     rollout = (status or {}).get("rollout") or {}
     return rollout.get("strategy") == "Canary" and rollout.get("phase") == "Progressing"
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=CANARY_TICK_SECONDS, when=_rollout_moving)
-def advance_canary(body, status, memo, deployment_index, pod_index, node_index, **_) -> None:
+async def advance_canary(body, memo, **kw) -> None:
     """While a canary moves (scaling, pausing, retiring), re-plan it every few seconds: a
     pause ends on time and a step whose pods became available is routed. Idle ModelServices
     have no timer; a held step waits for a spec change (the update handler)."""
-    reconciler: Reconciler = memo.reconciler
-    try:
-        ms = ModelService.from_body(body)
-    except ValidationError:
-        return  # the update handler reported it
-    key = (ms.namespace, ms.name)
-    reconciler.reconcile(ms, pinned_image=status.get("runtimeImage"), observed=_observed(deployment_index, key),
-                         status=dict(status), only_changes=True, gpu_nodes=_gpu_nodes(node_index))
-    _refresh(reconciler, key, body, deployment_index, pod_index)
+    await _reconcile(memo, body, _indexes(kw), only_changes=True)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)  # optional: no finalizer, GC does the rest
 def modelservice_deleted(namespace, name, memo, **_) -> None:
+    memo.refresher.forget((namespace, name))
     memo.reconciler.forget((namespace, name))
 
 
 # --- children: status and drift -----------------------------------------------------------
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD)
-def deployment_event(type, namespace, labels, body, memo, modelservice_index,
-                     deployment_index, pod_index, node_index, **_) -> None:
-    reconciler: Reconciler = memo.reconciler
+async def deployment_event(type, namespace, labels, body, memo, **kw) -> None:
+    indexes = _indexes(kw)
     key = _owner_key(namespace, labels)
-    parent = _parent(modelservice_index, key)
+    parent = indexes.parent(key)
     if parent is None:
         return
-    with reconciler.lock(key):  # a reconcile in flight records its generations first
-        drifted = type != "DELETED" and reconciler.drifted(namespace, body)
-    if drifted:
-        log.info("Deployment %s/%s was changed by hand; putting it back", namespace,
-                 body["metadata"]["name"])
-        ms = ModelService.from_body(parent)
-        reconciler.reconcile(ms, pinned_image=parent.get("status", {}).get("runtimeImage"),
-                             observed=_observed(deployment_index, key), status=parent.get("status"),
-                             gpu_nodes=_gpu_nodes(node_index))
-    _refresh(reconciler, key, parent, deployment_index, pod_index)
+    if type != "DELETED" and await _drifted(memo, key, body):
+        log.info("Deployment %s/%s was changed by hand; putting it back", namespace, body["metadata"]["name"])
+        await _reconcile(memo, parent, indexes)
+    memo.refresher.touch(key, indexes)
+
+
+async def _drifted(memo: kopf.Memo, key: Key, body) -> bool:
+    """A hand edit, by generation; while a reconcile of the same ModelService is in flight, the
+    check waits for it (in the pool) to record the generations its apply got."""
+    reconciler: Reconciler = memo.reconciler
+    lock = reconciler.lock(key)
+    if lock.acquire(blocking=False):
+        try:
+            return reconciler.drifted(key, body)
+        finally:
+            lock.release()
+
+    def after_reconcile() -> bool:
+        with lock:
+            return reconciler.drifted(key, body)
+
+    return await asyncio.get_running_loop().run_in_executor(memo.pool, after_reconcile)
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILD)
-def pod_event(namespace, labels, memo, modelservice_index, deployment_index, pod_index,
-              **_) -> None:
+async def pod_event(namespace, labels, memo, **kw) -> None:
+    indexes = _indexes(kw)
     key = _owner_key(namespace, labels)
-    parent = _parent(modelservice_index, key)
-    if parent is not None:
-        _refresh(memo.reconciler, key, parent, deployment_index, pod_index)
+    if indexes.parent(key) is not None:
+        memo.refresher.touch(key, indexes)
+
 
 
 @kopf.on.event("", "v1", "nodes")
-def node_changed(memo, modelservice_index, deployment_index, pod_index, node_index, **_) -> None:
+async def node_changed(memo, **kw) -> None:
     """When the cluster's GPUs change (a node added, removed or relabelled), re-plan every
     ModelService with a GPU-fit estimate: a refused variant may fit now, or no longer."""
     reconciler: Reconciler = memo.reconciler
-    gpus = _gpu_nodes(node_index)
-    with reconciler.lock(GPU_INVENTORY_KEY):
-        if gpus == reconciler.gpu_nodes:
-            return  # a heartbeat or a status change: the GPUs are the same
-        reconciler.gpu_nodes = gpus
-    for key, plan in list(reconciler.plans.items()):
-        parent = _parent(modelservice_index, key)
-        if not plan.fits or parent is None:
-            continue
-        try:
-            ms = ModelService.from_body(parent)
-        except ValidationError:
-            continue
-        reconciler.reconcile(ms, pinned_image=(parent.get("status") or {}).get("runtimeImage"),
-                             observed=_observed(deployment_index, key), status=parent.get("status"),
-                             gpu_nodes=gpus)
-        _refresh(reconciler, key, parent, deployment_index, pod_index)
-
-
-GPU_INVENTORY_KEY: Key = ("", "gpu-nodes")
-
-
-def _parent(modelservice_index, key: Key):
-    for body in modelservice_index.get(key, ()):
-        return body
-    return None
-
-
-def _refresh(reconciler: Reconciler, key: Key, parent, deployment_index, pod_index) -> None:
-    """Recompute status from the indexes; write it (and an Event) only when it changed."""
-    with reconciler.lock(key):
-        previous = reconciler.last_status.get(key) or dict(parent.get("status") or {})
-        status = reconciler.status_for(key, list(deployment_index.get(key, ())),
-                                       list(pod_index.get(key, ())),
-                                       previous.get("conditions"))
-        if status is None:
-            return
-        reconciler.write_status(key, status)
-    _post_transition(parent, previous.get("conditions") or [], status["conditions"])
-
-
-def _post_transition(parent, before: list[dict], after: list[dict]) -> None:
-    old = {c["type"]: c for c in before}
-    ready = next(c for c in after if c["type"] == "Ready")
-    prev = old.get("Ready")
-    if prev and (prev["status"], prev.get("reason")) == (ready["status"], ready["reason"]):
-        return
-    kind = "Normal" if ready["status"] == "True" else "Warning"
-    if ready["reason"] == "WaitingForReplicas":
-        kind = "Normal"
-    kopf.event(dict(parent), type=kind, reason=ready["reason"], message=ready["message"])
+    indexes = _indexes(kw)
+    if indexes.gpus == reconciler.gpu_nodes:
+        return  # a heartbeat or a status change: the GPUs are the same
+    reconciler.gpu_nodes = indexes.gpus
+    for key, applied in list(reconciler.applied.items()):
+        parent = indexes.parent(key)
+        if applied.plan.fits and parent is not None:
+            await _reconcile(memo, parent, indexes)

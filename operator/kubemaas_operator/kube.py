@@ -2,9 +2,10 @@
 
 It talks JSON to the API server through the official client's ``ApiClient`` (auth, TLS,
 retries from the kubeconfig or the in-cluster service account) without deserialising into
-the generated models, which is the slow part of that client. Every write is server-side apply
-under one field manager with ``force``. Handlers call it from kopf's thread pool (sync
-handlers), never from the event loop.
+the generated models, which is the slow part of that client. Writes are server-side apply under
+one field manager. Every response goes through one mapping, :func:`check_response` (the model
+is kopf's own), from the API server's ``Status`` to the errors below. It blocks: the operator
+calls it from a thread pool, never from the event loop.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
 
 
 @dataclass(frozen=True)
@@ -50,17 +50,59 @@ OWNED_KINDS = ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAut
                "ScaledObject", "HTTPRoute", "NetworkPolicy")
 
 
-class KindNotInstalled(Exception):
-    """The API server does not serve this kind (its CRD is missing)."""
+class ApiError(Exception):
+    """A request the API server refused, with its ``Status`` (``reason``, ``details``)."""
 
-    def __init__(self, kind: Kind) -> None:
-        super().__init__(f"{kind.kind}.{kind.api_version} is not served by this cluster")
+    def __init__(self, status: int, message: str, body: dict | None = None) -> None:
+        super().__init__(f"({status}) {message}")
+        self.status = status
+        self.body = body or {}
+
+
+class NotFound(ApiError):
+    """404 for one object: the kind is served, the object (or its namespace) is not there."""
+
+
+class Conflict(ApiError):
+    """409: a server-side apply that would change fields another manager owns (without
+    ``force``), an object that already exists, or a failed precondition."""
+
+
+class KindNotInstalled(ApiError):
+    """The API server does not serve this kind (its CRD is missing): a 404 for the whole type."""
+
+    def __init__(self, kind: Kind, status: int = 404, body: dict | None = None) -> None:
+        super().__init__(status, f"{kind.kind}.{kind.api_version} is not served by this cluster", body)
         self.kind = kind
 
 
-class NamespaceTerminating(Exception):
+class NamespaceTerminating(ApiError):
     """The namespace is being deleted: the API server refuses new objects in it (a 403 that
     is not a permission problem). Its ModelServices are going away with it."""
+
+
+def check_response(status: int, data: bytes, kind: Kind) -> Any:
+    """The decoded body of a 2xx response; otherwise the error its ``Status`` names."""
+    if 200 <= status < 300:
+        return json.loads(data) if data else None
+    text = data.decode("utf-8", "replace") if data else ""
+    try:
+        body = json.loads(text) if text else {}
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    details = body.get("details") or {}
+    causes = {c.get("reason") for c in details.get("causes") or []}
+    message = body.get("message") or text or f"HTTP {status}"
+    if status == 404:
+        # a missing object's Status names it; a kind that is not served answers without one
+        raise NotFound(status, message, body) if "name" in details else KindNotInstalled(kind, status, body)
+    if status == 409:
+        raise Conflict(status, message, body)
+    if status == 403 and "NamespaceTerminating" in causes:
+        raise NamespaceTerminating(status, message, body)
+    raise ApiError(status, message, body)
 
 
 def load_api_client() -> client.ApiClient:
@@ -77,7 +119,7 @@ class KubeClient:
         self._field_manager = field_manager
         self._timeout = (5, 30)  # connect, read (seconds): a hung server must not pin a worker
 
-    def _call(self, method: str, path: str, *, body: Any = None, query: list | None = None,
+    def _call(self, method: str, kind: Kind, path: str, *, body: Any = None, query: list | None = None,
               content_type: str = "application/json") -> Any:
         method, url, headers, body, _ = self._api.param_serialize(
             method, path, query_params=query or [], body=body, auth_settings=["BearerToken"],
@@ -85,92 +127,65 @@ class KubeClient:
         )
         resp = self._api.call_api(method, url, header_params=headers, body=body,
                                   _request_timeout=self._timeout)
-        data = resp.read()
-        if not 200 <= resp.status < 300:
-            raise ApiException(status=resp.status, reason=resp.reason,
-                               body=data.decode("utf-8", "replace") if data else "")
-        return json.loads(data) if data else None
+        return check_response(resp.status, resp.read(), kind)
 
-    def apply(self, obj: dict) -> dict:
-        """Server-side apply ``obj`` (force) and return the object the server holds."""
+    def apply(self, obj: dict, force: bool = False) -> dict:
+        """Server-side apply ``obj`` and return the object the server holds. Without ``force``
+        a field another manager changed (a hand edit, or an object that is not ours) is a
+        :class:`Conflict`."""
         kind = KINDS[obj["kind"]]
         meta = obj["metadata"]
-        try:
-            return self._call(
-                "PATCH", kind.path(meta["namespace"], meta["name"]),
-                body=json.dumps(obj),
-                query=[("fieldManager", self._field_manager), ("force", "true")],
-                content_type="application/apply-patch+yaml",
-            )
-        except ApiException as exc:
-            if exc.status == 404 and _not_served(exc):
-                raise KindNotInstalled(kind) from exc
-            if exc.status == 403 and "NamespaceTerminating" in (exc.body or ""):
-                raise NamespaceTerminating(meta["namespace"]) from exc
-            raise
+        query = [("fieldManager", self._field_manager)] + ([("force", "true")] if force else [])
+        return self._call("PATCH", kind, kind.path(meta["namespace"], meta["name"]), body=json.dumps(obj),
+                          query=query, content_type="application/apply-patch+yaml")
 
     def get(self, kind_name: str, namespace: str, name: str) -> dict | None:
         kind = KINDS[kind_name]
         try:
-            return self._call("GET", kind.path(namespace, name))
-        except ApiException as exc:
-            if exc.status == 404:
-                if _not_served(exc):
-                    raise KindNotInstalled(kind) from exc
-                return None
-            raise
+            return self._call("GET", kind, kind.path(namespace, name))
+        except NotFound:
+            return None
 
     def list(self, kind_name: str, namespace: str, label_selector: str) -> list[dict]:
         kind = KINDS[kind_name]
         try:
-            out = self._call("GET", kind.path(namespace), query=[("labelSelector", label_selector)])
-        except ApiException as exc:
-            if exc.status == 404:
-                return []  # kind not served: nothing of it can exist
-            raise
+            out = self._call("GET", kind, kind.path(namespace), query=[("labelSelector", label_selector)])
+        except (KindNotInstalled, NotFound):
+            return []  # kind not served (or namespace gone): nothing of it can exist
         return out.get("items", [])
 
     def delete(self, kind_name: str, namespace: str, name: str, uid: str | None = None) -> None:
         """Delete, with a uid precondition when given so a same-named newcomer survives."""
+        kind = KINDS[kind_name]
         body: dict[str, Any] = {"propagationPolicy": "Background"}
         if uid:
             body["preconditions"] = {"uid": uid}
         try:
-            self._call("DELETE", KINDS[kind_name].path(namespace, name), body=body)
-        except ApiException as exc:
-            if exc.status not in (404, 409):
-                raise
+            self._call("DELETE", kind, kind.path(namespace, name), body=body)
+        except (NotFound, Conflict):
+            pass  # gone already, or a newcomer of the same name
 
     def scale_deployment(self, namespace: str, name: str, replicas: int) -> None:
         """Set only a Deployment's replicas (a merge patch, under our field manager), leaving its
         template alone. A Deployment already gone (deleted while a canary is promoted) is not
         an error."""
+        kind = KINDS["Deployment"]
         try:
             self._call(
-                "PATCH", KINDS["Deployment"].path(namespace, name),
+                "PATCH", kind, kind.path(namespace, name),
                 body={"spec": {"replicas": replicas}},  # the client encodes merge patches itself
                 query=[("fieldManager", self._field_manager)],
                 content_type="application/merge-patch+json",
             )
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        except NotFound:
+            pass
 
     def patch_status(self, namespace: str, name: str, status: dict) -> None:
         kind = KINDS["ModelService"]
         body = {"apiVersion": kind.api_version, "kind": kind.kind,
                 "metadata": {"name": name, "namespace": namespace}, "status": status}
         self._call(
-            "PATCH", kind.path(namespace, name) + "/status", body=json.dumps(body),
+            "PATCH", kind, kind.path(namespace, name) + "/status", body=json.dumps(body),
             query=[("fieldManager", self._field_manager), ("force", "true")],
             content_type="application/apply-patch+yaml",
         )
-
-
-def _not_served(exc: ApiException) -> bool:
-    """A 404 for a whole resource type has no Status details naming an object."""
-    try:
-        details = json.loads(exc.body or "{}").get("details") or {}
-    except (ValueError, AttributeError):
-        return True
-    return "name" not in details

@@ -1,7 +1,9 @@
 """Status from observed children: a pure function, so every reason is a table test.
 
-Inputs are the raw objects the API server returned (Deployments and Pods labelled with the
-ModelService), plus what the reconcile decided; the output is the ModelService's ``status``.
+Inputs are the raw objects the watches hold (Deployments and Pods labelled with the
+ModelService), plus what the reconcile decided; the output is the ModelService's ``status`` as
+its API model (:class:`~kubemaas_operator.api.ModelServiceStatus`), built in named steps:
+count the pods per variant, find the first problem, then the three conditions.
 Reasons come from real pod state, in the order a person should fix them: a name conflict or a
 missing CRD first, then pods the scheduler cannot place, images that cannot be pulled, a
 runtime that exits (with its own termination message), and finally waiting for readiness.
@@ -12,8 +14,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Literal
 
-from kubemaas_operator.api import VariantStatus, format_variant_summary
+from kubemaas_operator.api import (
+    Condition,
+    ModelServiceStatus,
+    VariantStatus,
+    format_variant_summary,
+)
+from kubemaas_operator.api.constants import Quantization
+from kubemaas_operator.api.status import RolloutStatus
 from kubemaas_operator.builders.layout import VariantLayout
 from kubemaas_operator.builders.naming import VARIANT_LABEL
 from kubemaas_operator.builders.revision import REVISION_LABEL
@@ -28,7 +38,7 @@ class VariantPlan:
     """A variant as the reconcile laid it out: its stable Deployment and, during a canary, the
     new revision's."""
 
-    quantization: str
+    quantization: Quantization
     layout: VariantLayout
 
     name = property(lambda self: self.layout.name)
@@ -76,7 +86,7 @@ class Observation:
     # (a watch event still in flight) must not count as rolled out
     applied_generations: dict[str, int] = field(default_factory=dict)
     gateway: bool = False  # traffic splits by weight through an HTTPRoute, not by ready pods
-    rollout: dict | None = None  # status.rollout as the plan has it
+    rollout: RolloutStatus | None = None  # status.rollout as the plan has it
 
 
 def pod_problem(pod: dict) -> Problem | None:
@@ -136,18 +146,6 @@ def _deployment_counts(dep: dict | None, applied_generation: int = 0) -> tuple[i
     return st.get("replicas", 0), st.get("readyReplicas", 0), deployment_rolled_out(dep, applied_generation)
 
 
-def _condition(ctype: str, ok: bool, reason: str, message: str, generation: int,
-               previous: dict[str, dict], now: str) -> dict:
-    status = "True" if ok else "False"
-    prev = previous.get(ctype) or {}
-    changed = prev.get("status") != status
-    return {
-        "type": ctype, "status": status, "reason": reason, "message": message,
-        "observedGeneration": generation,
-        "lastTransitionTime": now if changed else prev.get("lastTransitionTime", now),
-    }
-
-
 def _surge_problem(pod: dict, problem: Problem, plans: dict[str, VariantPlan],
                   deployments: dict[str, dict]) -> Problem:
     """An unschedulable pod of the new revision while the variant's earlier pods keep their
@@ -196,111 +194,146 @@ def _traffic(plans: tuple[VariantPlan, ...], ready: dict[str, int], canary_ready
     return out
 
 
-def compute_status(obs: Observation, previous_conditions: list[dict] | None = None,
-                   now: datetime | None = None) -> dict:
-    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    previous = {c["type"]: c for c in previous_conditions or []}
-    total_replicas = desired_total = 0
-    all_rolled_out = True
+@dataclass
+class _Counts:
+    """Pods per variant as the Deployment controller reports them."""
+
+    replicas: int = 0  # every pod of the ModelService's Deployments
+    desired: int = 0  # spec.replicas over the variants
+    rolled_out: bool = True  # every Deployment runs its template with all pods available
+    ready: dict[str, int] = field(default_factory=dict)  # variant -> ready pods (all revisions)
+    canary_ready: dict[str, int] = field(default_factory=dict)  # variant -> the canary's ready pods
+
+    @property
+    def total_ready(self) -> int:
+        return sum(self.ready.values())
+
+
+def _count(obs: Observation) -> _Counts:
+    counts = _Counts()
     planned = set()
-    ready: dict[str, int] = {}
-    canary_ready: dict[str, int] = {}
     for plan in obs.variants:
-        replicas, stable_ready, rolled_out = _deployment_counts(
+        replicas, ready, rolled_out = _deployment_counts(
             obs.deployments.get(plan.deployment), obs.applied_generations.get(plan.deployment, 0))
-        all_rolled_out &= rolled_out or plan.stable_target == 0 and replicas == 0
+        counts.rolled_out &= rolled_out or plan.stable_target == 0 and replicas == 0
         planned.add(plan.deployment)
-        total_replicas += replicas
-        ready[plan.name] = stable_ready
-        canary_ready[plan.name] = 0
-        desired_total += plan.replicas
+        counts.replicas += replicas
+        counts.ready[plan.name] = ready
+        counts.canary_ready[plan.name] = 0
+        counts.desired += plan.replicas
         if plan.canary_deployment:
             c_replicas, c_ready, c_rolled_out = _deployment_counts(
                 obs.deployments.get(plan.canary_deployment),
                 obs.applied_generations.get(plan.canary_deployment, 0))
-            all_rolled_out &= c_rolled_out
+            counts.rolled_out &= c_rolled_out
             planned.add(plan.canary_deployment)
-            total_replicas += c_replicas
-            ready[plan.name] += c_ready
-            canary_ready[plan.name] = c_ready
+            counts.replicas += c_replicas
+            counts.ready[plan.name] += c_ready
+            counts.canary_ready[plan.name] = c_ready
     for name, dep in obs.deployments.items():  # earlier revisions being retired still serve
         variant = ((dep.get("metadata") or {}).get("labels") or {}).get(VARIANT_LABEL)
-        if name not in planned and variant in ready:
+        if name not in planned and variant in counts.ready:
             replicas, retiring_ready, _ = _deployment_counts(dep)
-            total_replicas += replicas
-            ready[variant] += retiring_ready
-            all_rolled_out = False
-    total_ready = sum(ready.values())
-    traffic = _traffic(obs.variants, ready, canary_ready, obs.gateway)
-    variants = []
+            counts.replicas += replicas
+            counts.ready[variant] += retiring_ready
+            counts.rolled_out = False
+    return counts
+
+
+def _variant_statuses(obs: Observation, counts: _Counts) -> list[VariantStatus]:
+    traffic = _traffic(obs.variants, counts.ready, counts.canary_ready, obs.gateway)
+    out = []
     for plan in obs.variants:
         share, canary_share = traffic[plan.name]
-        entry: dict = {"name": plan.name, "quantization": plan.quantization, "weight": plan.weight,
-                       "replicas": plan.replicas, "readyReplicas": ready[plan.name], "trafficShare": share}
-        if plan.revision:
-            entry.update(revision=plan.revision, deployment=plan.deployment)
-        if plan.canary_deployment:
-            entry.update(canaryRevision=plan.canary_revision, canaryDeployment=plan.canary_deployment,
-                         canaryReplicas=plan.canary_replicas, canaryReadyReplicas=canary_ready[plan.name],
-                         canaryTrafficShare=canary_share)
-        variants.append(entry)
+        canary = plan.canary_deployment is not None
+        out.append(VariantStatus(
+            name=plan.name, quantization=plan.quantization, weight=plan.weight, replicas=plan.replicas,
+            ready_replicas=counts.ready[plan.name], traffic_share=share,
+            revision=plan.revision or None, deployment=plan.deployment if plan.revision else None,
+            canary_revision=plan.canary_revision, canary_deployment=plan.canary_deployment,
+            canary_replicas=plan.canary_replicas if canary else None,
+            canary_ready_replicas=counts.canary_ready[plan.name] if canary else None,
+            canary_traffic_share=canary_share if canary else None,
+        ))
+    return out
 
+
+def _first_problem(obs: Observation) -> Problem | None:
+    """What blocks readiness, in the order a person should fix it: the reconcile's own
+    problem, then the first pod's."""
+    if obs.blocking:
+        return obs.blocking
     plans = {p.name: p for p in obs.variants}
-    problems = []
     for pod in obs.pods:
         found = pod_problem(pod)
         if found and found.reason == "Unschedulable":
             found = _surge_problem(pod, found, plans, obs.deployments)
         if found:
-            problems.append(found)
-    problem = obs.blocking or (problems[0] if problems else None)
-    available = all_rolled_out and total_ready >= desired_total and obs.blocking is None
-    gen = obs.generation
-    rollout = dict(obs.rollout) if obs.rollout else {}
-    if rollout and rollout.get("phase") == "Complete" and not available:
-        rollout["phase"] = "Progressing"
-    canary = bool(rollout.get("canaryRevision"))
+            return found
+    return None
 
-    if problem:
-        degraded = _condition("Degraded", True, problem.reason, problem.message, gen, previous, stamp)
-    else:
-        degraded = _condition("Degraded", False, "AsExpected", "No problems observed.", gen,
-                              previous, stamp)
-    if canary and not problem:
-        held = rollout["phase"] == "Held"
-        progressing = _condition("Progressing", True, "CanaryHeld" if held else "CanaryProgressing",
-                                 rollout.get("message", ""), gen, previous, stamp)
-    elif available:
-        progressing = _condition("Progressing", False, "RolloutComplete",
-                                 "Every variant runs the current spec.", gen, previous, stamp)
-    else:
-        progressing = _condition("Progressing", obs.blocking is None, "RollingOut",
-                                 f"{total_ready}/{desired_total} replicas ready; waiting for the "
-                                 "Deployments to roll out.", gen, previous, stamp)
-    if available and canary:
-        ready_cond = _condition("Ready", True, "CanaryInProgress",
-                                f"{total_ready} replicas ready, stable and canary; {rollout.get('message', '')}",
-                                gen, previous, stamp)
-    elif available:
-        ready_cond = _condition("Ready", True, "AllVariantsAvailable",
-                                f"{total_ready}/{desired_total} replicas ready across "
-                                f"{len(obs.variants)} variant(s).", gen, previous, stamp)
-    elif problem:
-        ready_cond = _condition("Ready", False, problem.reason, problem.message, gen, previous, stamp)
-    else:
-        ready_cond = _condition("Ready", False, "WaitingForReplicas",
-                                f"{total_ready}/{desired_total} replicas ready.", gen, previous, stamp)
-    status = {
-        "observedGeneration": gen,
-        "replicas": total_replicas,
-        "readyReplicas": total_ready,
-        "selector": obs.selector,
-        "url": obs.url,
-        "runtimeImage": obs.runtime_image,
-        "conditions": [ready_cond, progressing, degraded],
-        "variants": variants,
-        "variantSummary": format_variant_summary([VariantStatus.model_validate(v) for v in variants]),
-    }
-    if rollout:
-        status["rollout"] = rollout
-    return status
+
+@dataclass(frozen=True)
+class _Conditions:
+    """Conditions for one generation; a condition keeps its lastTransitionTime while its
+    status stays as it was."""
+
+    generation: int
+    previous: dict[str, Condition]
+    now: datetime
+
+    def make(self, ctype: str, ok: bool, reason: str, message: str) -> Condition:
+        status: Literal["True", "False"] = "True" if ok else "False"
+        prev = self.previous.get(ctype)
+        since = prev.last_transition_time if prev is not None and prev.status == status else self.now
+        return Condition(type=ctype, status=status, reason=reason, message=message,
+                         observed_generation=self.generation, last_transition_time=since)
+
+    def degraded(self, problem: Problem | None) -> Condition:
+        if problem:
+            return self.make("Degraded", True, problem.reason, problem.message)
+        return self.make("Degraded", False, "AsExpected", "No problems observed.")
+
+    def progressing(self, rollout: RolloutStatus | None, problem: Problem | None, available: bool,
+                    blocked: bool, counts: _Counts) -> Condition:
+        if rollout is not None and rollout.canary_revision and not problem:
+            reason = "CanaryHeld" if rollout.phase == "Held" else "CanaryProgressing"
+            return self.make("Progressing", True, reason, rollout.message)
+        if available:
+            return self.make("Progressing", False, "RolloutComplete", "Every variant runs the current spec.")
+        return self.make("Progressing", not blocked, "RollingOut",
+                         f"{counts.total_ready}/{counts.desired} replicas ready; waiting for the "
+                         "Deployments to roll out.")
+
+    def ready(self, rollout: RolloutStatus | None, problem: Problem | None, available: bool,
+              counts: _Counts, variants: int) -> Condition:
+        if available and rollout is not None and rollout.canary_revision:
+            return self.make("Ready", True, "CanaryInProgress",
+                             f"{counts.total_ready} replicas ready, stable and canary; {rollout.message}")
+        if available:
+            return self.make("Ready", True, "AllVariantsAvailable",
+                             f"{counts.total_ready}/{counts.desired} replicas ready across {variants} variant(s).")
+        if problem:
+            return self.make("Ready", False, problem.reason, problem.message)
+        return self.make("Ready", False, "WaitingForReplicas", f"{counts.total_ready}/{counts.desired} replicas ready.")
+
+
+def compute_status(obs: Observation, previous: ModelServiceStatus | None = None,
+                   now: datetime | None = None) -> ModelServiceStatus:
+    counts = _count(obs)
+    variants = _variant_statuses(obs, counts)
+    problem = _first_problem(obs)
+    available = counts.rolled_out and counts.total_ready >= counts.desired and obs.blocking is None
+    rollout = obs.rollout
+    if rollout is not None and rollout.phase == "Complete" and not available:
+        rollout = rollout.model_copy(update={"phase": "Progressing"})
+    conditions = _Conditions(obs.generation, {c.type: c for c in previous.conditions} if previous else {},
+                             (now or datetime.now(UTC)).replace(microsecond=0))
+    return ModelServiceStatus(
+        observed_generation=obs.generation, replicas=counts.replicas, ready_replicas=counts.total_ready,
+        selector=obs.selector, url=obs.url, runtime_image=obs.runtime_image,
+        conditions=[conditions.ready(rollout, problem, available, counts, len(obs.variants)),
+                    conditions.progressing(rollout, problem, available, obs.blocking is not None, counts),
+                    conditions.degraded(problem)],
+        variants=variants, variant_summary=format_variant_summary(variants), rollout=rollout,
+    )

@@ -1,22 +1,27 @@
 """Decide, then apply: one level-based reconcile of a ModelService's children.
 
-``decide`` is pure (spec + settings + what was observed -> what to write and delete);
-``Reconciler`` does the I/O through :class:`~kubemaas_operator.kube.KubeClient` and keeps the
-little per-ModelService memory the status needs between events (the plan last applied and the
-generation it came from). It never writes a ModelService's spec, only its status.
+``decide`` is pure (spec + settings + what was observed -> the plan: what to write and
+delete); ``Reconciler.reconcile`` applies a plan through :class:`~kubemaas_operator.kube.KubeClient`
+and returns it with the problem that blocks it, if any. Per ModelService it keeps what status is
+computed from between events (:class:`Applied`) and the status it wrote last. It never writes a
+ModelService's spec, only its status.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+from pydantic import ValidationError
+
 from kubemaas_operator import gpufit
-from kubemaas_operator.api import ModelService
+from kubemaas_operator.api import ModelService, ModelServiceStatus
+from kubemaas_operator.api.status import RolloutStatus
 from kubemaas_operator.builders import (
     MODELSERVICE_LABEL,
     build_children,
@@ -24,7 +29,13 @@ from kubemaas_operator.builders import (
     selector_string,
     service_url,
 )
-from kubemaas_operator.kube import OWNED_KINDS, KindNotInstalled, KubeClient, NamespaceTerminating
+from kubemaas_operator.kube import (
+    OWNED_KINDS,
+    Conflict,
+    KindNotInstalled,
+    KubeClient,
+    NamespaceTerminating,
+)
 from kubemaas_operator.observe import Observation, Problem, VariantPlan, compute_status
 from kubemaas_operator.rollout import ObservedDeployment, RolloutPlan, RolloutRecord, plan_rollout
 from kubemaas_operator.settings import OperatorSettings
@@ -40,6 +51,12 @@ _NOT_INSTALLED_REASONS = {
 }
 
 Key = tuple[str, str]  # (namespace, name)
+# Who else holds a child's name, from the watches: (kind, name) -> a description, or None.
+Owners = Callable[[str, str], "str | None"]
+
+
+def no_owners(kind: str, name: str) -> str | None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -90,17 +107,17 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: str | Non
     )
 
 
-def rollout_status(plan: Plan) -> dict:
+def rollout_status(plan: Plan) -> RolloutStatus:
     """``status.rollout`` from the plan (the record a restarted operator resumes from)."""
     r = plan.rollout
-    out: dict = {"strategy": r.strategy, "phase": r.phase, "stableRevision": r.stable_revision}
-    if r.in_canary:
-        out.update(canaryRevision=r.canary_revision, step=r.step, steps=r.steps, canaryWeight=r.canary_weight)
-        if r.step_started_at:
-            out["stepStartedAt"] = r.step_started_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-    if r.message:
-        out["message"] = r.message
-    return out
+    canary = r.in_canary
+    started = r.step_started_at.replace(microsecond=0) if canary and r.step_started_at else None
+    return RolloutStatus(
+        strategy=r.strategy, phase=r.phase, stable_revision=r.stable_revision,  # type: ignore[arg-type]
+        canary_revision=r.canary_revision if canary else None, step=r.step if canary else None,
+        steps=r.steps if canary else None, canary_weight=r.canary_weight if canary else None,
+        step_started_at=started, message=r.message,
+    )
 
 
 def foreign_owner(existing: dict | None, uid: str) -> str | None:
@@ -130,14 +147,34 @@ def stale_children(desired: tuple[dict, ...], observed: list[dict], uid: str,
     return out
 
 
+@dataclass(frozen=True)
+class Applied:
+    """What the last reconcile of one ModelService did: what its status is computed from."""
+
+    plan: Plan  # without its children: ``digests`` stand for them
+    digests: dict[tuple[str, str], str]  # (kind, name) -> a hash of the body applied
+    problem: Problem | None = None  # NameConflict, KedaNotInstalled, ...
+    # Deployment -> the metadata.generation our apply got: a higher one is a hand edit, and an
+    # observed copy older than it (a watch event in flight) does not count as rolled out
+    generations: dict[str, int] = field(default_factory=dict)
+
+
+class Blocked(Exception):
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(f"{problem.reason}: {problem.message}")
+        self.problem = problem
+
+
+def _digest(child: dict) -> str:
+    return hashlib.blake2b(json.dumps(child, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
 @dataclass
 class Reconciler:
     kube: KubeClient
     settings: OperatorSettings
-    plans: dict[Key, Plan] = field(default_factory=dict)
-    blocking: dict[Key, Problem | None] = field(default_factory=dict)
-    last_status: dict[Key, dict] = field(default_factory=dict)
-    applied_generation: dict[tuple[str, str], int] = field(default_factory=dict)
+    applied: dict[Key, Applied] = field(default_factory=dict)
+    written: dict[Key, dict] = field(default_factory=dict)  # the status last written (the watch lags)
     gpu_nodes: tuple[gpufit.GpuNode, ...] | None = None  # the GPUs node_changed last saw
     _locks: dict[Key, threading.Lock] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
@@ -147,114 +184,138 @@ class Reconciler:
             return self._locks.setdefault(key, threading.Lock())
 
     def forget(self, key: Key) -> None:
-        plan = self.plans.pop(key, None)
-        for variant in plan.variants if plan else ():
-            self.applied_generation.pop((key[0], variant.deployment), None)
-        for table in (self.blocking, self.last_status):
-            table.pop(key, None)
+        self.applied.pop(key, None)
+        self.written.pop(key, None)
         with self._locks_guard:
             self._locks.pop(key, None)
 
     def reconcile(self, ms: ModelService, pinned_image: str | None, prune: bool = True,
                   observed: Sequence[ObservedDeployment] = (), status: dict | None = None,
-                  only_changes: bool = False,
-                  gpu_nodes: Sequence[gpufit.GpuNode] | None = None) -> Plan:
+                  only_changes: bool = False, owners: Owners = no_owners,
+                  gpu_nodes: Sequence[gpufit.GpuNode] | None = None) -> tuple[Plan, Problem | None]:
         """Apply the desired children; ``prune=False`` (a first create, which cannot have stale
         children of its own uid) skips listing every owned kind. ``status`` is the status the
         object carries (the rollout record when this operator has written none since it
-        started); ``only_changes`` (the canary timer) writes only what differs from the last plan."""
+        started); ``only_changes`` (the canary timer) writes only what differs from the last
+        plan. ``owners`` says who else holds a name, from the watches; ``gpu_nodes`` the GPUs."""
         key = (ms.namespace, ms.name)
         with self.lock(key):
-            record = RolloutRecord.from_status(self.last_status.get(key) or status)
+            record = RolloutRecord.from_status(self.written.get(key) or status)
             plan = decide(ms, self.settings, pinned_image, observed, record, gpu_nodes=gpu_nodes)
-            previous = self.plans.get(key) if only_changes else None
-            self.blocking[plan.key] = self._apply(plan, prune, previous) or plan.fit_problem
-            self.plans[plan.key] = plan
-        return plan
-
-    def _apply(self, plan: Plan, prune: bool, previous: Plan | None = None) -> Problem | None:
-        ns, _ = plan.key
-        unchanged = {json.dumps(c, sort_keys=True) for c in previous.children} if previous else set()
-        for child in plan.children:
-            name = child["metadata"]["name"]
-            if unchanged and json.dumps(child, sort_keys=True) in unchanged:
-                continue
+            previous = self.applied.get(key) if only_changes else None
+            last = self.applied.get(key)
+            generations = dict(last.generations) if last else {}
+            digests = {(c["kind"], c["metadata"]["name"]): _digest(c) for c in plan.children}
+            problem = None
             try:
-                owner = foreign_owner(self.kube.get(child["kind"], ns, name), plan.uid)
-                if owner:
-                    return Problem("NameConflict",
-                                   f"{child['kind']} {name} already exists and belongs to {owner}; "
-                                   "rename this ModelService or its variant.")
-                applied = self.kube.apply(child)
+                self._apply(plan, digests, generations, prune, previous, owners)
+            except Blocked as exc:
+                problem = exc.problem
             except NamespaceTerminating:
-                log.info("namespace %s is being deleted: not creating %s %s", ns, child["kind"], name)
-                return None
-            except KindNotInstalled as exc:
-                reason, message = _NOT_INSTALLED_REASONS.get(
-                    exc.kind.kind, ("KindNotInstalled", str(exc)))
-                return Problem(reason, message)
-            if child["kind"] == "Deployment":
-                self.applied_generation[(ns, name)] = applied["metadata"].get("generation", 0)
+                log.info("namespace %s is being deleted: not creating the children of %s", key[0], key[1])
+            # a blocked apply wrote only some children: the next one compares against none
+            self.applied[key] = Applied(replace(plan, children=()), {} if problem else digests,
+                                        problem or plan.fit_problem, generations)
+        return plan, problem or plan.fit_problem
+
+    def _apply(self, plan: Plan, digests: dict[tuple[str, str], str], generations: dict[str, int],
+               prune: bool, previous: Applied | None, owners: Owners) -> None:
+        ns, _ = plan.key
+        for child in plan.children:
+            kind, name = child["kind"], child["metadata"]["name"]
+            if previous is not None and previous.digests.get((kind, name)) == digests[(kind, name)]:
+                continue
+            applied = self._write_child(child, plan.uid, owners)
+            if kind == "Deployment":
+                generations[name] = applied["metadata"].get("generation", 0)
         for name, replicas in plan.scales:
-            if previous is not None and (name, replicas) in previous.scales:
+            if previous is not None and (name, replicas) in previous.plan.scales:
                 continue
             # scaled, not applied: its template is the previous revision's, which the spec no
             # longer describes; a changed generation here is ours, not a hand edit
             self.kube.scale_deployment(ns, name, replicas)
-            self.applied_generation.pop((ns, name), None)
-        if not prune or (previous is not None and _same_shape(previous, plan)):
-            return None
+            generations.pop(name, None)
+        if not prune or (previous is not None and _same_shape(previous, plan, digests)):
+            return
         observed = [dict(obj, kind=kind) for kind in OWNED_KINDS
                     for obj in self.kube.list(kind, ns, plan.selector)]
         for obj in stale_children(plan.children, observed, plan.uid, plan.keep):
             log.info("deleting %s %s/%s: no longer desired", obj["kind"], ns, obj["metadata"]["name"])
             self.kube.delete(obj["kind"], ns, obj["metadata"]["name"], obj["metadata"].get("uid"))
-            self.applied_generation.pop((ns, obj["metadata"]["name"]), None)
-        return None
+            generations.pop(obj["metadata"]["name"], None)
 
-    def drifted(self, namespace: str, deployment: dict) -> bool:
+    def _write_child(self, child: dict, uid: str, owners: Owners) -> dict:
+        """Server-side apply one child, never over another owner's object: a name the watches
+        show held by another ModelService is a conflict at once (all ModelServices share one
+        field manager); an object of another manager conflicts on the apply itself, and only
+        then is it read, to tell a hand edit of ours (applied again, with force) from an object
+        that is not ours."""
+        kind, name = child["kind"], child["metadata"]["name"]
+        try:
+            holder = owners(kind, name)
+            if holder is None:
+                try:
+                    return self.kube.apply(child)
+                except Conflict:
+                    holder = foreign_owner(self.kube.get(kind, child["metadata"]["namespace"], name), uid)
+                    if holder is None:
+                        return self.kube.apply(child, force=True)
+        except KindNotInstalled as exc:
+            reason, message = _NOT_INSTALLED_REASONS.get(exc.kind.kind, ("KindNotInstalled", str(exc)))
+            raise Blocked(Problem(reason, message)) from exc
+        raise Blocked(Problem("NameConflict", f"{kind} {name} already exists and belongs to {holder}; "
+                                              "rename this ModelService or its variant."))
+
+    def drifted(self, key: Key, deployment: dict) -> bool:
         """A Deployment whose spec changed since our last apply (a hand edit)."""
-        key = (namespace, deployment["metadata"]["name"])
-        applied = self.applied_generation.get(key)
-        return applied is not None and deployment["metadata"].get("generation", 0) > applied
+        applied = self.applied.get(key)
+        generation = applied.generations.get(deployment["metadata"]["name"]) if applied else None
+        return generation is not None and deployment["metadata"].get("generation", 0) > generation
 
     def status_for(self, key: Key, deployments: list[dict], pods: list[dict],
-                   previous_conditions: list[dict] | None) -> dict | None:
-        """The status to write, or None when it equals what was written last."""
-        plan = self.plans.get(key)
-        if plan is None:
+                   previous: dict | None) -> dict | None:
+        """The status to write, or None when it equals ``previous`` (the status last written,
+        else the object's)."""
+        applied = self.applied.get(key)
+        if applied is None:
             return None
+        plan = applied.plan
         names = [n for v in plan.variants for n in (v.deployment, v.canary_deployment) if n]
         obs = Observation(
             name=key[1], namespace=key[0], generation=plan.generation, selector=plan.selector,
             url=plan.url, runtime_image=plan.runtime_image, variants=plan.variants,
             deployments={d["metadata"]["name"]: d for d in deployments}, pods=tuple(pods),
-            blocking=self.blocking.get(key),
-            applied_generations={n: self.applied_generation.get((key[0], n), 0) for n in names},
+            blocking=applied.problem,
+            applied_generations={n: applied.generations.get(n, 0) for n in names},
             gateway=plan.gateway, rollout=rollout_status(plan),
         )
-        status = gpufit.with_fit_status(compute_status(obs, previous_conditions), plan.fits)
-        if _same_status(status, self.last_status.get(key)):
+        status = gpufit.with_fit_status(compute_status(obs, _parsed(previous)).to_wire(), plan.fits)
+        if previous is not None and _same_status(status, previous):
             return None
         return status
 
     def write_status(self, key: Key, status: dict) -> None:
         self.kube.patch_status(key[0], key[1], status)
-        self.last_status[key] = status
+        self.written[key] = status
 
 
-def _child_names(plan: Plan) -> tuple[set[tuple[str, str]], frozenset[str]]:
-    return {(c["kind"], c["metadata"]["name"]) for c in plan.children}, plan.keep
+def _parsed(status: dict | None) -> ModelServiceStatus | None:
+    """The status an object carries, through its model (None when it has none we can read:
+    its conditions then start anew)."""
+    if not status:
+        return None
+    try:
+        return ModelServiceStatus.model_validate(status)
+    except ValidationError:
+        return None
 
 
-def _same_shape(a: Plan, b: Plan) -> bool:
+def _same_shape(previous: Applied, plan: Plan, digests: dict[tuple[str, str], str]) -> bool:
     """The same children by kind and name, and the same Deployments kept: nothing to prune."""
-    return _child_names(a) == _child_names(b)
+    return previous.digests.keys() == digests.keys() and previous.plan.keep == plan.keep
 
 
-def _same_status(a: dict, b: dict | None) -> bool:
-    if b is None:
-        return False
+def _same_status(a: dict, b: dict) -> bool:
     strip = lambda s: {**s, "conditions": [{k: v for k, v in c.items() if k != "lastTransitionTime"}
                                            for c in s.get("conditions", [])]}
     return strip(a) == strip(b)

@@ -126,7 +126,7 @@ def test_health_of_statuses_the_operator_writes(case):
     extra, expected = OPERATOR_STATUSES[case]
     obs = Observation(name="m", namespace="ml", generation=2, selector="s", url="u",
                       runtime_image="img", variants=PLAN, **extra)
-    status = compute_status(obs, now=datetime(2026, 1, 1, tzinfo=UTC))
+    status = compute_status(obs, now=datetime(2026, 1, 1, tzinfo=UTC)).to_wire()
     assert argocd_health(ms(2, status))[0] == expected
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 
 import pytest
+from kubemaas_operator.api import ModelServiceStatus
+from kubemaas_operator.api.status import RolloutStatus
 from kubemaas_operator.builders.layout import Track, VariantLayout
 from kubemaas_operator.observe import Observation, Problem, VariantPlan, compute_status, pod_problem
 
@@ -33,12 +36,20 @@ def _obs(deployments: dict, pods: tuple = (), blocking: Problem | None = None) -
     )
 
 
+def _status(obs: Observation, previous: dict | None = None, now: datetime = NOW) -> dict:
+    """compute_status as written: its model on the wire (a rollout given as a dict parsed first)."""
+    if isinstance(obs.rollout, dict):
+        obs = dataclasses.replace(obs, rollout=RolloutStatus.model_validate(obs.rollout))
+    parsed = ModelServiceStatus.model_validate(previous) if previous else None
+    return compute_status(obs, parsed, now=now).to_wire()
+
+
 def _cond(status: dict, ctype: str) -> dict:
     return next(c for c in status["conditions"] if c["type"] == ctype)
 
 
 def test_all_available_is_ready_with_counts_and_shares() -> None:
-    st = compute_status(_obs({"m-a": _dep("m-a", 4, 4), "m-b": _dep("m-b", 1, 1)}), now=NOW)
+    st = _status(_obs({"m-a": _dep("m-a", 4, 4), "m-b": _dep("m-b", 1, 1)}))
     assert _cond(st, "Ready")["status"] == "True"
     assert _cond(st, "Ready")["reason"] == "AllVariantsAvailable"
     assert _cond(st, "Progressing")["status"] == "False"
@@ -49,7 +60,7 @@ def test_all_available_is_ready_with_counts_and_shares() -> None:
 def test_status_fits_the_crd_status_schema() -> None:
     from kubemaas_operator.api import ModelServiceStatus
 
-    st = compute_status(_obs({"m-a": _dep("m-a", 4, 3), "m-b": _dep("m-b", 1, 1)}, pods=(_pending("x"),)), now=NOW)
+    st = _status(_obs({"m-a": _dep("m-a", 4, 3), "m-b": _dep("m-b", 1, 1)}, pods=(_pending("x"),)))
     parsed = ModelServiceStatus.model_validate(st)
     assert parsed.to_wire() == st
     assert st["variantSummary"] == "a 3/4, b 1/1"
@@ -57,7 +68,7 @@ def test_status_fits_the_crd_status_schema() -> None:
 
 def test_a_deployment_not_yet_observed_at_its_generation_is_progressing() -> None:
     deps = {"m-a": _dep("m-a", 4, 4, generation=2, observed=1), "m-b": _dep("m-b", 1, 1)}
-    st = compute_status(_obs(deps), now=NOW)
+    st = _status(_obs(deps))
     assert _cond(st, "Ready")["status"] == "False"
     assert _cond(st, "Progressing")["status"] == "True"
 
@@ -65,9 +76,9 @@ def test_a_deployment_not_yet_observed_at_its_generation_is_progressing() -> Non
 def test_a_stale_copy_older_than_our_apply_is_not_rolled_out() -> None:
     deps = {"m-a": _dep("m-a", 4, 4, generation=2, observed=2), "m-b": _dep("m-b", 1, 1)}
     obs = _obs(deps)
-    fresh = compute_status(obs, now=NOW)
+    fresh = _status(obs)
     assert _cond(fresh, "Ready")["status"] == "True"
-    stale = compute_status(Observation(**{**obs.__dict__, "applied_generations": {"m-a": 3}}), now=NOW)
+    stale = _status(Observation(**{**obs.__dict__, "applied_generations": {"m-a": 3}}))
     assert _cond(stale, "Ready")["status"] == "False"
     assert _cond(stale, "Progressing")["status"] == "True"
 
@@ -105,7 +116,7 @@ def test_pod_problems_become_reasons(pod: dict, reason: str, fragment: str) -> N
     problem = pod_problem(pod)
     assert problem is not None and problem.reason == reason
     assert fragment in problem.message
-    st = compute_status(_obs({"m-a": _dep("m-a", 4, 3), "m-b": _dep("m-b", 1, 1)}, pods=(pod,)), now=NOW)
+    st = _status(_obs({"m-a": _dep("m-a", 4, 3), "m-b": _dep("m-b", 1, 1)}, pods=(pod,)))
     assert _cond(st, "Ready")["reason"] == reason
     assert _cond(st, "Degraded")["status"] == "True"
 
@@ -118,16 +129,15 @@ def test_a_healthy_pod_has_no_problem() -> None:
 
 def test_a_blocking_problem_wins_and_stops_progress() -> None:
     blocking = Problem("NameConflict", "Deployment m-a belongs to ModelService other.")
-    st = compute_status(_obs({}, blocking=blocking), now=NOW)
+    st = _status(_obs({}, blocking=blocking))
     assert _cond(st, "Ready")["reason"] == "NameConflict"
     assert _cond(st, "Progressing")["status"] == "False"
 
 
 def test_transition_time_kept_while_status_unchanged() -> None:
     deps = {"m-a": _dep("m-a", 4, 4), "m-b": _dep("m-b", 1, 1)}
-    first = compute_status(_obs(deps), now=NOW)
-    later = compute_status(_obs(deps), previous_conditions=first["conditions"],
-                           now=datetime(2026, 1, 2, tzinfo=UTC))
+    first = _status(_obs(deps))
+    later = _status(_obs(deps), previous=first, now=datetime(2026, 1, 2, tzinfo=UTC))
     assert _cond(later, "Ready")["lastTransitionTime"] == _cond(first, "Ready")["lastTransitionTime"]
 
 
@@ -156,7 +166,7 @@ def _plans(canary: bool = False) -> tuple[VariantPlan, ...]:
 def test_a_surge_pod_that_cannot_be_placed_is_reported_with_capacity_kept() -> None:
     deps = {"m-a": _rolling(_dep("m-a", 4, 4), updated=0), "m-b": _dep("m-b", 1, 1)}
     pod = _labelled(_pending(GPU_FULL), "a", "new222")
-    st = compute_status(Observation(**{**_obs(deps, pods=(pod,)).__dict__, "variants": _plans()}), now=NOW)
+    st = _status(Observation(**{**_obs(deps, pods=(pod,)).__dict__, "variants": _plans()}))
     ready = _cond(st, "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "SurgeUnschedulable")
     assert "Insufficient nvidia.com/gpu" in ready["message"] and "keep serving" in ready["message"]
@@ -167,7 +177,7 @@ def test_a_surge_pod_that_cannot_be_placed_is_reported_with_capacity_kept() -> N
 def test_an_unschedulable_pod_without_capacity_behind_it_is_plain_unschedulable() -> None:
     deps = {"m-a": _dep("m-a", 4, 2), "m-b": _dep("m-b", 1, 1)}
     pod = _labelled(_pending(GPU_FULL), "a", "new222")
-    st = compute_status(Observation(**{**_obs(deps, pods=(pod,)).__dict__, "variants": _plans()}), now=NOW)
+    st = _status(Observation(**{**_obs(deps, pods=(pod,)).__dict__, "variants": _plans()}))
     assert _cond(st, "Ready")["reason"] == "Unschedulable"
 
 
@@ -176,7 +186,7 @@ def test_a_canary_pod_that_cannot_be_placed_leaves_the_stable_serving() -> None:
     pod = _labelled(_pending(GPU_FULL), "a", "new222")
     rollout = {"strategy": "Canary", "phase": "Progressing", "canaryRevision": "c1", "message": "step 1/2"}
     obs = Observation(**{**_obs(deps, pods=(pod,)).__dict__, "variants": _plans(canary=True), "rollout": rollout})
-    st = compute_status(obs, now=NOW)
+    st = _status(obs)
     assert _cond(st, "Ready")["reason"] == "SurgeUnschedulable"
     assert "stable revision keeps its 4 pod(s)" in _cond(st, "Ready")["message"]
 
@@ -189,14 +199,14 @@ def test_a_canary_at_its_step_is_ready_and_progressing_with_its_share() -> None:
                "canaryWeight": 20, "message": "Step 1/2: 20% on revision c1; pausing 60 s more."}
     for gateway, share in ((False, 20), (True, 16)):
         obs = Observation(**{**_obs(deps).__dict__, "variants": plans, "rollout": rollout, "gateway": gateway})
-        st = compute_status(obs, now=NOW)
+        st = _status(obs)
         assert (_cond(st, "Ready")["status"], _cond(st, "Ready")["reason"]) == ("True", "CanaryInProgress")
         assert _cond(st, "Progressing")["reason"] == "CanaryProgressing"
         a = st["variants"][0]
         assert (a["readyReplicas"], a["canaryReadyReplicas"], a["canaryTrafficShare"]) == (4, 1, share)
         assert st["variantSummary"] == "a 4/4 (canary 1/1), b 1/1"
         assert st["rollout"]["step"] == 1
-    held = compute_status(Observation(**{**obs.__dict__, "rollout": {**rollout, "phase": "Held"}}), now=NOW)
+    held = _status(Observation(**{**obs.__dict__, "rollout": {**rollout, "phase": "Held"}}))
     assert _cond(held, "Progressing")["reason"] == "CanaryHeld"
 
 
@@ -204,7 +214,6 @@ def test_an_earlier_revision_still_serving_counts_and_keeps_the_rollout_open() -
     retiring = _dep("m-a-old", 1, 1)
     retiring["metadata"]["labels"] = {"kubemaas.io/variant": "a"}
     deps = {"m-a": _dep("m-a", 4, 4), "m-b": _dep("m-b", 1, 1), "m-a-old": retiring}
-    st = compute_status(Observation(**{**_obs(deps).__dict__,
-                                       "rollout": {"strategy": "Canary", "phase": "Complete"}}), now=NOW)
+    st = _status(Observation(**{**_obs(deps).__dict__, "rollout": {"strategy": "Canary", "phase": "Complete"}}))
     assert st["readyReplicas"] == 6 and st["rollout"]["phase"] == "Progressing"
     assert _cond(st, "Ready")["status"] == "False"

@@ -9,7 +9,9 @@ from kubemaas_operator.builders import (
     IMAGE_POLICY_ANNOTATION,
     choose_runtime_image,
 )
+from kubemaas_operator.kube import Conflict
 from kubemaas_operator.reconcile import (
+    Reconciler,
     decide,
     foreign_owner,
     stale_children,
@@ -87,3 +89,59 @@ def test_stale_children_are_only_our_undesired_ones() -> None:
     stale = stale_children(desired, observed, UID)
     assert {(o["kind"], o["metadata"]["name"]) for o in stale} == {
         ("Deployment", "m-old"), ("HorizontalPodAutoscaler", "m")}
+
+
+class _Kube:
+    """A KubeClient answering from a dict of existing objects, recording the calls."""
+
+    def __init__(self, existing: dict | None = None, conflicts: set | None = None) -> None:
+        self.existing = existing or {}
+        self.conflicts = conflicts or set()
+        self.calls: list[tuple] = []
+
+    def apply(self, obj, force=False):
+        key = (obj["kind"], obj["metadata"]["name"])
+        self.calls.append(("apply", *key, force))
+        if key in self.conflicts and not force:
+            raise Conflict(409, "conflict with kubectl-edit")
+        return {**obj, "metadata": {**obj["metadata"], "generation": 1}}
+
+    def get(self, kind, namespace, name):
+        self.calls.append(("get", kind, name))
+        return self.existing.get((kind, name))
+
+    def list(self, kind, namespace, selector):
+        return []
+
+
+def test_a_reconcile_reads_no_child_when_nothing_conflicts() -> None:
+    kube = _Kube()
+    plan, problem = Reconciler(kube, SETTINGS).reconcile(_ms(), None, prune=False)
+    assert problem is None
+    assert [c[0] for c in kube.calls] == ["apply"] * len(plan.children)
+    assert not any(force for *_, force in kube.calls)
+
+
+def test_a_hand_edited_child_is_read_once_then_applied_with_force() -> None:
+    kube = _Kube(existing={("Deployment", "m-a"): _obj("Deployment", "m-a", UID)},
+                 conflicts={("Deployment", "m-a")})
+    _, problem = Reconciler(kube, SETTINGS).reconcile(_ms(), None, prune=False)
+    assert problem is None
+    assert kube.calls[:3] == [("apply", "Deployment", "m-a", False), ("get", "Deployment", "m-a"),
+                              ("apply", "Deployment", "m-a", True)]
+
+
+def test_an_object_of_another_manager_is_a_name_conflict_and_is_not_overwritten() -> None:
+    kube = _Kube(existing={("Service", "m"): _obj("Service", "m", None, labelled=False)},
+                 conflicts={("Service", "m")})
+    _, problem = Reconciler(kube, SETTINGS).reconcile(_ms(), None, prune=False)
+    assert problem is not None and problem.reason == "NameConflict" and "Service m" in problem.message
+    assert ("apply", "Service", "m", True) not in kube.calls
+
+
+def test_a_name_another_modelservice_holds_is_a_conflict_without_a_write() -> None:
+    kube = _Kube()
+    owners = lambda kind, name: "ModelService x" if (kind, name) == ("Deployment", "m-a") else None
+    _, problem = Reconciler(kube, SETTINGS).reconcile(_ms(), None, prune=False, owners=owners)
+    assert problem is not None and problem.reason == "NameConflict" and "ModelService x" in problem.message
+    assert ("apply", "Deployment", "m-a", False) not in kube.calls

@@ -72,7 +72,7 @@ def decide_plan_status(rollout_plan) -> dict:
 
     class _P:  # rollout_status reads only .rollout
         rollout = rollout_plan
-    return {"variants": variants, "rollout": rollout_status(_P)}
+    return {"variants": variants, "rollout": rollout_status(_P).to_wire()}
 
 
 # --- revisions ------------------------------------------------------------------------------
@@ -357,7 +357,7 @@ class _RecordingKube:
     def get(self, kind, namespace, name):
         return None
 
-    def apply(self, obj):
+    def apply(self, obj, force=False):
         self.writes.append(("apply", f"{obj['kind']}/{obj['metadata']['name']}"))
         return {**obj, "metadata": {**obj["metadata"], "generation": 1}}
 

@@ -1,0 +1,154 @@
+"""Status follows the watches: at most one refresh per ModelService in flight, one write per change.
+
+A child's event only marks its ModelService; after a short window the refresh computes the
+status once from kopf's indexes (whatever happened in the window: a Deployment's status, its
+pods starting) and writes it when it differs from the status last written, posting an Event when
+the Ready condition moved. Events that arrive while a refresh runs fold into one more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+
+from kubemaas_operator.reconcile import Key, Owners, Reconciler
+from kubemaas_operator.rollout import ObservedDeployment
+
+log = logging.getLogger(__name__)
+WINDOW_SECONDS = 0.5
+RETRY_SECONDS = 5
+MAX_FAILURES = 12  # a minute of a failing API server; the next event starts again
+
+
+@dataclass(frozen=True)
+class Indexes:
+    """kopf's indexes (live views), as the handlers receive them."""
+
+    modelservices: Mapping[Any, Any]
+    deployments: Mapping[Any, Any]
+    pods: Mapping[Any, Any]
+    names: Mapping[str, Mapping[Any, Any]]  # kind -> (namespace, name) -> controller (uid, kind, name)
+    gpus: tuple[Any, ...] | None = None  # the cluster's GPU nodes (None: nodes not readable)
+
+    def parent(self, key: Key) -> Any:
+        for body in self.modelservices.get(key, ()):
+            return body
+        return None
+
+    def observed(self, key: Key) -> list[ObservedDeployment]:
+        found = (ObservedDeployment.from_object(d) for d in self.deployments.get(key, ()))
+        return [d for d in found if d is not None]
+
+    def owners(self, namespace: str, uid: str) -> Owners:
+        """Who, other than the ModelService ``uid``, controls a child's name in ``namespace``."""
+        def holder(kind: str, name: str) -> str | None:
+            for owner_uid, owner_kind, owner_name in self.names.get(kind, {}).get((namespace, name), ()):
+                if owner_uid and owner_uid != uid:
+                    return f"{owner_kind} {owner_name}"
+            return None
+        return holder
+
+
+class StatusRefresher:
+    def __init__(self, reconciler: Reconciler, pool: Executor, window: float = WINDOW_SECONDS,
+                 post: Callable[[Any, list[dict], list[dict]], None] | None = None) -> None:
+        self._reconciler = reconciler
+        self._post = post or post_transition
+        self._pool = pool
+        self._window = window
+        self._running: dict[Key, asyncio.Task] = {}
+        self._again: set[Key] = set()  # touched while its refresh ran: one more
+        self._urgent: set[Key] = set()  # a reconcile: no window
+        self._wake: dict[Key, asyncio.Event] = {}
+
+    def touch(self, key: Key, indexes: Indexes, now: bool = False) -> None:
+        """Refresh ``key``'s status after the window, or at once (``now``: a reconcile, whose
+        new generation must show even when its pods are quicker than the window). Called from
+        kopf's handlers, on the event loop."""
+        if now:
+            self._urgent.add(key)
+        if key in self._running:
+            self._again.add(key)
+            wake = self._wake.get(key)
+            if now and wake is not None:
+                wake.set()  # cut the window short
+            return
+        self._running[key] = asyncio.create_task(self._run(key, indexes))
+
+    def forget(self, key: Key) -> None:
+        task = self._running.pop(key, None)
+        if task is not None:
+            task.cancel()
+        self._again.discard(key)
+        self._urgent.discard(key)
+
+    async def _wait(self, key: Key, seconds: float) -> None:
+        """The window, ended early by a reconcile's touch."""
+        if key in self._urgent:
+            return
+        wake = self._wake[key] = asyncio.Event()
+        try:
+            await asyncio.wait_for(wake.wait(), seconds)
+        except TimeoutError:
+            pass
+        finally:
+            self._wake.pop(key, None)
+
+    async def _run(self, key: Key, indexes: Indexes) -> None:
+        loop = asyncio.get_running_loop()
+        failures = 0
+        try:
+            while True:
+                await self._wait(key, self._window)
+                self._urgent.discard(key)
+                self._again.discard(key)
+                parent = indexes.parent(key)
+                if parent is None:
+                    return
+                try:
+                    moved = await loop.run_in_executor(self._pool, self._refresh, key, parent, indexes)
+                except Exception:
+                    failures += 1
+                    log.exception("writing the status of %s/%s failed (%d)", *key, failures)
+                    if failures < MAX_FAILURES:  # an API server away for a while: try again
+                        self._again.add(key)
+                        await asyncio.sleep(RETRY_SECONDS)
+                    moved = None
+                if moved is not None:
+                    failures = 0
+                    self._post(parent, *moved)
+                if key not in self._again:
+                    return
+        finally:
+            if self._running.get(key) is asyncio.current_task():
+                del self._running[key]
+
+    def _refresh(self, key: Key, parent: Any, indexes: Indexes) -> tuple[list[dict], list[dict]] | None:
+        """Compute and write the status (in the pool); the conditions before and after when
+        it was written."""
+        reconciler = self._reconciler
+        with reconciler.lock(key):
+            previous = reconciler.written.get(key) or dict(parent.get("status") or {}) or None
+            status = reconciler.status_for(key, list(indexes.deployments.get(key, ())),
+                                           list(indexes.pods.get(key, ())), previous)
+            if status is None:
+                return None
+            reconciler.write_status(key, status)
+        return (previous or {}).get("conditions") or [], status["conditions"]
+
+
+def post_transition(parent: Any, before: list[dict], after: list[dict]) -> None:
+    """An Event when the Ready condition's status or reason changed."""
+    old = {c["type"]: c for c in before}
+    ready = next(c for c in after if c["type"] == "Ready")
+    prev = old.get("Ready")
+    if prev and (prev["status"], prev.get("reason")) == (ready["status"], ready["reason"]):
+        return
+    kind = "Normal" if ready["status"] == "True" or ready["reason"] == "WaitingForReplicas" else "Warning"
+    kopf.event(dict(parent), type=kind, reason=ready["reason"], message=ready["message"])

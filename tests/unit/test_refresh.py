@@ -1,0 +1,125 @@
+"""The status refresher: the events of one window give one computation and at most one write."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from kubemaas_operator.refresh import Indexes, StatusRefresher
+
+KEY = ("ns", "m")
+
+
+class _Reconciler:
+    """Counts status computations; the status is whatever `ready` says now."""
+
+    def __init__(self) -> None:
+        self.written: dict = {}
+        self.computed = 0
+        self.writes: list[dict] = []
+        self.ready = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        self._lock = threading.Lock()
+
+    def lock(self, key):
+        return self._lock
+
+    def status_for(self, key, deployments, pods, previous):
+        ready = self.ready  # what the indexes said when the refresh began
+        self.gate.wait(5)
+        self.computed += 1
+        status = {"readyReplicas": ready,
+                  "conditions": [{"type": "Ready", "status": "True" if ready else "False",
+                                  "reason": "R", "message": ""}]}
+        return None if previous == status else status
+
+    def write_status(self, key, status):
+        self.writes.append(status)
+        self.written[key] = status
+
+
+def _indexes() -> Indexes:
+    return Indexes({KEY: [{"metadata": {"name": "m"}, "status": {}}]}, {}, {}, {})
+
+
+def _run(scenario) -> tuple[_Reconciler, list]:
+    reconciler, posted = _Reconciler(), []
+    with ThreadPoolExecutor(2) as pool:
+        refresher = StatusRefresher(reconciler, pool, window=0.05,  # type: ignore[arg-type]
+                                    post=lambda parent, before, after: posted.append((before, after)))
+        asyncio.run(scenario(refresher, reconciler))
+    return reconciler, posted
+
+
+def test_a_burst_of_events_is_one_computation_and_one_write() -> None:
+    async def scenario(refresher, reconciler):
+        for _ in range(20):
+            refresher.touch(KEY, _indexes())
+        await asyncio.sleep(0.3)
+
+    reconciler, posted = _run(scenario)
+    assert reconciler.computed == 1 and len(reconciler.writes) == 1
+    assert len(posted) == 1  # Ready appeared: one Event
+
+
+def test_an_event_during_a_refresh_gives_exactly_one_more() -> None:
+    async def scenario(refresher, reconciler):
+        reconciler.gate.clear()  # the first refresh blocks in the pool
+        refresher.touch(KEY, _indexes())
+        await asyncio.sleep(0.1)
+        reconciler.ready = 1
+        for _ in range(5):
+            refresher.touch(KEY, _indexes())
+        reconciler.gate.set()
+        await asyncio.sleep(0.4)
+
+    reconciler, _ = _run(scenario)
+    assert reconciler.computed == 2
+    assert [w["readyReplicas"] for w in reconciler.writes] == [0, 1]
+
+
+def test_an_unchanged_status_is_not_written_again() -> None:
+    async def scenario(refresher, reconciler):
+        refresher.touch(KEY, _indexes())
+        await asyncio.sleep(0.2)
+        refresher.touch(KEY, _indexes())
+        await asyncio.sleep(0.2)
+
+    reconciler, posted = _run(scenario)
+    assert reconciler.computed == 2 and len(reconciler.writes) == 1 and len(posted) == 1
+
+
+def test_a_forgotten_modelservice_is_not_refreshed() -> None:
+    async def scenario(refresher, reconciler):
+        refresher.touch(KEY, _indexes())
+        refresher.forget(KEY)
+        await asyncio.sleep(0.2)
+
+    reconciler, _ = _run(scenario)
+    assert reconciler.computed == 0
+
+
+def test_a_reconcile_is_refreshed_at_once() -> None:
+    async def scenario(refresher, reconciler):
+        refresher._window = 10  # an event would wait that long
+        refresher.touch(KEY, _indexes(), now=True)
+        await asyncio.sleep(0.2)
+
+    reconciler, _ = _run(scenario)
+    assert reconciler.computed == 1
+
+
+def test_a_reconcile_cuts_short_the_window_a_child_event_opened() -> None:
+    """A Deployment's event often arrives before the reconcile that applied it returns: the
+    reconcile's touch must still show its new generation at once."""
+    async def scenario(refresher, reconciler):
+        refresher._window = 10
+        refresher.touch(KEY, _indexes())            # the child's event: waits the window
+        await asyncio.sleep(0.05)
+        refresher.touch(KEY, _indexes(), now=True)  # the reconcile: at once
+        await asyncio.sleep(0.2)
+
+    reconciler, _ = _run(scenario)
+    assert reconciler.computed == 1
