@@ -171,7 +171,9 @@ async def _reconcile(memo: kopf.Memo, body, indexes: Indexes, *, prune: bool = T
                 ms, pinned_image=status.get("runtimeImage"), prune=prune, status=status,
                 observed=indexes.observed(key), only_changes=only_changes,
                 owners=indexes.owners(key[0], ms.metadata.uid or ""), gpu_nodes=indexes.gpus))
-        memo.refresher.touch(key, indexes, now=True)
+        # a spec change shows at once (its new generation, Ready=False while it rolls); a canary
+        # tick or a drift repair waits the window, so the pods it moved show settled
+        memo.refresher.touch(key, indexes, now=report)
         result = "blocked" if problem else "applied"
         # GPUMemoryInsufficient needs no retry: a change of the nodes re-plans (node_changed)
         if problem and report and problem.reason != gpufit.FIT_REASON:

@@ -37,7 +37,7 @@ from kubemaas_operator.kube import (
     NamespaceTerminating,
 )
 from kubemaas_operator.observe import Observation, Problem, VariantPlan, compute_status
-from kubemaas_operator.rollout import ObservedDeployment, RolloutPlan, RolloutRecord, plan_rollout
+from kubemaas_operator.rollout import ObservedDeployment, RolloutPlan, plan_rollout
 from kubemaas_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class Plan:
 
 
 def decide(ms: ModelService, settings: OperatorSettings, pinned_image: str | None,
-           observed: Sequence[ObservedDeployment] = (), record: RolloutRecord | None = None,
+           observed: Sequence[ObservedDeployment] = (), record: ModelServiceStatus | None = None,
            now: datetime | None = None, gpu_nodes: Sequence[gpufit.GpuNode] | None = None) -> Plan:
     """The children to write for ``ms`` now. ``observed`` (its Deployments as watched) and
     ``record`` (the rollout as status last recorded it) decide a canary's progress;
@@ -200,7 +200,7 @@ class Reconciler:
         plan. ``owners`` says who else holds a name, from the watches; ``gpu_nodes`` the GPUs."""
         key = (ms.namespace, ms.name)
         with self.lock(key):
-            record = RolloutRecord.from_status(self.written.get(key) or status)
+            record = _parsed(self.written.get(key) or status)
             plan = decide(ms, self.settings, pinned_image, observed, record, gpu_nodes=gpu_nodes)
             previous = self.applied.get(key) if only_changes else None
             last = self.applied.get(key)

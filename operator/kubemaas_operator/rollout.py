@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
-from kubemaas_operator.api import ModelService, Variant
+from kubemaas_operator.api import ModelService, ModelServiceStatus, Variant, VariantStatus
 from kubemaas_operator.builders.deployment import canary_deployment_name
 from kubemaas_operator.builders.layout import Track, VariantLayout
 from kubemaas_operator.builders.naming import VARIANT_LABEL, variant_child_name
@@ -67,39 +67,6 @@ class ObservedDeployment:
 
 
 @dataclass(frozen=True)
-class VariantRecord:
-    """What status says a variant runs (so a restarted operator picks the rollout up)."""
-
-    revision: str | None = None
-    deployment: str | None = None
-    canary_revision: str | None = None
-    canary_deployment: str | None = None
-
-
-@dataclass(frozen=True)
-class RolloutRecord:
-    variants: dict[str, VariantRecord] = field(default_factory=dict)
-    canary_revision: str | None = None
-    step: int = 0
-    step_started_at: datetime | None = None
-
-    @classmethod
-    def from_status(cls, status: dict | None) -> RolloutRecord:
-        status = status or {}
-        variants = {
-            v["name"]: VariantRecord(v.get("revision"), v.get("deployment"), v.get("canaryRevision"),
-                                     v.get("canaryDeployment"))
-            for v in status.get("variants") or [] if "name" in v
-        }
-        rollout = status.get("rollout") or {}
-        started = rollout.get("stepStartedAt")
-        return cls(
-            variants=variants, canary_revision=rollout.get("canaryRevision"), step=rollout.get("step") or 0,
-            step_started_at=datetime.fromisoformat(started) if started else None,
-        )
-
-
-@dataclass(frozen=True)
 class RolloutPlan:
     strategy: str
     variants: tuple[VariantLayout, ...]
@@ -126,7 +93,7 @@ def canary_replicas(variant_replicas: int, weight: int) -> int:
     return min(variant_replicas, max(1, math.ceil(variant_replicas * weight / 100)))
 
 
-def _find_stable(observed: list[ObservedDeployment], record: VariantRecord | None,
+def _find_stable(observed: list[ObservedDeployment], record: VariantStatus | None,
                  desired: str) -> ObservedDeployment | None:
     """The Deployment serving the stable revision: the one status names, else the one labelled
     stable, else one made before tracks were labelled, else one already running the spec."""
@@ -161,7 +128,7 @@ class _Variant:
 
 
 def _variant_state(ms: ModelService, variant: Variant, replicas: int, desired: str, canary_strategy: bool,
-                   observed: list[ObservedDeployment], record: VariantRecord | None) -> _Variant:
+                   observed: list[ObservedDeployment], record: VariantStatus | None) -> _Variant:
     stable = _find_stable(observed, record, desired)
     if stable is None:
         name = variant_child_name(ms.name, variant.name)
@@ -207,95 +174,134 @@ def _step_weight(steps: Sequence, step: int) -> int:
 
 
 def plan_rollout(ms: ModelService, runtime_image: str, observed: Sequence[ObservedDeployment],
-                 record: RolloutRecord | None, now: datetime) -> RolloutPlan:
-    record = record or RolloutRecord()
-    spec = ms.spec
-    strategy = spec.rollout.strategy
-    split = replicas_by_variant(spec.replicas, spec.variants)
-    desired = variant_revisions(ms, runtime_image)
-    states = [
-        _variant_state(ms, v, split[v.name], desired[v.name], strategy == "Canary",
-                       [d for d in observed if d.variant == v.name], record.variants.get(v.name))
-        for v in spec.variants
-    ]
+                 record: ModelServiceStatus | None, now: datetime) -> RolloutPlan:
+    """``record``: the status the ModelService carries, read back (the rollout a restarted
+    operator resumes from)."""
+    record = record or ModelServiceStatus()
+    strategy = ms.spec.rollout.strategy
+    states = _variant_states(ms, runtime_image, observed, record)
+    desired = combined_revision({s.spec.name: s.desired for s in states})
     changing = [s for s in states if s.changing]
-    stable_revision = combined_revision({s.spec.name: s.stable_revision for s in states})
     if not changing:
-        layouts = tuple(_steady_layout(s, strategy == "Canary") for s in states)
-        retiring = any(layout.keep for layout in layouts)
-        message = ("The spec matches the stable revision again: the earlier revision's pods are "
-                   "removed once the stable ones are back at strength." if retiring else "")
-        return RolloutPlan(strategy, layouts, "Progressing" if retiring else "Complete",
-                           combined_revision(desired), message=message)
-
-    steps = spec.rollout.canary_steps
-    canary_revision = combined_revision(desired)
-    step, started = 1, None
-    if record.canary_revision == canary_revision and record.step >= 1:
-        step, started = min(record.step, len(steps) + 1), record.step_started_at
-
-    def reached_at(step: int) -> bool:
-        return all(
-            s.canary is not None and s.canary.revision == s.desired and s.canary.rolled_out
-            and s.canary.replicas == canary_replicas(s.replicas, _step_weight(steps, step))
-            for s in changing
-        )
-
-    reached = reached_at(step)
-    phase, message = "Progressing", ""
-    if reached:
-        started = started or now
-        if step <= len(steps):
-            current = steps[step - 1]
-            if current.held:
-                phase = "Held"
-                message = (f"Step {step}/{len(steps)}: {current.weight}% of the changed variants' traffic "
-                           f"on revision {canary_revision}, held: give spec.rollout.steps[{step - 1}] a "
-                           "pauseSeconds (or remove that step) to go on, or revert the spec to roll back.")
-            elif (now - started).total_seconds() >= (current.pause_seconds or 0):
-                step = step + 1
-                reached = reached_at(step)
-                started = now if reached else None
-            else:
-                left = int((current.pause_seconds or 0) - (now - started).total_seconds())
-                message = (f"Step {step}/{len(steps)}: {current.weight}% on revision {canary_revision}; "
-                           f"pausing {left} s more before the next step.")
-    if step > len(steps) and reached:
-        return _promoted(strategy, states, canary_revision)
+        return _steady_plan(strategy, states, desired)
+    steps = ms.spec.rollout.canary_steps
+    step, started = _resumed_step(record, desired, steps)
+    progress = _progress(changing, steps, desired, step, started, now)
+    if progress.step > len(steps) and progress.reached:
+        return _promoted(strategy, states, desired)
     # A step once routed stays routed while every canary keeps a pod (an autoscaler moving the
     # total, one pod restarting): its weight holds and its pause runs; it ends only when reached.
-    alive = all(s.canary is not None and s.canary.revision == s.desired and s.canary.available > 0
-                for s in changing)
-    if not reached and not alive:
-        started = None
-    routed = reached or started is not None
-    weight = _step_weight(steps, step) if routed else _step_weight(steps, step - 1)
-    if not message:
-        waiting = ", ".join(
-            f"{s.spec.name} {min(s.canary.available, s.canary.replicas) if s.canary else 0}/"
-            f"{canary_replicas(s.replicas, _step_weight(steps, step))}" for s in changing)
-        target = "promotion" if step > len(steps) else f"step {step}/{len(steps)}"
-        message = (f"Canary of revision {canary_revision}, {target}: waiting for its pods to be "
-                   f"available ({waiting}); {weight}% of the changed variants' traffic is on it.")
-    planned: list[VariantLayout] = []
-    for s in states:
-        if not s.changing:
-            planned.append(_steady_layout(s, True))
-            continue
-        pods = canary_replicas(s.replicas, _step_weight(steps, step))
-        canary_available = 0
-        if s.canary is not None and s.canary.revision == s.desired:
-            canary_available = min(s.canary.available, pods, s.canary.replicas)
-        stable_target = max(1, s.replicas - canary_available)
-        planned.append(VariantLayout(
-            s.spec.name, s.spec.weight, s.replicas,
-            Track(s.stable_name, s.stable_revision, stable_target, apply=False),
-            Track(s.canary_name or "", s.desired, pods), canary_weight=weight,
-            keep=tuple(d.name for d in s.others),
-        ))
-    return RolloutPlan(strategy, tuple(planned), phase, stable_revision, canary_revision=canary_revision,
-                       step=step, steps=len(steps), canary_weight=weight,
+    started = progress.started if progress.reached or _alive(changing) else None
+    routed = progress.reached or started is not None
+    weight = _step_weight(steps, progress.step if routed else progress.step - 1)
+    message = progress.message or _waiting_message(changing, steps, progress.step, desired, weight)
+    layouts = tuple(_canary_layout(s, steps, progress.step, weight) if s.changing else _steady_layout(s, True)
+                    for s in states)
+    stable_revision = combined_revision({s.spec.name: s.stable_revision for s in states})
+    return RolloutPlan(strategy, layouts, progress.phase, stable_revision, canary_revision=desired,
+                       step=progress.step, steps=len(steps), canary_weight=weight,
                        step_started_at=started if routed else None, message=message)
+
+
+def _variant_states(ms: ModelService, runtime_image: str, observed: Sequence[ObservedDeployment],
+                    record: ModelServiceStatus) -> list[_Variant]:
+    split = replicas_by_variant(ms.spec.replicas, ms.spec.variants)
+    desired = variant_revisions(ms, runtime_image)
+    canary = ms.spec.rollout.strategy == "Canary"
+    recorded = {v.name: v for v in record.variants}
+    return [_variant_state(ms, v, split[v.name], desired[v.name], canary,
+                           [d for d in observed if d.variant == v.name], recorded.get(v.name))
+            for v in ms.spec.variants]
+
+
+def _steady_plan(strategy: str, states: list[_Variant], revision: str) -> RolloutPlan:
+    """No variant changing: each runs the spec in its stable Deployment; earlier revisions
+    kept (a reverted canary) keep the rollout Progressing until they are gone."""
+    layouts = tuple(_steady_layout(s, strategy == "Canary") for s in states)
+    retiring = any(layout.keep for layout in layouts)
+    message = ("The spec matches the stable revision again: the earlier revision's pods are "
+               "removed once the stable ones are back at strength." if retiring else "")
+    return RolloutPlan(strategy, layouts, "Progressing" if retiring else "Complete", revision, message=message)
+
+
+def _resumed_step(record: ModelServiceStatus, revision: str, steps: Sequence) -> tuple[int, datetime | None]:
+    """The step (and when it took effect) status recorded for this canary; step 1 for a new one."""
+    rollout = record.rollout
+    if rollout is not None and rollout.canary_revision == revision and (rollout.step or 0) >= 1:
+        return min(rollout.step or 1, len(steps) + 1), rollout.step_started_at
+    return 1, None
+
+
+def _reached(changing: list[_Variant], steps: Sequence, step: int) -> bool:
+    """Every changing variant's canary runs the spec with the step's pods all available."""
+    return all(
+        s.canary is not None and s.canary.revision == s.desired and s.canary.rolled_out
+        and s.canary.replicas == canary_replicas(s.replicas, _step_weight(steps, step))
+        for s in changing
+    )
+
+
+def _alive(changing: list[_Variant]) -> bool:
+    return all(s.canary is not None and s.canary.revision == s.desired and s.canary.available > 0
+               for s in changing)
+
+
+@dataclass(frozen=True)
+class _Progress:
+    step: int
+    started: datetime | None  # when the step's weight took effect
+    reached: bool  # the step's pods are all available
+    phase: str = "Progressing"
+    message: str = ""
+
+
+def _progress(changing: list[_Variant], steps: Sequence, revision: str, step: int,
+              started: datetime | None, now: datetime) -> _Progress:
+    """Where the canary is now: a reached step holds, pauses, or (its pause over) gives way to
+    the next one."""
+    if not _reached(changing, steps, step):
+        return _Progress(step, started, reached=False)
+    started = started or now
+    if step > len(steps):
+        return _Progress(step, started, reached=True)
+    current = steps[step - 1]
+    if current.held:
+        return _Progress(step, started, True, "Held", (
+            f"Step {step}/{len(steps)}: {current.weight}% of the changed variants' traffic "
+            f"on revision {revision}, held: give spec.rollout.steps[{step - 1}] a "
+            "pauseSeconds (or remove that step) to go on, or revert the spec to roll back."))
+    pause = current.pause_seconds or 0
+    elapsed = (now - started).total_seconds()
+    if elapsed >= pause:
+        reached = _reached(changing, steps, step + 1)
+        return _Progress(step + 1, now if reached else None, reached)
+    return _Progress(step, started, True, message=(
+        f"Step {step}/{len(steps)}: {current.weight}% on revision {revision}; "
+        f"pausing {int(pause - elapsed)} s more before the next step."))
+
+
+def _waiting_message(changing: list[_Variant], steps: Sequence, step: int, revision: str, weight: int) -> str:
+    waiting = ", ".join(
+        f"{s.spec.name} {min(s.canary.available, s.canary.replicas) if s.canary else 0}/"
+        f"{canary_replicas(s.replicas, _step_weight(steps, step))}" for s in changing)
+    target = "promotion" if step > len(steps) else f"step {step}/{len(steps)}"
+    return (f"Canary of revision {revision}, {target}: waiting for its pods to be "
+            f"available ({waiting}); {weight}% of the changed variants' traffic is on it.")
+
+
+def _canary_layout(s: _Variant, steps: Sequence, step: int, weight: int) -> VariantLayout:
+    """The stable Deployment (only scaled) gives up as many pods as the canary has available
+    for the step, keeping at least one; the canary's Deployment is applied at the step's size."""
+    pods = canary_replicas(s.replicas, _step_weight(steps, step))
+    canary_available = 0
+    if s.canary is not None and s.canary.revision == s.desired:
+        canary_available = min(s.canary.available, pods, s.canary.replicas)
+    return VariantLayout(
+        s.spec.name, s.spec.weight, s.replicas,
+        Track(s.stable_name, s.stable_revision, max(1, s.replicas - canary_available), apply=False),
+        Track(s.canary_name or "", s.desired, pods), canary_weight=weight,
+        keep=tuple(d.name for d in s.others),
+    )
 
 
 def _promoted(strategy: str, states: list[_Variant], revision: str) -> RolloutPlan:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from kubemaas_operator.api import ModelServiceStatus
+from kubemaas_operator.api.status import RolloutStatus
 from kubemaas_operator.builders import build_children, variant_revisions
 from kubemaas_operator.reconcile import decide, rollout_status
 from kubemaas_operator.rollout import (
     ObservedDeployment,
-    RolloutRecord,
     canary_replicas,
     plan_rollout,
 )
@@ -56,16 +57,21 @@ def _layout(plan, variant: str):
     return next(layout for layout in plan.variants if layout.name == variant)
 
 
-def _record(plan) -> RolloutRecord:
+def _record(plan) -> ModelServiceStatus:
     """What the operator reads back from the status it wrote for ``plan``."""
-    status_plan = decide_plan_status(plan)
-    return RolloutRecord.from_status(status_plan)
+    return ModelServiceStatus.model_validate(decide_plan_status(plan))
+
+
+def _at_step(canary_revision: str, step: int) -> ModelServiceStatus:
+    return ModelServiceStatus(rollout=RolloutStatus(strategy="Canary", phase="Progressing",
+                                                    canary_revision=canary_revision, step=step))
 
 
 def decide_plan_status(rollout_plan) -> dict:
     variants = []
     for layout in rollout_plan.variants:
-        entry = {"name": layout.name, "revision": layout.stable.revision, "deployment": layout.stable.deployment}
+        entry = {"name": layout.name, "quantization": "none", "weight": layout.weight,
+                 "revision": layout.stable.revision, "deployment": layout.stable.deployment}
         if layout.canary:
             entry.update(canaryRevision=layout.canary.revision, canaryDeployment=layout.canary.deployment)
         variants.append(entry)
@@ -182,7 +188,7 @@ def test_a_step_without_pause_is_held_until_the_spec_advances_it() -> None:
     rev = _revisions(new)
     canaries = [_dep(f"m-a-{rev['a']}", "a", rev["a"], 2, track="canary"),
                 _dep(f"m-b-{rev['b']}", "b", rev["b"], 1, track="canary")]
-    record = RolloutRecord(canary_revision=plan_rollout(new, IMAGE, observed, None, NOW).canary_revision, step=2)
+    record = _at_step(plan_rollout(new, IMAGE, observed, None, NOW).canary_revision, 2)
     plan = plan_rollout(new, IMAGE, observed + canaries, record, NOW + timedelta(days=3))
     assert (plan.phase, plan.step, plan.canary_weight) == ("Held", 2, 50)
     assert "spec.rollout.steps[1]" in plan.message
@@ -199,11 +205,11 @@ def test_after_the_last_step_the_canary_becomes_stable_without_restarting() -> N
     canaries = [_dep(f"m-a-{rev['a']}", "a", rev["a"], 4, track="canary"),
                 _dep(f"m-b-{rev['b']}", "b", rev["b"], 1, track="canary")]
     canary_revision = plan_rollout(new, IMAGE, observed, None, NOW).canary_revision
-    plan = plan_rollout(new, IMAGE, observed + canaries, RolloutRecord(canary_revision=canary_revision, step=3), NOW)
+    plan = plan_rollout(new, IMAGE, observed + canaries, _at_step(canary_revision, 3), NOW)
     assert plan.phase == "Complete" and not plan.in_canary and plan.stable_revision == canary_revision
     a = _layout(plan, "a")
     assert (a.stable.deployment, a.stable.replicas, a.stable.apply, a.keep) == (f"m-a-{rev['a']}", 4, True, ())
-    full = decide(new, SETTINGS, IMAGE, observed + canaries, RolloutRecord(canary_revision=canary_revision, step=3), NOW)
+    full = decide(new, SETTINGS, IMAGE, observed + canaries, _at_step(canary_revision, 3), NOW)
     assert "m-a" not in full.keep and not full.scales   # the old stable goes
     # next time round, status names the promoted Deployment as the stable one: nothing changes
     again = plan_rollout(new, IMAGE, [_dep(f"m-a-{rev['a']}", "a", rev["a"], 4, track="canary"),
@@ -284,8 +290,11 @@ def test_status_keeps_what_a_restarted_operator_resumes_from() -> None:
                 _dep(f"m-b-{rev['b']}", "b", rev["b"], 1, track="canary")]
     plan = plan_rollout(new, IMAGE, observed + canaries, _record(plan_rollout(new, IMAGE, observed, None, NOW)), NOW)
     record = _record(plan)
-    assert (record.canary_revision, record.step, record.step_started_at) == (plan.canary_revision, 1, NOW)
-    assert record.variants["a"].deployment == "m-a" and record.variants["a"].canary_deployment == f"m-a-{rev['a']}"
+    assert record.rollout is not None
+    assert (record.rollout.canary_revision, record.rollout.step, record.rollout.step_started_at) == \
+        (plan.canary_revision, 1, NOW)
+    a = next(v for v in record.variants if v.name == "a")
+    assert a.deployment == "m-a" and a.canary_deployment == f"m-a-{rev['a']}"
 
 
 def test_switching_to_rolling_update_during_a_canary_ends_it_at_once() -> None:
