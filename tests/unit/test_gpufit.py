@@ -280,7 +280,7 @@ def test_status_shows_the_estimate_and_the_refusal():
     plan = decide(large_model(), SETTINGS, None, gpu_nodes=NODES)
     obs = Observation(name="m", namespace="ns", generation=3, selector=plan.selector, url=plan.url,
                       runtime_image=plan.runtime_image, variants=plan.variants, blocking=plan.fit_problem)
-    status = gpufit.with_fit_status(compute_status(obs), plan.fits)
+    status = gpufit.with_fit_status(compute_status(obs).to_wire(), plan.fits)
     ready = status["conditions"][0]
     assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "GPUMemoryInsufficient")
     assert "the largest NVIDIA-H100-80GB-HBM3 has 79 GiB" in ready["message"]
@@ -296,7 +296,7 @@ def test_status_without_an_estimate_is_unchanged():
     plan = decide(llm(parameters=None), SETTINGS, None, gpu_nodes=NODES)
     obs = Observation(name="m", namespace="ns", generation=1, selector=plan.selector, url=plan.url,
                       runtime_image=plan.runtime_image, variants=plan.variants)
-    status = compute_status(obs)
+    status = compute_status(obs).to_wire()
     assert gpufit.with_fit_status(status, plan.fits) == status
 
 
