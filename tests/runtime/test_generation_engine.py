@@ -276,3 +276,33 @@ def test_waiting_sequences_are_bounded_and_counted():
     waiting, overloaded, results = asyncio.run(main())
     assert overloaded is not None and waiting >= 1
     assert [r[1].finish_reason for r in results] == ["length", "length"]
+
+
+# -- loading ---------------------------------------------------------------------------------
+def test_gguf_path_is_a_file_or_a_directory_holding_exactly_one(tmp_path):
+    from kubemaas_runtime.errors import ModelLoadFailed
+    from kubemaas_runtime.generation.causal_lm import find_gguf_file
+
+    with pytest.raises(ModelLoadFailed, match="exactly one .gguf file, found 0"):
+        find_gguf_file(tmp_path)
+    (tmp_path / "a.gguf").write_bytes(b"GGUF")
+    assert find_gguf_file(tmp_path) == tmp_path / "a.gguf"
+    assert find_gguf_file(tmp_path / "a.gguf") == tmp_path / "a.gguf"
+    (tmp_path / "b.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadFailed, match="found 2"):
+        find_gguf_file(tmp_path)
+    (tmp_path / "model.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadFailed, match="not a .gguf file"):
+        find_gguf_file(tmp_path / "model.bin")
+
+
+def test_a_causal_lm_directory_without_safetensors_is_refused(tmp_path):
+    from kubemaas_runtime.errors import ModelLoadFailed
+    from kubemaas_runtime.generation.causal_lm import load_causal_lm
+
+    with pytest.raises(ModelLoadFailed, match="no config.json"):
+        load_causal_lm(tmp_path, "transformers", torch.device("cpu"))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelLoadFailed, match="never loaded"):
+        load_causal_lm(tmp_path, "transformers", torch.device("cpu"))
