@@ -54,35 +54,45 @@ def pct(samples: list[float], q: float) -> float:
 
 
 # -- the physical reference ----------------------------------------------------------------
-def reference(gguf: Path, dtype: torch.dtype, max_tokens: int) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class Reference:
+    """The physical reference, in this process: transformers' offline `generate` over a static
+    batch of the same prompts, and one raw prefill. Measured right before each server level,
+    so both see the same machine (this one is shared and noisy)."""
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
-    model = model.to(dtype)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in PROMPTS]
-    out = {}
-    with torch.inference_mode():
-        one = tokenizer(texts[:1], return_tensors="pt", add_special_tokens=False)
-        for _ in range(2):
-            model(**one)
-        prefills = []
-        for _ in range(7):
+    def __init__(self, gguf: Path, dtype: torch.dtype, max_tokens: int) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        self.tokenizer.padding_side = "left"
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        self.model = model.eval().to(dtype)
+        self.max_tokens = max_tokens
+        self.texts = [self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in PROMPTS]
+
+    def prefill_s(self) -> float:
+        one = self.tokenizer(self.texts[:1], return_tensors="pt", add_special_tokens=False)
+        times = []
+        with torch.inference_mode():
+            for i in range(9):
+                started = time.perf_counter()
+                self.model(**one, logits_to_keep=1)
+                if i >= 2:
+                    times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    def static_tps(self, c: int) -> float:
+        batch = self.tokenizer(self.texts[:c], return_tensors="pt", padding=True,
+                               add_special_tokens=False)
+        n = self.max_tokens
+        with torch.inference_mode():
+            self.model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                                pad_token_id=self.tokenizer.pad_token_id)
             started = time.perf_counter()
-            model(**one, logits_to_keep=1)
-            prefills.append(time.perf_counter() - started)
-        out["prefill_s"] = statistics.median(prefills)
-        for c in CONCURRENCY:
-            batch = tokenizer(texts[:c], return_tensors="pt", padding=True,
-                              add_special_tokens=False)
-            model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False)
-            started = time.perf_counter()
-            model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                           do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            out[c] = c * max_tokens / (time.perf_counter() - started)
-    return out
+            self.model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                pad_token_id=self.tokenizer.pad_token_id)
+        return c * n / (time.perf_counter() - started)
 
 
 # -- servers ---------------------------------------------------------------------------------
@@ -168,7 +178,7 @@ async def load(url: str, model: str, concurrency: int, max_tokens: int) -> dict:
     return {"tps": tokens / wall, "ttft50": pct(ttfts, 50), "ttft99": pct(ttfts, 99)}
 
 
-def measure(name: str, start, max_tokens: int, rows: list) -> None:
+def measure(name: str, start, max_tokens: int, rows: list, ref: Reference) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as log:
         try:
             process, url, model = start(log)
@@ -177,10 +187,13 @@ def measure(name: str, start, max_tokens: int, rows: list) -> None:
             return
         try:
             for c in CONCURRENCY:
+                reference = {"static": ref.static_tps(c), "prefill": ref.prefill_s()}
                 result = asyncio.run(load(url, model, c, max_tokens))
-                rows.append((name, c, result))
-                print(f"{name} c={c}: {result['tps']:.1f} tok/s, TTFT p50 "
-                      f"{result['ttft50']:.0f} ms p99 {result['ttft99']:.0f} ms", flush=True)
+                rows.append((name, c, result, reference))
+                print(f"{name} c={c}: {result['tps']:.1f} tok/s (static generate "
+                      f"{reference['static']:.1f}), TTFT p50 {result['ttft50']:.0f} ms p99 "
+                      f"{result['ttft99']:.0f} ms (raw prefill "
+                      f"{reference['prefill'] * 1e3:.0f} ms)", flush=True)
         except Exception as exc:  # noqa: BLE001
             print(f"{name}: failed ({type(exc).__name__}: {exc}); log {log.name}", flush=True)
         finally:
@@ -214,22 +227,21 @@ def main() -> None:
     refs = {}
     for variant in args.variants.split(","):
         dtype = torch.bfloat16 if variant == "bf16" else torch.float32
-        refs[variant] = reference(gguf, dtype, args.max_tokens)
-        print(f"reference {variant}: prefill {refs[variant]['prefill_s'] * 1e3:.0f} ms, "
-              + ", ".join(f"static batch {c}: {refs[variant][c]:.1f} tok/s"
-                          for c in CONCURRENCY), flush=True)
-        measure(f"kubemaas {variant}",
-                lambda log, v=variant: start_runtime(gguf, v, log), args.max_tokens, rows)
+        refs[variant] = Reference(gguf, dtype, args.max_tokens)
+        measure(f"kubemaas {variant}", lambda log, v=variant: start_runtime(gguf, v, log),
+                args.max_tokens, rows, refs[variant])
     if not args.no_peers:
         measure("transformers serve --continuous-batching",
-                lambda log: start_transformers_serve(gguf, log), args.max_tokens, rows)
-    print("\n| server | streams | tok/s | × static generate | TTFT p50 ms | TTFT p99 ms | "
-          "TTFT p50 / raw prefill |\n| --- | --- | --- | --- | --- | --- | --- |")
-    for name, c, result in rows:
-        ref = refs.get("bf16" if "bf16" in name else "none")
-        print(f"| {name} | {c} | {result['tps']:.1f} | {result['tps'] / ref[c]:.2f} | "
-              f"{result['ttft50']:.0f} | {result['ttft99']:.0f} | "
-              f"{result['ttft50'] / (ref['prefill_s'] * 1e3):.2f} |")
+                lambda log: start_transformers_serve(gguf, log), args.max_tokens, rows,
+                refs.get("none") or Reference(gguf, torch.float32, args.max_tokens))
+    print("\n| server | streams | tok/s | static generate tok/s | ratio | TTFT p50 ms | "
+          "TTFT p99 ms | raw prefill ms | TTFT p50 / prefill |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, c, result, ref in rows:
+        print(f"| {name} | {c} | {result['tps']:.1f} | {ref['static']:.1f} | "
+              f"{result['tps'] / ref['static']:.2f} | {result['ttft50']:.0f} | "
+              f"{result['ttft99']:.0f} | {ref['prefill'] * 1e3:.0f} | "
+              f"{result['ttft50'] / (ref['prefill'] * 1e3):.2f} |")
     print(f"\nmax_tokens {args.max_tokens} (ignore_eos), greedy; static generate = one "
           f"`generate()` over the same prompts, left-padded")
 
