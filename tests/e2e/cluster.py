@@ -98,6 +98,11 @@ def start_local_cluster(repo: Path) -> Cluster:
     """`hack/cluster up`; if it was already up (a developer's cluster), leave it running."""
     status = subprocess.run([str(HACK_CLUSTER), "status"], capture_output=True, text=True, check=False)
     already_up = status.returncode == 0
-    out = subprocess.run([str(HACK_CLUSTER), "up"], check=True, stdout=subprocess.PIPE, text=True)
+    try:
+        out = subprocess.run([str(HACK_CLUSTER), "up"], check=True, stdout=subprocess.PIPE, text=True)
+    except subprocess.CalledProcessError:
+        if not already_up:  # e.g. the real node could not start: stop what did start
+            subprocess.run([str(HACK_CLUSTER), "down"], check=False)
+        raise
     kubeconfig = out.stdout.strip().splitlines()[-1]
     return Cluster(kubeconfig=kubeconfig, started_here=not already_up)
