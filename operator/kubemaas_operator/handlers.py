@@ -23,6 +23,7 @@ from kubemaas_operator import gpufit, metrics, policy
 from kubemaas_operator.api import ModelService, describe_errors
 from kubemaas_operator.api.constants import GROUP, PLURAL, VERSION
 from kubemaas_operator.kube import KubeClient, load_api_client
+from kubemaas_operator.observe import Problem
 from kubemaas_operator.reconcile import MODELSERVICE_LABEL, Key, Reconciler
 from kubemaas_operator.refresh import Indexes, StatusRefresher
 from kubemaas_operator.settings import OperatorSettings
@@ -68,7 +69,14 @@ def stop_pool(memo: kopf.Memo, **_) -> None:
 
 @kopf.index(GROUP, VERSION, PLURAL)
 async def modelservice_index(namespace, name, body, **_):
-    return {(namespace, name): body}
+    """The ModelService as the reconcile parses it: without managedFields and kopf's own
+    annotations (its last-handled configuration is a second copy of the spec)."""
+    meta = body["metadata"]
+    kept = {k: meta[k] for k in ("name", "namespace", "uid", "generation", "labels") if k in meta}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if not k.startswith(KOPF_PREFIX)}
+    return {(namespace, name): {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                                "metadata": {**kept, "annotations": annotations},
+                                "spec": body.get("spec"), "status": body.get("status")}}
 
 
 @kopf.index("apps", "v1", "deployments", labels=CHILD)
@@ -117,7 +125,7 @@ NODES, GPU_NODES = "nodes", "gpus"
 
 
 @kopf.index("", "v1", "nodes")
-async def node_index(name, labels, memo, **_):
+async def node_index(name, labels, memo, **_) -> dict:
     settings: OperatorSettings = memo.settings
     gpu = gpufit.GpuNode.from_labels(name, labels, settings.gpu_memory_label, settings.gpu_product_label)
     return {NODES: name, **({GPU_NODES: gpu} if gpu else {})}
@@ -143,8 +151,7 @@ async def _reconcile(memo: kopf.Memo, body, indexes: Indexes, *, prune: bool = T
     (the create/update handler): an invalid spec gets its InvalidSpec status and Event, a
     blocked one a retry; the timer and drift repair leave both to that handler."""
     reconciler: Reconciler = memo.reconciler
-    started = time.perf_counter()
-    result = "error"
+    result, seconds = "error", 0.0
     try:
         try:
             ms = ModelService.from_body(body)
@@ -166,11 +173,16 @@ async def _reconcile(memo: kopf.Memo, body, indexes: Indexes, *, prune: bool = T
             await asyncio.get_running_loop().run_in_executor(
                 memo.pool, _write_refusal, reconciler, body, refused.reason, refused.message)
             raise kopf.PermanentError(f"{refused.reason}: {refused.message}")
-        _, problem = await asyncio.get_running_loop().run_in_executor(
-            memo.pool, lambda: reconciler.reconcile(
+
+        def run() -> tuple[Problem | None, float]:  # in the pool: timed there, not while queued
+            started = time.perf_counter()
+            _, problem = reconciler.reconcile(
                 ms, pinned_image=status.get("runtimeImage"), prune=prune, status=status,
                 observed=indexes.observed(key), only_changes=only_changes,
-                owners=indexes.owners(key[0], ms.metadata.uid or ""), gpu_nodes=indexes.gpus))
+                owners=indexes.owners(key[0], ms.metadata.uid or ""), gpu_nodes=indexes.gpus)
+            return problem, time.perf_counter() - started
+
+        problem, seconds = await asyncio.get_running_loop().run_in_executor(memo.pool, run)
         # a spec change shows at once (its new generation, Ready=False while it rolls); a canary
         # tick or a drift repair waits the window, so the pods it moved show settled
         memo.refresher.touch(key, indexes, now=report)
@@ -180,7 +192,7 @@ async def _reconcile(memo: kopf.Memo, body, indexes: Indexes, *, prune: bool = T
             raise kopf.TemporaryError(f"{problem.reason}: {problem.message}", delay=BLOCKED_RETRY_SECONDS)
     finally:
         if report:
-            metrics.record_reconcile(result, time.perf_counter() - started)
+            metrics.record_reconcile(result, seconds)
             metrics.MANAGED.set(len(reconciler.applied))
 
 

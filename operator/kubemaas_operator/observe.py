@@ -22,7 +22,6 @@ from kubemaas_operator.api import (
     VariantStatus,
     format_variant_summary,
 )
-from kubemaas_operator.api.constants import Quantization
 from kubemaas_operator.api.status import RolloutStatus
 from kubemaas_operator.builders.layout import VariantLayout
 from kubemaas_operator.builders.naming import VARIANT_LABEL
@@ -31,35 +30,6 @@ from kubemaas_operator.redact import safe_termination_line
 
 _CAMEL_REASON = re.compile(r"^([A-Z][A-Za-z0-9]+):\s*(.*)$", re.DOTALL)
 _PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
-
-
-@dataclass(frozen=True)
-class VariantPlan:
-    """A variant as the reconcile laid it out: its stable Deployment and, during a canary, the
-    new revision's."""
-
-    quantization: Quantization
-    layout: VariantLayout
-
-    name = property(lambda self: self.layout.name)
-    weight = property(lambda self: self.layout.weight)
-    replicas = property(lambda self: self.layout.replicas)  # its share of spec.replicas
-    deployment = property(lambda self: self.layout.stable.deployment)
-    revision = property(lambda self: self.layout.stable.revision)
-    stable_target = property(lambda self: self.layout.stable.replicas)  # the stable Deployment's pods now
-    canary_weight = property(lambda self: self.layout.canary_weight)
-
-    @property
-    def canary_deployment(self) -> str | None:
-        return self.layout.canary.deployment if self.layout.canary else None
-
-    @property
-    def canary_revision(self) -> str | None:
-        return self.layout.canary.revision if self.layout.canary else None
-
-    @property
-    def canary_replicas(self) -> int:
-        return self.layout.canary.replicas if self.layout.canary else 0
 
 
 @dataclass(frozen=True)
@@ -78,7 +48,7 @@ class Observation:
     selector: str
     url: str
     runtime_image: str
-    variants: tuple[VariantPlan, ...]
+    variants: tuple[VariantLayout, ...]
     deployments: dict[str, dict] = field(default_factory=dict)  # by Deployment name
     pods: tuple[dict, ...] = ()
     blocking: Problem | None = None  # NameConflict, KedaNotInstalled, ...
@@ -146,7 +116,7 @@ def _deployment_counts(dep: dict | None, applied_generation: int = 0) -> tuple[i
     return st.get("replicas", 0), st.get("readyReplicas", 0), deployment_rolled_out(dep, applied_generation)
 
 
-def _surge_problem(pod: dict, problem: Problem, plans: dict[str, VariantPlan],
+def _surge_problem(pod: dict, problem: Problem, plans: dict[str, VariantLayout],
                   deployments: dict[str, dict]) -> Problem:
     """An unschedulable pod of the new revision while the variant's earlier pods keep their
     capacity is a surge that cannot be placed, not an outage: say so, and what to do."""
@@ -175,7 +145,7 @@ def _surge_problem(pod: dict, problem: Problem, plans: dict[str, VariantPlan],
     return problem
 
 
-def _traffic(plans: tuple[VariantPlan, ...], ready: dict[str, int], canary_ready: dict[str, int],
+def _traffic(plans: tuple[VariantLayout, ...], ready: dict[str, int], canary_ready: dict[str, int],
              gateway: bool) -> dict[str, tuple[float, float | None]]:
     """(share of all traffic, of which the canary's) per variant."""
     total_ready = sum(ready.values())

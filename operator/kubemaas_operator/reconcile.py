@@ -29,6 +29,7 @@ from kubemaas_operator.builders import (
     selector_string,
     service_url,
 )
+from kubemaas_operator.builders.layout import VariantLayout
 from kubemaas_operator.kube import (
     OWNED_KINDS,
     Conflict,
@@ -36,7 +37,7 @@ from kubemaas_operator.kube import (
     KubeClient,
     NamespaceTerminating,
 )
-from kubemaas_operator.observe import Observation, Problem, VariantPlan, compute_status
+from kubemaas_operator.observe import Observation, Problem, compute_status
 from kubemaas_operator.rollout import ObservedDeployment, RolloutPlan, plan_rollout
 from kubemaas_operator.settings import OperatorSettings
 
@@ -66,7 +67,7 @@ class Plan:
     generation: int
     runtime_image: str
     children: tuple[dict, ...]
-    variants: tuple[VariantPlan, ...]
+    variants: tuple[VariantLayout, ...]
     selector: str
     url: str
     rollout: RolloutPlan
@@ -85,7 +86,6 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: str | Non
     ``gpu_nodes`` (the cluster's GPUs; None: unknown) which variants no GPU can hold."""
     image = choose_runtime_image(ms, pinned_image, settings.runtime_image)
     rollout = plan_rollout(ms, image, observed, record, now or datetime.now(UTC))
-    quantization = {v.name: v.quantization for v in ms.spec.variants}
     fits = gpufit.plan_fit(ms, gpu_nodes, settings.gpu_memory_label)
     # A variant no GPU holds gets no Deployment written (none created: no Pending pod); one that
     # already runs an earlier revision is left as it is, serving, not pruned.
@@ -97,7 +97,7 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: str | Non
         fits=fits, fit_problem=Problem(gpufit.FIT_REASON, " ".join(refusals)) if refusals else None,
         key=(ms.namespace, ms.name), uid=ms.metadata.uid or "", generation=ms.metadata.generation or 0,
         runtime_image=image, children=children,
-        variants=tuple(VariantPlan(quantization[lay.name], lay) for lay in rollout.variants),
+        variants=rollout.variants,
         selector=selector_string(ms.name), url=service_url(ms, settings), rollout=rollout,
         scales=tuple((lay.stable.deployment, lay.stable.replicas) for lay in rollout.variants
                      if not lay.stable.apply and lay.stable.deployment not in withheld),

@@ -166,7 +166,7 @@ def _steady_layout(v: _Variant, canary_strategy: bool) -> VariantLayout:
     stable = Track(v.stable_name, v.desired, v.replicas)
     at_strength = not canary_strategy or _at_strength(v.stable, v.replicas, v.desired)
     keep = () if at_strength else tuple(d.name for d in v.others)
-    return VariantLayout(v.spec.name, v.spec.weight, v.replicas, stable, keep=keep)
+    return VariantLayout(v.spec.name, v.spec.weight, v.replicas, stable, keep=keep, quantization=v.spec.quantization)
 
 
 def _step_weight(steps: Sequence, step: int) -> int:
@@ -300,7 +300,7 @@ def _canary_layout(s: _Variant, steps: Sequence, step: int, weight: int) -> Vari
         s.spec.name, s.spec.weight, s.replicas,
         Track(s.stable_name, s.stable_revision, max(1, s.replicas - canary_available), apply=False),
         Track(s.canary_name or "", s.desired, pods), canary_weight=weight,
-        keep=tuple(d.name for d in s.others),
+        keep=tuple(d.name for d in s.others), quantization=s.spec.quantization,
     )
 
 
@@ -313,6 +313,7 @@ def _promoted(strategy: str, states: list[_Variant], revision: str) -> RolloutPl
             layouts.append(_steady_layout(s, True))
             continue
         layouts.append(VariantLayout(s.spec.name, s.spec.weight, s.replicas,
-                                     Track(s.canary_name or "", s.desired, s.replicas)))
+                                     Track(s.canary_name or "", s.desired, s.replicas),
+                                     quantization=s.spec.quantization))
     return RolloutPlan(strategy, tuple(layouts), "Complete", revision,
                        message=f"Revision {revision} was promoted after its last canary step.")

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 from kubemaas_operator.builders.layout import Track, VariantLayout
-from kubemaas_operator.observe import Observation, Problem, VariantPlan, compute_status
+from kubemaas_operator.observe import Observation, Problem, compute_status
 from lupa import LuaRuntime
 
 from tests.unit.chart import CHART, REPO
@@ -99,7 +99,7 @@ def test_health_of_sample_modelservices(case):
     assert expected_message in message
 
 
-PLAN = (VariantPlan("none", VariantLayout("default", 100, 2, Track("m-default", "abc123", 2))),)
+PLAN = (VariantLayout("default", 100, 2, Track("m-default", "abc123", 2), quantization="none"),)
 
 
 def deployment(ready: int, replicas: int = 2) -> dict:

@@ -9,7 +9,7 @@ import pytest
 from kubemaas_operator.api import ModelServiceStatus
 from kubemaas_operator.api.status import RolloutStatus
 from kubemaas_operator.builders.layout import Track, VariantLayout
-from kubemaas_operator.observe import Observation, Problem, VariantPlan, compute_status, pod_problem
+from kubemaas_operator.observe import Observation, Problem, compute_status, pod_problem
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -22,9 +22,9 @@ def _dep(name: str, replicas: int, ready: int, generation: int = 1, observed: in
 
 
 def _plan(name: str, quantization: str, weight: int, replicas: int, deployment: str, revision: str = "",
-          stable_replicas: int | None = None, canary: Track | None = None, canary_weight: int = 0) -> VariantPlan:
+          stable_replicas: int | None = None, canary: Track | None = None, canary_weight: int = 0) -> VariantLayout:
     stable = Track(deployment, revision, replicas if stable_replicas is None else stable_replicas)
-    return VariantPlan(quantization, VariantLayout(name, weight, replicas, stable, canary, canary_weight))
+    return VariantLayout(name, weight, replicas, stable, canary, canary_weight, quantization=quantization)
 
 
 def _obs(deployments: dict, pods: tuple = (), blocking: Problem | None = None) -> Observation:
@@ -154,7 +154,7 @@ def _rolling(dep: dict, updated: int) -> dict:
     return {**dep, "status": {**dep["status"], "updatedReplicas": updated, "replicas": dep["spec"]["replicas"] + 1}}
 
 
-def _plans(canary: bool = False) -> tuple[VariantPlan, ...]:
+def _plans(canary: bool = False) -> tuple[VariantLayout, ...]:
     if canary:
         return (_plan("a", "bf16", 80, 4, "m-a", revision="old111", stable_replicas=4,
                       canary=Track("m-a-new222", "new222", 1), canary_weight=0),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kubemaas_operator.api import ModelService
+from kubemaas_operator.api.constants import Quantization
 from kubemaas_operator.builders.naming import variant_child_name
 from kubemaas_operator.builders.replicas import replicas_by_variant
 from kubemaas_operator.builders.revision import variant_revisions
@@ -25,6 +26,9 @@ class Track:
 
 @dataclass(frozen=True)
 class VariantLayout:
+    """A variant as the reconcile lays it out (the one type for it, from the rollout plan to
+    status): its stable Deployment and, during a canary, the new revision's."""
+
     name: str
     weight: int
     replicas: int  # the variant's share of spec.replicas
@@ -32,6 +36,32 @@ class VariantLayout:
     canary: Track | None = None
     canary_weight: int = 0  # percent of this variant's traffic routed to the canary
     keep: tuple[str, ...] = ()  # Deployments of earlier revisions kept until the variant is at strength
+    quantization: Quantization = "none"
+
+    @property
+    def deployment(self) -> str:
+        return self.stable.deployment
+
+    @property
+    def revision(self) -> str:
+        return self.stable.revision
+
+    @property
+    def stable_target(self) -> int:
+        """The stable Deployment's pods now (fewer than `replicas` while a canary has some)."""
+        return self.stable.replicas
+
+    @property
+    def canary_deployment(self) -> str | None:
+        return self.canary.deployment if self.canary else None
+
+    @property
+    def canary_revision(self) -> str | None:
+        return self.canary.revision if self.canary else None
+
+    @property
+    def canary_replicas(self) -> int:
+        return self.canary.replicas if self.canary else 0
 
 
 def steady_layouts(ms: ModelService, runtime_image: str) -> tuple[VariantLayout, ...]:
@@ -40,7 +70,8 @@ def steady_layouts(ms: ModelService, runtime_image: str) -> tuple[VariantLayout,
     revisions = variant_revisions(ms, runtime_image)
     return tuple(
         VariantLayout(v.name, v.weight, split[v.name],
-                      Track(variant_child_name(ms.name, v.name), revisions[v.name], split[v.name]))
+                      Track(variant_child_name(ms.name, v.name), revisions[v.name], split[v.name]),
+                      quantization=v.quantization)
         for v in ms.spec.variants
     )
 
