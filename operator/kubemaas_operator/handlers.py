@@ -14,13 +14,14 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 from pydantic import ValidationError
 
 from kubemaas_operator import gpufit, metrics, policy
-from kubemaas_operator.api import ModelService, describe_errors
+from kubemaas_operator.api import Condition, ModelService, ModelServiceStatus, describe_errors
 from kubemaas_operator.api.constants import GROUP, PLURAL, VERSION
 from kubemaas_operator.kube import KubeClient, load_api_client
 from kubemaas_operator.observe import Problem
@@ -202,11 +203,11 @@ def _refuse(reconciler: Reconciler, body, exc: ValidationError) -> None:
 
 
 def _write_refusal(reconciler: Reconciler, body, reason: str, message: str) -> None:
-    condition = {"type": "Ready", "status": "False", "reason": reason, "message": message,
-                 "observedGeneration": body["metadata"].get("generation", 0),
-                 "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    ready = Condition(type="Ready", status="False", reason=reason, message=message,
+                      observed_generation=body["metadata"].get("generation", 0),
+                      last_transition_time=datetime.now(UTC).replace(microsecond=0))
     reconciler.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"],
-                                 {"conditions": [condition]})
+                                 ModelServiceStatus(conditions=[ready]).to_wire())
     kopf.warn(dict(body), reason=reason, message=message)
 
 
