@@ -64,7 +64,8 @@ class Reference:
 
         self.tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         self.tokenizer.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
         self.model = model.eval().to(dtype)
         self.max_tokens = max_tokens
         self.texts = [self.tokenizer.apply_chat_template(
@@ -125,24 +126,42 @@ def start_runtime(gguf: Path, quantization: str, log) -> tuple[subprocess.Popen,
 
 
 def start_transformers_serve(gguf: Path, log) -> tuple[subprocess.Popen, str, str]:
+    """`transformers serve` cannot take this GGUF file itself (its config names no
+    architecture), so it serves the same weights dequantized into a transformers directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(tempfile.mkdtemp(prefix="smollm2-"))
+    source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    config = source.config  # a GGUF-loaded model refuses save_pretrained: copy its weights
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(source.state_dict(), strict=False)
+    plain.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(directory)
     port = free_port()
-    model = f"{gguf.parent}:{gguf.name}"
     exe = Path(sys.executable).with_name("transformers")
     process = subprocess.Popen(
-        [str(exe), "serve", model, "--continuous-batching", "--device", "cpu",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        [str(exe), "serve", str(directory), "--continuous-batching", "--device", "cpu",
+         "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning"],
         env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", process)
-    return process, url, model
+    return process, url, str(directory)
 
 
 async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int
                      ) -> tuple[float, int]:
-    """(time to first token, tokens generated) of one streamed chat request."""
+    """(time to first token, tokens generated) of one streamed chat request. `ignore_eos`
+    (vLLM's extension) only where the server takes it: `transformers serve` refuses unknown
+    fields (422), so there it is left out and the tokens it really made are counted."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    if model == "smollm2":
+        body["ignore_eos"] = True
     started = time.perf_counter()
     ttft, tokens, chunks = None, None, 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -210,7 +229,8 @@ def versions() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return (f"{datetime.date.today()} · {cpu} · {os.cpu_count()} CPUs (torch threads "
+    return (f"{datetime.date.today()} · {cpu} · {len(os.sched_getaffinity(0))} of "
+            f"{os.cpu_count()} CPUs (torch threads "
             f"{torch.get_num_threads()}) · python {platform.python_version()} · torch "
             f"{torch.__version__} · transformers {transformers.__version__}")
 
@@ -220,12 +240,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--variants", default="none,bf16")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--no-runtime", action="store_true", help="measure the peers only")
     args = parser.parse_args()
     gguf = gguf_path()
+    # as many threads as the CPUs this process may use (`taskset -c 0 bench/llm/run` for one),
+    # the rule the runtime applies to itself (device.available_cpus)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     print(versions(), flush=True)
     rows: list = []
     refs = {}
-    for variant in args.variants.split(","):
+    for variant in [] if args.no_runtime else args.variants.split(","):
         dtype = torch.bfloat16 if variant == "bf16" else torch.float32
         refs[variant] = Reference(gguf, dtype, args.max_tokens)
         measure(f"kubemaas {variant}", lambda log, v=variant: start_runtime(gguf, v, log),
