@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import datetime
 import importlib.util
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -131,6 +133,7 @@ def start_transformers_serve(gguf: Path, log) -> tuple[subprocess.Popen, str, st
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(tempfile.mkdtemp(prefix="smollm2-"))
+    atexit.register(shutil.rmtree, directory, True)  # 0.5 GB of fp32 weights
     source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                   dtype=torch.float32)
     config = source.config  # a GGUF-loaded model refuses save_pretrained: copy its weights
