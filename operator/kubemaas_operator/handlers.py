@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from kubemaas_operator import gpufit, metrics, policy
 from kubemaas_operator.api import Condition, ModelService, ModelServiceStatus, describe_errors
 from kubemaas_operator.api.constants import GROUP, PLURAL, VERSION
+from kubemaas_operator.events import post_event
 from kubemaas_operator.kube import KubeClient, load_api_client
 from kubemaas_operator.observe import Problem
 from kubemaas_operator.reconcile import MODELSERVICE_LABEL, Key, Reconciler
@@ -208,7 +209,7 @@ def _write_refusal(reconciler: Reconciler, body, reason: str, message: str) -> N
                       last_transition_time=datetime.now(UTC).replace(microsecond=0))
     reconciler.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"],
                                  ModelServiceStatus(conditions=[ready]).to_wire())
-    kopf.warn(dict(body), reason=reason, message=message)
+    post_event(reconciler.kube, body, "Warning", reason, message)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)

@@ -45,6 +45,9 @@ KINDS: dict[str, Kind] = {
     )
 }
 
+# Events are only ever created (the chart grants nothing else on them), so they stay out of KINDS.
+EVENT = Kind("v1", "Event", "events")
+
 # Kinds a ModelService may own; stale ones among them are deleted after each apply.
 OWNED_KINDS = ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
                "ScaledObject", "HTTPRoute", "NetworkPolicy")
@@ -189,3 +192,7 @@ class KubeClient:
             query=[("fieldManager", self._field_manager), ("force", "true")],
             content_type="application/apply-patch+yaml",
         )
+
+    def create_event(self, event: dict) -> None:
+        # a dict: the client JSON-encodes application/json bodies itself
+        self._call("POST", EVENT, EVENT.path(event["metadata"]["namespace"]), body=event)

@@ -3,7 +3,7 @@
 A child's event only marks its ModelService; after a short window the refresh computes the
 status once from kopf's indexes (whatever happened in the window: a Deployment's status, its
 pods starting) and writes it when it differs from the status last written, posting an Event when
-the Ready condition moved. Events that arrive while a refresh runs fold into one more.
+the Ready condition moved (from the pool, with our client: events.py says why not kopf's poster). Events that arrive while a refresh runs fold into one more.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-import kopf
-
+from kubemaas_operator.events import post_event
+from kubemaas_operator.kube import KubeClient
 from kubemaas_operator.reconcile import Key, Owners, Reconciler
 from kubemaas_operator.rollout import ObservedDeployment
 
@@ -59,7 +59,8 @@ class StatusRefresher:
     def __init__(self, reconciler: Reconciler, pool: Executor, window: float = WINDOW_SECONDS,
                  post: Callable[[Any, list[dict], list[dict]], None] | None = None) -> None:
         self._reconciler = reconciler
-        self._post = post or post_transition
+        self._post = post or (lambda parent, before, after:
+                              post_transition(reconciler.kube, parent, before, after))
         self._pool = pool
         self._window = window
         self._running: dict[Key, asyncio.Task] = {}
@@ -122,7 +123,7 @@ class StatusRefresher:
                     moved = None
                 if moved is not None:
                     failures = 0
-                    self._post(parent, *moved)
+                    await loop.run_in_executor(self._pool, self._post, parent, *moved)
                 if key not in self._again:
                     return
         finally:
@@ -143,7 +144,7 @@ class StatusRefresher:
         return (previous or {}).get("conditions") or [], status["conditions"]
 
 
-def post_transition(parent: Any, before: list[dict], after: list[dict]) -> None:
+def post_transition(kube: KubeClient, parent: Any, before: list[dict], after: list[dict]) -> None:
     """An Event when the Ready condition's status or reason changed."""
     old = {c["type"]: c for c in before}
     ready = next(c for c in after if c["type"] == "Ready")
@@ -151,4 +152,4 @@ def post_transition(parent: Any, before: list[dict], after: list[dict]) -> None:
     if prev and (prev["status"], prev.get("reason")) == (ready["status"], ready["reason"]):
         return
     kind = "Normal" if ready["status"] == "True" or ready["reason"] == "WaitingForReplicas" else "Warning"
-    kopf.event(dict(parent), type=kind, reason=ready["reason"], message=ready["message"])
+    post_event(kube, parent, kind, ready["reason"], ready["message"])

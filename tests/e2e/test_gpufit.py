@@ -81,8 +81,11 @@ def test_placed_on_gpus_that_hold_them_and_refused_where_none_does(cluster: Clus
     # no pod that could never run: no Deployment at all, so nothing Pending
     assert deployments(cluster, namespace, "f70") == {}
     assert pods_of(cluster, namespace, "f70") == []
-    events = cluster.get_json("events", "-n", namespace, "--field-selector", "involvedObject.name=f70")["items"]
-    assert any(e["reason"] == "GPUMemoryInsufficient" and e["type"] == "Warning" for e in events)
+    cluster.wait_until(
+        lambda: any(e["reason"] == "GPUMemoryInsufficient" and e["type"] == "Warning"
+                    for e in cluster.get_json("events", "-n", namespace, "--field-selector",
+                                              "involvedObject.name=f70")["items"]),
+        timeout=20, what="a Warning Event GPUMemoryInsufficient")
 
     # kubectl get -o wide: the estimate per variant, the generative URL
     table = cluster.kubectl("get", "msvc", "-n", namespace, "-o", "wide").stdout.splitlines()

@@ -89,9 +89,12 @@ def test_too_many_gpus_is_reported_with_the_schedulers_reason_then_fixed(
     apply(cluster, namespace, modelservice("huge", gpus=16, product=H100))
     cond = wait_reason(cluster, namespace, "huge", "Unschedulable")
     assert "Insufficient nvidia.com/gpu" in cond["message"]
-    events = cluster.get_json("events", "-n", namespace,
-                              "--field-selector", "involvedObject.kind=ModelService")["items"]
-    assert any(e["reason"] == "Unschedulable" and e["type"] == "Warning" for e in events)
+    # the Event follows the status it reports (posted by the same refresh, just after)
+    cluster.wait_until(
+        lambda: any(e["reason"] == "Unschedulable" and e["type"] == "Warning"
+                    for e in cluster.get_json("events", "-n", namespace, "--field-selector",
+                                              "involvedObject.kind=ModelService")["items"]),
+        timeout=20, what="a Warning Event Unschedulable")
 
     apply(cluster, namespace, modelservice("huge", gpus=2, product=H100))
     wait_ready(cluster, namespace, "huge")
