@@ -74,14 +74,7 @@ class Cluster:
 
     def wait_until(self, predicate, timeout: float = 60, interval: float = 0.5, what: str = "condition"):
         """Poll ``predicate`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            last = predicate()
-            if last:
-                return last
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+        return wait_for(predicate, timeout, what, interval=interval)
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.started_here:
@@ -106,3 +99,16 @@ def start_local_cluster(repo: Path) -> Cluster:
         raise
     kubeconfig = out.stdout.strip().splitlines()[-1]
     return Cluster(kubeconfig=kubeconfig, started_here=not already_up)
+
+
+def wait_for(predicate, timeout: float, what: str, report=lambda: "", interval: float = 1.0):
+    """Poll until ``predicate()`` is truthy; on timeout fail naming ``what``, with ``report()``'s
+    diagnostics."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}\n{report()}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,9 +33,12 @@ IMAGE_TIMEOUT = 900  # a cold base image: mmdebstrap downloads Debian's python3
 
 
 def _fail_or_skip(message: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    """Skip only where the developer left the real node out on purpose (KUBEMAAS_REAL_NODE=0,
+    e.g. a second cluster on a machine whose real node another checkout holds), never in CI;
+    a node that should have come up and did not is a failure."""
+    if os.environ.get("KUBEMAAS_REAL_NODE") == "0" and os.environ.get("CI") != "true":
+        pytest.skip(f"KUBEMAAS_REAL_NODE=0 leaves the real node out: {message}")
+    pytest.fail(message)
 
 
 @pytest.fixture(scope="session")
@@ -143,13 +145,3 @@ def operator_release(cluster: Cluster, crd: str, images: Images, real_node: str)
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
-def wait_for(predicate, timeout: float, what: str, report=lambda: "", interval: float = 1.0):
-    """Poll until ``predicate()`` is truthy; on timeout fail with ``report()``'s diagnostics."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}\n{report()}")

@@ -31,7 +31,7 @@ import openai
 import pytest
 import tritonclient.http as triton
 
-from tests.e2e.cluster import HACK_CLUSTER, Cluster
+from tests.e2e.cluster import HACK_CLUSTER, Cluster, wait_for
 from tests.e2e.msvc import condition, get
 from tests.e2e.realpods.conftest import (
     ON_REAL_NODE,
@@ -39,7 +39,6 @@ from tests.e2e.realpods.conftest import (
     OperatorRelease,
     pods_report,
     restricted_namespace,
-    wait_for,
 )
 from tests.e2e.realpods.images import REPO, archive_config, archive_ref, dockerfile_final_stage
 from tests.runtime.tiny_llm import smollm2_gguf
