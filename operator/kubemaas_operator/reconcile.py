@@ -174,7 +174,8 @@ class Reconciler:
     kube: KubeClient
     settings: OperatorSettings
     applied: dict[Key, Applied] = field(default_factory=dict)
-    written: dict[Key, dict] = field(default_factory=dict)  # the status last written (the watch lags)
+    # the status last written, until the watch delivers it (then the object is the record again)
+    written: dict[Key, dict] = field(default_factory=dict)
     gpu_nodes: tuple[gpufit.GpuNode, ...] | None = None  # the GPUs node_changed last saw
     _locks: dict[Key, threading.Lock] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
@@ -200,7 +201,7 @@ class Reconciler:
         plan. ``owners`` says who else holds a name, from the watches; ``gpu_nodes`` the GPUs."""
         key = (ms.namespace, ms.name)
         with self.lock(key):
-            record = _parsed(self.written.get(key) or status)
+            record = _parsed(self.last_status(key, status))
             plan = decide(ms, self.settings, pinned_image, observed, record, gpu_nodes=gpu_nodes)
             previous = self.applied.get(key) if only_changes else None
             last = self.applied.get(key)
@@ -293,6 +294,18 @@ class Reconciler:
         if previous is not None and _same_status(status, previous):
             return None
         return status
+
+    def last_status(self, key: Key, carried: dict | None) -> dict | None:
+        """The ModelService's latest status: the one it ``carried`` as watched, or the one this
+        process wrote while the watch has not delivered it yet. Once the object carries what was
+        written, the object is the record again and the copy is dropped. Call under the lock."""
+        written = self.written.get(key)
+        if written is None:
+            return carried or None
+        if carried == written:
+            del self.written[key]
+            return carried
+        return written
 
     def write_status(self, key: Key, status: dict) -> None:
         self.kube.patch_status(key[0], key[1], status)

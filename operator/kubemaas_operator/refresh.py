@@ -135,7 +135,7 @@ class StatusRefresher:
         it was written."""
         reconciler = self._reconciler
         with reconciler.lock(key):
-            previous = reconciler.written.get(key) or dict(parent.get("status") or {}) or None
+            previous = reconciler.last_status(key, parent.get("status"))
             status = reconciler.status_for(key, list(indexes.deployments.get(key, ())),
                                            list(indexes.pods.get(key, ())), previous)
             if status is None:

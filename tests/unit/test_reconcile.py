@@ -113,6 +113,9 @@ class _Kube:
     def list(self, kind, namespace, selector):
         return []
 
+    def patch_status(self, namespace, name, status):
+        self.calls.append(("patch_status", name))
+
 
 def test_a_reconcile_reads_no_child_when_nothing_conflicts() -> None:
     kube = _Kube()
@@ -147,3 +150,15 @@ def test_a_name_another_modelservice_holds_is_a_conflict_without_a_write() -> No
     _, problem = Reconciler(kube, SETTINGS).reconcile(_ms(), None, prune=False, owners=owners)
     assert problem is not None and problem.reason == "NameConflict" and "ModelService x" in problem.message
     assert ("apply", "Deployment", "m-a", False) not in kube.calls
+
+
+def test_the_status_written_is_the_record_only_until_the_watch_delivers_it() -> None:
+    reconciler = Reconciler(_Kube(), SETTINGS)
+    key, old, new = ("ns", "m"), {"replicas": 0}, {"replicas": 1}
+    assert reconciler.last_status(key, old) == old  # nothing written: the object's
+    reconciler.write_status(key, new)
+    assert reconciler.last_status(key, old) == new  # the watch lags: ours
+    assert reconciler.last_status(key, new) == new  # delivered: the object's again
+    assert key not in reconciler.written
+    assert reconciler.last_status(key, {"replicas": 2}) == {"replicas": 2}  # a later writer wins
+    assert reconciler.last_status(key, None) is None

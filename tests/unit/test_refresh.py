@@ -26,6 +26,9 @@ class _Reconciler:
     def lock(self, key):
         return self._lock
 
+    def last_status(self, key, carried):
+        return self.written.get(key) or carried or None
+
     def status_for(self, key, deployments, pods, previous):
         ready = self.ready  # what the indexes said when the refresh began
         self.gate.wait(5)
