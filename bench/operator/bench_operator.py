@@ -85,8 +85,38 @@ def proc_stats(pid: int) -> tuple[float, float]:
     """(CPU seconds, peak RSS MiB) of a process."""
     stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-    hwm = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM"))
-    return cpu, int(hwm.split()[1]) / 1024
+    return cpu, status_mib(pid, "VmHWM")
+
+
+def status_mib(pid: int, field: str) -> float:
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) / 1024
+
+
+class RssSampler:
+    """The operator's resident memory once a second: when the peak came, and what it keeps."""
+
+    def __init__(self, pid: int) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._pid = pid
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.samples.append((time.monotonic(), status_mib(self._pid, "VmRSS")))
+            except (OSError, StopIteration):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_at(self, t0: float) -> float:
+        """Seconds after ``t0`` of the largest sample."""
+        return max(self.samples, key=lambda s: s[1])[0] - t0 if self.samples else float("nan")
 
 
 WORKERS = 16
@@ -192,10 +222,13 @@ def run_floor(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> d
 
 def run_operator(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> dict:
     ns = new_namespace("operator", n)
-    op = OperatorProcess(os.environ["KUBECONFIG"], extra_env={"KUBEMAAS_OPERATOR_LOG_FORMAT": "json"}).start()
+    op = OperatorProcess(os.environ["KUBECONFIG"], extra_env={"KUBEMAAS_OPERATOR_LOG_FORMAT": "json"},
+                         python_args=memory_profiler_args(n)).start()
     profiler = start_profiler(op.proc.pid, n)
     try:
         cpu0, _ = proc_stats(op.proc.pid)
+        rss_start = status_mib(op.proc.pid, "VmRSS")
+        sampler = RssSampler(op.proc.pid)
         watcher = DeploymentWatch(apps, ns, n)
         t0 = time.monotonic()
         created = create_all(n, ns, api)
@@ -213,6 +246,8 @@ def run_operator(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -
         idle0, _ = proc_stats(op.proc.pid)
         time.sleep(IDLE_SECONDS)
         idle1, _ = proc_stats(op.proc.pid)
+        rss_rest = status_mib(op.proc.pid, "VmRSS")
+        sampler.stop()
         metrics = op.metrics()
     finally:
         op.stop()
@@ -220,7 +255,8 @@ def run_operator(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -
     delete_namespace(ns)
     rec = "kubemaas_operator_reconcile_duration_seconds"
     return {"converge_s": converge, "lat_p50_ms": p50, "lat_p99_ms": p99, "cpu_s": cpu1 - cpu0,
-            "peak_rss_mib": rss, "idle_cpu_pct": 100 * (idle1 - idle0) / IDLE_SECONDS,
+            "peak_rss_mib": rss, "start_rss_mib": rss_start, "rest_rss_mib": rss_rest,
+            "peak_at_s": sampler.peak_at(t0), "idle_cpu_pct": 100 * (idle1 - idle0) / IDLE_SECONDS,
             "rec_p50_ms": 1000 * histogram_quantile(metrics, rec, 0.5),
             "rec_p99_ms": 1000 * histogram_quantile(metrics, rec, 0.99)}
 
@@ -236,6 +272,19 @@ def start_profiler(pid: int, n: int) -> subprocess.Popen | None:
     return subprocess.Popen([str(spy), "record", "--pid", str(pid), "--rate", "40", "--format", "raw",
                              "--nonblocking", "--output", f"{out}/operator-{n}.txt"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def memory_profiler_args(n: int) -> list[str]:
+    """KUBEMAAS_BENCH_MEMRAY=DIR: the operator runs under memray (`pip install memray`), which
+    records every allocation into DIR/operator-N.bin; `python -m memray tree` or `stats` on it
+    show what was resident at the peak, by where it was allocated."""
+    out = os.environ.get("KUBEMAAS_BENCH_MEMRAY")
+    if not out:
+        return []
+    Path(out).mkdir(parents=True, exist_ok=True)
+    target = Path(out) / f"operator-{n}.bin"
+    target.unlink(missing_ok=True)
+    return ["-m", "memray", "run", "--quiet", "-o", str(target)]
 
 
 def stop_profiler(profiler: subprocess.Popen | None) -> None:
@@ -267,7 +316,10 @@ def main() -> None:
     rows = []
     for n in sizes:
         load_before = load()
-        floor = run_floor(n, api, apps)
+        if os.environ.get("KUBEMAAS_BENCH_FLOOR", "1") == "0":  # profiling the operator alone
+            floor = {"converge_s": float("nan"), "lat_p50_ms": float("nan"), "lat_p99_ms": float("nan")}
+        else:
+            floor = run_floor(n, api, apps)
         print(f"N={n} floor: {floor['converge_s']:.1f} s (load {load_before})", flush=True)
         load_before = load()
         op = run_operator(n, api, apps)
@@ -276,12 +328,13 @@ def main() -> None:
     print(f"\nKubeMaaS operator benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores")
     print("| N | floor all Available (s) | operator all Ready (s) | ratio | create->Deployment p50 / p99 (ms), "
           "floor / operator | reconcile p50 / p99 (ms, bucket) | operator CPU (s) | peak RSS (MiB) "
-          "| idle CPU over 30 s | load avg after |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| RSS start / at rest (MiB) | peak at (s) | idle CPU over 30 s | load avg after |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n, f, o, after in rows:
         print(f"| {n} | {f['converge_s']:.1f} | {o['converge_s']:.1f} | {o['converge_s'] / f['converge_s']:.2f}x | "
               f"{f['lat_p50_ms']:.0f} / {f['lat_p99_ms']:.0f} ; {o['lat_p50_ms']:.0f} / {o['lat_p99_ms']:.0f} | "
               f"<= {o['rec_p50_ms']:.0f} / <= {o['rec_p99_ms']:.0f} | {o['cpu_s']:.1f} | {o['peak_rss_mib']:.0f} | "
+              f"{o['start_rss_mib']:.0f} / {o['rest_rss_mib']:.0f} | {o['peak_at_s']:.0f} | "
               f"{o['idle_cpu_pct']:.2f}% | {after} |")
     print("targets: ratio <= 1.3x at 500 and 2000, peak RSS < 200 MiB at 500, idle CPU near zero")
 
