@@ -196,7 +196,7 @@ def floor_status(ms: ModelService) -> dict:
 def run_floor(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> dict:
     ns = new_namespace("floor", n)
     settings = OperatorSettings()
-    kube = KubeClient(load_api_client(), settings.field_manager)
+    kube = KubeClient(load_api_client(WORKERS), settings.field_manager)
 
     def children_and_status(body: dict) -> None:
         ms = ModelService.from_body(body)

@@ -108,12 +108,16 @@ def check_response(status: int, data: bytes, kind: Kind) -> Any:
     raise ApiError(status, message, body)
 
 
-def load_api_client() -> client.ApiClient:
+def load_api_client(pool_size: int) -> client.ApiClient:
+    """A client for the cluster the operator runs in (or the kubeconfig's), with one pooled
+    connection per worker thread: the default pool (5 per CPU) would drop and reopen them."""
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = pool_size
+    return client.ApiClient(configuration)
 
 
 class KubeClient:
