@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -123,6 +125,62 @@ WORKERS = 16
 TIMEOUT_S = 1200
 
 
+CLUSTER_PROCESSES = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler", "kwok")
+
+
+def cluster_cpu() -> dict[str, float]:
+    """CPU seconds so far of each control-plane process (their pids are in the cluster's state)."""
+    pids = Path(os.environ["KUBEMAAS_CLUSTER_DIR"]) / "pids"
+    out = {}
+    for name in CLUSTER_PROCESSES:
+        try:
+            out[name] = proc_stats(int((pids / name).read_text()))[0]
+        except (OSError, ValueError):
+            out[name] = float("nan")
+    return out
+
+
+def api_requests() -> dict[tuple[str, str], float]:
+    """The API server's request counters so far, by (verb, resource), and the watch events it
+    sent, by resource (as ("WATCH-EVENTS", resource))."""
+    counts: dict[tuple[str, str], float] = {}
+    for line in kubectl("get", "--raw", "/metrics").splitlines():
+        if line.startswith("apiserver_request_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            key = (labels.get("verb", ""), labels.get("resource", ""))
+        elif line.startswith("apiserver_watch_events_total{"):
+            key = ("WATCH-EVENTS", dict(re.findall(r'(\w+)="([^"]*)"', line)).get("resource", ""))
+        else:
+            continue
+        counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+class ClusterCost:
+    """What the control plane spent during one phase: CPU per process and API requests."""
+
+    def __init__(self) -> None:
+        self._cpu, self._requests = cluster_cpu(), api_requests()
+
+    def stop(self) -> dict:
+        cpu, requests = cluster_cpu(), api_requests()
+        return {"cluster_cpu": {k: cpu[k] - self._cpu[k] for k in cpu},
+                "requests": {k: v - self._requests.get(k, 0.0) for k, v in requests.items()
+                             if v - self._requests.get(k, 0.0) >= 1}}
+
+
+def describe_cost(label: str, n: int, cost: dict) -> str:
+    cpu = ", ".join(f"{k} {v:.0f}" for k, v in cost["cluster_cpu"].items())
+    total = sum(cost["cluster_cpu"].values())
+    writes = {k: v for k, v in cost["requests"].items() if k[0] in ("POST", "CREATE", "APPLY", "PATCH", "PUT", "UPDATE", "DELETE")}
+    events = {k[1]: v for k, v in cost["requests"].items() if k[0] == "WATCH-EVENTS"}
+    per = lambda d: ", ".join(f"{'/'.join(k) if isinstance(k, tuple) else k} {v / n:.2f}"
+                              for k, v in sorted(d.items(), key=lambda kv: -kv[1]) if v / n >= 0.05)
+    return (f"  {label}: control-plane CPU {total:.0f} s ({cpu})\n"
+            f"  {label}: writes per ModelService: {per(writes)}\n"
+            f"  {label}: watch events sent per ModelService: {per(events)}")
+
+
 def load() -> str:
     """The 1, 5 and 15 minute load averages."""
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -205,6 +263,7 @@ def run_floor(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> d
         kube.patch_status(ms.namespace, ms.name, floor_status(ms))
 
     watcher = DeploymentWatch(apps, ns, n)
+    cost = ClusterCost()
     t0 = time.monotonic()
     created = create_all(n, ns, api, then=children_and_status)
 
@@ -214,10 +273,11 @@ def run_floor(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> d
                    if c.type == "Available" and c.status == "True")
 
     converge = wait_until(n, available, "Deployments Available", t0)
+    spent = cost.stop()
     watcher.stop()
     p50, p99 = latencies(created, watcher.seen)
     delete_namespace(ns)
-    return {"converge_s": converge, "lat_p50_ms": p50, "lat_p99_ms": p99}
+    return {"converge_s": converge, "lat_p50_ms": p50, "lat_p99_ms": p99, **spent}
 
 
 def run_operator(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> dict:
@@ -230,6 +290,7 @@ def run_operator(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -
         rss_start = status_mib(op.proc.pid, "VmRSS")
         sampler = RssSampler(op.proc.pid)
         watcher = DeploymentWatch(apps, ns, n)
+        cost = ClusterCost()
         t0 = time.monotonic()
         created = create_all(n, ns, api)
 
@@ -239,6 +300,7 @@ def run_operator(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -
                        if c["type"] == "Ready" and c["status"] == "True")
 
         converge = wait_until(n, ready, "ModelServices Ready", t0)
+        spent = cost.stop()
         watcher.stop()
         cpu1, rss = proc_stats(op.proc.pid)
         stop_profiler(profiler)
@@ -254,7 +316,7 @@ def run_operator(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -
     p50, p99 = latencies(created, watcher.seen)
     delete_namespace(ns)
     rec = "kubemaas_operator_reconcile_duration_seconds"
-    return {"converge_s": converge, "lat_p50_ms": p50, "lat_p99_ms": p99, "cpu_s": cpu1 - cpu0,
+    return {"converge_s": converge, "lat_p50_ms": p50, "lat_p99_ms": p99, "cpu_s": cpu1 - cpu0, **spent,
             "peak_rss_mib": rss, "start_rss_mib": rss_start, "rest_rss_mib": rss_rest,
             "peak_at_s": sampler.peak_at(t0), "idle_cpu_pct": 100 * (idle1 - idle0) / IDLE_SECONDS,
             "rec_p50_ms": 1000 * histogram_quantile(metrics, rec, 0.5),
@@ -277,7 +339,10 @@ def start_profiler(pid: int, n: int) -> subprocess.Popen | None:
 def memory_profiler_args(n: int) -> list[str]:
     """KUBEMAAS_BENCH_MEMRAY=DIR: the operator runs under memray (`pip install memray`), which
     records every allocation into DIR/operator-N.bin; `python -m memray tree` or `stats` on it
-    show what was resident at the peak, by where it was allocated."""
+    show what was resident at the peak, by where it was allocated. KUBEMAAS_BENCH_PYTHON_ARGS:
+    the interpreter's arguments before ``-m kubemaas_operator`` (a probe that runs the module)."""
+    if os.environ.get("KUBEMAAS_BENCH_PYTHON_ARGS"):  # any other wrapper: a probe script
+        return shlex.split(os.environ["KUBEMAAS_BENCH_PYTHON_ARGS"])
     out = os.environ.get("KUBEMAAS_BENCH_MEMRAY")
     if not out:
         return []
@@ -321,9 +386,12 @@ def main() -> None:
         else:
             floor = run_floor(n, api, apps)
         print(f"N={n} floor: {floor['converge_s']:.1f} s (load {load_before})", flush=True)
+        if "requests" in floor:
+            print(describe_cost("floor", n, floor), flush=True)
         load_before = load()
         op = run_operator(n, api, apps)
         print(f"N={n} operator: {op['converge_s']:.1f} s (load {load_before})", flush=True)
+        print(describe_cost("operator", n, op), flush=True)
         rows.append((n, floor, op, load()))
     print(f"\nKubeMaaS operator benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores")
     print("| N | floor all Available (s) | operator all Ready (s) | ratio | create->Deployment p50 / p99 (ms), "

@@ -22,7 +22,8 @@ from pydantic import ValidationError
 
 from kubemaas_operator import gpufit, metrics, policy
 from kubemaas_operator.api import Condition, ModelService, ModelServiceStatus, describe_errors
-from kubemaas_operator.api.constants import GROUP, PLURAL, VERSION
+from kubemaas_operator.api.constants import GROUP, KIND, PLURAL, VERSION
+from kubemaas_operator.diffbase import LeanDiffBaseStorage
 from kubemaas_operator.events import post_event
 from kubemaas_operator.kube import KubeClient, load_api_client
 from kubemaas_operator.observe import Problem
@@ -49,8 +50,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     # Its prefix must not be kubemaas.io: kopf leaves annotations under its own prefix out of
     # the diff, and a user's kubemaas.io/* annotation (the image policy) must trigger updates.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=KOPF_PREFIX, key="last-handled-configuration")
+    settings.persistence.diffbase_storage = LeanDiffBaseStorage(
+        kinds=[KIND], prefix=KOPF_PREFIX, key="last-handled-configuration")
     settings.persistence.finalizer = f"{KOPF_PREFIX}/finalizer"
     settings.posting.level = logging.WARNING  # we post our own Events for transitions
     settings.watching.server_timeout = 300
@@ -251,31 +252,55 @@ def modelservice_deleted(namespace, name, memo, **_) -> None:
 async def deployment_event(type, namespace, labels, body, memo, **kw) -> None:
     indexes = _indexes(kw)
     key = _owner_key(namespace, labels)
-    parent = indexes.parent(key)
-    if parent is None:
+    if indexes.parent(key) is None:
         return
-    if type != "DELETED" and await _drifted(memo, key, body):
-        log.info("Deployment %s/%s was changed by hand; putting it back", namespace, body["metadata"]["name"])
-        await _reconcile(memo, parent, indexes)
-    memo.refresher.touch(key, indexes)
-
-
-async def _drifted(memo: kopf.Memo, key: Key, body) -> bool:
-    """A hand edit, by generation; while a reconcile of the same ModelService is in flight, the
-    check waits for it (in the pool) to record the generations its apply got."""
+    if type == "DELETED":
+        memo.refresher.touch(key, indexes)
+        return
+    meta = body["metadata"]
+    name, generation = meta["name"], meta.get("generation", 0)
     reconciler: Reconciler = memo.reconciler
     lock = reconciler.lock(key)
     if lock.acquire(blocking=False):
         try:
-            return reconciler.drifted(key, body)
+            drifted = reconciler.drifted(key, name, generation)
         finally:
             lock.release()
+        await _after_check(memo, key, indexes, drifted, name)
+        return
+    # A reconcile (or status write) of the same ModelService is in flight: the check waits for
+    # it to record the generations its apply got, in the background, so this handler (and kopf's
+    # worker, which holds the whole event until it returns) does not wait behind the pool.
+    task = asyncio.create_task(_check_after_reconcile(memo, key, indexes, name, generation))
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
-    def after_reconcile() -> bool:
-        with lock:
-            return reconciler.drifted(key, body)
 
-    return await asyncio.get_running_loop().run_in_executor(memo.pool, after_reconcile)
+_BACKGROUND: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
+
+
+async def _check_after_reconcile(memo: kopf.Memo, key: Key, indexes: Indexes, name: str, generation: int) -> None:
+    reconciler: Reconciler = memo.reconciler
+
+    def check() -> bool:
+        with reconciler.lock(key):
+            return reconciler.drifted(key, name, generation)
+
+    try:
+        drifted = await asyncio.get_running_loop().run_in_executor(memo.pool, check)
+        await _after_check(memo, key, indexes, drifted, name)
+    except Exception:
+        log.exception("checking Deployment %s/%s for drift failed", key[0], name)
+
+
+async def _after_check(memo: kopf.Memo, key: Key, indexes: Indexes, drifted: bool, name: str) -> None:
+    parent = indexes.parent(key)
+    if parent is None:
+        return
+    if drifted:
+        log.info("Deployment %s/%s was changed by hand; putting it back", key[0], name)
+        await _reconcile(memo, parent, indexes)
+    memo.refresher.touch(key, indexes)
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILD)

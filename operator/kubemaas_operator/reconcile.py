@@ -267,11 +267,12 @@ class Reconciler:
         raise Blocked(Problem("NameConflict", f"{kind} {name} already exists and belongs to {holder}; "
                                               "rename this ModelService or its variant."))
 
-    def drifted(self, key: Key, deployment: dict) -> bool:
-        """A Deployment whose spec changed since our last apply (a hand edit)."""
+    def drifted(self, key: Key, name: str, generation: int) -> bool:
+        """A Deployment (``name`` at ``generation``) whose spec changed since our last apply (a
+        hand edit). Call under the lock."""
         applied = self.applied.get(key)
-        generation = applied.generations.get(deployment["metadata"]["name"]) if applied else None
-        return generation is not None and deployment["metadata"].get("generation", 0) > generation
+        ours = applied.generations.get(name) if applied else None
+        return ours is not None and generation > ours
 
     def status_for(self, key: Key, deployments: list[dict], pods: list[dict],
                    previous: dict | None) -> dict | None:

@@ -162,3 +162,15 @@ def test_the_status_written_is_the_record_only_until_the_watch_delivers_it() -> 
     assert key not in reconciler.written
     assert reconciler.last_status(key, {"replicas": 2}) == {"replicas": 2}  # a later writer wins
     assert reconciler.last_status(key, None) is None
+
+
+def test_a_deployment_is_drifted_only_past_the_generation_our_apply_got() -> None:
+    reconciler = Reconciler(_Kube(), SETTINGS)
+    ms = _ms()
+    plan, _ = reconciler.reconcile(ms, None, prune=False)
+    key = (ms.namespace, ms.name)
+    name = next(c["metadata"]["name"] for c in plan.children if c["kind"] == "Deployment")
+    assert not reconciler.drifted(key, name, 1)  # the generation our apply got (the fake's 1)
+    assert reconciler.drifted(key, name, 2)  # someone changed the spec since
+    assert not reconciler.drifted(key, "not-ours", 9)
+    assert not reconciler.drifted(("ns", "unknown"), name, 9)
