@@ -5,7 +5,7 @@ annotations) with the copy it stored in an annotation, and it builds that essenc
 of every kind it watches with handlers, ours included for Deployments, Pods and Nodes that have
 no create/update handler at all. Its ``build`` deep-copies the whole body first (status and
 managedFields included) and then deletes all but the essence: at 500 ModelServices that copy was
-17% of the operator's CPU (docs/operator.md, "What the CPU profile showed").
+17% of the operator's CPU (docs/operator.md, "What the profile showed").
 
 This storage builds the essence only for the kinds with create/update handlers (ModelService),
 from a body without the status and managedFields, so every create/update decision is kopf's
