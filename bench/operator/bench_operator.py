@@ -283,7 +283,7 @@ def run_floor(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> d
 def run_operator(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> dict:
     ns = new_namespace("operator", n)
     op = OperatorProcess(os.environ["KUBECONFIG"], extra_env={"KUBEMAAS_OPERATOR_LOG_FORMAT": "json"},
-                         python_args=memory_profiler_args(n)).start()
+                         python_args=operator_python_args(n)).start()
     profiler = start_profiler(op.proc.pid, n)
     try:
         cpu0, _ = proc_stats(op.proc.pid)
@@ -336,9 +336,9 @@ def start_profiler(pid: int, n: int) -> subprocess.Popen | None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def memory_profiler_args(n: int) -> list[str]:
-    """KUBEMAAS_BENCH_MEMRAY=DIR: the operator runs under memray (`pip install memray`), which
-    records every allocation into DIR/operator-N.bin; `python -m memray tree` or `stats` on it
+def operator_python_args(n: int) -> list[str]:
+    """What runs the operator module. KUBEMAAS_BENCH_MEMRAY=DIR: memray (`pip install memray`),
+    which records every allocation into DIR/operator-N.bin; `python -m memray tree` or `stats` on it
     show what was resident at the peak, by where it was allocated. KUBEMAAS_BENCH_PYTHON_ARGS:
     the interpreter's arguments before ``-m kubemaas_operator`` (a probe that runs the module)."""
     if os.environ.get("KUBEMAAS_BENCH_PYTHON_ARGS"):  # any other wrapper: a probe script

@@ -32,8 +32,6 @@ class LeanBody(dict):
     def meta(self) -> dict:
         return self["metadata"]
 
-    metadata = meta
-
 
 def lean(body: Any) -> LeanBody:
     """``body`` without the stanzas the essence never holds (kopf deletes them after its copy)."""

@@ -66,7 +66,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     memo.pool = ThreadPoolExecutor(op_settings.workers, thread_name_prefix="kubemaas")
     kube = KubeClient(load_api_client(op_settings.workers), op_settings.field_manager)
     memo.reconciler = Reconciler(kube, op_settings)
-    memo.refresher = StatusRefresher(memo.reconciler, memo.pool)
+    memo.refresher = StatusRefresher(memo.reconciler, memo.pool,
+                                     repair=lambda parent, indexes: _reconcile(memo, parent, indexes))
     metrics.serve(op_settings.metrics_port)
 
 
@@ -246,70 +247,17 @@ def modelservice_deleted(namespace, name, memo, **_) -> None:
     memo.reconciler.forget((namespace, name))
 
 
-# --- children: status and drift -----------------------------------------------------------
+# --- children: status and drift (both in the refresher) -------------------------------
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD)
-async def deployment_event(type, namespace, labels, body, memo, **kw) -> None:
-    indexes = _indexes(kw)
-    key = _owner_key(namespace, labels)
-    if indexes.parent(key) is None:
-        return
-    if type == "DELETED":
-        memo.refresher.touch(key, indexes)
-        return
-    meta = body["metadata"]
-    name, generation = meta["name"], meta.get("generation", 0)
-    reconciler: Reconciler = memo.reconciler
-    lock = reconciler.lock(key)
-    if lock.acquire(blocking=False):
-        try:
-            drifted = reconciler.drifted(key, name, generation)
-        finally:
-            lock.release()
-        await _after_check(memo, key, indexes, drifted, name)
-        return
-    # A reconcile (or status write) of the same ModelService is in flight: the check waits for
-    # it to record the generations its apply got, in the background, so this handler (and kopf's
-    # worker, which holds the whole event until it returns) does not wait behind the pool.
-    task = asyncio.create_task(_check_after_reconcile(memo, key, indexes, name, generation))
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
-
-
-_BACKGROUND: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
-
-
-async def _check_after_reconcile(memo: kopf.Memo, key: Key, indexes: Indexes, name: str, generation: int) -> None:
-    reconciler: Reconciler = memo.reconciler
-
-    def check() -> bool:
-        with reconciler.lock(key):
-            return reconciler.drifted(key, name, generation)
-
-    try:
-        drifted = await asyncio.get_running_loop().run_in_executor(memo.pool, check)
-        await _after_check(memo, key, indexes, drifted, name)
-    except Exception:
-        log.exception("checking Deployment %s/%s for drift failed", key[0], name)
-
-
-async def _after_check(memo: kopf.Memo, key: Key, indexes: Indexes, drifted: bool, name: str) -> None:
-    parent = indexes.parent(key)
-    if parent is None:
-        return
-    if drifted:
-        log.info("Deployment %s/%s was changed by hand; putting it back", key[0], name)
-        await _reconcile(memo, parent, indexes)
-    memo.refresher.touch(key, indexes)
-
-
 @kopf.on.event("", "v1", "pods", labels=CHILD)
-async def pod_event(namespace, labels, memo, **kw) -> None:
+async def child_event(namespace, labels, memo, **kw) -> None:
+    """Mark the ModelService for a refresh, which also puts back a hand-edited Deployment. The
+    handler never waits: kopf's per-object worker holds the whole event until it returns."""
     indexes = _indexes(kw)
     key = _owner_key(namespace, labels)
     if indexes.parent(key) is not None:
         memo.refresher.touch(key, indexes)
-
 
 
 @kopf.on.event("", "v1", "nodes")

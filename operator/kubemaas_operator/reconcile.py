@@ -267,12 +267,16 @@ class Reconciler:
         raise Blocked(Problem("NameConflict", f"{kind} {name} already exists and belongs to {holder}; "
                                               "rename this ModelService or its variant."))
 
-    def drifted(self, key: Key, name: str, generation: int) -> bool:
-        """A Deployment (``name`` at ``generation``) whose spec changed since our last apply (a
-        hand edit). Call under the lock."""
+    def drifted(self, key: Key, deployments: Sequence[dict]) -> list[tuple[str, int]]:
+        """Those of ``deployments`` (as indexed) whose spec changed since our last apply, as
+        (name, generation): a generation above the one our apply got is a hand edit. Call
+        under the lock."""
         applied = self.applied.get(key)
-        ours = applied.generations.get(name) if applied else None
-        return ours is not None and generation > ours
+        if applied is None:
+            return []
+        found = ((d["metadata"]["name"], d["metadata"].get("generation", 0)) for d in deployments)
+        return [(name, gen) for name, gen in found
+                if (ours := applied.generations.get(name)) is not None and gen > ours]
 
     def status_for(self, key: Key, deployments: list[dict], pods: list[dict],
                    previous: dict | None) -> dict | None:

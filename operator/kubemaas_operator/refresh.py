@@ -1,16 +1,19 @@
 """Status follows the watches: at most one refresh per ModelService in flight, one write per change.
 
-A child's event only marks its ModelService; after a short window the refresh computes the
-status once from kopf's indexes (whatever happened in the window: a Deployment's status, its
-pods starting) and writes it when it differs from the status last written, posting an Event when
-the Ready condition moved (from the pool, with our client: events.py says why not kopf's poster). Events that arrive while a refresh runs fold into one more.
+A child's event only marks its ModelService; after a short window the refresh, in the pool and
+under the ModelService's lock, first checks its indexed Deployments for a hand edit (a
+generation above the one our apply got: the ModelService is reconciled again, ``repair``, and
+refreshed after), else computes the status once from kopf's indexes (whatever happened in the
+window: a Deployment's status, its pods starting) and writes it when it differs from the status
+last written, posting an Event when the Ready condition moved (from the pool, with our client:
+events.py says why not kopf's poster). Events that arrive while a refresh runs fold into one more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -57,8 +60,10 @@ class Indexes:
 
 class StatusRefresher:
     def __init__(self, reconciler: Reconciler, pool: Executor, window: float = WINDOW_SECONDS,
-                 post: Callable[[Any, list[dict], list[dict]], None] | None = None) -> None:
+                 post: Callable[[Any, list[dict], list[dict]], None] | None = None,
+                 repair: Callable[[Any, Indexes], Awaitable[None]] | None = None) -> None:
         self._reconciler = reconciler
+        self._repair = repair  # reconcile a ModelService (its parent body) whose child was edited by hand
         self._post = post or (lambda parent, before, after:
                               post_transition(reconciler.kube, parent, before, after))
         self._pool = pool
@@ -104,6 +109,7 @@ class StatusRefresher:
     async def _run(self, key: Key, indexes: Indexes) -> None:
         loop = asyncio.get_running_loop()
         failures = 0
+        repaired: set[tuple[str, int]] = set()  # edits repaired in this run: one that stays must not spin
         try:
             while True:
                 await self._wait(key, self._window)
@@ -113,7 +119,13 @@ class StatusRefresher:
                 if parent is None:
                     return
                 try:
-                    moved = await loop.run_in_executor(self._pool, self._refresh, key, parent, indexes)
+                    drifted, moved = await loop.run_in_executor(
+                        self._pool, self._refresh, key, parent, indexes, frozenset(repaired))
+                    if drifted and self._repair is not None:
+                        log.info("Deployment %s/%s was changed by hand; putting it back", key[0], drifted[0][0])
+                        repaired.update(drifted)
+                        self._again.add(key)  # then the status, in one more pass
+                        await self._repair(parent, indexes)
                 except Exception:
                     failures += 1
                     log.exception("writing the status of %s/%s failed (%d)", *key, failures)
@@ -130,18 +142,24 @@ class StatusRefresher:
             if self._running.get(key) is asyncio.current_task():
                 del self._running[key]
 
-    def _refresh(self, key: Key, parent: Any, indexes: Indexes) -> tuple[list[dict], list[dict]] | None:
-        """Compute and write the status (in the pool); the conditions before and after when
-        it was written."""
+    def _refresh(self, key: Key, parent: Any, indexes: Indexes, repaired: frozenset = frozenset(),
+                 ) -> tuple[list[tuple[str, int]], tuple[list[dict], list[dict]] | None]:
+        """In the pool: the Deployments edited by hand, as (name, generation), other than those
+        this run already repaired (then nothing is written: the repair comes first); else
+        compute and write the status, with the conditions before and after when written."""
         reconciler = self._reconciler
         with reconciler.lock(key):
+            deployments = list(indexes.deployments.get(key, ()))
+            drifted = [d for d in reconciler.drifted(key, deployments) if d not in repaired] \
+                if self._repair is not None else []
+            if drifted:
+                return drifted, None
             previous = reconciler.last_status(key, parent.get("status"))
-            status = reconciler.status_for(key, list(indexes.deployments.get(key, ())),
-                                           list(indexes.pods.get(key, ())), previous)
+            status = reconciler.status_for(key, deployments, list(indexes.pods.get(key, ())), previous)
             if status is None:
-                return None
+                return [], None
             reconciler.write_status(key, status)
-        return (previous or {}).get("conditions") or [], status["conditions"]
+        return [], ((previous or {}).get("conditions") or [], status["conditions"])
 
 
 def post_transition(kube: KubeClient, parent: Any, before: list[dict], after: list[dict]) -> None:

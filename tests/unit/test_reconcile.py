@@ -170,7 +170,11 @@ def test_a_deployment_is_drifted_only_past_the_generation_our_apply_got() -> Non
     plan, _ = reconciler.reconcile(ms, None, prune=False)
     key = (ms.namespace, ms.name)
     name = next(c["metadata"]["name"] for c in plan.children if c["kind"] == "Deployment")
-    assert not reconciler.drifted(key, name, 1)  # the generation our apply got (the fake's 1)
-    assert reconciler.drifted(key, name, 2)  # someone changed the spec since
-    assert not reconciler.drifted(key, "not-ours", 9)
-    assert not reconciler.drifted(("ns", "unknown"), name, 9)
+
+    def indexed(dep: str, generation: int) -> dict:
+        return {"metadata": {"name": dep, "generation": generation}}
+
+    assert reconciler.drifted(key, [indexed(name, 1)]) == []  # the generation our apply got (the fake's 1)
+    assert reconciler.drifted(key, [indexed(name, 2)]) == [(name, 2)]  # someone changed the spec since
+    assert reconciler.drifted(key, [indexed("not-ours", 9)]) == []
+    assert reconciler.drifted(("ns", "unknown"), [indexed(name, 9)]) == []

@@ -22,6 +22,7 @@ class _Reconciler:
         self.gate = threading.Event()
         self.gate.set()
         self._lock = threading.Lock()
+        self.drift: list = []  # what drifted() reports, until a repair clears it (when it can)
 
     def lock(self, key):
         return self._lock
@@ -42,16 +43,20 @@ class _Reconciler:
         self.writes.append(status)
         self.written[key] = status
 
+    def drifted(self, key, deployments):
+        return list(self.drift)
+
 
 def _indexes() -> Indexes:
     return Indexes({KEY: [{"metadata": {"name": "m"}, "status": {}}]}, {}, {}, {})
 
 
-def _run(scenario) -> tuple[_Reconciler, list]:
+def _run(scenario, repair=None) -> tuple[_Reconciler, list]:
     reconciler, posted = _Reconciler(), []
     with ThreadPoolExecutor(2) as pool:
         refresher = StatusRefresher(reconciler, pool, window=0.05,  # type: ignore[arg-type]
-                                    post=lambda parent, before, after: posted.append((before, after)))
+                                    post=lambda parent, before, after: posted.append((before, after)),
+                                    repair=repair)
         asyncio.run(scenario(refresher, reconciler))
     return reconciler, posted
 
@@ -126,3 +131,45 @@ def test_a_reconcile_cuts_short_the_window_a_child_event_opened() -> None:
 
     reconciler, _ = _run(scenario)
     assert reconciler.computed == 1
+
+
+def test_a_hand_edit_is_repaired_before_the_status_is_written() -> None:
+    repairs = []
+
+    async def scenario(refresher, reconciler):
+        reconciler.drift = [("m-a", 2)]
+
+        async def repair(parent, indexes):
+            repairs.append(parent["metadata"]["name"])
+            reconciler.drift = []  # the apply put it back
+            refresher.touch(KEY, indexes)  # as the reconcile does
+
+        refresher._repair = repair
+        refresher.touch(KEY, _indexes())
+        await asyncio.sleep(0.4)
+
+    reconciler, _ = _run(scenario)
+    assert repairs == ["m"]
+    assert reconciler.computed == 1 and len(reconciler.writes) == 1  # the status after the repair
+
+
+def test_an_edit_the_repair_cannot_put_back_is_repaired_once_per_run_not_in_a_loop() -> None:
+    repairs = []
+
+    async def scenario(refresher, reconciler):
+        reconciler.drift = [("m-a", 2)]  # stays: the repair's apply was blocked
+
+        async def repair(parent, indexes):
+            repairs.append(1)
+            refresher.touch(KEY, indexes)
+
+        refresher._repair = repair
+        refresher.touch(KEY, _indexes())
+        await asyncio.sleep(0.4)
+        reconciler.drift = [("m-a", 3)]  # edited again: a new generation is repaired again
+        refresher.touch(KEY, _indexes())
+        await asyncio.sleep(0.4)
+
+    reconciler, _ = _run(scenario)
+    assert len(repairs) == 2
+    assert len(reconciler.writes) >= 1  # the status is still written
