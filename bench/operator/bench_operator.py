@@ -10,6 +10,10 @@ for) before the next phase:
 - the operator, started fresh (cluster-wide, as installed): the same creates; converged when
   every ModelService says Ready=True.
 
+Both phases observe through one watch each (Deployments' Available, ModelServices' Ready), never
+by listing every object again and again: a LIST of all N each second made the observer's own cost,
+on the same two cores, grow as N squared.
+
 Reports the ratio operator / floor; create-to-Deployment latency p50/p99 as a watch sees it
 (create returned -> the Deployment's ADDED event); the operator's reconcile duration (its
 histogram), CPU seconds, peak RSS (VmHWM) and CPU over an idle window once converged; and the
@@ -186,24 +190,63 @@ def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-class DeploymentWatch:
-    """The first ADDED event of each ModelService's Deployment in a namespace."""
+def _condition(obj: dict, kind: str) -> bool:
+    return any(c.get("type") == kind and c.get("status") == "True"
+               for c in (obj.get("status") or {}).get("conditions") or ())
 
-    def __init__(self, apps: client.AppsV1Api, ns: str, n: int) -> None:
+
+def _owner(obj: dict) -> str:
+    return (obj["metadata"].get("labels") or {}).get("kubemaas.io/modelservice", "")
+
+
+class Follow:
+    """One watch on a kind in a namespace (as dicts): when each ModelService's object was first
+    seen (ADDED), and how many satisfy ``done``. Both phases observe through watches, so what
+    the observer costs grows with the events, not with N times the number of polls (a LIST of
+    every object each second made the observer itself quadratic in N)."""
+
+    def __init__(self, api: client.CustomObjectsApi, group: str, plural: str, ns: str,
+                 key=_owner, done=None) -> None:
         self.seen: dict[str, float] = {}
+        self._done: dict[str, bool] = {}
+        self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(apps, ns, n), daemon=True)
+        version = "v1" if group == "apps" else "v1alpha1"
+        self._thread = threading.Thread(target=self._run, args=(api, group, version, plural, ns, key, done),
+                                        daemon=True)
         self._thread.start()
         time.sleep(1)
 
-    def _run(self, apps: client.AppsV1Api, ns: str, n: int) -> None:
-        w = watch.Watch()
-        for event in w.stream(apps.list_namespaced_deployment, ns, timeout_seconds=TIMEOUT_S):
-            if event["type"] == "ADDED":
-                owner = event["object"].metadata.labels.get("kubemaas.io/modelservice")
-                self.seen.setdefault(owner, time.monotonic())
-            if self._stop.is_set() or len(self.seen) >= n:
-                w.stop()
+    def _run(self, api, group, version, plural, ns, key, done) -> None:
+        rv = None
+        while not self._stop.is_set():
+            w = watch.Watch()
+            kwargs = {"resource_version": rv} if rv else {}
+            for event in w.stream(api.list_namespaced_custom_object, group, version, ns, plural,
+                                  timeout_seconds=TIMEOUT_S, **kwargs):
+                if event["type"] == "ERROR":  # expired: list again (ADDED for every object)
+                    rv = None
+                    break
+                obj = event["object"]
+                rv = obj["metadata"].get("resourceVersion", rv)
+                name = key(obj)
+                if event["type"] == "ADDED":
+                    self.seen.setdefault(name, time.monotonic())
+                if done is not None:
+                    with self._cond:
+                        self._done[name] = event["type"] != "DELETED" and done(obj)
+                        self._cond.notify_all()
+                if self._stop.is_set():
+                    w.stop()
+
+    def wait(self, n: int, what: str, t0: float) -> float:
+        """Seconds from ``t0`` until ``n`` objects are done."""
+        with self._cond:
+            while (count := sum(self._done.values())) < n:
+                if time.monotonic() - t0 > TIMEOUT_S:
+                    raise SystemExit(f"N={n}: only {count}/{n} {what} after {TIMEOUT_S} s")
+                self._cond.wait(1)
+        return time.monotonic() - t0
 
     def stop(self) -> None:
         self._stop.set()
@@ -226,16 +269,6 @@ def create_all(n: int, ns: str, api: client.CustomObjectsApi, then=None) -> dict
     return created
 
 
-def wait_until(n: int, count, what: str, t0: float) -> float:
-    while True:
-        done = count()
-        if done >= n:
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > TIMEOUT_S:
-            raise SystemExit(f"N={n}: only {done}/{n} {what} after {TIMEOUT_S} s")
-        time.sleep(1)
-
-
 def latencies(created: dict[str, float], seen: dict[str, float]) -> tuple[float, float]:
     values = [seen[k] - created[k] for k in created if k in seen]
     return 1000 * statistics.median(values), 1000 * percentile(values, 0.99)
@@ -251,7 +284,7 @@ def floor_status(ms: ModelService) -> dict:
                               ready_replicas=0, conditions=[ready]).to_wire()
 
 
-def run_floor(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> dict:
+def run_floor(n: int, api: client.CustomObjectsApi) -> dict:
     ns = new_namespace("floor", n)
     settings = OperatorSettings()
     kube = KubeClient(load_api_client(WORKERS), settings.field_manager)
@@ -262,17 +295,11 @@ def run_floor(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> d
             kube.apply(child)
         kube.patch_status(ms.namespace, ms.name, floor_status(ms))
 
-    watcher = DeploymentWatch(apps, ns, n)
+    watcher = Follow(api, "apps", "deployments", ns, done=lambda d: _condition(d, "Available"))
     cost = ClusterCost()
     t0 = time.monotonic()
     created = create_all(n, ns, api, then=children_and_status)
-
-    def available() -> int:
-        items = apps.list_namespaced_deployment(ns).items
-        return sum(1 for d in items for c in d.status.conditions or []
-                   if c.type == "Available" and c.status == "True")
-
-    converge = wait_until(n, available, "Deployments Available", t0)
+    converge = watcher.wait(n, "Deployments Available", t0)
     spent = cost.stop()
     watcher.stop()
     p50, p99 = latencies(created, watcher.seen)
@@ -280,7 +307,7 @@ def run_floor(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> d
     return {"converge_s": converge, "lat_p50_ms": p50, "lat_p99_ms": p99, **spent}
 
 
-def run_operator(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -> dict:
+def run_operator(n: int, api: client.CustomObjectsApi) -> dict:
     ns = new_namespace("operator", n)
     op = OperatorProcess(os.environ["KUBECONFIG"], extra_env={"KUBEMAAS_OPERATOR_LOG_FORMAT": "json"},
                          python_args=operator_python_args(n)).start()
@@ -289,19 +316,16 @@ def run_operator(n: int, api: client.CustomObjectsApi, apps: client.AppsV1Api) -
         cpu0, _ = proc_stats(op.proc.pid)
         rss_start = status_mib(op.proc.pid, "VmRSS")
         sampler = RssSampler(op.proc.pid)
-        watcher = DeploymentWatch(apps, ns, n)
+        watcher = Follow(api, "apps", "deployments", ns)
+        readiness = Follow(api, "kubemaas.io", "modelservices", ns, key=lambda m: m["metadata"]["name"],
+                           done=lambda m: _condition(m, "Ready"))
         cost = ClusterCost()
         t0 = time.monotonic()
         created = create_all(n, ns, api)
-
-        def ready() -> int:
-            items = api.list_namespaced_custom_object("kubemaas.io", "v1alpha1", ns, "modelservices")["items"]
-            return sum(1 for m in items for c in m.get("status", {}).get("conditions", [])
-                       if c["type"] == "Ready" and c["status"] == "True")
-
-        converge = wait_until(n, ready, "ModelServices Ready", t0)
+        converge = readiness.wait(n, "ModelServices Ready", t0)
         spent = cost.stop()
         watcher.stop()
+        readiness.stop()
         cpu1, rss = proc_stats(op.proc.pid)
         stop_profiler(profiler)
         time.sleep(5)  # let the last status writes land
@@ -377,19 +401,19 @@ def main() -> None:
     kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
     kubectl("wait", "--for=condition=Established", "crd/modelservices.kubemaas.io")
     config.load_kube_config()
-    api, apps = client.CustomObjectsApi(), client.AppsV1Api()
+    api = client.CustomObjectsApi()
     rows = []
     for n in sizes:
         load_before = load()
         if os.environ.get("KUBEMAAS_BENCH_FLOOR", "1") == "0":  # profiling the operator alone
             floor = {"converge_s": float("nan"), "lat_p50_ms": float("nan"), "lat_p99_ms": float("nan")}
         else:
-            floor = run_floor(n, api, apps)
+            floor = run_floor(n, api)
         print(f"N={n} floor: {floor['converge_s']:.1f} s (load {load_before})", flush=True)
         if "requests" in floor:
             print(describe_cost("floor", n, floor), flush=True)
         load_before = load()
-        op = run_operator(n, api, apps)
+        op = run_operator(n, api)
         print(f"N={n} operator: {op['converge_s']:.1f} s (load {load_before})", flush=True)
         print(describe_cost("operator", n, op), flush=True)
         rows.append((n, floor, op, load()))

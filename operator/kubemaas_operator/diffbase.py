@@ -10,10 +10,17 @@ managedFields included) and then deletes all but the essence: at 500 ModelServic
 This storage builds the essence only for the kinds with create/update handlers (ModelService),
 from a body without the status and managedFields, so every create/update decision is kopf's
 own and the copy is small; for the other kinds it is empty, as kopf never compares or stores it.
+
+It keeps the essence in memory, by uid, not in an annotation: kopf's annotation cost one PATCH
+of every ModelService after its first reconcile, a write the floor does not have, and a watch
+event back to every watcher (docs/operator.md, "Measured"). The cost is what a restart sees:
+no essence, so every ModelService is a create (kopf's resume cause never comes), and the
+create handler prunes any ModelService that carries a status, as it would on resume.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -45,6 +52,24 @@ class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
     def __init__(self, *, kinds: Iterable[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.kinds = frozenset(kinds)  # the kinds with create/update handlers
+        self._essences: dict[str, str] = {}  # uid -> the essence last handled, as compact JSON
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        encoded = self._essences.get(body.get("metadata", {}).get("uid", ""))
+        return cast(kopf.BodyEssence, json.loads(encoded)) if encoded is not None else None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        """Remember ``essence`` for the object; the patch (a write to the object) stays empty."""
+        uid = body.get("metadata", {}).get("uid")
+        if uid:
+            self._essences[uid] = json.dumps(essence, separators=(",", ":"))
+
+    def forget(self, uid: str) -> None:
+        """The object is gone: its essence with it."""
+        self._essences.pop(uid, None)
+
+    def __len__(self) -> int:
+        return len(self._essences)
 
     def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
         if body.get("kind") not in self.kinds:

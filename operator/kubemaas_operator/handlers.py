@@ -50,7 +50,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     # Its prefix must not be kubemaas.io: kopf leaves annotations under its own prefix out of
     # the diff, and a user's kubemaas.io/* annotation (the image policy) must trigger updates.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
-    settings.persistence.diffbase_storage = LeanDiffBaseStorage(
+    memo.diffbase = settings.persistence.diffbase_storage = LeanDiffBaseStorage(
         kinds=[KIND], prefix=KOPF_PREFIX, key="last-handled-configuration")
     settings.persistence.finalizer = f"{KOPF_PREFIX}/finalizer"
     settings.posting.level = logging.WARNING  # we post our own Events for transitions
@@ -221,11 +221,14 @@ def _write_refusal(reconciler: Reconciler, body, reason: str, message: str) -> N
     post_event(reconciler.kube, body, "Warning", reason, message)
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
 async def reconcile_modelservice(body, reason, memo, **kw) -> None:
-    await _reconcile(memo, body, _indexes(kw), prune=reason != kopf.Reason.CREATE, report=True)
+    """kopf's diff base lives in memory (diffbase.py), so after a restart every ModelService
+    comes as a create: one that carries a status was reconciled before, and is pruned (a
+    variant removed while the operator was away), as a resume would be."""
+    prune = reason != kopf.Reason.CREATE or bool(body.get("status"))
+    await _reconcile(memo, body, _indexes(kw), prune=prune, report=True)
 
 
 def _rollout_moving(status, **_) -> bool:
@@ -241,10 +244,16 @@ async def advance_canary(body, memo, **kw) -> None:
     await _reconcile(memo, body, _indexes(kw), only_changes=True)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)  # optional: no finalizer, GC does the rest
-def modelservice_deleted(namespace, name, memo, **_) -> None:
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def modelservice_gone(event, namespace, name, uid, memo, **_) -> None:
+    """Forget a deleted ModelService (its children go with the garbage collector). An event
+    handler, not ``on.delete``: without a finalizer of ours kopf calls no delete handler."""
+    if event.get("type") != "DELETED":
+        return
     memo.refresher.forget((namespace, name))
     memo.reconciler.forget((namespace, name))
+    memo.diffbase.forget(uid)
+    metrics.MANAGED.set(len(memo.reconciler.applied))
 
 
 # --- children: status and drift (both in the refresher) -------------------------------

@@ -154,6 +154,9 @@ def test_at_rest_the_operator_writes_nothing_and_serves_metrics(
     before = versions()
     time.sleep(10)  # an idle window: nothing may be written in it
     assert versions() == before
+    # kopf's last-handled configuration is kept in memory: no annotation write per ModelService
+    for m in cluster.get_json("msvc", "-n", namespace)["items"]:
+        assert not [k for k in m["metadata"].get("annotations", {}) if k.startswith("kopf.kubemaas.io/")], m
 
     metrics = proc.metrics()
     assert 'kubemaas_operator_reconciles_total{result="applied"}' in metrics

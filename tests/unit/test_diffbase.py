@@ -86,3 +86,38 @@ def test_kinds_without_change_handlers_get_an_empty_essence() -> None:
     _, ours = storages()
     deployment = {**body(), "apiVersion": "apps/v1", "kind": "Deployment"}
     assert ours.build(body=kopf.Body(deployment)) == {}
+
+
+def test_the_essence_is_kept_in_memory_and_never_patched() -> None:
+    """No annotation PATCH after a handled change: the essence is remembered by uid, and the
+    next event of the same object compares against it as kopf compares against its annotation."""
+    _, ours = storages()
+    first = kopf.Body(body())
+    assert ours.fetch(body=first) is None  # never handled: kopf's create
+    essence = ours.build(body=first)
+    patch = kopf.Patch()
+    ours.store(body=first, patch=patch, essence=essence)
+    assert not patch and len(ours) == 1
+    assert ours.fetch(body=kopf.Body(body())) == essence  # the same object again: no diff
+    changed = body()
+    changed["spec"]["replicas"] = 5
+    assert ours.fetch(body=kopf.Body(changed)) != ours.build(body=kopf.Body(changed))  # an update
+
+
+def test_an_annotation_from_an_earlier_operator_is_not_read_and_others_are_apart() -> None:
+    _, ours = storages()
+    raw = body()  # carries a last-handled annotation
+    assert ours.fetch(body=kopf.Body(raw)) is None
+    ours.store(body=kopf.Body(raw), patch=kopf.Patch(), essence=ours.build(body=kopf.Body(raw)))
+    other = body()
+    other["metadata"]["uid"] = "u2"
+    assert ours.fetch(body=kopf.Body(other)) is None  # another object (uid) has none of its own
+
+
+def test_a_forgotten_object_has_no_essence() -> None:
+    _, ours = storages()
+    raw = body()
+    ours.store(body=kopf.Body(raw), patch=kopf.Patch(), essence=ours.build(body=kopf.Body(raw)))
+    ours.forget("u1")
+    ours.forget("never-seen")
+    assert ours.fetch(body=kopf.Body(raw)) is None and len(ours) == 0
