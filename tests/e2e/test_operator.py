@@ -163,7 +163,10 @@ def test_a_change_to_one_variant_rolls_out_only_that_variant(cluster: Cluster, o
 
     cluster.wait_until(lambda: ready_events().count("AllVariantsAvailable") >= 2, timeout=30,
                        what="Ready -> not Ready -> Ready events")
-    assert ready_events().count("WaitingForReplicas") >= 2, ready_events()
+    # not Ready twice (create, then the roll): WaitingForReplicas, or a pod's problem while the
+    # surge pod is pending on a busy cluster (Unschedulable, ...)
+    reasons = ready_events()
+    assert sum(r != "AllVariantsAvailable" for r in reasons) >= 2, reasons
 
 
 def test_removing_a_variant_deletes_its_children_and_deleting_collects_all(
