@@ -17,9 +17,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: the sockets stay bound until all are chosen, so the kernel
+    cannot hand the same port out twice (a health port equal to the metrics port let the metrics
+    server answer /healthz while kopf's health server failed to bind and the operator exited)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class OperatorProcess:
@@ -31,8 +43,7 @@ class OperatorProcess:
         self.extra_env = extra_env or {}
         # what runs the module instead of plain `python` (the benchmark's memory profiler)
         self.python_args = python_args or []
-        self.health_port = free_port()
-        self.metrics_port = free_port()
+        self.health_port, self.metrics_port = free_ports(2)
         self.log_path = Path(tempfile.mkstemp(prefix="kubemaas-operator-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
 
