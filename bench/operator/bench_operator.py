@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kubemaas_operator.api import Condition, ModelService, ModelServiceStatus
+from kubemaas_operator.api.constants import GROUP, PLURAL, VERSION
 from kubemaas_operator.builders import build_children
 from kubemaas_operator.kube import KubeClient, load_api_client
 from kubemaas_operator.settings import OperatorSettings
@@ -44,7 +45,7 @@ from kubernetes import client, config, watch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from tests.e2e.msvc import modelservice
+from tests.e2e.msvc import condition, modelservice
 from tests.e2e.operator_process import OperatorProcess
 
 KUBECTL = [str(Path(subprocess.check_output([str(REPO / "hack/cluster"), "bin"], text=True).strip()) / "kubectl")]
@@ -190,9 +191,11 @@ def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def _condition(obj: dict, kind: str) -> bool:
-    return any(c.get("type") == kind and c.get("status") == "True"
-               for c in (obj.get("status") or {}).get("conditions") or ())
+DEPLOYMENTS = ("apps", "v1", "deployments")
+
+
+def _true(obj: dict, ctype: str) -> bool:
+    return (c := condition(obj, ctype)) is not None and c["status"] == "True"
 
 
 def _owner(obj: dict) -> str:
@@ -205,19 +208,18 @@ class Follow:
     the observer costs grows with the events, not with N times the number of polls (a LIST of
     every object each second made the observer itself quadratic in N)."""
 
-    def __init__(self, api: client.CustomObjectsApi, group: str, plural: str, ns: str,
+    def __init__(self, api: client.CustomObjectsApi, resource: tuple[str, str, str], ns: str,
                  key=_owner, done=None) -> None:
         self.seen: dict[str, float] = {}
-        self._done: dict[str, bool] = {}
+        self._done: set[str] = set()
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        version = "v1" if group == "apps" else "v1alpha1"
-        self._thread = threading.Thread(target=self._run, args=(api, group, version, plural, ns, key, done),
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(api, resource, ns, key, done), daemon=True)
         self._thread.start()
         time.sleep(1)
 
-    def _run(self, api, group, version, plural, ns, key, done) -> None:
+    def _run(self, api, resource, ns, key, done) -> None:
+        group, version, plural = resource
         rv = None
         while not self._stop.is_set():
             w = watch.Watch()
@@ -234,7 +236,10 @@ class Follow:
                     self.seen.setdefault(name, time.monotonic())
                 if done is not None:
                     with self._cond:
-                        self._done[name] = event["type"] != "DELETED" and done(obj)
+                        if event["type"] != "DELETED" and done(obj):
+                            self._done.add(name)
+                        else:
+                            self._done.discard(name)
                         self._cond.notify_all()
                 if self._stop.is_set():
                     w.stop()
@@ -242,7 +247,7 @@ class Follow:
     def wait(self, n: int, what: str, t0: float) -> float:
         """Seconds from ``t0`` until ``n`` objects are done."""
         with self._cond:
-            while (count := sum(self._done.values())) < n:
+            while (count := len(self._done)) < n:
                 if time.monotonic() - t0 > TIMEOUT_S:
                     raise SystemExit(f"N={n}: only {count}/{n} {what} after {TIMEOUT_S} s")
                 self._cond.wait(1)
@@ -258,7 +263,7 @@ def create_all(n: int, ns: str, api: client.CustomObjectsApi, then=None) -> dict
 
     def create(i: int) -> None:
         name = f"m{i:04d}"
-        body = api.create_namespaced_custom_object("kubemaas.io", "v1alpha1", ns, "modelservices",
+        body = api.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL,
                                                    modelservice(name, cpu="100m", memory="128Mi"))
         created[name] = time.monotonic()
         if then is not None:
@@ -295,7 +300,7 @@ def run_floor(n: int, api: client.CustomObjectsApi) -> dict:
             kube.apply(child)
         kube.patch_status(ms.namespace, ms.name, floor_status(ms))
 
-    watcher = Follow(api, "apps", "deployments", ns, done=lambda d: _condition(d, "Available"))
+    watcher = Follow(api, DEPLOYMENTS, ns, done=lambda d: _true(d, "Available"))
     cost = ClusterCost()
     t0 = time.monotonic()
     created = create_all(n, ns, api, then=children_and_status)
@@ -316,9 +321,9 @@ def run_operator(n: int, api: client.CustomObjectsApi) -> dict:
         cpu0, _ = proc_stats(op.proc.pid)
         rss_start = status_mib(op.proc.pid, "VmRSS")
         sampler = RssSampler(op.proc.pid)
-        watcher = Follow(api, "apps", "deployments", ns)
-        readiness = Follow(api, "kubemaas.io", "modelservices", ns, key=lambda m: m["metadata"]["name"],
-                           done=lambda m: _condition(m, "Ready"))
+        watcher = Follow(api, DEPLOYMENTS, ns)
+        readiness = Follow(api, (GROUP, VERSION, PLURAL), ns, key=lambda m: m["metadata"]["name"],
+                           done=lambda m: _true(m, "Ready"))
         cost = ClusterCost()
         t0 = time.monotonic()
         created = create_all(n, ns, api)

@@ -49,6 +49,10 @@ def lean(body: Any) -> LeanBody:
 
 
 class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf's annotation storage for its ``build`` only, which leaves its own annotation (``prefix``
+    and ``key``: one an earlier operator version wrote) out of the essence; ``fetch`` and ``store``
+    keep the essence in memory instead."""
+
     def __init__(self, *, kinds: Iterable[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.kinds = frozenset(kinds)  # the kinds with create/update handlers
@@ -67,9 +71,6 @@ class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
     def forget(self, uid: str) -> None:
         """The object is gone: its essence with it."""
         self._essences.pop(uid, None)
-
-    def __len__(self) -> int:
-        return len(self._essences)
 
     def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
         if body.get("kind") not in self.kinds:

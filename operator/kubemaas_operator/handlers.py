@@ -66,6 +66,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     memo.pool = ThreadPoolExecutor(op_settings.workers, thread_name_prefix="kubemaas")
     kube = KubeClient(load_api_client(op_settings.workers), op_settings.field_manager)
     memo.reconciler = Reconciler(kube, op_settings)
+    metrics.MANAGED.set_function(lambda: len(memo.reconciler.applied))  # read at each scrape
     memo.refresher = StatusRefresher(memo.reconciler, memo.pool,
                                      repair=lambda parent, indexes: _reconcile(memo, parent, indexes))
     metrics.serve(op_settings.metrics_port)
@@ -204,7 +205,6 @@ async def _reconcile(memo: kopf.Memo, body, indexes: Indexes, *, prune: bool = T
     finally:
         if report:
             metrics.record_reconcile(result, seconds)
-            metrics.MANAGED.set(len(reconciler.applied))
 
 
 def _refuse(reconciler: Reconciler, body, exc: ValidationError) -> None:
@@ -253,7 +253,6 @@ async def modelservice_gone(event, namespace, name, uid, memo, **_) -> None:
     memo.refresher.forget((namespace, name))
     memo.reconciler.forget((namespace, name))
     memo.diffbase.forget(uid)
-    metrics.MANAGED.set(len(memo.reconciler.applied))
 
 
 # --- children: status and drift (both in the refresher) -------------------------------

@@ -13,6 +13,8 @@ from tests.e2e.cluster import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+TWO_VARIANTS = [{"name": "a", "quantization": "none", "weight": 75},
+                {"name": "b", "quantization": "bf16", "weight": 25}]
 
 
 def modelservice(name: str, *, replicas: int = 1, gpus: int = 0, product: str | None = None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,25 +12,9 @@ from pathlib import Path
 
 import httpx
 
+from tests.ports import free_ports
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports: the sockets stay bound until all are chosen, so the kernel
-    cannot hand the same port out twice (a health port equal to the metrics port let the metrics
-    server answer /healthz while kopf's health server failed to bind and the operator exited)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class OperatorProcess:

@@ -12,7 +12,16 @@ import yaml
 
 from tests.e2e import msvc
 from tests.e2e.cluster import Cluster
-from tests.e2e.msvc import REPO, apply, deployments, get, modelservice, wait_ready, wait_reason
+from tests.e2e.msvc import (
+    REPO,
+    TWO_VARIANTS,
+    apply,
+    deployments,
+    get,
+    modelservice,
+    wait_ready,
+    wait_reason,
+)
 
 pytestmark = pytest.mark.e2e
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -118,9 +127,6 @@ def test_missing_pvc_is_named(cluster: Cluster, operator, namespace: str) -> Non
     cond = wait_reason(cluster, namespace, "nopvc", "PersistentVolumeClaimNotFound")
     assert "no-such-claim" in cond["message"]
 
-
-TWO_VARIANTS = [{"name": "a", "quantization": "none", "weight": 75},
-                {"name": "b", "quantization": "bf16", "weight": 25}]
 
 
 def _replicas(cluster: Cluster, namespace: str, name: str) -> dict[str, int]:

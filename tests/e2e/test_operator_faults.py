@@ -13,7 +13,7 @@ import pytest
 
 from tests.e2e import msvc
 from tests.e2e.cluster import HACK_CLUSTER, Cluster
-from tests.e2e.msvc import apply, deployments, modelservice, wait_ready
+from tests.e2e.msvc import TWO_VARIANTS, apply, deployments, modelservice, wait_ready
 from tests.e2e.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.e2e
@@ -61,6 +61,24 @@ def test_sigkill_while_reconciling_50_then_restart_converges(
     deps = cluster.get_json("deployments", "-n", namespace)["items"]
     assert len(deps) == 50
     assert sum(d["status"].get("readyReplicas", 0) for d in deps) == sum(1 + i % 2 for i in range(50))
+
+
+def test_a_variant_removed_while_the_operator_was_away_is_pruned_after_a_restart(
+        cluster: Cluster, fresh_operator, namespace: str) -> None:
+    """kopf's diff base lives in memory: after a restart every ModelService comes as a create,
+    and one that carries a status must still be pruned (as a resume was)."""
+    first = _start(cluster, fresh_operator)
+    base = modelservice("away", replicas=2, variants=TWO_VARIANTS)
+    apply(cluster, namespace, base)
+    wait_ready(cluster, namespace, "away")
+    assert set(deployments(cluster, namespace, "away")) == {"away-a", "away-b"}
+    first.stop()
+
+    apply(cluster, namespace, msvc.with_changes(base, variants=[{**TWO_VARIANTS[0], "weight": 100}]))
+    _start(cluster, fresh_operator)
+    cluster.wait_until(lambda: set(deployments(cluster, namespace, "away")) == {"away-a"}, timeout=60,
+                       what="away-b deleted after the restart")
+    wait_ready(cluster, namespace, "away")
 
 
 def _local_cluster(cluster: Cluster) -> bool:
