@@ -33,6 +33,19 @@ spec:
 EOF
 }
 
+# A Ready pod reaches kube-proxy's rules a moment later (EndpointSlice controller, then the next
+# sync); until then kube-proxy rejects connections to the ClusterIP. Wait until one is accepted.
+wait_routes() { # clusterIP
+  local _
+  for _ in $(seq 120); do
+    timeout 5 bash -c "exec 3<>/dev/tcp/$1/80" 2>/dev/null && return 0
+    sleep 0.5
+  done
+  echo "no connection to the Service at $1:80 after 60s" >&2
+  kubectl get endpointslices -n "$NAMESPACE" -o wide >&2 || true
+  return 1
+}
+
 serve_for_real() {
   if [ -z "$(kubectl get nodes -l kubemaas.io/real-node=true -o name)" ]; then
     say "no real node (KUBEMAAS_REAL_NODE=0): every pod above is simulated; nothing serves for real"
@@ -62,6 +75,9 @@ serve_for_real() {
   local minilm_ip chat_ip
   minilm_ip=$(kubectl get svc -n "$NAMESPACE" minilm-real -o jsonpath='{.spec.clusterIP}')
   chat_ip=$(kubectl get svc -n "$NAMESPACE" smollm2-real -o jsonpath='{.spec.clusterIP}')
+
+  wait_routes "$minilm_ip" || exit 1
+  wait_routes "$chat_ip" || exit 1
 
   say "one inference through the Service minilm-real ($minilm_ip)"
   "$PY" - "$minilm_ip" <<'PY'

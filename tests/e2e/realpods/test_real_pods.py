@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -123,8 +124,30 @@ def wait_ready(cluster: Cluster, namespace: str, name: str, release: OperatorRel
                     report(cluster, namespace, release), interval=2)
 
 
+ROUTE_TIMEOUT = 60  # the EndpointSlice controller and kube-proxy's next sync, on a loaded machine
+
+
 def service_ip(cluster: Cluster, namespace: str, name: str) -> str:
-    return cluster.get_json("service", name, "-n", namespace)["spec"]["clusterIP"]
+    """The Service's ClusterIP once it routes. A pod's readiness reaches kube-proxy's rules
+    asynchronously (EndpointSlice controller, then kube-proxy's sync); until then the Service
+    has no endpoint and kube-proxy rejects the connection, so a client that starts the moment
+    the ModelService is Ready can be refused (CI saw it). Wait for a TCP connect to succeed."""
+    ip = cluster.get_json("service", name, "-n", namespace)["spec"]["clusterIP"]
+
+    def routes() -> bool:
+        try:
+            socket.create_connection((ip, 80), timeout=5).close()
+        except OSError:
+            return False
+        return True
+
+    def slices() -> str:
+        return cluster.kubectl("get", "endpointslices", "-n", namespace, "-o", "wide",
+                               check=False).stdout
+
+    wait_for(routes, ROUTE_TIMEOUT, f"Service {namespace}/{name} ({ip}:80) to accept connections",
+             slices, interval=0.5)
+    return ip
 
 
 def cosine(a, b) -> float:
