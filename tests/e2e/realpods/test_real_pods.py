@@ -128,10 +128,8 @@ ROUTE_TIMEOUT = 60  # the EndpointSlice controller and kube-proxy's next sync, o
 
 
 def service_ip(cluster: Cluster, namespace: str, name: str) -> str:
-    """The Service's ClusterIP once it routes. A pod's readiness reaches kube-proxy's rules
-    asynchronously (EndpointSlice controller, then kube-proxy's sync); until then the Service
-    has no endpoint and kube-proxy rejects the connection, so a client that starts the moment
-    the ModelService is Ready can be refused (CI saw it). Wait for a TCP connect to succeed."""
+    """The Service's ClusterIP once a TCP connect to it succeeds: Ready does not mean kube-proxy
+    routes it yet (docs/operator.md, Conditions), and until it does the connection is refused."""
     ip = cluster.get_json("service", name, "-n", namespace)["spec"]["clusterIP"]
 
     def routes() -> bool:
