@@ -17,6 +17,7 @@ FORMATS = ("torchscript", "exported-program", "safetensors", "transformers", "gg
 TASKS = ("feature-extraction", "text-classification", "text-generation")
 QUANTIZATIONS = ("none", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-weight-only")
 DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("auto", "builtin", "vllm")
 URI_SCHEMES = ("pvc", "file", "s3", "hf")
 ENV_PREFIX = "KUBEMAAS_"
 DEFAULT_MODEL_DIR = "/mnt/models"
@@ -58,6 +59,10 @@ class ServeConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 16
     kv_cache_tokens: int | None = None
+    # which generation engine serves text-generation (docs/runtime.md "Engines"), and the GPUs
+    # one model is split over (None: every visible GPU)
+    engine: str = "auto"
+    tensor_parallel_size: int | None = None
 
     @property
     def model_path(self) -> Path:
@@ -173,6 +178,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="text-generation: KV-cache token budget over all running sequences (each reserves "
              "its prompt + max_tokens); past it requests wait in the queue (--max-queue). "
              "Default: max-num-seqs x max-model-len")
+    add("--engine", choices=ENGINES, default="auto",
+        help="text-generation: the engine behind the OpenAI and v2 generate routes; auto takes "
+             "vllm when it imports, knows the architecture and the format is transformers, "
+             "else builtin")
+    add("--tensor-parallel-size", type=_positive_int,
+        help="text-generation: GPUs one model is split over (tensor parallel); default: every "
+             "visible GPU")
     add("--log-level", choices=("debug", "info", "warning", "error"), default="info",
         help="log verbosity")
     _mention_env_vars(parser)
