@@ -111,6 +111,7 @@ def _build_state(config: ServeConfig):
 
     from kubemaas_runtime.auth import read_token_file
     from kubemaas_runtime.device import available_cpus, resolve_device
+    from kubemaas_runtime.engine_choice import choose_engine
     from kubemaas_runtime.metrics import create_metrics
     from kubemaas_runtime.models.base import ModelOptions
     from kubemaas_runtime.models.registry import create_model
@@ -120,6 +121,9 @@ def _build_state(config: ServeConfig):
     torch.set_num_threads(threads)
     device = resolve_device(config.device)
     log.info("serving %s on %s with %d CPU threads", config.model_uri, device, threads)
+    visible = torch.cuda.device_count() if device.type == "cuda" else 0
+    choice = choose_engine(config.engine, config.tensor_parallel_size, visible, device.type)
+    log.info("engine %s (%s)", choice.engine, choice.reason)
     options = ModelOptions(
         path=config.model_path, name=config.name, variant=config.variant, task=config.task,
         architecture=config.architecture, quantization=config.quantization, device=device,

@@ -56,7 +56,7 @@ def test_every_flag_has_an_env_var():
                  "--termination-log", "--max-drift", "--max-json-bytes", "--max-tensor-rank",
                  "--max-tensor-elements", "--max-string-bytes", "--max-buffered-bytes",
                  "--body-timeout-seconds", "--max-connections", "--max-header-bytes",
-                 "--auth-token-file"):
+                 "--auth-token-file", "--engine", "--tensor-parallel-size"):
         assert flag in flags
 
 
@@ -68,6 +68,8 @@ def test_every_flag_has_an_env_var():
     (["--model-uri", "pvc://a/b", "--format", "safetensors"], {}),            # no architecture
     (["--model-uri", "pvc://a/b", "--format", "torchscript"], {"KUBEMAAS_MAX_BATCH_SIZE": "0"}),
     (["--model-uri", "pvc://a/b", "--format", "torchscript", "--quantization", "int3"], {}),
+    (["--model-uri", "pvc://a/b", "--format", "gguf"], {"KUBEMAAS_ENGINE": "tensorrt"}),
+    (["--model-uri", "pvc://a/b", "--format", "gguf", "--tensor-parallel-size", "0"], {}),
     (["--model-uri", "pvc://a/b", "--format", "gguf", "--task", "feature-extraction"], {}),
     (["--model-uri", "pvc://a/b", "--format", "torchscript", "--task", "text-generation"], {}),
     (["--model-uri", "pvc://a/b", "--format", "gguf"], {"KUBEMAAS_MAX_NUM_SEQS": "0"}),
