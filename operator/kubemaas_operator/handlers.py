@@ -28,7 +28,7 @@ from kubemaas_operator.events import post_event
 from kubemaas_operator.kube import KubeClient, load_api_client
 from kubemaas_operator.observe import Problem
 from kubemaas_operator.reconcile import MODELSERVICE_LABEL, Key, Reconciler
-from kubemaas_operator.refresh import Indexes, StatusRefresher
+from kubemaas_operator.refresh import Indexes, StatusRefresher, deployment_view
 from kubemaas_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -93,13 +93,7 @@ async def modelservice_index(namespace, name, body, **_):
 
 @kopf.index("apps", "v1", "deployments", labels=CHILD)
 async def deployment_index(namespace, labels, body, **_):
-    return {_owner_key(namespace, labels): {
-        "metadata": {"name": body["metadata"]["name"],
-                     "generation": body["metadata"].get("generation", 0),
-                     "labels": dict(labels)},
-        "spec": {"replicas": body.get("spec", {}).get("replicas", 1)},
-        "status": dict(body.get("status", {})),
-    }}
+    return {_owner_key(namespace, labels): deployment_view(body)}
 
 
 @kopf.index("", "v1", "pods", labels=CHILD)
@@ -186,17 +180,20 @@ async def _reconcile(memo: kopf.Memo, body, indexes: Indexes, *, prune: bool = T
                 memo.pool, _write_refusal, reconciler, body, refused.reason, refused.message)
             raise kopf.PermanentError(f"{refused.reason}: {refused.message}")
 
+        # a spec change shows at once, from the apply's own answers (its new generation, not
+        # Ready while a changed Deployment rolls: refresh.py); then from the watches, at once.
+        # A canary tick or a drift repair waits the window, so the pods it moved show settled.
+        then = (lambda moved: memo.refresher.after_apply(key, body, indexes, moved)) if report else None
+
         def run() -> tuple[Problem | None, float]:  # in the pool: timed there, not while queued
             started = time.perf_counter()
             _, problem = reconciler.reconcile(
                 ms, pinned_image=status.get("runtimeImage"), prune=prune, status=status,
                 observed=indexes.observed(key), only_changes=only_changes,
-                owners=indexes.owners(key[0], ms.metadata.uid or ""), gpu_nodes=indexes.gpus)
+                owners=indexes.owners(key[0], ms.metadata.uid or ""), gpu_nodes=indexes.gpus, then=then)
             return problem, time.perf_counter() - started
 
         problem, seconds = await asyncio.get_running_loop().run_in_executor(memo.pool, run)
-        # a spec change shows at once (its new generation, Ready=False while it rolls); a canary
-        # tick or a drift repair waits the window, so the pods it moved show settled
         memo.refresher.touch(key, indexes, now=report)
         result = "blocked" if problem else "applied"
         # GPUMemoryInsufficient needs no retry: a change of the nodes re-plans (node_changed)

@@ -193,12 +193,16 @@ class Reconciler:
     def reconcile(self, ms: ModelService, pinned_image: str | None, prune: bool = True,
                   observed: Sequence[ObservedDeployment] = (), status: dict | None = None,
                   only_changes: bool = False, owners: Owners = no_owners,
-                  gpu_nodes: Sequence[gpufit.GpuNode] | None = None) -> tuple[Plan, Problem | None]:
+                  gpu_nodes: Sequence[gpufit.GpuNode] | None = None,
+                  then: Callable[[dict[str, dict]], None] | None = None) -> tuple[Plan, Problem | None]:
         """Apply the desired children; ``prune=False`` (a first create, which cannot have stale
         children of its own uid) skips listing every owned kind. ``status`` is the status the
         object carries (the rollout record when this operator has written none since it
         started); ``only_changes`` (the canary timer) writes only what differs from the last
-        plan. ``owners`` says who else holds a name, from the watches; ``gpu_nodes`` the GPUs."""
+        plan. ``owners`` says who else holds a name, from the watches; ``gpu_nodes`` the GPUs.
+        ``then`` runs under the same lock once the children are written, with the Deployments
+        whose generation this apply moved (name -> the API server's answer): the spec change's
+        own status write (refresh.py), before any refresh can write one from the watches."""
         key = (ms.namespace, ms.name)
         with self.lock(key):
             record = _parsed(self.last_status(key, status))
@@ -208,8 +212,9 @@ class Reconciler:
             generations = dict(last.generations) if last else {}
             digests = {(c["kind"], c["metadata"]["name"]): _digest(c) for c in plan.children}
             problem = None
+            moved: dict[str, dict] = {}
             try:
-                self._apply(plan, digests, generations, prune, previous, owners)
+                self._apply(plan, digests, generations, prune, previous, owners, moved)
             except Blocked as exc:
                 problem = exc.problem
             except NamespaceTerminating:
@@ -217,10 +222,13 @@ class Reconciler:
             # a blocked apply wrote only some children: the next one compares against none
             self.applied[key] = Applied(replace(plan, children=()), {} if problem else digests,
                                         problem or plan.fit_problem, generations)
+            if then is not None:
+                then(moved)
         return plan, problem or plan.fit_problem
 
     def _apply(self, plan: Plan, digests: dict[tuple[str, str], str], generations: dict[str, int],
-               prune: bool, previous: Applied | None, owners: Owners) -> None:
+               prune: bool, previous: Applied | None, owners: Owners, moved: dict[str, dict]) -> None:
+        """Write the plan; ``moved`` gets the Deployments whose generation the apply moved."""
         ns, _ = plan.key
         for child in plan.children:
             kind, name = child["kind"], child["metadata"]["name"]
@@ -228,7 +236,10 @@ class Reconciler:
                 continue
             applied = self._write_child(child, plan.uid, owners)
             if kind == "Deployment":
-                generations[name] = applied["metadata"].get("generation", 0)
+                generation = applied["metadata"].get("generation", 0)
+                if generation != generations.get(name):
+                    moved[name] = applied
+                generations[name] = generation
         for name, replicas in plan.scales:
             if previous is not None and (name, replicas) in previous.plan.scales:
                 continue

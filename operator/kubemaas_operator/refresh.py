@@ -7,6 +7,12 @@ refreshed after), else computes the status once from kopf's indexes (whatever ha
 window: a Deployment's status, its pods starting) and writes it when it differs from the status
 last written, posting an Event when the Ready condition moved (from the pool, with our client:
 events.py says why not kopf's poster). Events that arrive while a refresh runs fold into one more.
+
+A spec change does not wait for the watches: under the same lock as its apply, the reconcile
+writes the status it sees in the apply's own answers (:meth:`StatusRefresher.after_apply`), so
+a changed Deployment shows not rolled out first even when its pods are quicker than the
+reconcile. Each write posts its Event before the lock is let go, so Events follow the order of
+the statuses they report.
 """
 
 from __future__ import annotations
@@ -27,6 +33,16 @@ log = logging.getLogger(__name__)
 WINDOW_SECONDS = 0.5
 RETRY_SECONDS = 5
 MAX_FAILURES = 12  # a minute of a failing API server; the next event starts again
+
+
+def deployment_view(body: Mapping[str, Any]) -> dict:
+    """What status is computed from, of one Deployment: its name, generation, labels, replicas
+    and status (the watch's index keeps this much of each; an apply's answer is cut the same)."""
+    meta = body["metadata"]
+    return {"metadata": {"name": meta["name"], "generation": meta.get("generation", 0),
+                         "labels": dict(meta.get("labels") or {})},
+            "spec": {"replicas": (body.get("spec") or {}).get("replicas", 1)},
+            "status": dict(body.get("status") or {})}
 
 
 @dataclass(frozen=True)
@@ -119,8 +135,9 @@ class StatusRefresher:
                 if parent is None:
                     return
                 try:
-                    drifted, moved = await loop.run_in_executor(
+                    drifted = await loop.run_in_executor(
                         self._pool, self._refresh, key, parent, indexes, frozenset(repaired))
+                    failures = 0
                     if drifted and self._repair is not None:
                         log.info("Deployment %s/%s was changed by hand; putting it back", key[0], drifted[0][0])
                         repaired.update(drifted)
@@ -132,10 +149,6 @@ class StatusRefresher:
                     if failures < MAX_FAILURES:  # an API server away for a while: try again
                         self._again.add(key)
                         await asyncio.sleep(RETRY_SECONDS)
-                    moved = None
-                if moved is not None:
-                    failures = 0
-                    await loop.run_in_executor(self._pool, self._post, parent, *moved)
                 if key not in self._again:
                     return
         finally:
@@ -143,23 +156,40 @@ class StatusRefresher:
                 del self._running[key]
 
     def _refresh(self, key: Key, parent: Any, indexes: Indexes, repaired: frozenset = frozenset(),
-                 ) -> tuple[list[tuple[str, int]], tuple[list[dict], list[dict]] | None]:
+                 ) -> list[tuple[str, int]]:
         """In the pool: the Deployments edited by hand, as (name, generation), other than those
         this run already repaired (then nothing is written: the repair comes first); else
-        compute and write the status, with the conditions before and after when written."""
+        compute and write the status, and its Event."""
         reconciler = self._reconciler
         with reconciler.lock(key):
             deployments = list(indexes.deployments.get(key, ()))
             drifted = [d for d in reconciler.drifted(key, deployments) if d not in repaired] \
                 if self._repair is not None else []
             if drifted:
-                return drifted, None
-            previous = reconciler.last_status(key, parent.get("status"))
-            status = reconciler.status_for(key, deployments, list(indexes.pods.get(key, ())), previous)
-            if status is None:
-                return [], None
-            reconciler.write_status(key, status)
-        return [], ((previous or {}).get("conditions") or [], status["conditions"])
+                return drifted
+            self._write(key, parent, deployments, list(indexes.pods.get(key, ())))
+        return []
+
+    def after_apply(self, key: Key, parent: Any, indexes: Indexes, applied: Mapping[str, dict]) -> None:
+        """In the pool, under the lock of the reconcile that just applied ``applied`` (the
+        Deployments whose generation it moved, as the API server answered the apply): write
+        the status those answers show, with the other Deployments as indexed. A new template
+        is not rolled out in its apply's answer, so the change always shows as not Ready
+        first; the refresh that follows reads the watches."""
+        views = {d["metadata"]["name"]: d for d in indexes.deployments.get(key, ())}
+        views.update((name, deployment_view(body)) for name, body in applied.items())
+        self._write(key, parent, list(views.values()), list(indexes.pods.get(key, ())))
+
+    def _write(self, key: Key, parent: Any, deployments: list[dict], pods: list[dict]) -> None:
+        """Compute, and write when it changed, with the Event of a Ready transition. Under the
+        lock: the next write, and its Event, wait for this one's."""
+        reconciler = self._reconciler
+        previous = reconciler.last_status(key, parent.get("status"))
+        status = reconciler.status_for(key, deployments, pods, previous)
+        if status is None:
+            return
+        reconciler.write_status(key, status)
+        self._post(parent, (previous or {}).get("conditions") or [], status["conditions"])
 
 
 def post_transition(kube: KubeClient, parent: Any, before: list[dict], after: list[dict]) -> None:

@@ -164,8 +164,8 @@ def test_a_change_to_one_variant_rolls_out_only_that_variant(cluster: Cluster, o
 
     # The promised Events (docs/operator.md, Conditions): one per change of the Ready condition
     # that a written status shows. The create may coalesce straight to Ready (no not-Ready Event
-    # then); the roll always writes a not-Ready status first (the reconcile's own refresh sees
-    # the new Deployment generation not yet rolled out), then Ready again.
+    # then); the roll always writes a not-Ready status first (the reconcile writes what its
+    # apply answered: the changed Deployment not yet rolled out), then Ready again.
     def ready_events() -> list[str]:
         events = cluster.get_json("events", "-n", namespace, "--field-selector",
                                   "involvedObject.kind=ModelService,involvedObject.name=ro")["items"]
@@ -175,8 +175,16 @@ def test_a_change_to_one_variant_rolls_out_only_that_variant(cluster: Cluster, o
     def after_first_ready(reasons: list[str]) -> list[str]:
         return reasons[reasons.index("AllVariantsAvailable") + 1:] if "AllVariantsAvailable" in reasons else []
 
-    cluster.wait_until(lambda: "AllVariantsAvailable" in after_first_ready(ready_events()), timeout=30,
-                       what="the roll's Ready Event after the create's")
+    seen: list[str] = []
+
+    def roll_reported() -> bool:
+        seen[:] = ready_events()
+        return "AllVariantsAvailable" in after_first_ready(seen)
+
+    try:
+        cluster.wait_until(roll_reported, timeout=30, what="the roll's Ready Event after the create's")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; Ready Events so far: {seen}") from exc
     reasons = ready_events()
     rolled = after_first_ready(reasons)
     # not Ready during the roll: WaitingForReplicas / RollingOut, or a pod's problem while the

@@ -178,3 +178,34 @@ def test_a_deployment_is_drifted_only_past_the_generation_our_apply_got() -> Non
     assert reconciler.drifted(key, [indexed(name, 2)]) == [(name, 2)]  # someone changed the spec since
     assert reconciler.drifted(key, [indexed("not-ours", 9)]) == []
     assert reconciler.drifted(("ns", "unknown"), [indexed(name, 9)]) == []
+
+
+class _VersionedKube(_Kube):
+    """Answers an apply as the API server does: the generation moves when the spec changed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored: dict[tuple[str, str], dict] = {}
+
+    def apply(self, obj, force=False):
+        key = (obj["kind"], obj["metadata"]["name"])
+        old = self.stored.get(key)
+        generation = (old["metadata"]["generation"] + (old["spec"] != obj.get("spec"))) if old else 1
+        self.stored[key] = {**obj, "metadata": {**obj["metadata"], "generation": generation}}
+        return self.stored[key]
+
+
+def test_then_runs_under_the_lock_with_only_the_deployments_the_apply_moved() -> None:
+    reconciler = Reconciler(_VersionedKube(), SETTINGS)
+    seen: list[tuple[bool, dict]] = []
+    then = lambda moved: seen.append((reconciler.lock(("ns", "m")).locked(), moved))
+
+    plan, _ = reconciler.reconcile(_ms(replicas=2), None, prune=False, then=then)
+    names = {c["metadata"]["name"] for c in plan.children if c["kind"] == "Deployment"}
+    reconciler.reconcile(_ms(replicas=2), None, prune=False, then=then)  # the same spec again
+    reconciler.reconcile(_ms(image="example.com/other:2", replicas=2), None, prune=False, then=then)
+
+    assert all(locked for locked, _ in seen)
+    assert set(seen[0][1]) == names and all(b["metadata"]["generation"] == 1 for b in seen[0][1].values())
+    assert seen[1][1] == {}  # nothing changed: nothing moved
+    assert set(seen[2][1]) == names and all(b["metadata"]["generation"] == 2 for b in seen[2][1].values())

@@ -173,3 +173,35 @@ def test_an_edit_the_repair_cannot_put_back_is_repaired_once_per_run_not_in_a_lo
     reconciler, _ = _run(scenario)
     assert len(repairs) == 2
     assert len(reconciler.writes) >= 1  # the status is still written
+
+
+def test_after_apply_computes_from_the_apply_answer_and_posts_before_the_lock_is_let_go() -> None:
+    """A spec change's status comes from what its apply answered (a new template, not rolled
+    out), whatever the watches already hold; its Event is posted while the lock is still held,
+    so a refresh that writes next posts after it."""
+    seen: dict = {}
+
+    class Recording(_Reconciler):
+        def status_for(self, key, deployments, pods, previous):
+            seen["deployments"] = {d["metadata"]["name"]: d for d in deployments}
+            return super().status_for(key, deployments, pods, previous)
+
+    reconciler, posted = Recording(), []
+    refresher = StatusRefresher(reconciler, None,  # type: ignore[arg-type]
+                                post=lambda parent, before, after: posted.append(reconciler._lock.locked()))
+    rolled = {"metadata": {"name": "m-a", "generation": 2, "labels": {}}, "spec": {"replicas": 1},
+              "status": {"observedGeneration": 2, "updatedReplicas": 1, "replicas": 1}}
+    untouched = {"metadata": {"name": "m-b", "generation": 1, "labels": {}}, "spec": {"replicas": 1},
+                 "status": {"observedGeneration": 1}}
+    answer = {"apiVersion": "apps/v1", "kind": "Deployment",
+              "metadata": {"name": "m-a", "generation": 2, "managedFields": [{}], "labels": {"x": "y"}},
+              "spec": {"replicas": 1, "template": {}}, "status": {"observedGeneration": 1}}
+    indexes = Indexes({KEY: [{"metadata": {"name": "m"}, "status": {}}]}, {KEY: [rolled, untouched]}, {}, {})
+
+    with reconciler.lock(KEY):
+        refresher.after_apply(KEY, indexes.parent(KEY), indexes, {"m-a": answer})
+
+    assert seen["deployments"]["m-a"] == {"metadata": {"name": "m-a", "generation": 2, "labels": {"x": "y"}},
+                                          "spec": {"replicas": 1}, "status": {"observedGeneration": 1}}
+    assert seen["deployments"]["m-b"] is untouched
+    assert len(reconciler.writes) == 1 and posted == [True]
