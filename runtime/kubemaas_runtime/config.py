@@ -59,8 +59,8 @@ class ServeConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 16
     kv_cache_tokens: int | None = None
-    # which generation engine serves text-generation (docs/runtime.md "Engines"), and the GPUs
-    # one model is split over (None: every visible GPU)
+    # which engine serves the model (docs/runtime.md "Engines and GPUs"), and the GPUs one
+    # model is split over (None: every visible GPU)
     engine: str = "auto"
     tensor_parallel_size: int | None = None
 
@@ -179,12 +179,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
              "its prompt + max_tokens); past it requests wait in the queue (--max-queue). "
              "Default: max-num-seqs x max-model-len")
     add("--engine", choices=ENGINES, default="auto",
-        help="text-generation: the engine behind the OpenAI and v2 generate routes; auto takes "
-             "vllm when it imports, knows the architecture and the format is transformers, "
-             "else builtin")
+        help="the engine that runs the model; this version has only the builtin one: auto "
+             "takes builtin, vllm is refused at start (ModelLoadFailed)")
     add("--tensor-parallel-size", type=_positive_int,
-        help="text-generation: GPUs one model is split over (tensor parallel); default: every "
-             "visible GPU")
+        help="GPUs one model is split over (tensor parallel); default: every visible GPU. The "
+             "builtin engine splits over none: above 1 (or with several GPUs visible) the "
+             "start fails with ModelLoadFailed, for every task")
     add("--log-level", choices=("debug", "info", "warning", "error"), default="info",
         help="log verbosity")
     _mention_env_vars(parser)

@@ -19,19 +19,17 @@ class EngineChoice:
     reason: str  # why, for the start-up log
 
 
-def choose_engine(requested: str, tensor_parallel_size: int | None, visible_gpus: int,
-                  device_type: str) -> EngineChoice:
-    """`requested` is --engine (auto|builtin|vllm); `visible_gpus` the CUDA devices this
-    process sees; `device_type` the resolved device ("cpu" or "cuda")."""
+def choose_engine(requested: str, tensor_parallel_size: int | None, gpus: int) -> EngineChoice:
+    """`requested` is --engine (auto|builtin|vllm); `gpus` the CUDA devices the model would
+    run on: every one this process sees, 0 on CPU (`--device cpu` uses none)."""
     if requested == "vllm":
         raise ModelLoadFailed(
             "--engine vllm: the vLLM engine is not part of this runtime version; use --engine "
             "builtin (or auto)")
-    gpus = visible_gpus if device_type == "cuda" else 1
-    split = tensor_parallel_size if tensor_parallel_size is not None else gpus
+    split = tensor_parallel_size if tensor_parallel_size is not None else max(gpus, 1)
     if split > 1:
         given = (f"--tensor-parallel-size {tensor_parallel_size}" if tensor_parallel_size
-                 else f"{visible_gpus} visible GPUs (the default tensor-parallel size)")
+                 else f"{gpus} visible GPUs (the default tensor-parallel size)")
         raise ModelLoadFailed(
             f"the builtin engine cannot split a model over several GPUs ({given}): give the pod "
             f"one GPU, or set --tensor-parallel-size 1 to run on the first")

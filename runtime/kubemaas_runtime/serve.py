@@ -121,8 +121,8 @@ def _build_state(config: ServeConfig):
     torch.set_num_threads(threads)
     device = resolve_device(config.device)
     log.info("serving %s on %s with %d CPU threads", config.model_uri, device, threads)
-    visible = torch.cuda.device_count() if device.type == "cuda" else 0
-    choice = choose_engine(config.engine, config.tensor_parallel_size, visible, device.type)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    choice = choose_engine(config.engine, config.tensor_parallel_size, gpus)
     log.info("engine %s (%s)", choice.engine, choice.reason)
     options = ModelOptions(
         path=config.model_path, name=config.name, variant=config.variant, task=config.task,
