@@ -274,6 +274,7 @@ def create_app(state: ServingState) -> Starlette:
         from kubemaas_runtime.generation.routes import GenerationService
 
         generation = GenerationService(state)
+    from kubemaas_runtime.embeddings import embeddings_routes  # /v1/embeddings (encoders)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -295,6 +296,7 @@ def create_app(state: ServingState) -> Starlette:
         Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/metrics", prometheus),
         *(generation.routes() if generation is not None else []),
+        *embeddings_routes(state),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error})  # type: ignore[dict-item]  # starlette types handlers as (Request, Exception)

@@ -18,11 +18,18 @@ from kubemaas_runtime.models.base import Model, Signature, TensorSpec
 from kubemaas_runtime.protocol import Tensor
 
 TEXT_INPUT = TensorSpec("text", "BYTES", (-1,))
-WARMUP_TEXTS = ["warm up", "a slightly longer sentence to warm up the model with padding"]
+# A request already tokenized (the OpenAI embeddings route, embeddings.py): an object array of
+# lists of token ids. Never a v2 input: the v2 route accepts only the signature's `text`.
+TOKEN_IDS = "token_ids"
+WARMUP_TEXTS: list[str | list[int]] = [
+    "warm up", "a slightly longer sentence to warm up the model with padding"]
 
 
 class TextTokenizer:
-    """The fast `tokenizers` tokenizer when tokenizer.json exists, else transformers'."""
+    """The fast `tokenizers` tokenizer when tokenizer.json exists, else transformers'.
+
+    A text becomes token ids (special tokens added), truncated to `max_length` for the model
+    (`__call__`) or whole for counting (`token_ids`); rows of ids are padded per batch."""
 
     def __init__(self, model_dir: Path, max_length: int) -> None:
         self.max_length = max_length
@@ -31,30 +38,53 @@ class TextTokenizer:
         if tokenizer_json.is_file():
             from tokenizers import Tokenizer
 
+            self._whole = Tokenizer.from_file(str(tokenizer_json))
+            self._whole.no_padding()
+            self._whole.no_truncation()
             self._fast = Tokenizer.from_file(str(tokenizer_json))
+            self._fast.no_padding()
+            self._fast.enable_truncation(max_length=max_length)
             pad_token = _tokenizer_config(model_dir).get("pad_token") or "[PAD]"
             if isinstance(pad_token, dict):
                 pad_token = pad_token.get("content", "[PAD]")
-            pad_id = self._fast.token_to_id(pad_token)
-            self._fast.enable_padding(pad_id=pad_id or 0, pad_token=pad_token)
-            self._fast.enable_truncation(max_length=max_length)
+            self.pad_id = self._fast.token_to_id(pad_token) or 0
         else:
             from transformers import AutoTokenizer
 
             self._fast = None
             self._hf = AutoTokenizer.from_pretrained(str(model_dir))
+            self.pad_id = self._hf.pad_token_id or 0
 
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        if self._fast is None:
-            return dict(self._hf(texts, padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt"))
-        encodings = self._fast.encode_batch(texts)
-        return {
-            "input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.int64),
-            "attention_mask": torch.tensor([e.attention_mask for e in encodings],
-                                           dtype=torch.int64),
-            "token_type_ids": torch.tensor([e.type_ids for e in encodings], dtype=torch.int64),
-        }
+    def __call__(self, rows: list[str | list[int]]) -> dict[str, torch.Tensor]:
+        """Texts tokenized and truncated, token-id rows as given, padded together."""
+        texts = [row for row in rows if isinstance(row, str)]
+        encoded = iter(self._ids(texts, truncate=True))
+        return self.pad([next(encoded) if isinstance(row, str) else row for row in rows])
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Every token of each text, special tokens included, never truncated."""
+        return self._ids(texts, truncate=False)
+
+    def _ids(self, texts: list[str], truncate: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        if self._hf is not None:
+            kwargs = {"truncation": True, "max_length": self.max_length} if truncate else {}
+            return [list(ids) for ids in self._hf(texts, **kwargs)["input_ids"]]
+        tokenizer = self._fast if truncate else self._whole
+        return [e.ids for e in tokenizer.encode_batch(texts)]
+
+    def pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Right padding to the longest row, as the tokenizers pad a batch (one segment:
+        token_type_ids 0)."""
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.int64)
+        mask = torch.zeros((len(rows), width), dtype=torch.int64)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
+            mask[i, :len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask,
+                "token_type_ids": torch.zeros_like(ids)}
 
 
 def _tokenizer_config(model_dir: Path) -> dict[str, Any]:
@@ -97,6 +127,7 @@ class TransformersModel(Model):
         self._model: torch.nn.Module | None = None
         self._tokenizer: TextTokenizer | None = None
         self._forward_args: set[str] = set()
+        self.vocab_size = 0
 
     def load(self) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # serving never reaches for the hub
@@ -117,6 +148,7 @@ class TransformersModel(Model):
         model = model.to(self.device).eval()
         self._forward_args = set(inspect.signature(model.forward).parameters)
         self._tokenizer = TextTokenizer(path, _max_length(path, model.config))
+        self.vocab_size = int(model.config.vocab_size)  # token ids a request may send
         self._model = model
         self._after_load(model.config)
         self._model = self.quantize(model).module
@@ -133,15 +165,21 @@ class TransformersModel(Model):
         decoded = np.array(decode_texts(text), dtype=object).reshape(text.data.shape)
         return {"text": Tensor(text.name, text.datatype, text.shape, decoded)}
 
-    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        encoded = self._tokenizer(texts)
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self._tokenizer
+
+    def _encode(self, rows: list[str | list[int]]) -> dict[str, torch.Tensor]:
+        encoded = self._tokenizer(rows)
         return {k: v.to(self.device) for k, v in encoded.items() if k in self._forward_args}
 
-    def _run(self, texts: list[str]) -> list[torch.Tensor]:
+    def _run(self, rows: list[str | list[int]]) -> list[np.ndarray]:
         raise NotImplementedError
 
     def predict(self, batch: list[dict[str, Tensor]]) -> list[list[Tensor]]:
-        per_request = [decode_texts(inputs["text"]) for inputs in batch]
+        per_request: list[list] = [
+            list(inputs[TOKEN_IDS].data) if TOKEN_IDS in inputs else decode_texts(inputs["text"])
+            for inputs in batch]
         outputs = self._run([t for request_texts in per_request for t in request_texts])
         results = []
         start = 0
@@ -170,8 +208,13 @@ class FeatureExtractionModel(TransformersModel):
         self.signature = Signature(
             (TEXT_INPUT,), (TensorSpec("embedding", "FP32", (-1, int(config.hidden_size))),))
 
-    def _run(self, texts: list[str]) -> list[np.ndarray]:
-        encoded = self._encode(texts)
+    @property
+    def dimension(self) -> int:
+        (spec,) = self.signature.outputs
+        return spec.shape[1]
+
+    def _run(self, rows: list[str | list[int]]) -> list[np.ndarray]:
+        encoded = self._encode(rows)
         hidden = self._model(**encoded).last_hidden_state.float()
         mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         if self._pooling == "cls":
@@ -202,8 +245,8 @@ class TextClassificationModel(TransformersModel):
             TensorSpec("probabilities", "FP32", (-1, count)),
         ))
 
-    def _run(self, texts: list[str]) -> list[np.ndarray]:
-        logits = self._model(**self._encode(texts)).logits.float()
+    def _run(self, rows: list[str | list[int]]) -> list[np.ndarray]:
+        logits = self._model(**self._encode(rows)).logits.float()
         probs = torch.sigmoid(logits) if self._multi_label else torch.softmax(logits, dim=-1)
         scores, best = probs.max(dim=-1)
         return [self._labels[best.cpu().numpy()], scores.cpu().numpy(), probs.cpu().numpy()]
