@@ -10,7 +10,7 @@ import pytest
 import torch
 from kubemaas_runtime.errors import InvalidInput, Overloaded
 from kubemaas_runtime.generation.causal_lm import CausalLM
-from kubemaas_runtime.generation.detokenize import IncrementalText
+from kubemaas_runtime.generation.detokenize import REPLACEMENT, IncrementalText
 from kubemaas_runtime.generation.engine import GenerationEngine
 from kubemaas_runtime.generation.sampling import Sampler, SamplingParams, nucleus
 from kubemaas_runtime.generation.scheduler import ScheduledSequence, Scheduler
@@ -98,6 +98,32 @@ def test_incremental_text_waits_for_a_whole_character():
     text = IncrementalText(decode)
     assert text.add(raw[0]) == ""
     assert text.add(raw[1]) == "é"
+
+
+def test_incremental_text_decodes_only_a_window_and_keeps_leading_spaces():
+    # A sentencepiece-like decoder: even ids are words that start with a space, and the space
+    # of the first word of any decoded list is dropped, as real tokenizers do at a start.
+    calls: list[int] = []
+    def decode(ids):
+        calls.append(len(ids))
+        return "".join((" w" if i % 2 == 0 else "x") + str(i) for i in ids).removeprefix(" ")
+    text = IncrementalText(decode)
+    ids = list(range(40))
+    out = "".join(text.add(i) for i in ids) + text.flush()
+    assert out == decode(ids)
+    assert max(calls[:-1]) <= 2  # every step decoded a window of at most two tokens
+
+
+def test_incremental_text_with_a_multibyte_character_split_mid_window():
+    raw = "a€b😀c".encode()
+    def decode(ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+    text = IncrementalText(decode)
+    out = "".join(text.add(b) for b in raw) + text.flush()
+    assert out == "a€b😀c"
+    cut = IncrementalText(decode)
+    assert "".join(cut.add(b) for b in raw[:3]) == "a"  # "€" is incomplete: held back
+    assert cut.flush() == REPLACEMENT  # at the end the decoder's rendering is handed out
 
 
 def test_greedy_sampler_is_argmax_and_seeded_sampling_repeats():
