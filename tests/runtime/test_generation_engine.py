@@ -146,8 +146,11 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
 
 # -- engine with a fake model ----------------------------------------------------------------
 class CountingLM(torch.nn.Module):
-    """Next token = last token + 1 (mod VOCAB); writes one KV entry per token through the
-    cache, as a real model does, and records each forward's batch size. `gate` lets a test
+    """Next token = token + 1 (mod VOCAB) at each position kept; takes the engine's flattened
+    step as a real model does (one [1, tokens] forward, per-token positions), writes one KV
+    entry per token through the cache, with the position as its value, and checks through the
+    pool that each sequence's cache holds exactly its own positions. Records how many
+    sequences each forward samples (`batch_sizes`) and its token counts; `gate` lets a test
     hold the engine between steps."""
 
     def __init__(self) -> None:
@@ -156,31 +159,41 @@ class CountingLM(torch.nn.Module):
         self.config = LlamaConfig(num_hidden_layers=1, vocab_size=VOCAB, hidden_size=8,
                                   intermediate_size=8, num_attention_heads=1)
         self.batch_sizes: list[int] = []
+        self.step_tokens: list[int] = []
         self.gate = threading.Semaphore(1000)
         self.entered = 0
 
     def forward(self, input_ids, position_ids, cache, use_cache, logits_to_keep):
         self.entered += 1
         self.gate.acquire()
-        batch, length = input_ids.shape
-        self.batch_sizes.append(batch)
-        kv = torch.zeros(batch, 1, length, 1)
+        assert input_ids.shape[0] == 1
+        self.batch_sizes.append(len(logits_to_keep))
+        self.step_tokens.append(input_ids.shape[1])
+        kv = position_ids.float()[:, None, :, None]  # [1, kv_heads 1, tokens, dim 1]
         keys, _ = cache.update(kv, kv, 0)
-        for row, key in enumerate(keys):  # each row's cache holds exactly its own tokens
-            assert key.shape[-2] == int(position_ids[row, -1]) + 1
-        nxt = (input_ids[:, -1] + 1) % VOCAB
-        logits = torch.nn.functional.one_hot(nxt, VOCAB).float()[:, None, :] * 10
+        batch = cache.batch
+        if batch.decode_rows:  # each decode row sees exactly positions 0..its own
+            gathered = keys.pool[batch.decode_blocks].reshape(batch.decode_rows, -1)
+            for row in range(batch.decode_rows):
+                length = int(batch.decode_mask[row].sum())
+                assert length == int(position_ids[0, row]) + 1
+                assert gathered[row, :length].tolist() == list(range(length))
+        nxt = (input_ids[0, logits_to_keep] + 1) % VOCAB
+        logits = torch.nn.functional.one_hot(nxt, VOCAB).float()[None] * 10
         return type("Out", (), {"logits": logits})()
 
 
-def make_engine(max_num_seqs=4, kv_cache_tokens=1000, max_queue=16, max_model_len=64):
+def make_engine(max_num_seqs=4, kv_cache_tokens=1000, max_queue=16, max_model_len=64,
+                block_size=1, max_num_batched_tokens=512):
     lm = CausalLM(CountingLM(), tokenizer=None, eos_token_ids=frozenset({EOS}),
                   context_length=max_model_len, source="fake")
     lm.decode = letters  # type: ignore[method-assign]
     metrics = create_metrics().bind("fake", "default")
     engine = GenerationEngine(
         lm, Scheduler(max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens,
-                      max_queue=max_queue), max_model_len=max_model_len, metrics=metrics)
+                      max_queue=max_queue, block_size=block_size,
+                      max_num_batched_tokens=max_num_batched_tokens),
+        max_model_len=max_model_len, metrics=metrics)
     engine.start()
     return engine, lm.model, metrics
 

@@ -1,11 +1,17 @@
 """The generation engine: continuous batching on one dedicated thread.
 
-Each iteration: drop cancelled sequences, admit waiting ones (Scheduler), prefill each newly
-admitted prompt alone (its first token), then run one batched decode step over every running
-sequence and hand each its token. Sequences therefore join and leave the batch at token
-boundaries, and a short request never waits for a long one to finish. Attention runs per row
-on each sequence's own cache (rowwise.py), so a greedy sequence gets exactly the tokens
-`generate(do_sample=False)` gives it alone, whatever else runs beside it.
+Each iteration: drop cancelled sequences, admit waiting ones (Scheduler: slots and KV blocks),
+plan the step (every decoding sequence's next token, then prefill chunks within the token
+budget) and run it as ONE model forward over the flattened tokens, through the paged KV cache
+(kv_cache.py: one KV write and one attention call per layer for the decode rows, one per
+prefill chunk). The step's next tokens come from one argmax over the rows that end there and
+one `.tolist()`. Sequences join and leave the batch at token boundaries, and a short request
+never waits for a long one to finish.
+
+Greedy output equals `generate(do_sample=False)` alone except where generate's own two best
+logits are within about 1e-3 of each other: the linear layers run over the whole step's tokens
+(not one sequence's), and decode attention runs over padded, masked keys, so the float sums
+are not bitwise those of a solo run (docs/runtime.md "Exactness").
 
 The HTTP side talks to the thread through `submit()` (under the lock) and gets chunks on its
 event loop through `GenerationStream`; the model never runs on the event loop.
@@ -21,12 +27,15 @@ import time
 from collections.abc import AsyncIterator
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 from kubemaas_runtime.errors import ModelNotReady
 from kubemaas_runtime.generation.causal_lm import CausalLM
 from kubemaas_runtime.generation.detokenize import IncrementalText
-from kubemaas_runtime.generation.rowwise import RowCache
+from kubemaas_runtime.generation.kv_cache import (
+    BlockAllocator,
+    PagedCache,
+    PagedKVCache,
+)
 from kubemaas_runtime.generation.sampling import Sampler, SamplingParams
 from kubemaas_runtime.generation.scheduler import ScheduledSequence, Scheduler
 
@@ -95,11 +104,10 @@ class _Running:
     params: SamplingParams
     arrival: float
     stream: GenerationStream | None = None
-    cache: DynamicCache | None = None
+    blocks: list[int] | None = None  # its block table, reserved at admission
     sampler: Sampler | None = None
     text: IncrementalText | None = None
     last_token: int = 0
-    position: int = 0  # tokens held in its cache
     generated: int = 0
     last_token_at: float = 0.0
 
@@ -112,6 +120,9 @@ class GenerationEngine:
         self.max_model_len = max_model_len
         self.metrics = metrics  # BoundMetrics or None
         self.device = next(lm.model.parameters()).device
+        size = scheduler.block_size
+        self.kv = PagedKVCache(scheduler.kv_cache_tokens // size, size, self.device)
+        self.blocks = BlockAllocator(self.kv.num_blocks)
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -165,13 +176,12 @@ class GenerationEngine:
                         self._finish(sequence, "abort", error="cancelled")
                     for sequence in [s for s in self.scheduler.running if s.cancelled]:
                         self._finish(sequence, "abort", error="cancelled")
-                    admitted = self.scheduler.admit()
-                    running = list(self.scheduler.running)
+                    for sequence in self.scheduler.admit():
+                        self._admitted(sequence)
+                    step = self.scheduler.schedule()
                     self._publish_gauges()
                 try:
-                    for sequence in admitted:
-                        self._prefill(sequence)
-                    self._decode([s for s in running if s in self.scheduler.running])
+                    self._step(step)
                 except Exception as exc:
                     log.exception("generation step failed")
                     with self._wake:
@@ -185,33 +195,52 @@ class GenerationEngine:
                 self.scheduler.waiting.clear()
                 self._publish_gauges()
 
-    def _prefill(self, sequence: ScheduledSequence) -> None:
+    def _admitted(self, sequence: ScheduledSequence) -> None:
+        """Call with the lock held: the sequence takes its reserved blocks."""
         state: _Running = sequence.payload
-        state.cache = DynamicCache(config=self.lm.model.config)
+        state.blocks = self.blocks.allocate(sequence.reserved_tokens // self.kv.block_size)
+        self.kv.ensure_clean(max(state.blocks, default=0) + 1)
         state.sampler = Sampler(state.params)
         state.text = IncrementalText(self.lm.decode, state.params.stop)
-        ids = torch.tensor([state.prompt_ids], device=self.device)
-        positions = torch.arange(len(state.prompt_ids), device=self.device)[None]
-        logits = self.lm.model(input_ids=ids, position_ids=positions,
-                               cache=RowCache([state.cache]), use_cache=True,
-                               logits_to_keep=1).logits
-        state.position = len(state.prompt_ids)
-        if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(len(state.prompt_ids))
-        self._emit(sequence, state.sampler(logits[0, -1]))
 
-    def _decode(self, sequences: list[ScheduledSequence]) -> None:
-        if not sequences:
+    def _step(self, step: list[tuple[ScheduledSequence, int]]) -> None:
+        """One forward over the step's tokens: decode rows first, then prefill chunks."""
+        if not step:
             return
-        states: list[_Running] = [s.payload for s in sequences]
-        ids = torch.tensor([[s.last_token] for s in states], device=self.device)
-        positions = torch.tensor([[s.position] for s in states], device=self.device)
-        logits = self.lm.model(input_ids=ids, position_ids=positions,
-                               cache=RowCache([s.cache for s in states]), use_cache=True,
-                               logits_to_keep=1).logits
-        for row, (sequence, state) in enumerate(zip(sequences, states)):
-            state.position += 1
-            self._emit(sequence, state.sampler(logits[row, -1]))
+        ids: list[int] = []
+        positions: list[int] = []
+        decodes: list[tuple[list[int], int]] = []
+        prefills: list[tuple[list[int], int, int]] = []
+        ending: list[tuple[ScheduledSequence, int]] = []  # sequences that sample, and at what
+        for sequence, n in step:
+            state: _Running = sequence.payload
+            start = sequence.computed
+            if sequence.prefilling:
+                ids += state.prompt_ids[start:start + n]
+                prefills.append((state.blocks, start, n))
+            else:
+                ids.append(state.last_token)
+                decodes.append((state.blocks, start))
+            positions += range(start, start + n)
+            if start + n >= sequence.prompt_tokens:  # its next token comes out of this step
+                ending.append((sequence, len(ids) - 1))
+        batch = self.kv.step(decodes, prefills)
+        keep = torch.tensor([index for _, index in ending], dtype=torch.long, device=self.device)
+        logits = self.lm.model(
+            input_ids=torch.tensor([ids], device=self.device),
+            position_ids=torch.tensor([positions], device=self.device),
+            cache=PagedCache(self.kv, batch), use_cache=True, logits_to_keep=keep).logits[0]
+        for sequence, n in step:
+            if sequence.prefilling and self.metrics is not None:
+                self.metrics.prompt_tokens.inc(n)
+            sequence.computed += n
+        # one argmax over every row, one transfer; sampled rows draw on their own generator
+        tokens = logits.argmax(-1).tolist()
+        for row, (sequence, _) in enumerate(ending):
+            state = sequence.payload
+            if not state.params.greedy:
+                tokens[row] = state.sampler(logits[row])
+            self._emit(sequence, tokens[row])
 
     def _emit(self, sequence: ScheduledSequence, token: int) -> None:
         """Hand out one generated token, and end the sequence when it is its last."""
@@ -233,7 +262,7 @@ class GenerationEngine:
             if state.text.stopped:
                 finish = "stop"
             elif (state.generated >= state.params.max_tokens
-                  or state.position + 1 > self.max_model_len):
+                  or sequence.computed + 1 > self.max_model_len):
                 piece, finish = piece + state.text.flush(), "length"
         if finish is not None:
             with self._wake:
@@ -257,7 +286,10 @@ class GenerationEngine:
 
     def _leave(self, sequence: ScheduledSequence) -> None:
         self.scheduler.finish(sequence)
-        sequence.payload.cache = None  # frees its KV cache now
+        state: _Running = sequence.payload
+        if state.blocks is not None:
+            self.blocks.free(state.blocks)
+            state.blocks = None
 
     def _publish_gauges(self) -> None:
         if self.metrics is not None:

@@ -14,7 +14,7 @@ from kubemaas_runtime.errors import InvalidInput, ModelLoadFailed, QuantizationD
 from kubemaas_runtime.gate import PROBE_TEXTS
 from kubemaas_runtime.generation.causal_lm import CausalLM, load_causal_lm
 from kubemaas_runtime.generation.engine import GenerationEngine
-from kubemaas_runtime.generation.rowwise import use_rowwise_attention
+from kubemaas_runtime.generation.kv_cache import DEFAULT_BLOCK_SIZE, use_paged_attention
 from kubemaas_runtime.generation.scheduler import Scheduler
 from kubemaas_runtime.models.base import Model, Signature, TensorSpec
 from kubemaas_runtime.quantization import check_supported, quantize_module
@@ -81,11 +81,11 @@ class GenerativeModel(Model):
             log.warning("--kv-cache-tokens %d is below max-model-len %d: a sequence is bounded "
                         "by the budget", self.kv_cache_tokens, self.max_model_len)
         lm.model = self._quantize(lm)
-        use_rowwise_attention(lm.model)
+        use_paged_attention(lm.model)
         self.lm = lm
         self.engine = GenerationEngine(
             lm, Scheduler(max_num_seqs=limits.max_num_seqs, kv_cache_tokens=self.kv_cache_tokens,
-                          max_queue=limits.max_queue),
+                          max_queue=limits.max_queue, block_size=DEFAULT_BLOCK_SIZE),
             max_model_len=self.max_model_len, metrics=self.metrics)
         self.ready = True
 

@@ -1,0 +1,244 @@
+"""The paged KV cache and the attention that reads it: one flattened forward per engine step.
+
+Each step the engine runs ONE model forward over a flat row of tokens: first one token per
+decoding sequence, then the prefill chunks, each token with its own position. The model code is
+untouched: transformers calls `PagedCache.update` with each layer's new keys and values and then
+the attention function registered under `ATTENTION_NAME` (its attention-interface hook), which
+is `paged_attention` here.
+
+- **Pool.** Per layer, keys and values live in `[num_blocks, block_size, kv_heads, head_dim]`
+  tensors (allocated at the first write, in the dtype the model writes). A sequence owns a list
+  of blocks (its block table), taken from `BlockAllocator` when it is admitted.
+- **Writes.** One `index_copy_` per layer for the keys and one for the values, through the
+  step's slot mapping (slot = block * block_size + offset, one per token).
+- **Decode rows.** One SDPA call per layer for all of them: their blocks gathered into padded
+  `[rows, kv_heads, len, head_dim]` keys and values, a boolean mask of each row's length, and
+  the queries packed per KV head (`[rows, kv_heads, heads/kv_heads, head_dim]`), so grouped-query
+  attention needs no repeated K/V.
+- **Prefill chunks.** One SDPA call per chunk: a chunk that starts the prompt attends to its own
+  new keys, causally (transformers' own SDPA function, the call `generate()` makes); a later
+  chunk attends to its sequence's gathered keys with an offset causal mask.
+Outside a step (warm-up, the quantization probes) the attention is transformers' SDPA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ATTENTION_NAME = "kubemaas_paged"
+DEFAULT_BLOCK_SIZE = 16
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take over all layers (for sizing the pool)."""
+    text = getattr(config, "text_config", None) or config
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * int(text.num_hidden_layers) * kv_heads * head_dim * element
+
+
+class BlockAllocator:
+    """Free-list allocator of the pool's blocks. The scheduler's reservation (in blocks) is what
+    guarantees `allocate` never runs dry for an admitted sequence."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise RuntimeError(f"KV cache exhausted: {count} blocks asked, {len(self._free)} free")
+        taken = self._free[-count:] if count else []
+        del self._free[len(self._free) - count:]
+        return taken[::-1]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+@dataclasses.dataclass
+class Chunk:
+    """A prefill chunk in the step: `length` tokens from flat index `start`, at positions
+    `offset`..`offset + length - 1` of the sequence whose blocks are `blocks`."""
+
+    start: int
+    length: int
+    offset: int
+    blocks: torch.Tensor  # [blocks covering offset + length] block ids
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """What one flattened forward holds, computed once per step (not per layer)."""
+
+    slot_mapping: torch.Tensor  # [tokens] pool slot of each token
+    decode_rows: int  # the first `decode_rows` tokens are decode rows, one per sequence
+    decode_blocks: torch.Tensor | None  # [decode_rows, max blocks] block tables (padded)
+    decode_mask: torch.Tensor | None  # [decode_rows, 1, 1, max blocks * block_size] bool
+    chunks: list[Chunk]
+
+
+class PagedKVCache:
+    """The pool, one key and one value tensor per layer."""
+
+    def __init__(self, num_blocks: int, block_size: int, device: torch.device) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.device = device
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.clean = 0  # blocks [0, clean) hold finite numbers in every layer
+
+    def ensure_clean(self, upto: int) -> None:
+        """Zero blocks [clean, upto) before a sequence uses them. A gathered block is read
+        whole, masked past the sequence's length, and a masked slot still multiplies its value
+        by zero: an uninitialised NaN there would poison the row. Freed blocks hold the finite
+        keys and values of their last owner, so only never-used blocks need this."""
+        if upto > self.clean:
+            for pool in (*self.keys.values(), *self.values.values()):
+                pool[self.clean:upto].zero_()
+            self.clean = upto
+
+    def layer(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's pools; `like` is a [batch, kv_heads, tokens, head_dim] tensor the model
+        writes (gives the shape and dtype on the first write)."""
+        if layer_idx not in self.keys:
+            shape = (self.num_blocks, self.block_size, like.shape[1], like.shape[3])
+            # empty, not zeros: memory is committed as blocks are first used (ensure_clean)
+            for pools in (self.keys, self.values):
+                pools[layer_idx] = torch.empty(shape, dtype=like.dtype, device=self.device)
+                pools[layer_idx][:self.clean].zero_()
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def step(self, decodes: list[tuple[list[int], int]],
+             prefills: list[tuple[list[int], int, int]]) -> StepBatch:
+        """The step's metadata. `decodes`: (block table, position) of each decode row;
+        `prefills`: (block table, offset, length) of each chunk, in flat order after them."""
+        size = self.block_size
+        slots: list[int] = []
+        for blocks, position in decodes:
+            slots.append(blocks[position // size] * size + position % size)
+        decode_blocks = decode_mask = None
+        if decodes:
+            width = max(position // size + 1 for _, position in decodes)
+            table = [blocks[:width] + [0] * (width - len(blocks[:width]))
+                     for blocks, _ in decodes]
+            decode_blocks = torch.tensor(table, device=self.device)
+            lengths = torch.tensor([position + 1 for _, position in decodes], device=self.device)
+            decode_mask = (torch.arange(width * size, device=self.device)[None, :]
+                           < lengths[:, None])[:, None, None, :]
+        chunks = []
+        start = len(decodes)
+        for blocks, offset, length in prefills:
+            for position in range(offset, offset + length):
+                slots.append(blocks[position // size] * size + position % size)
+            needed = math.ceil((offset + length) / size)
+            chunks.append(Chunk(start, length, offset,
+                                torch.tensor(blocks[:needed], device=self.device)))
+            start += length
+        return StepBatch(torch.tensor(slots, device=self.device), len(decodes), decode_blocks,
+                         decode_mask, chunks)
+
+
+class PagedKV:
+    """What `PagedCache.update` hands the attention function in place of a layer's keys (or
+    values): the new ones and a reference to the pool."""
+
+    def __init__(self, new: torch.Tensor, pool: torch.Tensor, cache: PagedCache) -> None:
+        self.new = new  # [1, kv_heads, tokens, head_dim]
+        self.pool = pool  # [num_blocks, block_size, kv_heads, head_dim]
+        self.cache = cache
+
+
+class PagedCache(Cache):
+    """The transformers Cache the engine passes for one step: writes go to the pool."""
+
+    def __init__(self, kv: PagedKVCache, batch: StepBatch) -> None:
+        self.kv = kv
+        self.batch = batch
+        self.layers: list = []
+        self.layer_class_to_replicate = None
+        self.offloading = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args, **kwargs):
+        keys, values = self.kv.layer(layer_idx, key_states)
+        slots = self.batch.slot_mapping
+        flat_keys = keys.view(-1, keys.shape[2], keys.shape[3])
+        flat_values = values.view(-1, values.shape[2], values.shape[3])
+        flat_keys.index_copy_(0, slots, key_states[0].transpose(0, 1))
+        flat_values.index_copy_(0, slots, value_states[0].transpose(0, 1))
+        return PagedKV(key_states, keys, self), PagedKV(value_states, values, self)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # callers pass position_ids; nothing asks this in a step
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+def _gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """[rows, blocks] block ids -> [rows, kv_heads, blocks * block_size, head_dim]."""
+    rows, width = blocks.shape
+    gathered = pool[blocks]  # [rows, width, block_size, kv_heads, head_dim]
+    return gathered.reshape(rows, width * pool.shape[1], pool.shape[2],
+                            pool.shape[3]).transpose(1, 2)
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """The attention-interface function: the paged path inside an engine step, transformers'
+    SDPA otherwise. `query`: [1, heads, tokens, head_dim]; returns [1, tokens, heads, head_dim]."""
+    if not isinstance(key, PagedKV):
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      scaling=scaling, **kwargs)
+    batch = key.cache.batch
+    heads, tokens, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    kv_heads = key.new.shape[1]
+    out = query.new_empty(tokens, heads, head_dim)
+    rows = batch.decode_rows
+    if rows:
+        group = heads // kv_heads
+        # [heads, rows, dim] -> [rows, kv_heads, group, dim]: a KV head's queries side by side
+        q = query[0, :, :rows].transpose(0, 1).reshape(rows, kv_heads, group, head_dim)
+        k = _gather(key.pool, batch.decode_blocks)
+        v = _gather(value.pool, batch.decode_blocks)
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=batch.decode_mask, scale=scaling)
+        out[:rows] = attended.reshape(rows, heads, head_dim)
+    for chunk in batch.chunks:
+        span = slice(chunk.start, chunk.start + chunk.length)
+        q = query[:, :, span]
+        if chunk.offset == 0:  # the prompt's first chunk: its own keys, causal
+            attended = sdpa_attention_forward(module, q, key.new[:, :, span],
+                                              value.new[:, :, span], None, scaling=scaling,
+                                              **kwargs)[0]
+        else:
+            end = chunk.offset + chunk.length
+            k = _gather(key.pool, chunk.blocks[None])[:, :, :end]
+            v = _gather(value.pool, chunk.blocks[None])[:, :, :end]
+            causal = (torch.arange(end, device=query.device)[None, :]
+                      <= chunk.offset + torch.arange(chunk.length, device=query.device)[:, None])
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=causal, scale=scaling,
+                enable_gqa=kv_heads != heads).transpose(1, 2)
+        out[span] = attended[0]
+    return out[None], None
+
+
+def use_paged_attention(model: torch.nn.Module) -> None:
+    """Register the attention function (idempotent) and switch `model` to it."""
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
+    model.set_attn_implementation(ATTENTION_NAME)
