@@ -59,6 +59,8 @@ class ServeConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 16
     kv_cache_tokens: int | None = None
+    kv_cache_memory: int | None = None  # bytes
+    max_num_batched_tokens: int = 512
     # which engine serves the model (docs/runtime.md "Engines and GPUs"), and the GPUs one
     # model is split over (None: every visible GPU)
     engine: str = "auto"
@@ -101,6 +103,21 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+_BYTE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20,
+               "gi": 2**30}
+
+
+def _byte_size(text: str) -> int:
+    """Bytes, with an optional unit as Kubernetes writes them: 512Mi, 2Gi, 1G, 100000."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KkMmGg]i?)?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size in bytes (e.g. 512Mi, 2Gi): {text!r}")
+    value = int(match.group(1)) * _BYTE_UNITS[(match.group(2) or "").lower()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 byte, got {text!r}")
     return value
 
 
@@ -177,7 +194,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--kv-cache-tokens", type=_positive_int,
         help="text-generation: KV-cache token budget over all running sequences (each reserves "
              "its prompt + max_tokens); past it requests wait in the queue (--max-queue). "
-             "Default: max-num-seqs x max-model-len")
+             "Default: max-num-seqs x max-model-len (capped by memory, see --kv-cache-memory)")
+    add("--kv-cache-memory", type=_byte_size,
+        help="text-generation: bytes of the builtin engine's paged KV cache (512Mi, 2Gi); the "
+             "token budget is what fits. With --kv-cache-tokens too, the smaller budget wins. "
+             "Default: the --kv-cache-tokens default, capped at half the free memory of the "
+             "device")
+    add("--max-num-batched-tokens", type=_positive_int, default=512,
+        help="text-generation: most tokens in one engine step (each decoding sequence's next "
+             "token first, then prompt chunks in arrival order)")
     add("--engine", choices=ENGINES, default="auto",
         help="the engine that runs the model; this version has only the builtin one: auto "
              "takes builtin, vllm is refused at start (ModelLoadFailed)")

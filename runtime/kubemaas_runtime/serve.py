@@ -129,7 +129,8 @@ def _build_state(config: ServeConfig):
         architecture=config.architecture, quantization=config.quantization, device=device,
         max_batch_size=config.max_batch_size, max_drift=config.max_drift,
         max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
-        kv_cache_tokens=config.kv_cache_tokens, max_queue=config.max_queue)
+        kv_cache_tokens=config.kv_cache_tokens, kv_cache_memory=config.kv_cache_memory,
+        max_num_batched_tokens=config.max_num_batched_tokens, max_queue=config.max_queue)
     model = create_model(config.format, options)
     metrics = create_metrics().bind(config.name, config.variant)
     token = read_token_file(config.auth_token_file) if config.auth_token_file else None

@@ -345,3 +345,64 @@ def test_a_causal_lm_directory_without_safetensors_is_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(ModelLoadFailed, match="never loaded"):
         load_causal_lm(tmp_path, "transformers", torch.device("cpu"))
+
+
+# -- the KV budget in bytes ------------------------------------------------------------------
+def test_kv_cache_memory_flag_takes_kubernetes_sizes_and_refuses_others(capsys):
+    from kubemaas_runtime.config import parse_serve_config
+
+    base = ["--model-uri", "file:///m/smollm2.gguf", "--format", "gguf"]
+    cfg = parse_serve_config(base + ["--kv-cache-memory", "512Mi",
+                                     "--max-num-batched-tokens", "64"], {})
+    assert (cfg.kv_cache_memory, cfg.max_num_batched_tokens) == (512 << 20, 64)
+    assert parse_serve_config(base, {"KUBEMAAS_KV_CACHE_MEMORY": "2G"}).kv_cache_memory == 2e9
+    with pytest.raises(SystemExit):
+        parse_serve_config(base + ["--kv-cache-memory", "lots"], {})
+    assert "--kv-cache-memory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("tokens", "memory", "expected"), [
+    (None, 1 << 20, 16384),  # 1 MiB at 64 bytes a token
+    (1000, 1 << 20, 992),  # both: the smaller, in whole blocks of 16
+    (5000, None, 4992),
+    (None, None, 4 * 64),  # the default: max-num-seqs x max-model-len
+])
+def test_the_pool_is_sized_in_bytes_and_whole_blocks(tokens, memory, expected):
+    from pathlib import Path
+
+    from kubemaas_runtime.generation.model import GenerativeModel
+    from kubemaas_runtime.models.base import ModelOptions
+
+    lm = CausalLM(CountingLM(), tokenizer=None, eos_token_ids=frozenset({EOS}),
+                  context_length=64, source="fake")
+    model = GenerativeModel(ModelOptions(path=Path("/none"), name="fake", max_num_seqs=4,
+                                         kv_cache_tokens=tokens, kv_cache_memory=memory),
+                            "transformers")
+    model.max_model_len = 64
+    # one layer, one KV head of 8 floats: 2 x 8 x 4 bytes a token
+    assert model._kv_cache_tokens(lm) == expected and model.kv_bytes_per_token == 64
+
+
+def test_an_admitted_sequence_takes_whole_blocks_and_gives_them_back():
+    async def main():
+        engine, _model, _ = make_engine(max_num_seqs=2, kv_cache_tokens=64, block_size=4,
+                                        max_num_batched_tokens=3)
+        _model.gate = threading.Semaphore(0)  # hold the engine inside its first forward
+        try:
+            stream = engine.submit([1, 2, 3, 4, 5, 6, 7], greedy(3))  # 10 tokens: 3 blocks
+            while not _model.entered:
+                await asyncio.sleep(0.01)
+            free_while_running = engine.blocks.free_blocks
+            for _ in range(100):
+                _model.gate.release()
+            chunks = stream.chunks()
+            first = await chunks.__anext__()
+            rest = [c async for c in chunks]
+        finally:
+            engine.stop()
+        return first, free_while_running, rest, engine, _model
+
+    first, free_while_running, rest, engine, model = asyncio.run(main())
+    assert free_while_running == 16 - 3 and engine.blocks.free_blocks == 16
+    assert first.text + "".join(c.text for c in rest) == letters([8, 9, 10])
+    assert model.step_tokens[:3] == [3, 3, 1]  # a 7-token prompt read in chunks of 3

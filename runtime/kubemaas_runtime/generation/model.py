@@ -14,7 +14,11 @@ from kubemaas_runtime.errors import InvalidInput, ModelLoadFailed, QuantizationD
 from kubemaas_runtime.gate import PROBE_TEXTS
 from kubemaas_runtime.generation.causal_lm import CausalLM, load_causal_lm
 from kubemaas_runtime.generation.engine import GenerationEngine
-from kubemaas_runtime.generation.kv_cache import DEFAULT_BLOCK_SIZE, use_paged_attention
+from kubemaas_runtime.generation.kv_cache import (
+    DEFAULT_BLOCK_SIZE,
+    kv_bytes_per_token,
+    use_paged_attention,
+)
 from kubemaas_runtime.generation.scheduler import Scheduler
 from kubemaas_runtime.models.base import Model, Signature, TensorSpec
 from kubemaas_runtime.quantization import check_supported, quantize_module
@@ -64,6 +68,7 @@ class GenerativeModel(Model):
         self.metrics = None  # BoundMetrics, set by the routes before loading
         self.max_model_len = 0
         self.kv_cache_tokens = 0
+        self.kv_bytes_per_token = 0
         self.logit_cosine: float | None = None
         self._probes: GenerationProbes | None = None
         self.signature = Signature((TensorSpec("text_input", "BYTES", (1,)),),
@@ -76,18 +81,46 @@ class GenerativeModel(Model):
         if limits.max_model_len and limits.max_model_len > lm.context_length:
             log.warning("--max-model-len %d exceeds the model's %d positions: using %d",
                         limits.max_model_len, lm.context_length, lm.context_length)
-        self.kv_cache_tokens = limits.kv_cache_tokens or limits.max_num_seqs * self.max_model_len
-        if self.kv_cache_tokens < self.max_model_len:
-            log.warning("--kv-cache-tokens %d is below max-model-len %d: a sequence is bounded "
-                        "by the budget", self.kv_cache_tokens, self.max_model_len)
         lm.model = self._quantize(lm)
+        self.kv_cache_tokens = self._kv_cache_tokens(lm)
+        if self.kv_cache_tokens < self.max_model_len:
+            log.warning("the KV cache holds %d tokens, below max-model-len %d: a sequence is "
+                        "bounded by the budget", self.kv_cache_tokens, self.max_model_len)
         use_paged_attention(lm.model)
         self.lm = lm
         self.engine = GenerationEngine(
             lm, Scheduler(max_num_seqs=limits.max_num_seqs, kv_cache_tokens=self.kv_cache_tokens,
-                          max_queue=limits.max_queue, block_size=DEFAULT_BLOCK_SIZE),
+                          max_queue=limits.max_queue, block_size=DEFAULT_BLOCK_SIZE,
+                          max_num_batched_tokens=limits.max_num_batched_tokens),
             max_model_len=self.max_model_len, metrics=self.metrics)
         self.ready = True
+
+    def _kv_cache_tokens(self, lm: CausalLM) -> int:
+        """The paged pool's size in tokens (whole blocks): --kv-cache-tokens and
+        --kv-cache-memory (bytes), the smaller when both are set; else max-num-seqs x
+        max-model-len, capped at half the device's free memory."""
+        limits = self.options
+        dtype = next((p.dtype for p in lm.model.parameters() if p.is_floating_point()),
+                     torch.float32)
+        self.kv_bytes_per_token = kv_bytes_per_token(lm.model.config, dtype)
+        budgets = []
+        if limits.kv_cache_tokens:
+            budgets.append(limits.kv_cache_tokens)
+        if limits.kv_cache_memory:
+            budgets.append(limits.kv_cache_memory // self.kv_bytes_per_token)
+        if not budgets:
+            default = limits.max_num_seqs * self.max_model_len
+            cap = free_memory(self.device) // 2 // self.kv_bytes_per_token
+            if cap < default:
+                log.warning("KV cache: %d tokens (max-num-seqs x max-model-len) would take "
+                            "%d MiB; capped at half the free memory: %d tokens", default,
+                            default * self.kv_bytes_per_token >> 20, cap)
+            budgets.append(min(default, cap))
+        tokens = max(min(budgets) // DEFAULT_BLOCK_SIZE, 1) * DEFAULT_BLOCK_SIZE
+        log.info("KV cache: %d tokens in blocks of %d, %d MiB (%d bytes a token)", tokens,
+                 DEFAULT_BLOCK_SIZE, tokens * self.kv_bytes_per_token >> 20,
+                 self.kv_bytes_per_token)
+        return tokens
 
     def _quantize(self, lm: CausalLM) -> torch.nn.Module:
         method = self.options.quantization
@@ -135,11 +168,30 @@ class GenerativeModel(Model):
         doc["parameters"].update({"max_model_len": self.max_model_len,
                                   "max_num_seqs": self.options.max_num_seqs,
                                   "kv_cache_tokens": self.kv_cache_tokens,
+                                  "kv_cache_bytes": self.kv_cache_tokens
+                                  * self.kv_bytes_per_token,
+                                  "kv_cache_block_size": DEFAULT_BLOCK_SIZE,
+                                  "max_num_batched_tokens":
+                                      self.options.max_num_batched_tokens,
                                   "format": self.format})
         doc["parameters"].pop("max_batch_size", None)
         if self.logit_cosine is not None:
             doc["parameters"]["quantization_logit_cosine"] = self.logit_cosine
         return doc
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the device: CUDA's own count, else the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30  # unknown: assume a modest host
 
 
 def create_generative_model(options, format: str) -> Model:

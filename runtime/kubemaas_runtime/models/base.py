@@ -72,6 +72,8 @@ class ModelOptions:
     max_model_len: int | None = None
     max_num_seqs: int = 16
     kv_cache_tokens: int | None = None
+    kv_cache_memory: int | None = None
+    max_num_batched_tokens: int = 512
     max_queue: int = 256
 
 
