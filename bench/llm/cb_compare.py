@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     from kubemaas_runtime.generation.causal_lm import CausalLM, eos_token_ids
     from kubemaas_runtime.generation.engine import GenerationEngine
-    from kubemaas_runtime.generation.rowwise import use_rowwise_attention
+    from kubemaas_runtime.generation.kv_cache import DEFAULT_BLOCK_SIZE, use_paged_attention
     from kubemaas_runtime.generation.sampling import SamplingParams
     from kubemaas_runtime.generation.scheduler import Scheduler
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -65,10 +65,11 @@ def main() -> None:
             print(f"transformers generate_batch failed: {type(exc).__name__}: {exc}")
 
     model = load()
-    use_rowwise_attention(model)
+    use_paged_attention(model)
     lm = CausalLM(model, tokenizer, eos_token_ids(model, tokenizer), 8192, "gguf")
-    engine = GenerationEngine(lm, Scheduler(max_num_seqs=len(prompts), kv_cache_tokens=10 ** 6,
-                                            max_queue=1024), max_model_len=8192)
+    engine = GenerationEngine(lm, Scheduler(max_num_seqs=len(prompts),
+                                            kv_cache_tokens=len(prompts) * 512, max_queue=1024,
+                                            block_size=DEFAULT_BLOCK_SIZE), max_model_len=512)
     engine.start()
 
     async def run(batch):
