@@ -2,7 +2,7 @@
 
 The estimate (docs/api.md, "GPU fit"), for a ModelService with `model.parameterCount` and GPUs:
 
-    per GPU = (weights + KV cache) / gpu.count + overhead
+    per GPU = (weights + KV cache) / tensor-parallel GPUs + overhead
     weights = parameterCount x bytes per parameter of the variant's quantization
               (none: fp32, 4; fp16 and bf16: 2; int8: 1; int4: 0.5)
     KV cache = token budget x bytes per token (text-generation only; encoders have none)
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubemaas_operator.api import ModelService, Variant
+from kubemaas_operator.engine import tensor_parallel_size
 
 GIB = 1024**3
 MIB = 1024**2
@@ -49,6 +50,9 @@ PRECISION = {
 # quantizes them; startup probes allow this rate from slow network storage, plus a base.
 LOAD_BYTES_PER_SECOND = 100 * MIB
 LOAD_BASE_SECONDS = 600
+# vLLM then compiles the model, captures CUDA graphs and allocates its KV cache before it is
+# ready (issue 24 measured ~150 s for a 135M model on 2 CPU cores): more time on top.
+VLLM_EXTRA_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -171,9 +175,9 @@ def kv_cache_tokens(ms: ModelService) -> int:
 def estimate(ms: ModelService, variant: Variant) -> GpuEstimate | None:
     """The per-GPU estimate of one variant's pod, or None without GPUs or parameterCount."""
     parameters = ms.spec.model.parameters
-    gpus = ms.spec.resources.gpu.count
-    if not parameters or gpus == 0:
+    if not parameters or ms.spec.resources.gpu.count == 0:
         return None
+    gpus = tensor_parallel_size(ms)  # the GPUs that hold one copy of the model
     tokens = kv_cache_tokens(ms)
     return GpuEstimate(
         parameters=parameters, quantization=variant.quantization, gpus=gpus,
@@ -183,13 +187,13 @@ def estimate(ms: ModelService, variant: Variant) -> GpuEstimate | None:
     )
 
 
-def startup_seconds(ms: ModelService, configured: int) -> int:
+def startup_seconds(ms: ModelService, configured: int, engine: str = "builtin") -> int:
     """How long a pod may take to load its model: the operator setting, or more for a model so
-    large that reading its 16-bit weights at LOAD_BYTES_PER_SECOND takes longer."""
+    large that reading its 16-bit weights at LOAD_BYTES_PER_SECOND takes longer; the vLLM
+    engine gets VLLM_EXTRA_SECONDS more on top (docs/api.md, "Startup probe")."""
     parameters = ms.spec.model.parameters
-    if not parameters:
-        return configured
-    return max(configured, LOAD_BASE_SECONDS + math.ceil(parameters * 2 / LOAD_BYTES_PER_SECOND))
+    load = LOAD_BASE_SECONDS + math.ceil(parameters * 2 / LOAD_BYTES_PER_SECOND) if parameters else 0
+    return max(configured, load) + (VLLM_EXTRA_SECONDS if engine == "vllm" else 0)
 
 
 def memory_requirement(need: GpuEstimate, memory_label: str) -> dict[str, Any]:
@@ -258,9 +262,9 @@ def plan_fit(ms: ModelService, nodes: Iterable[GpuNode] | None, memory_label: st
     return tuple(fits)
 
 
-def withheld_deployments(fits: Iterable[VariantFit], layouts: Iterable[Any]) -> frozenset[str]:
-    """The Deployments (stable and canary) of the variants no GPU holds: not written."""
-    refused = {f.variant for f in fits if f.refusal}
+def withheld_deployments(refused: Iterable[str], layouts: Iterable[Any]) -> frozenset[str]:
+    """The Deployments (stable and canary) of the refused variants (by name): not written."""
+    refused = set(refused)
     names = set()
     for layout in layouts:
         if layout.name in refused:

@@ -8,7 +8,7 @@ import pytest
 from kubemaas_operator import gpufit
 from kubemaas_operator.builders import build_children
 from kubemaas_operator.observe import Observation, compute_status
-from kubemaas_operator.reconcile import decide
+from kubemaas_operator.reconcile import decide, rollout_status
 from kubemaas_operator.settings import OperatorSettings
 
 from tests.unit.support import make_ms
@@ -247,9 +247,13 @@ def test_the_kv_budget_estimated_is_the_one_the_runtime_gets():
     ("70B", 600 + math.ceil(140e9 / (100 * 2**20))),             # 16-bit weights at 100 MiB/s
     ("405B", 600 + math.ceil(810e9 / (100 * 2**20))),
 ])
-def test_startup_probe_gives_a_large_model_time_to_load(parameters, seconds):
-    pod = deployment_of(build_children(llm(parameters=parameters), SETTINGS), "m-bf16")["spec"]["template"]["spec"]
+@pytest.mark.parametrize("engine", ["builtin", "vllm"])
+def test_startup_probe_gives_a_large_model_time_to_load(parameters, seconds, engine):
+    """vLLM compiles, captures graphs and allocates its KV cache after loading: more on top."""
+    ms = llm(parameters=parameters, runtime={"engine": engine})
+    pod = deployment_of(build_children(ms, SETTINGS), "m-bf16")["spec"]["template"]["spec"]
     probe = pod["containers"][0]["startupProbe"]
+    seconds += gpufit.VLLM_EXTRA_SECONDS if engine == "vllm" else 0
     assert probe["periodSeconds"] * probe["failureThreshold"] == seconds - seconds % probe["periodSeconds"]
 
 
@@ -266,20 +270,21 @@ def test_a_refused_variant_gets_no_deployment_and_the_others_do():
     assert names == {"m-int4"}  # none (fp32, ~273 GiB) fits no GPU: no Deployment, no Pending pod
     assert "m-none" in plan.keep  # one of an earlier revision, if any, is left serving, not pruned
     assert all(name != "m-none" for name, _ in plan.scales)
-    assert plan.fit_problem.reason == "GPUMemoryInsufficient"
-    assert plan.fit_problem.message.startswith("Variant none needs ~273 GiB per GPU")
+    assert plan.refused.reason == "GPUMemoryInsufficient"
+    assert plan.refused.message.startswith("Variant none needs ~273 GiB per GPU")
 
 
 def test_offline_every_variant_is_built():
     plan = decide(large_model(), SETTINGS, None, gpu_nodes=None)
     assert {c["metadata"]["name"] for c in plan.children if c["kind"] == "Deployment"} == {"m-int4", "m-none"}
-    assert plan.fit_problem is None
+    assert plan.refused is None
 
 
 def test_status_shows_the_estimate_and_the_refusal():
     plan = decide(large_model(), SETTINGS, None, gpu_nodes=NODES)
     obs = Observation(name="m", namespace="ns", generation=3, selector=plan.selector, url=plan.url,
-                      runtime_image=plan.runtime_image, variants=plan.variants, blocking=plan.fit_problem)
+                      runtime_image=plan.runtime_image, variants=plan.variants, blocking=plan.refused,
+                      refused=True, rollout=rollout_status(plan))
     status = gpufit.with_fit_status(compute_status(obs).to_wire(), plan.fits)
     ready = status["conditions"][0]
     assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "GPUMemoryInsufficient")
@@ -290,6 +295,9 @@ def test_status_shows_the_estimate_and_the_refusal():
     assert by_name["int4"]["gpuMemoryMiB"] == plan.fits[0].estimate.per_gpu_mib
     assert status["gpuMemory"] == "int4 ~45GiB/GPU, none ~273GiB/GPU (no fit)"
     assert status["url"] == "http://m.ns.svc.cluster.local/v1"
+    # not on its way: the rollout says Refused, with why
+    assert status["rollout"]["phase"] == "Refused"
+    assert status["rollout"]["message"].startswith("Variant none needs ~273 GiB per GPU")
 
 
 def test_status_without_an_estimate_is_unchanged():

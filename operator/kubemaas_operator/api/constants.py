@@ -53,6 +53,8 @@ TASKED_FORMATS: Final = ("transformers", "gguf")
 Quantization = Literal[
     "none", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-weight-only"
 ]
+# The runtime's engines (its --engine): auto lets the operator pick (docs/api.md, "Engines").
+Engine = Literal["auto", "builtin", "vllm"]
 AutoscalingEngine = Literal["hpa", "keda"]
 AutoscalingMetric = Literal[
     "cpu", "concurrency", "rps", "running-sequences", "waiting-sequences", "kv-cache-usage"

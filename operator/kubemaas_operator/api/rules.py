@@ -260,6 +260,36 @@ SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL = CelRule(
     field_path=".autoscaling.minReplicas",
 )
 
+# The vLLM engine loads a Hugging Face model directory and serves text generation. One rule for
+# the ModelService's engine and every variant's (a variant's engine overrides the spec's).
+_VLLM_SOMEWHERE = (
+    "((has(self.runtime) && has(self.runtime.engine) && self.runtime.engine == 'vllm') || "
+    "self.variants.exists(v, has(v.engine) && v.engine == 'vllm'))"
+)
+ENGINE_VLLM_NEEDS_TRANSFORMERS_GENERATION = CelRule(
+    rule=(
+        f"!{_VLLM_SOMEWHERE} || (self.model.format == 'transformers' && "
+        "has(self.model.task) && self.model.task == 'text-generation')"
+    ),
+    message=(
+        "runtime.engine (or a variant's engine) vllm serves only model.format transformers with "
+        "model.task text-generation (vLLM loads a Hugging Face model directory, not GGUF or a "
+        "torch archive): use engine builtin or auto"
+    ),
+    field_path=".runtime.engine",
+)
+TENSOR_PARALLEL_WITHIN_GPUS = CelRule(
+    rule=(
+        "!has(self.runtime) || !has(self.runtime.tensorParallelSize) || "
+        "(self.resources.gpu.count > 0 && self.resources.gpu.count % self.runtime.tensorParallelSize == 0)"
+    ),
+    message=(
+        "runtime.tensorParallelSize is how many of a pod's GPUs one copy of the model is split "
+        "over: it needs resources.gpu.count and must divide it (default: resources.gpu.count)"
+    ),
+    field_path=".runtime.tensorParallelSize",
+)
+
 # Generative-only fields on a model that does not generate text.
 _GENERATES = "(self.model.format == 'gguf' || (has(self.model.task) && self.model.task == 'text-generation'))"
 
