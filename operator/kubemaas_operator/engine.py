@@ -21,6 +21,7 @@ from kubemaas_operator.api import ModelService, Variant
 
 ResolvedEngine = Literal["builtin", "vllm"]
 ENGINE_REASON = "EngineCannotShard"
+MULTI_NODE_REASON = "MultiNodeNotSupported"
 
 
 def resolved_engine(ms: ModelService, variant: Variant) -> ResolvedEngine:
@@ -38,6 +39,18 @@ def tensor_parallel_size(ms: ModelService) -> int:
     """GPUs one copy of the model is split over: runtime.tensorParallelSize, else gpu.count
     (1 on CPU)."""
     return ms.spec.runtime.tensor_parallel_size or max(ms.spec.resources.gpu.count, 1)
+
+
+def multi_node_refusal(ms: ModelService, variant: Variant) -> str | None:
+    """A replica over several nodes needs a multi-node child (LeaderWorkerSet or a RayCluster)
+    that this operator version does not create: refused before any pod, never half-placed."""
+    nodes = ms.spec.resources.gpu.nodes
+    if nodes <= 1:
+        return None
+    return (f"Variant {variant.name}: resources.gpu.nodes {nodes} asks for one replica across "
+            f"{nodes} nodes, and this operator version has no multi-node child (LeaderWorkerSet "
+            "or a RayCluster) to run it: use gpu.nodes 1 (GPUs with more memory, more GPUs per "
+            "node or a smaller quantization). No pod was created for it.")
 
 
 def engine_refusal(ms: ModelService, variant: Variant) -> str | None:

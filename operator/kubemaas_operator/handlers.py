@@ -132,9 +132,11 @@ NODES, GPU_NODES = "nodes", "gpus"
 
 
 @kopf.index("", "v1", "nodes")
-async def node_index(name, labels, memo, **_) -> dict:
+async def node_index(name, labels, status, memo, **_) -> dict:
     settings: OperatorSettings = memo.settings
-    gpu = gpufit.GpuNode.from_labels(name, labels, settings.gpu_memory_label, settings.gpu_product_label)
+    allocatable = str(((status or {}).get("allocatable") or {}).get(settings.gpu_resource_name, ""))
+    gpu = gpufit.GpuNode.from_labels(name, labels, settings.gpu_memory_label, settings.gpu_product_label,
+                                     gpus=int(allocatable) if allocatable.isdigit() else None)
     return {NODES: name, **({GPU_NODES: gpu} if gpu else {})}
 
 

@@ -33,7 +33,12 @@ from kubemaas_operator.builders import (
     service_url,
 )
 from kubemaas_operator.builders.layout import VariantLayout
-from kubemaas_operator.engine import ENGINE_REASON, engine_refusal
+from kubemaas_operator.engine import (
+    ENGINE_REASON,
+    MULTI_NODE_REASON,
+    engine_refusal,
+    multi_node_refusal,
+)
 from kubemaas_operator.kube import (
     OWNED_KINDS,
     Conflict,
@@ -84,13 +89,18 @@ class Plan:
 
 # Why a variant gets no pods: reasons of the spec against the runtime or the cluster, which a
 # spec change or a node change re-plans (no retry).
-VARIANT_REFUSAL_REASONS = frozenset({ENGINE_REASON, gpufit.FIT_REASON})
+VARIANT_REFUSAL_REASONS = frozenset({MULTI_NODE_REASON, ENGINE_REASON, gpufit.FIT_REASON})
 
 
 def refused_variants(ms: ModelService, fits: Sequence[gpufit.VariantFit]) -> dict[str, Problem]:
-    """The variants that get no pods, each with why: an engine that cannot use the pod's GPUs
-    first, then a memory estimate no GPU holds."""
-    out = {v.name: Problem(ENGINE_REASON, why) for v in ms.spec.variants if (why := engine_refusal(ms, v))}
+    """The variants that get no pods, each with why: a replica over several nodes first, then an
+    engine that cannot use the pod's GPUs, then a memory estimate no GPU holds."""
+    out: dict[str, Problem] = {}
+    for variant in ms.spec.variants:
+        if why := multi_node_refusal(ms, variant):
+            out[variant.name] = Problem(MULTI_NODE_REASON, why)
+        elif why := engine_refusal(ms, variant):
+            out[variant.name] = Problem(ENGINE_REASON, why)
     for fit in fits:
         if fit.refusal and fit.variant not in out:
             out[fit.variant] = Problem(gpufit.FIT_REASON, fit.refusal)

@@ -119,7 +119,7 @@ def test_two_gpus_split_on_vllm_and_builtin_refused_before_any_pod(cluster: Clus
     assert env["KUBEMAAS_TENSOR_PARALLEL_SIZE"] == "2" and "KUBEMAAS_ENGINE" not in env  # auto: the default
     assert container["image"] == ms["status"]["vllmRuntimeImage"] != ms["status"]["runtimeImage"]
     assert "-vllm" in container["image"]
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "3072Mi"}} in pod_spec["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "3Gi"}} in pod_spec["volumes"]
     assert ms["status"]["variants"][0]["gpuMemoryEstimate"].endswith("per GPU, over 2 GPUs)")
     labels = node_labels(cluster)
     assert labels[running_node(cluster, namespace, "tp2")]["nvidia.com/gpu.product"] == H100
@@ -144,6 +144,31 @@ def test_two_gpus_split_on_vllm_and_builtin_refused_before_any_pod(cluster: Clus
     (dep,) = deployments(cluster, namespace, "onegpu").values()
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert (env["KUBEMAAS_ENGINE"], env["KUBEMAAS_TENSOR_PARALLEL_SIZE"]) == ("vllm", "2")
+
+
+def test_larger_than_a_node_refused_naming_what_would_hold_it(cluster: Cluster, operator, namespace: str) -> None:
+    """405B bf16 with only L4s allowed: refused with the smallest configuration that holds it;
+    over 2 nodes of 8 H100s it fits the estimate but is refused, there being no multi-node child;
+    a user's node selector that rules out the H100s is honoured by the refusal."""
+    apply(cluster, namespace, llm("l4-405b", "405B", "bf16", product=L4))
+    cond = wait_reason(cluster, namespace, "l4-405b", "GPUMemoryInsufficient", timeout=60)
+    assert ("the smallest configuration of NVIDIA-L4 that holds it: resources.gpu.count 1 x gpu.nodes 39"
+            in cond["message"]), cond["message"]
+    two_nodes = llm("h100-405b", "405B", "bf16", gpus=8, product=H100)
+    two_nodes["spec"]["resources"]["gpu"]["nodes"] = 2
+    apply(cluster, namespace, two_nodes)
+    cond = wait_reason(cluster, namespace, "h100-405b", "MultiNodeNotSupported", timeout=60)
+    assert "resources.gpu.nodes 2" in cond["message"] and "use gpu.nodes 1" in cond["message"]
+    ms = get(cluster, namespace, "h100-405b")
+    assert ms["status"]["variants"][0]["gpuFit"] == "Fits"  # ~52 GiB per GPU over 16 H100s
+    assert ms["status"]["rollout"]["phase"] == "Refused"
+    assert deployments(cluster, namespace, "h100-405b") == {} and pods_of(cluster, namespace, "h100-405b") == []
+    # 13B bf16 fits an H100, but the user's own selector allows only the L4 node
+    only_l4 = llm("sel-13b", "13B", "bf16")
+    only_l4["spec"]["scheduling"] = {"nodeSelector": {"nvidia.com/gpu.product": L4}}
+    apply(cluster, namespace, only_l4)
+    cond = wait_reason(cluster, namespace, "sel-13b", "GPUMemoryInsufficient", timeout=60)
+    assert "among the nodes scheduling.nodeSelector and affinity allow" in cond["message"]
 
 
 class PodWatch:

@@ -165,10 +165,10 @@ def volumes(dep):
 
 
 @pytest.mark.parametrize(("model", "gpus", "runtime", "size"), [
-    (LLM, 2, None, "3072Mi"),              # vllm over 2 GPUs: 1 GiB + 1 GiB per GPU
-    (LLM, 8, None, "9216Mi"),
-    (LLM, 1, None, "1024Mi"),              # vllm on one GPU: its own processes' share
-    (LLM, 4, {"tensorParallelSize": 2}, "3072Mi"),
+    (LLM, 2, None, "3Gi"),              # vllm over 2 GPUs: 1 GiB + 1 GiB per GPU
+    (LLM, 8, None, "9Gi"),
+    (LLM, 1, None, "1Gi"),              # vllm on one GPU: its own processes' share
+    (LLM, 4, {"tensorParallelSize": 2}, "3Gi"),
     (GGUF, 1, None, None),                 # builtin, one device: no shared memory wanted
     (ENCODER, 0, None, None),
 ])
@@ -226,3 +226,13 @@ def test_render_refuses_what_cannot_shard(tmp_path):
     err = io.StringIO()
     assert run_render([str(path)], "default", SETTINGS, out=io.StringIO(), err=err) == 1
     assert "EngineCannotShard: Variant default: engine auto" in err.getvalue()
+
+
+def test_render_refuses_a_replica_over_several_nodes(tmp_path):
+    path = tmp_path / "ms.yaml"
+    path.write_text("apiVersion: kubemaas.io/v1alpha1\nkind: ModelService\nmetadata: {name: m}\n"
+                    "spec: {model: {uri: 'pvc://w/llama', format: transformers, task: text-generation},\n"
+                    "       resources: {gpu: {count: 8, nodes: 2}}}\n")
+    err = io.StringIO()
+    assert run_render([str(path)], "default", SETTINGS, out=io.StringIO(), err=err) == 1
+    assert "MultiNodeNotSupported: Variant default: resources.gpu.nodes 2" in err.getvalue()

@@ -161,6 +161,12 @@ GPU_PRODUCT_NEEDS_COUNT = CelRule(
     field_path=".product",
 )
 
+GPU_NODES_NEED_COUNT = CelRule(
+    rule="!has(self.nodes) || self.nodes == 1 || self.count > 0",
+    message="resources.gpu.nodes above 1 spans GPU nodes, but resources.gpu.count is 0; set a count per node",
+    field_path=".nodes",
+)
+
 # --- on spec.variants -------------------------------------------------------------------
 WEIGHTS_SUM_TO_100 = CelRule(
     rule="self.map(v, v.weight).sum() == 100",

@@ -8,7 +8,7 @@ server enforces it) and checked again here (so `render` refuses the same specs o
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -47,6 +47,26 @@ class SecretReference(ApiModel):
     """A Secret in the ModelService's namespace."""
 
     name: DnsSubdomain = Field(description="Name of the Secret.")
+
+
+KvCacheDtype = Literal["fp32", "fp16", "bf16", "fp8"]
+
+
+class ModelShape(ApiModel):
+    """The model's attention shape, for the GPU-fit check's KV-cache estimate."""
+
+    layers: Annotated[int, Field(ge=1, le=1024)] = Field(description="Transformer layers (num_hidden_layers).")
+    kv_heads: Annotated[int, Field(ge=1, le=1024)] = Field(
+        description="Key/value heads per layer (num_key_value_heads; fewer than the query heads with GQA)."
+    )
+    head_dim: Annotated[int, Field(ge=1, le=4096)] = Field(description="Dimension of one head (head_dim).")
+    kv_cache_dtype: KvCacheDtype = Field(
+        default="bf16",
+        description=(
+            "What the engine keeps K and V in: fp32, fp16, bf16 (default) or fp8. Only the estimate "
+            "reads it; the runtime is not told."
+        ),
+    )
 
 
 class ModelSource(ApiModel):
@@ -90,6 +110,14 @@ class ModelSource(ApiModel):
             "With GPUs it enables the GPU-fit check: each variant's per-GPU memory is estimated "
             "from it and its quantization, and pods are placed only on GPUs that hold it "
             "(docs/api.md, GPU fit)."
+        ),
+    )
+    shape: ModelShape | None = Field(
+        default=None,
+        description=(
+            "The model's attention shape (from its config.json): with it the GPU-fit check "
+            "estimates the KV cache as 2 x layers x kvHeads x headDim x bytes per token; without "
+            "it, a dense transformer of parameterCount's size, an upper bound (docs/api.md, GPU fit)."
         ),
     )
     architecture: Annotated[

@@ -104,7 +104,7 @@ class RolloutStatus(ApiModel):
             "Complete (every variant runs the spec), Progressing (pods rolling, a canary step "
             "scaling or pausing, or the previous revision being retired) or Held (a canary step "
             "waiting for the spec to advance it) or Refused (a variant the operator gives no pods: "
-            "GPUMemoryInsufficient or EngineCannotShard, in message)."
+            "GPUMemoryInsufficient, EngineCannotShard or MultiNodeNotSupported, in message)."
         )
     )
     stable_revision: Annotated[str, StringConstraints(max_length=16)] | None = Field(

@@ -26,8 +26,8 @@ RUNTIME_UID = 65532  # the runtime image's non-root user
 # /dev/shm (docs/api.md, "Engines"): vLLM's worker processes and NCCL's shared-memory transport
 # between a pod's GPUs need more than the container runtime's 64 MiB default.
 SHM_VOLUME = "dshm"
-SHM_BASE_MIB = 1024  # vLLM's message queues and PyTorch's IPC
-SHM_PER_GPU_MIB = 1024  # NCCL buffers per GPU of the split (its SHM transport)
+SHM_BASE_GIB = 1  # vLLM's message queues and PyTorch's IPC
+SHM_PER_GPU_GIB = 1  # NCCL buffers per GPU of the split (its SHM transport)
 
 
 def shm_size_limit(ms: ModelService, variant: Variant) -> str | None:
@@ -35,7 +35,8 @@ def shm_size_limit(ms: ModelService, variant: Variant) -> str | None:
     split = tensor_parallel_size(ms) if ms.spec.uses_gpu else 1
     if resolved_engine(ms, variant) != "vllm" and split <= 1:
         return None
-    return f"{SHM_BASE_MIB + SHM_PER_GPU_MIB * (split if split > 1 else 0)}Mi"
+    # whole GiB, in the API server's canonical form (it would store 3072Mi as 3Gi)
+    return f"{SHM_BASE_GIB + SHM_PER_GPU_GIB * (split if split > 1 else 0)}Gi"
 
 
 def container_security_context() -> dict[str, Any]:
