@@ -2,7 +2,7 @@
 
 The estimate (docs/api.md, "GPU fit"), for a ModelService with `model.parameterCount` and GPUs:
 
-    per GPU = (weights + KV cache) / gpu.count + overhead
+    per GPU = (weights + KV cache) / (tensor-parallel GPUs x gpu.nodes) + overhead
     weights = parameterCount x bytes per parameter of the variant's quantization
               (none: fp32, 4; fp16 and bf16: 2; int8: 1; int4: 0.5)
     KV cache = token budget x bytes per token (text-generation only; encoders have none)
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubemaas_operator.api import ModelService, Variant
+from kubemaas_operator.api.constants import MAX_GPU_NODES
+from kubemaas_operator.engine import tensor_parallel_size
 
 GIB = 1024**3
 MIB = 1024**2
@@ -35,6 +37,7 @@ OVERHEAD_GIB = 2
 DEFAULT_KV_CACHE_TOKENS = 4096
 RUNTIME_DEFAULT_MAX_NUM_SEQS = 16  # the runtime's --max-num-seqs default
 KV_BYTES_PER_VALUE = 2  # the runtime keeps K and V in 16 bits
+KV_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 FIT_REASON = "GPUMemoryInsufficient"
 
 BYTES_PER_PARAMETER: dict[str, float] = {
@@ -49,6 +52,9 @@ PRECISION = {
 # quantizes them; startup probes allow this rate from slow network storage, plus a base.
 LOAD_BYTES_PER_SECOND = 100 * MIB
 LOAD_BASE_SECONDS = 600
+# vLLM then compiles the model, captures CUDA graphs and allocates its KV cache before it is
+# ready (issue 24 measured ~150 s for a 135M model on 2 CPU cores): more time on top.
+VLLM_EXTRA_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -57,11 +63,13 @@ class GpuEstimate:
 
     parameters: int
     quantization: str
-    gpus: int
+    gpus: int  # that one copy of the model is split over, on all its nodes
     weights: int
     kv_cache: int
     kv_tokens: int
     overhead: int  # per GPU
+    nodes: int = 1
+    kv_from_shape: bool = False  # model.shape given; else the dense upper bound
 
     @property
     def per_gpu(self) -> int:
@@ -80,8 +88,11 @@ class GpuEstimate:
         text = (f"{format_parameters(self.parameters)} parameters at {PRECISION[self.quantization]}: "
                 f"{_gib(self.weights)} GiB")
         if self.kv_tokens:
-            text += f", KV cache {_gib(self.kv_cache)} GiB for {self.kv_tokens} tokens"
+            bound = "model.shape" if self.kv_from_shape else "dense upper bound"
+            text += f", KV cache {_gib(self.kv_cache)} GiB for {self.kv_tokens} tokens ({bound})"
         text += f", overhead {_gib(self.overhead)} GiB"
+        if self.nodes > 1:
+            return text + f" per GPU, over {self.gpus} GPUs: {self.gpus // self.nodes} on each of {self.nodes} nodes"
         return text + (f" per GPU, over {self.gpus} GPUs" if self.gpus > 1 else "")
 
     def describe(self) -> str:
@@ -94,19 +105,26 @@ class GpuEstimate:
 
 @dataclass(frozen=True)
 class GpuNode:
-    """A node's GPUs as GPU feature discovery labels them."""
+    """A node's GPUs as GPU feature discovery labels them, with the node's labels (a refusal
+    looks only at the nodes the user's own selector and affinity allow)."""
 
     name: str
     memory_mib: int
     product: str | None = None
+    gpus: int | None = None  # GPUs on the node (allocatable, else GFD's count label); None: unknown
+    labels: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_labels(cls, name: str, labels: Mapping[str, str], memory_label: str,
-                    product_label: str) -> GpuNode | None:
+                    product_label: str, gpus: int | None = None) -> GpuNode | None:
         raw = labels.get(memory_label, "")
         if not raw.isdigit() or int(raw) == 0:
             return None
-        return cls(name=name, memory_mib=int(raw), product=labels.get(product_label))
+        if gpus is None:  # GPU feature discovery's nvidia.com/gpu.count, beside its product label
+            count = labels.get(product_label.rsplit(".", 1)[0] + ".count", "")
+            gpus = int(count) if count.isdigit() else None
+        return cls(name=name, memory_mib=int(raw), product=labels.get(product_label), gpus=gpus,
+                   labels=tuple(sorted(labels.items())))
 
 
 @dataclass(frozen=True)
@@ -168,28 +186,84 @@ def kv_cache_tokens(ms: ModelService) -> int:
     return DEFAULT_KV_CACHE_TOKENS
 
 
-def estimate(ms: ModelService, variant: Variant) -> GpuEstimate | None:
-    """The per-GPU estimate of one variant's pod, or None without GPUs or parameterCount."""
+def estimate(ms: ModelService, variant: Variant, gpus: int | None = None,
+             nodes: int | None = None) -> GpuEstimate | None:
+    """The per-GPU estimate of one variant's pod, or None without GPUs or parameterCount;
+    ``gpus`` (per node) and ``nodes`` default to the spec's split."""
     parameters = ms.spec.model.parameters
-    gpus = ms.spec.resources.gpu.count
-    if not parameters or gpus == 0:
+    if not parameters or ms.spec.resources.gpu.count == 0:
         return None
+    nodes = nodes or ms.spec.resources.gpu.nodes
+    per_node = gpus or tensor_parallel_size(ms)  # the GPUs of a node that hold one copy's share
     tokens = kv_cache_tokens(ms)
+    shape = ms.spec.model.shape
+    per_token = (2 * shape.layers * shape.kv_heads * shape.head_dim * KV_DTYPE_BYTES[shape.kv_cache_dtype]
+                 if shape is not None else kv_bytes_per_token(parameters))
     return GpuEstimate(
-        parameters=parameters, quantization=variant.quantization, gpus=gpus,
+        parameters=parameters, quantization=variant.quantization, gpus=per_node * nodes, nodes=nodes,
         weights=math.ceil(parameters * BYTES_PER_PARAMETER[variant.quantization]),
-        kv_cache=tokens * kv_bytes_per_token(parameters), kv_tokens=tokens,
-        overhead=OVERHEAD_GIB * GIB,
+        kv_cache=tokens * per_token, kv_tokens=tokens, overhead=OVERHEAD_GIB * GIB,
+        kv_from_shape=shape is not None,
     )
 
 
-def startup_seconds(ms: ModelService, configured: int) -> int:
+GPUS_PER_NODE_STEPS = (1, 2, 4, 8, 16)
+DEFAULT_GPUS_PER_NODE = 8  # where a node's GPU count is unknown
+
+
+def smallest_fit(ms: ModelService, variant: Variant, node: GpuNode) -> tuple[int, int, GpuEstimate] | None:
+    """The smallest (count per node, nodes) of ``node``'s kind that holds the variant: the fewest
+    nodes (a replica over nodes costs most), then the fewest GPUs on each; None when not even
+    MAX_GPU_NODES full nodes do."""
+    most = node.gpus or DEFAULT_GPUS_PER_NODE
+    options = [(nodes, count) for count in GPUS_PER_NODE_STEPS if count <= most
+               for nodes in range(1, MAX_GPU_NODES + 1)]
+    for nodes, count in sorted(options):
+        need = estimate(ms, variant, gpus=count, nodes=nodes)
+        if need is not None and need.per_gpu_mib <= node.memory_mib:
+            return count, nodes, need
+    return None
+
+
+def _expression_matches(labels: Mapping[str, str], expr: Mapping[str, Any]) -> bool:
+    key, op, values = expr.get("key", ""), expr.get("operator", ""), expr.get("values") or []
+    value = labels.get(key)
+    if op == "In":
+        return value in values
+    if op == "NotIn":
+        return value not in values
+    if op == "Exists":
+        return value is not None
+    if op == "DoesNotExist":
+        return value is None
+    if op in ("Gt", "Lt") and value is not None and value.lstrip("-").isdigit() and values:
+        return int(value) > int(values[0]) if op == "Gt" else int(value) < int(values[0])
+    return False
+
+
+def allowed_by_scheduling(ms: ModelService, node: GpuNode) -> bool:
+    """Whether the user's scheduling.nodeSelector and required node affinity admit the node (as
+    the scheduler would: terms ORed, expressions ANDed; matchFields are not checked here)."""
+    labels = dict(node.labels)
+    sched = ms.spec.scheduling
+    if any(labels.get(key) != value for key, value in sched.node_selector.items()):
+        return False
+    required = ((sched.affinity or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution") or {}
+    terms = required.get("nodeSelectorTerms") or []
+    if not terms:
+        return True
+    return any(all(_expression_matches(labels, e) for e in term.get("matchExpressions") or [])
+               for term in terms)
+
+
+def startup_seconds(ms: ModelService, configured: int, engine: str = "builtin") -> int:
     """How long a pod may take to load its model: the operator setting, or more for a model so
-    large that reading its 16-bit weights at LOAD_BYTES_PER_SECOND takes longer."""
+    large that reading its 16-bit weights at LOAD_BYTES_PER_SECOND takes longer; the vLLM
+    engine gets VLLM_EXTRA_SECONDS more on top (docs/api.md, "Startup probe")."""
     parameters = ms.spec.model.parameters
-    if not parameters:
-        return configured
-    return max(configured, LOAD_BASE_SECONDS + math.ceil(parameters * 2 / LOAD_BYTES_PER_SECOND))
+    load = LOAD_BASE_SECONDS + math.ceil(parameters * 2 / LOAD_BYTES_PER_SECOND) if parameters else 0
+    return max(configured, load) + (VLLM_EXTRA_SECONDS if engine == "vllm" else 0)
 
 
 def memory_requirement(need: GpuEstimate, memory_label: str) -> dict[str, Any]:
@@ -210,6 +284,19 @@ def with_memory_requirement(affinity: dict[str, Any] | None, requirement: dict[s
     return out
 
 
+def _smallest_text(ms: ModelService, variant: Variant, node: GpuNode) -> str:
+    found = smallest_fit(ms, variant, node)
+    kind = node.product or "GPU"
+    if found is None:
+        return f"; not even {MAX_GPU_NODES} nodes of {kind} hold it at {PRECISION[variant.quantization]}"
+    count, nodes, need = found
+    text = (f"; the smallest configuration of {kind} that holds it: resources.gpu.count {count} x "
+            f"gpu.nodes {nodes} (~{need.per_gpu / GIB:.1f} GiB per GPU)")
+    if nodes > 1:
+        text += ", which spans nodes (MultiNodeNotSupported in this operator version)"
+    return text
+
+
 def _advice(ms: ModelService, variant: Variant) -> str:
     tips = ["use more GPUs (resources.gpu.count)"]
     if variant.quantization != "int4-weight-only":
@@ -225,18 +312,24 @@ def refusal(ms: ModelService, variant: Variant, need: GpuEstimate, nodes: Iterab
     """Why no node's GPUs hold `need`, phrased for a person, or None when one does."""
     nodes = tuple(nodes)
     product = ms.spec.resources.gpu.product
-    candidates = [n for n in nodes if product is None or n.product == product]
+    allowed = [n for n in nodes if allowed_by_scheduling(ms, n)]
+    candidates = [n for n in allowed if product is None or n.product == product]
     if any(n.memory_mib >= need.per_gpu_mib for n in candidates):
         return None
     head = f"Variant {variant.name} {need.describe()}"
+    narrowed = len(allowed) < len(nodes)
+    among = " among the nodes scheduling.nodeSelector and affinity allow" if narrowed else ""
     if not candidates:
         where = f"nvidia.com/gpu.product={product} and " if product else ""
+        if narrowed:
+            return (f"{head}; no node that scheduling.nodeSelector and affinity allow has {where}a "
+                    f"{memory_label} label: widen the selector or the affinity, or add such nodes.")
         return (f"{head}; no node has {where}a {memory_label} label (NVIDIA GPU feature discovery "
                 "publishes it): install GPU feature discovery or add such nodes; without "
                 "model.parameterCount pods are placed without this check.")
     largest = max(candidates, key=lambda n: n.memory_mib)
-    text = (f"{head}; the largest {largest.product or 'GPU'} has {largest.memory_mib // 1024} GiB: "
-            f"{_advice(ms, variant)}.")
+    text = (f"{head}; the largest {largest.product or 'GPU'}{among} has {largest.memory_mib // 1024} GiB"
+            f"{_smallest_text(ms, variant, largest)}: {_advice(ms, variant)}.")
     elsewhere = [n for n in nodes if n.memory_mib >= need.per_gpu_mib]
     if product and elsewhere:
         best = max(elsewhere, key=lambda n: n.memory_mib)
@@ -258,9 +351,9 @@ def plan_fit(ms: ModelService, nodes: Iterable[GpuNode] | None, memory_label: st
     return tuple(fits)
 
 
-def withheld_deployments(fits: Iterable[VariantFit], layouts: Iterable[Any]) -> frozenset[str]:
-    """The Deployments (stable and canary) of the variants no GPU holds: not written."""
-    refused = {f.variant for f in fits if f.refusal}
+def withheld_deployments(refused: Iterable[str], layouts: Iterable[Any]) -> frozenset[str]:
+    """The Deployments (stable and canary) of the refused variants (by name): not written."""
+    refused = set(refused)
     names = set()
     for layout in layouts:
         if layout.name in refused:

@@ -23,11 +23,12 @@ from pydantic import ValidationError
 from kubemaas_operator import gpufit, metrics, policy
 from kubemaas_operator.api import Condition, ModelService, ModelServiceStatus, describe_errors
 from kubemaas_operator.api.constants import GROUP, KIND, PLURAL, VERSION
+from kubemaas_operator.builders import PinnedImages
 from kubemaas_operator.diffbase import LeanDiffBaseStorage
 from kubemaas_operator.events import post_event
 from kubemaas_operator.kube import KubeClient, load_api_client
 from kubemaas_operator.observe import Problem
-from kubemaas_operator.reconcile import MODELSERVICE_LABEL, Key, Reconciler
+from kubemaas_operator.reconcile import MODELSERVICE_LABEL, VARIANT_REFUSAL_REASONS, Key, Reconciler
 from kubemaas_operator.refresh import Indexes, StatusRefresher, deployment_view
 from kubemaas_operator.settings import OperatorSettings
 
@@ -131,9 +132,11 @@ NODES, GPU_NODES = "nodes", "gpus"
 
 
 @kopf.index("", "v1", "nodes")
-async def node_index(name, labels, memo, **_) -> dict:
+async def node_index(name, labels, status, memo, **_) -> dict:
     settings: OperatorSettings = memo.settings
-    gpu = gpufit.GpuNode.from_labels(name, labels, settings.gpu_memory_label, settings.gpu_product_label)
+    allocatable = str(((status or {}).get("allocatable") or {}).get(settings.gpu_resource_name, ""))
+    gpu = gpufit.GpuNode.from_labels(name, labels, settings.gpu_memory_label, settings.gpu_product_label,
+                                     gpus=int(allocatable) if allocatable.isdigit() else None)
     return {NODES: name, **({GPU_NODES: gpu} if gpu else {})}
 
 
@@ -169,7 +172,8 @@ async def _reconcile(memo: kopf.Memo, body, indexes: Indexes, *, prune: bool = T
             raise kopf.PermanentError(f"invalid spec: {exc}") from exc
         key = (ms.namespace, ms.name)
         status = dict(body.get("status") or {})
-        refused = policy.refusal(ms, reconciler.settings, status.get("runtimeImage"))
+        pinned = PinnedImages.from_status(status)
+        refused = policy.refusal(ms, reconciler.settings, pinned)
         if refused is not None:
             result = "refused"
             memo.refresher.forget(key)
@@ -188,7 +192,7 @@ async def _reconcile(memo: kopf.Memo, body, indexes: Indexes, *, prune: bool = T
         def run() -> tuple[Problem | None, float]:  # in the pool: timed there, not while queued
             started = time.perf_counter()
             _, problem = reconciler.reconcile(
-                ms, pinned_image=status.get("runtimeImage"), prune=prune, status=status,
+                ms, pinned_image=pinned, prune=prune, status=status,
                 observed=indexes.observed(key), only_changes=only_changes,
                 owners=indexes.owners(key[0], ms.metadata.uid or ""), gpu_nodes=indexes.gpus, then=then)
             return problem, time.perf_counter() - started
@@ -196,8 +200,8 @@ async def _reconcile(memo: kopf.Memo, body, indexes: Indexes, *, prune: bool = T
         problem, seconds = await asyncio.get_running_loop().run_in_executor(memo.pool, run)
         memo.refresher.touch(key, indexes, now=report)
         result = "blocked" if problem else "applied"
-        # GPUMemoryInsufficient needs no retry: a change of the nodes re-plans (node_changed)
-        if problem and report and problem.reason != gpufit.FIT_REASON:
+        # A refused variant needs no retry: a change of the spec or the nodes re-plans (node_changed)
+        if problem and report and problem.reason not in VARIANT_REFUSAL_REASONS:
             raise kopf.TemporaryError(f"{problem.reason}: {problem.message}", delay=BLOCKED_RETRY_SECONDS)
     finally:
         if report:

@@ -23,6 +23,7 @@ from kubemaas_operator.api import (
     format_variant_summary,
 )
 from kubemaas_operator.api.status import RolloutStatus
+from kubemaas_operator.builders.image import RuntimeImages
 from kubemaas_operator.builders.layout import VariantLayout
 from kubemaas_operator.builders.naming import VARIANT_LABEL
 from kubemaas_operator.builders.revision import REVISION_LABEL
@@ -47,7 +48,7 @@ class Observation:
     generation: int
     selector: str
     url: str
-    runtime_image: str
+    runtime_image: RuntimeImages
     variants: tuple[VariantLayout, ...]
     deployments: dict[str, dict] = field(default_factory=dict)  # by Deployment name
     pods: tuple[dict, ...] = ()
@@ -57,6 +58,7 @@ class Observation:
     applied_generations: dict[str, int] = field(default_factory=dict)
     gateway: bool = False  # traffic splits by weight through an HTTPRoute, not by ready pods
     rollout: RolloutStatus | None = None  # status.rollout as the plan has it
+    refused: bool = False  # `blocking` is the reconcile's refusal of variants (they get no pods)
 
 
 def pod_problem(pod: dict) -> Problem | None:
@@ -295,13 +297,17 @@ def compute_status(obs: Observation, previous: ModelServiceStatus | None = None,
     problem = _first_problem(obs)
     available = counts.rolled_out and counts.total_ready >= counts.desired and obs.blocking is None
     rollout = obs.rollout
-    if rollout is not None and rollout.phase == "Complete" and not available:
+    if rollout is not None and obs.refused and obs.blocking and not rollout.canary_revision:
+        # a refused variant is not on its way: nothing rolls until the spec or the nodes change
+        rollout = rollout.model_copy(update={"phase": "Refused", "message": obs.blocking.message[:4096]})
+    elif rollout is not None and rollout.phase == "Complete" and not available:
         rollout = rollout.model_copy(update={"phase": "Progressing"})
     conditions = _Conditions(obs.generation, {c.type: c for c in previous.conditions} if previous else {},
                              (now or datetime.now(UTC)).replace(microsecond=0))
     return ModelServiceStatus(
         observed_generation=obs.generation, replicas=counts.replicas, ready_replicas=counts.total_ready,
-        selector=obs.selector, url=obs.url, runtime_image=obs.runtime_image,
+        selector=obs.selector, url=obs.url, runtime_image=obs.runtime_image.builtin,
+        vllm_runtime_image=obs.runtime_image.vllm,
         conditions=[conditions.ready(rollout, problem, available, counts, len(obs.variants)),
                     conditions.progressing(rollout, problem, available, obs.blocking is not None, counts),
                     conditions.degraded(problem)],

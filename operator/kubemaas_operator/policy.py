@@ -11,7 +11,8 @@ import fnmatch
 from dataclasses import dataclass
 
 from kubemaas_operator.api import ModelService
-from kubemaas_operator.builders.image import choose_runtime_image
+from kubemaas_operator.builders.image import PinnedImages, choose_runtime_images, operator_images
+from kubemaas_operator.engine import resolved_engine
 from kubemaas_operator.settings import OperatorSettings
 
 CODE_FORMATS = ("torchscript", "exported-program")  # archives whose graphs the runtime executes
@@ -32,10 +33,13 @@ def image_repository(image: str) -> str:
 
 
 def allowed_image_patterns(settings: OperatorSettings) -> tuple[str, ...]:
+    """The operator's images of both flavours, and the allowlist or else any tag or digest of
+    their repositories: one policy for the builtin and the vLLM flavour."""
+    defaults = tuple(dict.fromkeys((settings.runtime_image, settings.runtime_image_vllm)))
     if settings.allowed_runtime_images:
-        return (settings.runtime_image, *settings.allowed_runtime_images)
-    repository = image_repository(settings.runtime_image)
-    return (settings.runtime_image, f"{repository}:*", f"{repository}@*")
+        return (*defaults, *settings.allowed_runtime_images)
+    repositories = dict.fromkeys(image_repository(image) for image in defaults)
+    return (*defaults, *(f"{repo}{sep}*" for repo in repositories for sep in (":", "@")))
 
 
 def image_allowed(image: str, settings: OperatorSettings) -> bool:
@@ -47,10 +51,11 @@ def hf_revision(uri: str) -> str | None:
     return repo.partition("@")[2] or None
 
 
-def refusal(ms: ModelService, settings: OperatorSettings, pinned_image: str | None) -> Refusal | None:
+def refusal(ms: ModelService, settings: OperatorSettings, pinned: PinnedImages | None) -> Refusal | None:
     """Why `ms` may not run under these settings, or None."""
-    image = choose_runtime_image(ms, pinned_image, settings.runtime_image)
-    if not image_allowed(image, settings):
+    images = choose_runtime_images(ms, pinned or PinnedImages(), operator_images(settings))
+    used = dict.fromkeys(images.for_engine(resolved_engine(ms, v)) for v in ms.spec.variants)
+    for image in (image for image in used if not image_allowed(image, settings)):
         patterns = ", ".join(allowed_image_patterns(settings))
         return Refusal("ImageNotAllowed",
                        f"runtime image {image} is not allowed by the operator (allowed: {patterns}); "

@@ -24,12 +24,21 @@ from kubemaas_operator.api import ModelService, ModelServiceStatus
 from kubemaas_operator.api.status import RolloutStatus
 from kubemaas_operator.builders import (
     MODELSERVICE_LABEL,
+    PinnedImages,
+    RuntimeImages,
     build_children,
-    choose_runtime_image,
+    choose_runtime_images,
+    operator_images,
     selector_string,
     service_url,
 )
 from kubemaas_operator.builders.layout import VariantLayout
+from kubemaas_operator.engine import (
+    ENGINE_REASON,
+    MULTI_NODE_REASON,
+    engine_refusal,
+    multi_node_refusal,
+)
 from kubemaas_operator.kube import (
     OWNED_KINDS,
     Conflict,
@@ -65,7 +74,7 @@ class Plan:
     key: Key
     uid: str
     generation: int
-    runtime_image: str
+    runtime_image: RuntimeImages
     children: tuple[dict, ...]
     variants: tuple[VariantLayout, ...]
     selector: str
@@ -75,26 +84,54 @@ class Plan:
     keep: frozenset[str] = frozenset()  # Deployments not desired but not to be deleted yet
     gateway: bool = False
     fits: tuple[gpufit.VariantFit, ...] = ()  # the GPU-fit estimate of each variant with one
-    fit_problem: Problem | None = None  # GPUMemoryInsufficient: variants that get no pods
+    refused: Problem | None = None  # EngineCannotShard, GPUMemoryInsufficient: variants that get no pods
 
 
-def decide(ms: ModelService, settings: OperatorSettings, pinned_image: str | None,
+# Why a variant gets no pods: reasons of the spec against the runtime or the cluster, which a
+# spec change or a node change re-plans (no retry).
+VARIANT_REFUSAL_REASONS = frozenset({MULTI_NODE_REASON, ENGINE_REASON, gpufit.FIT_REASON})
+
+
+def refused_variants(ms: ModelService, fits: Sequence[gpufit.VariantFit]) -> dict[str, Problem]:
+    """The variants that get no pods, each with why: a replica over several nodes first, then an
+    engine that cannot use the pod's GPUs, then a memory estimate no GPU holds."""
+    out: dict[str, Problem] = {}
+    for variant in ms.spec.variants:
+        if why := multi_node_refusal(ms, variant):
+            out[variant.name] = Problem(MULTI_NODE_REASON, why)
+        elif why := engine_refusal(ms, variant):
+            out[variant.name] = Problem(ENGINE_REASON, why)
+    for fit in fits:
+        if fit.refusal and fit.variant not in out:
+            out[fit.variant] = Problem(gpufit.FIT_REASON, fit.refusal)
+    return out
+
+
+def _one_problem(refused: dict[str, Problem]) -> Problem | None:
+    """One Problem for every refused variant: the first one's reason, every message."""
+    if not refused:
+        return None
+    first = next(iter(refused.values()))
+    return Problem(first.reason, " ".join(p.message for p in refused.values()))
+
+
+def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedImages | None,
            observed: Sequence[ObservedDeployment] = (), record: ModelServiceStatus | None = None,
            now: datetime | None = None, gpu_nodes: Sequence[gpufit.GpuNode] | None = None) -> Plan:
     """The children to write for ``ms`` now. ``observed`` (its Deployments as watched) and
     ``record`` (the rollout as status last recorded it) decide a canary's progress;
     ``gpu_nodes`` (the cluster's GPUs; None: unknown) which variants no GPU can hold."""
-    image = choose_runtime_image(ms, pinned_image, settings.runtime_image)
+    image = choose_runtime_images(ms, pinned_image or PinnedImages(), operator_images(settings))
     rollout = plan_rollout(ms, image, observed, record, now or datetime.now(UTC))
     fits = gpufit.plan_fit(ms, gpu_nodes, settings.gpu_memory_label)
-    # A variant no GPU holds gets no Deployment written (none created: no Pending pod); one that
-    # already runs an earlier revision is left as it is, serving, not pruned.
-    withheld = gpufit.withheld_deployments(fits, rollout.variants)
+    # A refused variant gets no Deployment written (none created: no Pending pod, no pod that
+    # fails at start); one that already runs an earlier revision is left as it is, serving.
+    refused = refused_variants(ms, fits)
+    withheld = gpufit.withheld_deployments(refused, rollout.variants)
     children = tuple(c for c in build_children(ms, settings, runtime_image=image, layouts=rollout.variants)
                      if not (c["kind"] == "Deployment" and c["metadata"]["name"] in withheld))
-    refusals = [f.refusal for f in fits if f.refusal]
     return Plan(
-        fits=fits, fit_problem=Problem(gpufit.FIT_REASON, " ".join(refusals)) if refusals else None,
+        fits=fits, refused=_one_problem(refused),
         key=(ms.namespace, ms.name), uid=ms.metadata.uid or "", generation=ms.metadata.generation or 0,
         runtime_image=image, children=children,
         variants=rollout.variants,
@@ -190,7 +227,7 @@ class Reconciler:
         with self._locks_guard:
             self._locks.pop(key, None)
 
-    def reconcile(self, ms: ModelService, pinned_image: str | None, prune: bool = True,
+    def reconcile(self, ms: ModelService, pinned_image: PinnedImages | None, prune: bool = True,
                   observed: Sequence[ObservedDeployment] = (), status: dict | None = None,
                   only_changes: bool = False, owners: Owners = no_owners,
                   gpu_nodes: Sequence[gpufit.GpuNode] | None = None,
@@ -221,10 +258,10 @@ class Reconciler:
                 log.info("namespace %s is being deleted: not creating the children of %s", key[0], key[1])
             # a blocked apply wrote only some children: the next one compares against none
             self.applied[key] = Applied(replace(plan, children=()), {} if problem else digests,
-                                        problem or plan.fit_problem, generations)
+                                        problem or plan.refused, generations)
             if then is not None:
                 then(moved)
-        return plan, problem or plan.fit_problem
+        return plan, problem or plan.refused
 
     def _apply(self, plan: Plan, digests: dict[tuple[str, str], str], generations: dict[str, int],
                prune: bool, previous: Applied | None, owners: Owners, moved: dict[str, dict]) -> None:
@@ -305,6 +342,7 @@ class Reconciler:
             blocking=applied.problem,
             applied_generations={n: applied.generations.get(n, 0) for n in names},
             gateway=plan.gateway, rollout=rollout_status(plan),
+            refused=applied.problem is not None and applied.problem == plan.refused,
         )
         status = gpufit.with_fit_status(compute_status(obs, _parsed(previous)).to_wire(), plan.fits)
         if previous is not None and _same_status(status, previous):

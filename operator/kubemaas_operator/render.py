@@ -18,6 +18,12 @@ from pydantic import ValidationError
 from kubemaas_operator import gpufit, policy
 from kubemaas_operator.api import KIND, ModelService, describe_errors
 from kubemaas_operator.builders import VARIANT_LABEL, build_children
+from kubemaas_operator.engine import (
+    ENGINE_REASON,
+    MULTI_NODE_REASON,
+    engine_refusal,
+    multi_node_refusal,
+)
 from kubemaas_operator.settings import OperatorSettings
 
 STDIN = "-"
@@ -62,6 +68,13 @@ def render_document(document: Any, where: str, settings: OperatorSettings, names
     refused = policy.refusal(ms, settings, None)
     if refused is not None:  # the operator would create nothing for it
         result.errors.append(f'{where}: ModelService "{name}": {refused.reason}: {refused.message}')
+        return
+    # known offline: the operator would give these variants no pods
+    cannot_run = [(MULTI_NODE_REASON, why) for v in ms.spec.variants if (why := multi_node_refusal(ms, v))]
+    cannot_run += [(ENGINE_REASON, why) for v in ms.spec.variants
+                   if not cannot_run and (why := engine_refusal(ms, v))]
+    if cannot_run:
+        result.errors.extend(f'{where}: ModelService "{name}": {reason}: {why}' for reason, why in cannot_run)
         return
     # The GPU-fit estimate (offline: against no cluster, so nothing is refused here)
     fits = {f.variant: f.estimate for f in gpufit.plan_fit(ms, None, settings.gpu_memory_label)}

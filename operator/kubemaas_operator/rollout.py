@@ -29,6 +29,7 @@ from datetime import datetime
 
 from kubemaas_operator.api import ModelService, ModelServiceStatus, Variant, VariantStatus
 from kubemaas_operator.builders.deployment import canary_deployment_name
+from kubemaas_operator.builders.image import RuntimeImages
 from kubemaas_operator.builders.layout import Track, VariantLayout
 from kubemaas_operator.builders.naming import VARIANT_LABEL, variant_child_name
 from kubemaas_operator.builders.replicas import replicas_by_variant
@@ -173,7 +174,7 @@ def _step_weight(steps: Sequence, step: int) -> int:
     return steps[step - 1].weight if 1 <= step <= len(steps) else (100 if step > len(steps) else 0)
 
 
-def plan_rollout(ms: ModelService, runtime_image: str, observed: Sequence[ObservedDeployment],
+def plan_rollout(ms: ModelService, runtime_image: RuntimeImages | str, observed: Sequence[ObservedDeployment],
                  record: ModelServiceStatus | None, now: datetime) -> RolloutPlan:
     """``record``: the status the ModelService carries, read back (the rollout a restarted
     operator resumes from)."""
@@ -203,7 +204,7 @@ def plan_rollout(ms: ModelService, runtime_image: str, observed: Sequence[Observ
                        step_started_at=started if routed else None, message=message)
 
 
-def _variant_states(ms: ModelService, runtime_image: str, observed: Sequence[ObservedDeployment],
+def _variant_states(ms: ModelService, runtime_image: RuntimeImages | str, observed: Sequence[ObservedDeployment],
                     record: ModelServiceStatus) -> list[_Variant]:
     split = replicas_by_variant(ms.spec.replicas, ms.spec.variants)
     desired = variant_revisions(ms, runtime_image)

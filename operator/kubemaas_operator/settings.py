@@ -16,6 +16,7 @@ ENV_PREFIX = "KUBEMAAS_OPERATOR_"
 LIST_SETTINGS = ("namespaces", "allowed_runtime_images", "trusted_code_sources")
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/kubemaas/kubemaas-runtime:0.1.0"
+DEFAULT_VLLM_RUNTIME_IMAGE = "ghcr.io/kubemaas/kubemaas-runtime-vllm:0.1.0"
 # Envoy Gateway names the upstream cluster of each HTTPRoute rule httproute/<ns>/<route>/rule/<n>.
 # upstream_rq_completed, unlike upstream_rq_total, also counts the 503s Envoy answers itself
 # while the route has no endpoint, which is exactly the demand that must wake a model at zero.
@@ -32,7 +33,14 @@ class OperatorSettings(BaseModel):
 
     runtime_image: Annotated[str, Field(min_length=1)] = Field(
         default=DEFAULT_RUNTIME_IMAGE,
-        description="Runtime image for a ModelService that names none and has none pinned in status.",
+        description=(
+            "Runtime image of the builtin engine's flavour, for a variant whose engine resolves to "
+            "builtin and whose ModelService names no image and has none pinned in status."
+        ),
+    )
+    runtime_image_vllm: Annotated[str, Field(min_length=1)] = Field(
+        default=DEFAULT_VLLM_RUNTIME_IMAGE,
+        description="Runtime image of the vLLM flavour, for a variant whose engine resolves to vllm (the same policy).",
     )
     gpu_resource_name: str = Field(default="nvidia.com/gpu", description="Extended resource of a GPU.")
     gpu_product_label: str = Field(

@@ -30,7 +30,7 @@ MEMORY = "nvidia.com/gpu.memory"
 
 
 def llm(name: str, parameters: str, quantization: str, *, gpus: int = 1, product: str | None = None,
-        affinity: dict | None = None) -> dict[str, Any]:
+        affinity: dict | None = None, runtime: dict | None = None) -> dict[str, Any]:
     gpu: dict[str, Any] = {"count": gpus, **({"product": product} if product else {})}
     spec: dict[str, Any] = {
         "model": {"uri": "file:///opt/models/llm", "format": "transformers", "task": "text-generation",
@@ -40,6 +40,8 @@ def llm(name: str, parameters: str, quantization: str, *, gpus: int = 1, product
     }
     if affinity:
         spec["scheduling"] = {"affinity": affinity}
+    if runtime:
+        spec["runtime"] = runtime
     return {"apiVersion": "kubemaas.io/v1alpha1", "kind": "ModelService", "metadata": {"name": name}, "spec": spec}
 
 
@@ -101,6 +103,72 @@ def test_placed_on_gpus_that_hold_them_and_refused_where_none_does(cluster: Clus
     apply(cluster, namespace, fixed)
     ms = wait_ready(cluster, namespace, "f70", timeout=120)
     assert ms["status"]["variants"][0]["gpuFit"] == "Fits"
+
+
+def test_two_gpus_split_on_vllm_and_builtin_refused_before_any_pod(cluster: Cluster, operator,
+                                                                   namespace: str) -> None:
+    """A 2-GPU bf16 variant (auto: vLLM) gets --tensor-parallel-size 2, the vLLM image and a
+    /dev/shm; the same model on the builtin engine is refused with EngineCannotShard, no pod."""
+    apply(cluster, namespace, llm("tp2", "70B", "bf16", gpus=2))
+    apply(cluster, namespace, llm("onegpu", "70B", "bf16", gpus=2, runtime={"engine": "builtin"}))
+    ms = wait_ready(cluster, namespace, "tp2", timeout=120)
+    (dep,) = deployments(cluster, namespace, "tp2").values()
+    pod_spec = dep["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["KUBEMAAS_TENSOR_PARALLEL_SIZE"] == "2" and "KUBEMAAS_ENGINE" not in env  # auto: the default
+    assert container["image"] == ms["status"]["vllmRuntimeImage"] != ms["status"]["runtimeImage"]
+    assert "-vllm" in container["image"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "3Gi"}} in pod_spec["volumes"]
+    assert ms["status"]["variants"][0]["gpuMemoryEstimate"].endswith("per GPU, over 2 GPUs)")
+    labels = node_labels(cluster)
+    assert labels[running_node(cluster, namespace, "tp2")]["nvidia.com/gpu.product"] == H100
+
+    cond = wait_reason(cluster, namespace, "onegpu", "EngineCannotShard", timeout=60)
+    assert "engine builtin runs a model on one GPU" in cond["message"]
+    assert "use engine: vllm or one GPU" in cond["message"]
+    ms = get(cluster, namespace, "onegpu")
+    assert condition(ms, "Degraded")["reason"] == "EngineCannotShard"
+    assert ms["status"]["rollout"]["phase"] == "Refused"  # not on its way: nothing rolls
+    assert deployments(cluster, namespace, "onegpu") == {} and pods_of(cluster, namespace, "onegpu") == []
+    cluster.wait_until(
+        lambda: any(e["reason"] == "EngineCannotShard" and e["type"] == "Warning"
+                    for e in cluster.get_json("events", "-n", namespace, "--field-selector",
+                                              "involvedObject.name=onegpu")["items"]),
+        timeout=20, what="a Warning Event EngineCannotShard")
+
+    # the fix the message names: engine vllm; the pods come, split over both GPUs
+    apply(cluster, namespace, llm("onegpu", "70B", "bf16", gpus=2, runtime={"engine": "vllm"}))
+    ms = wait_ready(cluster, namespace, "onegpu", timeout=120)
+    assert ms["status"]["rollout"]["phase"] == "Complete"
+    (dep,) = deployments(cluster, namespace, "onegpu").values()
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (env["KUBEMAAS_ENGINE"], env["KUBEMAAS_TENSOR_PARALLEL_SIZE"]) == ("vllm", "2")
+
+
+def test_larger_than_a_node_refused_naming_what_would_hold_it(cluster: Cluster, operator, namespace: str) -> None:
+    """405B bf16 with only L4s allowed: refused with the smallest configuration that holds it;
+    over 2 nodes of 8 H100s it fits the estimate but is refused, there being no multi-node child;
+    a user's node selector that rules out the H100s is honoured by the refusal."""
+    apply(cluster, namespace, llm("l4-405b", "405B", "bf16", product=L4))
+    cond = wait_reason(cluster, namespace, "l4-405b", "GPUMemoryInsufficient", timeout=60)
+    assert ("the smallest configuration of NVIDIA-L4 that holds it: resources.gpu.count 1 x gpu.nodes 39"
+            in cond["message"]), cond["message"]
+    two_nodes = llm("h100-405b", "405B", "bf16", gpus=8, product=H100)
+    two_nodes["spec"]["resources"]["gpu"]["nodes"] = 2
+    apply(cluster, namespace, two_nodes)
+    cond = wait_reason(cluster, namespace, "h100-405b", "MultiNodeNotSupported", timeout=60)
+    assert "resources.gpu.nodes 2" in cond["message"] and "use gpu.nodes 1" in cond["message"]
+    ms = get(cluster, namespace, "h100-405b")
+    assert ms["status"]["variants"][0]["gpuFit"] == "Fits"  # ~52 GiB per GPU over 16 H100s
+    assert ms["status"]["rollout"]["phase"] == "Refused"
+    assert deployments(cluster, namespace, "h100-405b") == {} and pods_of(cluster, namespace, "h100-405b") == []
+    # 13B bf16 fits an H100, but the user's own selector allows only the L4 node
+    only_l4 = llm("sel-13b", "13B", "bf16")
+    only_l4["spec"]["scheduling"] = {"nodeSelector": {"nvidia.com/gpu.product": L4}}
+    apply(cluster, namespace, only_l4)
+    cond = wait_reason(cluster, namespace, "sel-13b", "GPUMemoryInsufficient", timeout=60)
+    assert "among the nodes scheduling.nodeSelector and affinity allow" in cond["message"]
 
 
 class PodWatch:
@@ -207,6 +275,11 @@ def test_the_demo_examples_one_placed_one_refused(cluster: Cluster, operator, na
     cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "llm-h100.yaml"),
                     "-f", str(REPO / "examples" / "refused" / "llm-70b-on-l4.yaml"))
     ms = wait_ready(cluster, namespace, "llama-70b", timeout=120)
+    for dep in deployments(cluster, namespace, "llama-70b").values():  # vLLM, split over both GPUs
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert (env["KUBEMAAS_ENGINE"], env["KUBEMAAS_TENSOR_PARALLEL_SIZE"]) == ("vllm", "2")
+        assert container["image"] == ms["status"]["vllmRuntimeImage"]
     fits = {v["name"]: v for v in ms["status"]["variants"]}
     assert fits["int4"]["gpuMemoryMiB"] < fits["bf16"]["gpuMemoryMiB"] <= 81559
     labels = node_labels(cluster)

@@ -46,8 +46,12 @@ CASES: dict[str, dict[str, Any]] = {
         "name": "kubemaas", "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}}},
     "no-rbac": {"rbac": {"create": False, "aggregateToDefaultRoles": False}},
     "watch-namespaces": {"watchNamespaces": ["ml", "ml-staging"]},
+    # the single image value of earlier charts still sets the builtin flavour's image
+    "legacy-runtime-image": {"operator": {"runtimeImage": "registry.example.com/kubemaas-runtime:old"}},
     "operator-settings": {"operator": {
-        "runtimeImage": "registry.example.com/kubemaas-runtime:cu126", "gpuResourceName": "amd.com/gpu",
+        "runtimeImages": {"builtin": "registry.example.com/kubemaas-runtime:cu126",
+                          "vllm": "registry.example.com/kubemaas-runtime-vllm:cu126"},
+        "gpuResourceName": "amd.com/gpu",
         "gpuProductLabel": "amd.com/gpu.product-name", "gpuMemoryLabel": "amd.com/gpu.vram",
         "logFormat": "text", "verbose": True,
         "clusterDomain": "corp.internal", "prometheusAddress": "http://prometheus.obs:9090",
@@ -272,6 +276,18 @@ def test_default_settings_are_the_operators_defaults(rendered):
     assert OperatorSettings.from_env(env) == OperatorSettings(log_format="json")
 
 
+def test_the_runtime_images_of_both_flavours(rendered):
+    """Defaults: the project's two images at the chart's appVersion; the deprecated single value
+    still sets the builtin one (an upgrade keeps a values file working)."""
+    app = yaml.safe_load((REPO / "charts/kubemaas/Chart.yaml").read_text())["appVersion"]
+    defaults = OperatorSettings.from_env(container_env(one(rendered["defaults"], "Deployment")))
+    assert (defaults.runtime_image, defaults.runtime_image_vllm) == (
+        f"ghcr.io/kubemaas/kubemaas-runtime:{app}", f"ghcr.io/kubemaas/kubemaas-runtime-vllm:{app}")
+    legacy = OperatorSettings.from_env(container_env(one(rendered["legacy-runtime-image"], "Deployment")))
+    assert legacy.runtime_image == "registry.example.com/kubemaas-runtime:old"
+    assert legacy.runtime_image_vllm == defaults.runtime_image_vllm
+
+
 def test_every_setting_is_a_value(rendered):
     """Every operator setting but the field manager (changing it would orphan fields the
     operator owns) is set from the chart, and the values reach the operator as typed."""
@@ -281,7 +297,8 @@ def test_every_setting_is_a_value(rendered):
     assert exposed == set(OperatorSettings.model_fields) - {"field_manager"}
     settings = OperatorSettings.from_env(env)
     op = CASES["operator-settings"]["operator"]
-    assert settings.runtime_image == op["runtimeImage"]
+    assert settings.runtime_image == op["runtimeImages"]["builtin"]
+    assert settings.runtime_image_vllm == op["runtimeImages"]["vllm"]
     assert (settings.gpu_resource_name, settings.gpu_product_label) == (op["gpuResourceName"],
                                                                         op["gpuProductLabel"])
     assert settings.gpu_memory_label == op["gpuMemoryLabel"]

@@ -10,6 +10,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from kubemaas_operator.builders.image import RuntimeImages
 from kubemaas_operator.builders.layout import Track, VariantLayout
 from kubemaas_operator.observe import Observation, Problem, compute_status
 from lupa import LuaRuntime
@@ -125,7 +126,7 @@ def test_health_of_statuses_the_operator_writes(case):
     """The script reads what compute_status produces, not an idea of it."""
     extra, expected = OPERATOR_STATUSES[case]
     obs = Observation(name="m", namespace="ml", generation=2, selector="s", url="u",
-                      runtime_image="img", variants=PLAN, **extra)
+                      runtime_image=RuntimeImages.single("img"), variants=PLAN, **extra)
     status = compute_status(obs, now=datetime(2026, 1, 1, tzinfo=UTC)).to_wire()
     assert argocd_health(ms(2, status))[0] == expected
 

@@ -52,6 +52,16 @@ GENERATIVE_CASES = {
                   "parameterCount": "13B"},
         "resources": {"gpu": {"count": 1}}, "variants": [{"name": "bf16", "quantization": "bf16"}],
         "autoscaling": {"maxReplicas": 4, "metric": "waiting-sequences", "target": 2}}),
+    # the engine and the split: a 2-GPU vLLM variant beside a builtin one on a variant override
+    "hf-vllm-tp2": make_ms({
+        "model": {"uri": "pvc://llm-weights/llama", "format": "transformers", "task": "text-generation",
+                  "parameterCount": "70B"},
+        "resources": {"gpu": {"count": 2}}, "runtime": {"engine": "vllm"},
+        "variants": [{"name": "bf16", "quantization": "bf16"}]}),
+    "hf-builtin-tp1-of-1": make_ms({
+        "model": {"uri": "pvc://llm-weights/llama", "format": "transformers", "task": "text-generation"},
+        "resources": {"gpu": {"count": 1}}, "runtime": {"tensorParallelSize": 1},
+        "variants": [{"name": "bf16", "quantization": "bf16", "engine": "builtin"}]}),
     "gguf-keda-kv-cache": make_ms({
         "model": _GGUF, "runtime": {"maxModelLen": 4096},
         "autoscaling": {"engine": "keda", "maxReplicas": 4, "metric": "kv-cache-usage", "target": 80}}),
@@ -68,6 +78,15 @@ def test_the_runtime_reads_the_generation_limits_the_spec_sets():
     config = parse_serve_config(container["args"][1:], {e["name"]: e["value"] for e in container["env"]})
     assert (config.format, config.task) == ("gguf", "text-generation")
     assert (config.max_model_len, config.max_num_seqs, config.kv_cache_tokens) == (2048, 8, 8192)
+
+
+@pytest.mark.parametrize(("label", "engine", "split"), [
+    ("hf-vllm-tp2", "vllm", 2), ("hf-builtin-tp1-of-1", "builtin", 1), ("gguf-keda-kv-cache", "auto", None)])
+def test_the_runtime_reads_the_engine_and_the_split(label, engine, split):
+    (dep,) = [o for lab, o in CHILDREN if lab == label and o["kind"] == "Deployment"]
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    config = parse_serve_config(container["args"][1:], {e["name"]: e["value"] for e in container["env"]})
+    assert (config.engine, config.tensor_parallel_size) == (engine, split)
 
 
 def test_the_runtime_reads_the_kv_budget_the_fit_estimate_assumed():

@@ -85,7 +85,7 @@ def test_defaults_the_api_server_applies():
     spec = schema()["properties"]["spec"]["properties"]
     assert spec["replicas"]["default"] == 1
     assert spec["variants"]["default"] == [{"name": "default", "quantization": "none", "weight": 100}]
-    assert spec["resources"]["default"] == {"gpu": {"count": 0}}
+    assert spec["resources"]["default"] == {"gpu": {"count": 0, "nodes": 1}}
     assert spec["rollout"]["default"]["maxSurge"] == 1
     assert spec["resources"]["properties"]["gpu"]["properties"]["count"]["default"] == 0
 

@@ -8,7 +8,7 @@ import pytest
 from kubemaas_operator import gpufit
 from kubemaas_operator.builders import build_children
 from kubemaas_operator.observe import Observation, compute_status
-from kubemaas_operator.reconcile import decide
+from kubemaas_operator.reconcile import decide, rollout_status
 from kubemaas_operator.settings import OperatorSettings
 
 from tests.unit.support import make_ms
@@ -18,8 +18,8 @@ GIB = 1024**3
 H100 = "NVIDIA-H100-80GB-HBM3"
 L4 = "NVIDIA-L4"
 # What GPU feature discovery publishes for those GPUs (MiB), as the local cluster's nodes carry it.
-NODES = (gpufit.GpuNode("gpu-h100-0", 81559, H100), gpufit.GpuNode("gpu-h100-1", 81559, H100),
-         gpufit.GpuNode("gpu-l4-0", 23034, L4))
+NODES = (gpufit.GpuNode("gpu-h100-0", 81559, H100, gpus=8), gpufit.GpuNode("gpu-h100-1", 81559, H100, gpus=8),
+         gpufit.GpuNode("gpu-l4-0", 23034, L4, gpus=1))
 MEMORY = "nvidia.com/gpu.memory"
 
 
@@ -115,7 +115,7 @@ def test_description_gives_the_parts_in_gib():
     est = one_estimate(llm(quantizations=("fp16",), runtime={"kvCacheTokens": 3342}))
     # 70B x 2 bytes = 130.4 GiB; 3342 tokens x 2.57 MB = 8 GiB; 2 GiB overhead; ~141 in all
     assert est.describe() == ("needs ~141 GiB per GPU (70B parameters at fp16: 130 GiB, "
-                              "KV cache 8 GiB for 3342 tokens, overhead 2 GiB)")
+                              "KV cache 8 GiB for 3342 tokens (dense upper bound), overhead 2 GiB)")
     two = one_estimate(llm(quantizations=("bf16",), gpus=2))
     assert two.describe().endswith("overhead 2 GiB per GPU, over 2 GPUs)")
 
@@ -148,7 +148,9 @@ def test_70b_full_precision_pinned_to_an_l4_is_refused_with_the_numbers():
     assert fit.verdict == "Insufficient"
     assert fit.refusal == (
         "Variant none needs ~273 GiB per GPU (70B parameters at fp32: 261 GiB, KV cache 10 GiB for "
-        "4096 tokens, overhead 2 GiB); the largest NVIDIA-L4 has 22 GiB: use more GPUs "
+        "4096 tokens (dense upper bound), overhead 2 GiB); the largest NVIDIA-L4 has 22 GiB; the smallest configuration of "
+        "NVIDIA-L4 that holds it: resources.gpu.count 1 x gpu.nodes 14 (~21.3 GiB per GPU), which spans "
+        "nodes (MultiNodeNotSupported in this operator version): use more GPUs "
         "(resources.gpu.count), an int4-weight-only variant (~45 GiB per GPU), or GPUs with more memory.")
 
 
@@ -180,7 +182,11 @@ def test_offline_nothing_is_refused():
 def test_gpu_node_from_labels():
     labels = {MEMORY: "81559", "nvidia.com/gpu.product": H100}
     assert gpufit.GpuNode.from_labels("n", labels, MEMORY, "nvidia.com/gpu.product") == NODES[0].__class__(
-        "n", 81559, H100)
+        "n", 81559, H100, labels=tuple(sorted(labels.items())))
+    # GPU feature discovery's count label, unless the node's allocatable GPUs say
+    counted = {**labels, "nvidia.com/gpu.count": "8"}
+    assert gpufit.GpuNode.from_labels("n", counted, MEMORY, "nvidia.com/gpu.product").gpus == 8
+    assert gpufit.GpuNode.from_labels("n", counted, MEMORY, "nvidia.com/gpu.product", gpus=4).gpus == 4
     for bad in ({}, {MEMORY: ""}, {MEMORY: "0"}, {MEMORY: "80GB"}, {MEMORY: "-1"}):
         assert gpufit.GpuNode.from_labels("n", bad, MEMORY, "nvidia.com/gpu.product") is None
 
@@ -247,9 +253,13 @@ def test_the_kv_budget_estimated_is_the_one_the_runtime_gets():
     ("70B", 600 + math.ceil(140e9 / (100 * 2**20))),             # 16-bit weights at 100 MiB/s
     ("405B", 600 + math.ceil(810e9 / (100 * 2**20))),
 ])
-def test_startup_probe_gives_a_large_model_time_to_load(parameters, seconds):
-    pod = deployment_of(build_children(llm(parameters=parameters), SETTINGS), "m-bf16")["spec"]["template"]["spec"]
+@pytest.mark.parametrize("engine", ["builtin", "vllm"])
+def test_startup_probe_gives_a_large_model_time_to_load(parameters, seconds, engine):
+    """vLLM compiles, captures graphs and allocates its KV cache after loading: more on top."""
+    ms = llm(parameters=parameters, runtime={"engine": engine})
+    pod = deployment_of(build_children(ms, SETTINGS), "m-bf16")["spec"]["template"]["spec"]
     probe = pod["containers"][0]["startupProbe"]
+    seconds += gpufit.VLLM_EXTRA_SECONDS if engine == "vllm" else 0
     assert probe["periodSeconds"] * probe["failureThreshold"] == seconds - seconds % probe["periodSeconds"]
 
 
@@ -266,20 +276,21 @@ def test_a_refused_variant_gets_no_deployment_and_the_others_do():
     assert names == {"m-int4"}  # none (fp32, ~273 GiB) fits no GPU: no Deployment, no Pending pod
     assert "m-none" in plan.keep  # one of an earlier revision, if any, is left serving, not pruned
     assert all(name != "m-none" for name, _ in plan.scales)
-    assert plan.fit_problem.reason == "GPUMemoryInsufficient"
-    assert plan.fit_problem.message.startswith("Variant none needs ~273 GiB per GPU")
+    assert plan.refused.reason == "GPUMemoryInsufficient"
+    assert plan.refused.message.startswith("Variant none needs ~273 GiB per GPU")
 
 
 def test_offline_every_variant_is_built():
     plan = decide(large_model(), SETTINGS, None, gpu_nodes=None)
     assert {c["metadata"]["name"] for c in plan.children if c["kind"] == "Deployment"} == {"m-int4", "m-none"}
-    assert plan.fit_problem is None
+    assert plan.refused is None
 
 
 def test_status_shows_the_estimate_and_the_refusal():
     plan = decide(large_model(), SETTINGS, None, gpu_nodes=NODES)
     obs = Observation(name="m", namespace="ns", generation=3, selector=plan.selector, url=plan.url,
-                      runtime_image=plan.runtime_image, variants=plan.variants, blocking=plan.fit_problem)
+                      runtime_image=plan.runtime_image, variants=plan.variants, blocking=plan.refused,
+                      refused=True, rollout=rollout_status(plan))
     status = gpufit.with_fit_status(compute_status(obs).to_wire(), plan.fits)
     ready = status["conditions"][0]
     assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "GPUMemoryInsufficient")
@@ -290,6 +301,9 @@ def test_status_shows_the_estimate_and_the_refusal():
     assert by_name["int4"]["gpuMemoryMiB"] == plan.fits[0].estimate.per_gpu_mib
     assert status["gpuMemory"] == "int4 ~45GiB/GPU, none ~273GiB/GPU (no fit)"
     assert status["url"] == "http://m.ns.svc.cluster.local/v1"
+    # not on its way: the rollout says Refused, with why
+    assert status["rollout"]["phase"] == "Refused"
+    assert status["rollout"]["message"].startswith("Variant none needs ~273 GiB per GPU")
 
 
 def test_status_without_an_estimate_is_unchanged():
@@ -313,9 +327,9 @@ def test_render_prints_each_variants_estimate():
     comments = [line for line in out.getvalue().splitlines() if line.startswith("# GPU fit:")]
     assert comments == [
         ("# GPU fit: variant int4 needs ~29 GiB per GPU (70B parameters at int4: 33 GiB, KV cache 20 GiB for "
-        "8192 tokens, overhead 2 GiB per GPU, over 2 GPUs)"),
+        "8192 tokens (dense upper bound), overhead 2 GiB per GPU, over 2 GPUs)"),
         ("# GPU fit: variant bf16 needs ~78 GiB per GPU (70B parameters at bf16: 130 GiB, KV cache 20 GiB for "
-        "8192 tokens, overhead 2 GiB per GPU, over 2 GPUs)"),
+        "8192 tokens (dense upper bound), overhead 2 GiB per GPU, over 2 GPUs)"),
     ]
 
 
@@ -326,3 +340,109 @@ def test_the_operator_tells_no_node_seen_from_no_gpu_node():
     assert _gpu_nodes({NODES: ["cpu-0"]}) == ()  # nodes, none with GPUs: refuse
     index = {NODES: ["a", "b"], GPU_NODES: [gpufit.GpuNode("b", 1, None), gpufit.GpuNode("a", 2, None)]}
     assert _gpu_nodes(index) == (gpufit.GpuNode("a", 2, None), gpufit.GpuNode("b", 1, None))  # by name
+
+
+# --- across nodes: count x nodes, the smallest configuration, the user's selector -----------------
+
+def across(parameters="405B", quantization="bf16", gpus=8, nodes=1, product=None, scheduling=None):
+    spec = {"model": {"uri": "hf://org/llm", "format": "transformers", "task": "text-generation",
+                      "parameterCount": parameters},
+            "resources": {"gpu": {"count": gpus, "nodes": nodes, **({"product": product} if product else {})}},
+            "variants": [{"name": "main", "quantization": quantization}]}
+    if scheduling:
+        spec["scheduling"] = scheduling
+    return make_ms(spec)
+
+
+@pytest.mark.parametrize(("gpus", "nodes", "total"), [(8, 1, 8), (8, 2, 16), (4, 3, 12), (1, 1, 1)])
+def test_the_estimate_divides_by_count_times_nodes(gpus, nodes, total):
+    ms = across(gpus=gpus, nodes=nodes)
+    need = one_estimate(ms)
+    assert need.gpus == total and need.nodes == nodes
+    assert need.per_gpu == math.ceil((need.weights + need.kv_cache) / total) + need.overhead
+    if nodes > 1:
+        assert need.parts().endswith(f"per GPU, over {total} GPUs: {gpus} on each of {nodes} nodes")
+
+
+# (count per node, nodes) that first holds the model, on the largest GPUs present
+@pytest.mark.parametrize(("parameters", "quantization", "node", "expected"), [
+    ("405B", "bf16", NODES[0], (8, 2)),     # 810 GB: more than one node of 8 H100s
+    ("70B", "bf16", NODES[0], (2, 1)),      # fits 2 H100s of one node
+    ("405B", "bf16", NODES[2], (1, 39)),    # L4 nodes with one GPU each
+    ("13B", "int4-weight-only", NODES[2], (1, 1)),
+])
+def test_the_smallest_configuration_that_holds_a_model(parameters, quantization, node, expected):
+    ms = across(parameters=parameters, quantization=quantization, gpus=1)
+    (variant,) = ms.spec.variants
+    count, nodes, need = gpufit.smallest_fit(ms, variant, node)
+    assert (count, nodes) == expected and need.per_gpu_mib <= node.memory_mib
+    fewer = []  # one node fewer (each full), or half the GPUs on as many nodes: neither holds it
+    if nodes > 1:
+        fewer.append(gpufit.estimate(ms, variant, gpus=node.gpus, nodes=nodes - 1))
+    if count > 1:
+        fewer.append(gpufit.estimate(ms, variant, gpus=count // 2, nodes=nodes))
+    assert all(f.per_gpu_mib > node.memory_mib for f in fewer)
+
+
+def test_405b_on_l4s_only_is_refused_naming_the_smallest_configuration():
+    (fit,) = gpufit.plan_fit(across(product=L4, gpus=1), NODES, MEMORY)
+    assert fit.verdict == "Insufficient"
+    assert ("the smallest configuration of NVIDIA-L4 that holds it: resources.gpu.count 1 x gpu.nodes 39 "
+            "(~22.2 GiB per GPU), which spans nodes") in fit.refusal
+
+
+def test_405b_over_two_h100_nodes_fits_the_estimate_and_is_refused_as_multi_node():
+    ms = across(gpus=8, nodes=2, product=H100)
+    (fit,) = gpufit.plan_fit(ms, NODES, MEMORY)
+    assert fit.refusal is None  # ~52 GiB per GPU over 16 H100s
+    plan = decide(ms, SETTINGS, None, gpu_nodes=NODES)
+    assert plan.refused.reason == "MultiNodeNotSupported"
+    assert "resources.gpu.nodes 2" in plan.refused.message and "use gpu.nodes 1" in plan.refused.message
+    assert not [c for c in plan.children if c["kind"] == "Deployment"]
+
+
+def test_the_refusal_looks_only_at_nodes_the_users_selector_allows():
+    labelled = tuple(gpufit.GpuNode(n.name, n.memory_mib, n.product, n.gpus,
+                                    labels=(("pool", "h100" if n.product == H100 else "l4"),))
+                     for n in NODES)
+    # 13B bf16 (~30 GiB) fits an H100, but the user's selector allows only the L4 pool
+    for scheduling in ({"nodeSelector": {"pool": "l4"}},
+                       {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                           "nodeSelectorTerms": [{"matchExpressions": [
+                               {"key": "pool", "operator": "NotIn", "values": ["h100"]}]}]}}}}):
+        ms = across(parameters="13B", gpus=1, scheduling=scheduling)
+        (fit,) = gpufit.plan_fit(ms, labelled, MEMORY)
+        assert fit.refusal is not None
+        assert "the largest NVIDIA-L4 among the nodes scheduling.nodeSelector and affinity allow" in fit.refusal
+    allowed = across(parameters="13B", gpus=1, scheduling={"nodeSelector": {"pool": "h100"}})
+    assert gpufit.plan_fit(allowed, labelled, MEMORY)[0].refusal is None
+    nowhere = across(parameters="13B", gpus=1, scheduling={"nodeSelector": {"pool": "tpu"}})
+    assert "no node that scheduling.nodeSelector and affinity allow" in gpufit.plan_fit(nowhere, labelled, MEMORY)[0].refusal
+
+
+@pytest.mark.parametrize(("op", "values", "value", "ok"), [
+    ("In", ["a"], "a", True), ("In", ["a"], "b", False), ("NotIn", ["a"], None, True),
+    ("Exists", [], "x", True), ("Exists", [], None, False), ("DoesNotExist", [], None, True),
+    ("Gt", ["10"], "11", True), ("Gt", ["10"], "10", False), ("Lt", ["10"], "9", True), ("Gt", ["10"], "x", False),
+])
+def test_node_selector_operators_as_the_scheduler_reads_them(op, values, value, ok):
+    node = gpufit.GpuNode("n", 81559, H100, labels=(("k", value),) if value is not None else ())
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "k", "operator": op, "values": values}]}]}}}
+    assert gpufit.allowed_by_scheduling(across(scheduling={"affinity": affinity}), node) is ok
+
+
+def test_model_shape_sharpens_the_kv_estimate():
+    """Llama-3.1-70B: 80 layers, 8 KV heads of 128 (GQA): 320 KiB a token in bf16, about 1/8 of the
+    dense bound; fp8 halves it; without a shape the estimate says it is the dense upper bound."""
+    dense = one_estimate(llm())
+    shaped = llm()
+    body = shaped.model_dump(by_alias=True, exclude_none=True)
+    body["spec"]["model"]["shape"] = {"layers": 80, "kvHeads": 8, "headDim": 128}
+    from kubemaas_operator.api import ModelService
+    gqa = one_estimate(ModelService.model_validate(body))
+    assert gqa.kv_cache == gpufit.DEFAULT_KV_CACHE_TOKENS * 2 * 80 * 8 * 128 * 2
+    assert dense.kv_cache > 7 * gqa.kv_cache and gqa.weights == dense.weights
+    assert "(model.shape)" in gqa.parts() and "(dense upper bound)" in dense.parts()
+    body["spec"]["model"]["shape"]["kvCacheDtype"] = "fp8"
+    assert one_estimate(ModelService.model_validate(body)).kv_cache * 2 == gqa.kv_cache

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from kubemaas_operator.api import ModelServiceStatus
 from kubemaas_operator.api.status import RolloutStatus
+from kubemaas_operator.builders.image import RuntimeImages
 from kubemaas_operator.builders.layout import Track, VariantLayout
 from kubemaas_operator.observe import Observation, Problem, compute_status, pod_problem
 
@@ -30,7 +31,7 @@ def _plan(name: str, quantization: str, weight: int, replicas: int, deployment: 
 def _obs(deployments: dict, pods: tuple = (), blocking: Problem | None = None) -> Observation:
     return Observation(
         name="m", namespace="ns", generation=3, selector="kubemaas.io/modelservice=m",
-        url="http://m.ns.svc.cluster.local/v2/models/m", runtime_image="img:1",
+        url="http://m.ns.svc.cluster.local/v2/models/m", runtime_image=RuntimeImages.single("img:1"),
         variants=(_plan("a", "bf16", 80, 4, "m-a"), _plan("b", "int8-weight-only", 20, 1, "m-b")),
         deployments=deployments, pods=pods, blocking=blocking,
     )

@@ -4,6 +4,7 @@ use; what of a termination message reaches status; the NetworkPolicy; the runtim
 from __future__ import annotations
 
 import pytest
+from kubemaas_operator.builders.image import PinnedImages
 from kubemaas_operator.builders.network_policy import admitted_namespaces
 from kubemaas_operator.policy import image_repository, refusal
 from kubemaas_operator.redact import MAX_MESSAGE_CHARS, safe_termination_line
@@ -41,7 +42,7 @@ def test_an_explicit_allowlist_replaces_the_repository_default():
 
 
 def test_an_image_pinned_in_status_is_checked_too():
-    assert refusal(ms_with(), DEFAULT, "docker.io/old/runtime:0.1").reason == "ImageNotAllowed"
+    assert refusal(ms_with(), DEFAULT, PinnedImages(builtin="docker.io/old/runtime:0.1")).reason == "ImageNotAllowed"
 
 
 @pytest.mark.parametrize(("model", "reason"), [

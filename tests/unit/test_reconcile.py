@@ -9,6 +9,7 @@ from kubemaas_operator.builders import (
     IMAGE_POLICY_ANNOTATION,
     choose_runtime_image,
 )
+from kubemaas_operator.builders.image import PinnedImages
 from kubemaas_operator.kube import Conflict
 from kubemaas_operator.reconcile import (
     Reconciler,
@@ -52,7 +53,7 @@ def test_runtime_image_is_pinned(spec_image, pinned, annotations, expected) -> N
 
 
 def test_plan_splits_replicas_and_names_children() -> None:
-    plan = decide(_ms(), SETTINGS, pinned_image="old/runtime:1.0")
+    plan = decide(_ms(), SETTINGS, pinned_image=PinnedImages(builtin="old/runtime:1.0"))
     assert plan.key == ("ns", "m") and plan.generation == 4
     assert [(v.name, v.replicas, v.deployment) for v in plan.variants] == [("a", 4, "m-a"), ("b", 1, "m-b")]
     deployments = [c for c in plan.children if c["kind"] == "Deployment"]

@@ -8,6 +8,7 @@ import pytest
 from kubemaas_operator.api import ModelServiceStatus
 from kubemaas_operator.api.status import RolloutStatus
 from kubemaas_operator.builders import build_children, variant_revisions
+from kubemaas_operator.builders.image import PinnedImages
 from kubemaas_operator.reconcile import decide, rollout_status
 from kubemaas_operator.rollout import (
     ObservedDeployment,
@@ -21,6 +22,7 @@ from tests.unit.support import make_ms
 IMAGE = "registry.example/runtime:1"
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 SETTINGS = OperatorSettings(runtime_image=IMAGE)
+PINNED = PinnedImages(builtin=IMAGE)
 TWO_VARIANTS = [{"name": "a", "quantization": "none", "weight": 80},
                 {"name": "b", "quantization": "bf16", "weight": 20}]
 
@@ -160,7 +162,7 @@ def test_a_changed_revision_starts_a_canary_beside_the_stable_deployment() -> No
     children = build_children(new, SETTINGS, IMAGE, plan.variants)
     names = {c["metadata"]["name"] for c in children if c["kind"] == "Deployment"}
     assert names == {f"m-a-{rev['a']}", f"m-b-{rev['b']}"}  # the stable ones are only scaled
-    full = decide(new, SETTINGS, IMAGE, observed, None, NOW)
+    full = decide(new, SETTINGS, PINNED, observed, None, NOW)
     assert set(full.scales) == {("m-a", 4), ("m-b", 1)} and {"m-a", "m-b"} <= full.keep
 
 
@@ -209,7 +211,7 @@ def test_after_the_last_step_the_canary_becomes_stable_without_restarting() -> N
     assert plan.phase == "Complete" and not plan.in_canary and plan.stable_revision == canary_revision
     a = _layout(plan, "a")
     assert (a.stable.deployment, a.stable.replicas, a.stable.apply, a.keep) == (f"m-a-{rev['a']}", 4, True, ())
-    full = decide(new, SETTINGS, IMAGE, observed + canaries, _at_step(canary_revision, 3), NOW)
+    full = decide(new, SETTINGS, PINNED, observed + canaries, _at_step(canary_revision, 3), NOW)
     assert "m-a" not in full.keep and not full.scales   # the old stable goes
     # next time round, status names the promoted Deployment as the stable one: nothing changes
     again = plan_rollout(new, IMAGE, [_dep(f"m-a-{rev['a']}", "a", rev["a"], 4, track="canary"),
@@ -387,13 +389,13 @@ def test_the_canary_timer_writes_only_what_changed_since_the_last_plan() -> None
     _, new, observed = _canary_start()
     kube = _RecordingKube()
     reconciler = Reconciler(kube, SETTINGS)
-    reconciler.reconcile(new, IMAGE, observed=observed)
+    reconciler.reconcile(new, PINNED, observed=observed)
     assert ("scale", "m-a=4") in kube.writes and ("apply", "HTTPRoute/m") not in kube.writes
     kube.writes.clear()
-    reconciler.reconcile(new, IMAGE, observed=observed, only_changes=True)
+    reconciler.reconcile(new, PINNED, observed=observed, only_changes=True)
     assert kube.writes == []   # nothing moved: no apply, no scale, no listing for stale children
     rev = _revisions(new)
     up = observed + [_dep(f"m-a-{rev['a']}", "a", rev["a"], 1, track="canary"),
                      _dep(f"m-b-{rev['b']}", "b", rev["b"], 1, track="canary")]
-    reconciler.reconcile(new, IMAGE, observed=up, only_changes=True)
+    reconciler.reconcile(new, PINNED, observed=up, only_changes=True)
     assert kube.writes == [("scale", "m-a=3")]   # the canary pod is up: the stable gives one back

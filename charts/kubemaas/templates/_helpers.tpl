@@ -48,7 +48,14 @@ app.kubernetes.io/part-of: kubemaas
 {{- end }}
 
 {{- define "kubemaas.runtimeImage" -}}
-{{- default (printf "ghcr.io/kubemaas/kubemaas-runtime:%s" .Chart.AppVersion) .Values.operator.runtimeImage }}
+{{- $images := .Values.operator.runtimeImages | default dict }}
+{{- $builtin := $images.builtin | default .Values.operator.runtimeImage }}
+{{- default (printf "ghcr.io/kubemaas/kubemaas-runtime:%s" .Chart.AppVersion) $builtin }}
+{{- end }}
+
+{{- define "kubemaas.vllmRuntimeImage" -}}
+{{- $images := .Values.operator.runtimeImages | default dict }}
+{{- default (printf "ghcr.io/kubemaas/kubemaas-runtime-vllm:%s" .Chart.AppVersion) $images.vllm }}
 {{- end }}
 
 {{/*

@@ -9,6 +9,7 @@ from pydantic import ConfigDict, Field, StringConstraints, model_validator
 from kubemaas_operator.api import rules
 from kubemaas_operator.api.base import ApiModel, FreeFormObject, LabelKey, LabelValue, Quantity
 from kubemaas_operator.api.constants import (
+    MAX_GPU_NODES,
     MAX_GPUS_PER_POD,
     MAX_NODE_SELECTOR_ENTRIES,
     MAX_TOLERATIONS,
@@ -18,10 +19,19 @@ from kubemaas_operator.api.constants import (
 class GpuResources(ApiModel):
     """GPUs per pod."""
 
-    model_config = ConfigDict(json_schema_extra=rules.schema_rules(rules.GPU_PRODUCT_NEEDS_COUNT))
+    model_config = ConfigDict(json_schema_extra=rules.schema_rules(
+        rules.GPU_PRODUCT_NEEDS_COUNT, rules.GPU_NODES_NEED_COUNT))
 
     count: Annotated[int, Field(ge=0, le=MAX_GPUS_PER_POD)] = Field(
         default=0, description="GPUs per pod (the nvidia.com/gpu limit); 0 runs on CPU only."
+    )
+    nodes: Annotated[int, Field(ge=1, le=MAX_GPU_NODES)] = Field(
+        default=1,
+        description=(
+            "Nodes one replica spans, each with `count` GPUs: the GPU-fit check divides the model "
+            "over count x nodes GPUs. Above 1 this operator version refuses the variant "
+            "(MultiNodeNotSupported): it has no multi-node child yet (docs/api.md, GPU fit)."
+        ),
     )
     product: LabelValue | None = Field(
         default=None,
@@ -35,6 +45,8 @@ class GpuResources(ApiModel):
     def _check_rules(self) -> GpuResources:
         if self.product is not None and self.count == 0:
             raise rules.refusal(rules.GPU_PRODUCT_NEEDS_COUNT)
+        if self.nodes > 1 and self.count == 0:
+            raise rules.refusal(rules.GPU_NODES_NEED_COUNT)
         return self
 
 

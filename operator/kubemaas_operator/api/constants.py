@@ -28,6 +28,7 @@ MAX_CANARY_NAME_LENGTH: Final = 63 - 2 - REVISION_LENGTH
 MAX_VARIANTS: Final = 8
 MAX_REPLICAS: Final = 1000
 MAX_GPUS_PER_POD: Final = 16
+MAX_GPU_NODES: Final = 64  # nodes one replica may span (resources.gpu.nodes)
 MAX_URI_LENGTH: Final = 1024
 MAX_ROLLOUT_STEPS: Final = 10
 MAX_PROMQL_LENGTH: Final = 1024
@@ -53,6 +54,8 @@ TASKED_FORMATS: Final = ("transformers", "gguf")
 Quantization = Literal[
     "none", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-weight-only"
 ]
+# The runtime's engines (its --engine): auto lets the operator pick (docs/api.md, "Engines").
+Engine = Literal["auto", "builtin", "vllm"]
 AutoscalingEngine = Literal["hpa", "keda"]
 AutoscalingMetric = Literal[
     "cpu", "concurrency", "rps", "running-sequences", "waiting-sequences", "kv-cache-usage"

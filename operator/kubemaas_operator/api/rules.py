@@ -161,6 +161,12 @@ GPU_PRODUCT_NEEDS_COUNT = CelRule(
     field_path=".product",
 )
 
+GPU_NODES_NEED_COUNT = CelRule(
+    rule="!has(self.nodes) || self.nodes == 1 || self.count > 0",
+    message="resources.gpu.nodes above 1 spans GPU nodes, but resources.gpu.count is 0; set a count per node",
+    field_path=".nodes",
+)
+
 # --- on spec.variants -------------------------------------------------------------------
 WEIGHTS_SUM_TO_100 = CelRule(
     rule="self.map(v, v.weight).sum() == 100",
@@ -258,6 +264,36 @@ SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL = CelRule(
         "runs: set spec.gateway (its request rate wakes the model) or autoscaling.activationQuery"
     ),
     field_path=".autoscaling.minReplicas",
+)
+
+# The vLLM engine loads a Hugging Face model directory and serves text generation. One rule for
+# the ModelService's engine and every variant's (a variant's engine overrides the spec's).
+_VLLM_SOMEWHERE = (
+    "((has(self.runtime) && has(self.runtime.engine) && self.runtime.engine == 'vllm') || "
+    "self.variants.exists(v, has(v.engine) && v.engine == 'vllm'))"
+)
+ENGINE_VLLM_NEEDS_TRANSFORMERS_GENERATION = CelRule(
+    rule=(
+        f"!{_VLLM_SOMEWHERE} || (self.model.format == 'transformers' && "
+        "has(self.model.task) && self.model.task == 'text-generation')"
+    ),
+    message=(
+        "runtime.engine (or a variant's engine) vllm serves only model.format transformers with "
+        "model.task text-generation (vLLM loads a Hugging Face model directory, not GGUF or a "
+        "torch archive): use engine builtin or auto"
+    ),
+    field_path=".runtime.engine",
+)
+TENSOR_PARALLEL_WITHIN_GPUS = CelRule(
+    rule=(
+        "!has(self.runtime) || !has(self.runtime.tensorParallelSize) || "
+        "(self.resources.gpu.count > 0 && self.resources.gpu.count % self.runtime.tensorParallelSize == 0)"
+    ),
+    message=(
+        "runtime.tensorParallelSize is how many of a pod's GPUs one copy of the model is split "
+        "over: it needs resources.gpu.count and must divide it (default: resources.gpu.count)"
+    ),
+    field_path=".runtime.tensorParallelSize",
 )
 
 # Generative-only fields on a model that does not generate text.

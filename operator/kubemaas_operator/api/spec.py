@@ -8,7 +8,7 @@ server enforces it) and checked again here (so `render` refuses the same specs o
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -20,6 +20,7 @@ from kubemaas_operator.api.compute import Resources, Scheduling
 from kubemaas_operator.api.constants import (
     GENERATIVE_METRICS,
     MAX_GENERATION_TOKENS,
+    MAX_GPUS_PER_POD,
     MAX_REPLICAS,
     MAX_URI_LENGTH,
     MAX_VARIANT_NAME_LENGTH,
@@ -28,6 +29,7 @@ from kubemaas_operator.api.constants import (
     TASKED_FORMATS,
     URI_SCHEMES,
     URI_SHAPE_PATTERN,
+    Engine,
     ModelFormat,
     ModelTask,
     Quantization,
@@ -45,6 +47,26 @@ class SecretReference(ApiModel):
     """A Secret in the ModelService's namespace."""
 
     name: DnsSubdomain = Field(description="Name of the Secret.")
+
+
+KvCacheDtype = Literal["fp32", "fp16", "bf16", "fp8"]
+
+
+class ModelShape(ApiModel):
+    """The model's attention shape, for the GPU-fit check's KV-cache estimate."""
+
+    layers: Annotated[int, Field(ge=1, le=1024)] = Field(description="Transformer layers (num_hidden_layers).")
+    kv_heads: Annotated[int, Field(ge=1, le=1024)] = Field(
+        description="Key/value heads per layer (num_key_value_heads; fewer than the query heads with GQA)."
+    )
+    head_dim: Annotated[int, Field(ge=1, le=4096)] = Field(description="Dimension of one head (head_dim).")
+    kv_cache_dtype: KvCacheDtype = Field(
+        default="bf16",
+        description=(
+            "What the engine keeps K and V in: fp32, fp16, bf16 (default) or fp8. Only the estimate "
+            "reads it; the runtime is not told."
+        ),
+    )
 
 
 class ModelSource(ApiModel):
@@ -88,6 +110,14 @@ class ModelSource(ApiModel):
             "With GPUs it enables the GPU-fit check: each variant's per-GPU memory is estimated "
             "from it and its quantization, and pods are placed only on GPUs that hold it "
             "(docs/api.md, GPU fit)."
+        ),
+    )
+    shape: ModelShape | None = Field(
+        default=None,
+        description=(
+            "The model's attention shape (from its config.json): with it the GPU-fit check "
+            "estimates the KV cache as 2 x layers x kvHeads x headDim x bytes per token; without "
+            "it, a dense transformer of parameterCount's size, an upper bound (docs/api.md, GPU fit)."
         ),
     )
     architecture: Annotated[
@@ -210,6 +240,23 @@ class RuntimeSpec(ApiModel):
         default=None,
         description="Bearer-token auth on metadata and inference routes; health and metrics stay open.",
     )
+    engine: Engine = Field(
+        default="auto",
+        description=(
+            "The engine that serves the model, KUBEMAAS_ENGINE; a variant's engine overrides it. "
+            "builtin (the runtime's PyTorch engine, one GPU), vllm (vLLM: model.format "
+            "transformers, text-generation; splits a model over the pod's GPUs) or auto: vllm for "
+            "a transformers text-generation model with GPUs, builtin otherwise. It also picks the "
+            "runtime image's flavour (docs/api.md, Engines)."
+        ),
+    )
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=MAX_GPUS_PER_POD)] | None = Field(
+        default=None,
+        description=(
+            "GPUs one copy of the model is split over, KUBEMAAS_TENSOR_PARALLEL_SIZE (vllm); "
+            "must divide resources.gpu.count. Empty: resources.gpu.count."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_rules(self) -> RuntimeSpec:
@@ -237,6 +284,9 @@ class Variant(ApiModel):
             "Percent of traffic and of spec.replicas; the weights of all variants sum to 100."
         ),
     )
+    engine: Engine | None = Field(
+        default=None, description="This variant's engine (auto, builtin or vllm); empty: runtime.engine."
+    )
 
 
 class GatewayRef(ApiModel):
@@ -256,6 +306,7 @@ def _default_variants() -> list[Variant]:
 _SPEC_RULES = [
     rules.QUANTIZATION_ON_GPU, rules.CPU_METRIC_NEEDS_CPU_REQUEST, rules.SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL,
     *rules.GENERATION_LIMITS_NEED_TEXT_GENERATION, rules.GENERATIVE_METRIC_NEEDS_TEXT_GENERATION,
+    rules.ENGINE_VLLM_NEEDS_TRANSFORMERS_GENERATION, rules.TENSOR_PARALLEL_WITHIN_GPUS,
 ]
 if rules.GPU_ONLY_QUANTIZATIONS:
     _SPEC_RULES.append(rules.QUANTIZATION_ON_CPU)
@@ -351,7 +402,17 @@ class ModelServiceSpec(ApiModel):
                     raise rules.refusal(rule)
             if self.autoscaling and self.autoscaling.metric in GENERATIVE_METRICS:
                 raise rules.refusal(rules.GENERATIVE_METRIC_NEEDS_TEXT_GENERATION)
+        wants_vllm = self.runtime.engine == "vllm" or any(v.engine == "vllm" for v in self.variants)
+        if wants_vllm and not (self.model.format == "transformers" and self.model.task == "text-generation"):
+            raise rules.refusal(rules.ENGINE_VLLM_NEEDS_TRANSFORMERS_GENERATION)
+        split = self.runtime.tensor_parallel_size
+        if split is not None and (self.resources.gpu.count == 0 or self.resources.gpu.count % split):
+            raise rules.refusal(rules.TENSOR_PARALLEL_WITHIN_GPUS)
         return self
+
+    def engine_of(self, variant: Variant) -> Engine:
+        """The engine a variant asks for: its own, else runtime.engine (auto, builtin or vllm)."""
+        return variant.engine or self.runtime.engine
 
     @property
     def uses_gpu(self) -> bool:

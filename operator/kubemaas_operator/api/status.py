@@ -21,12 +21,12 @@ class Condition(ApiModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Annotated[str, StringConstraints(min_length=1, max_length=316)] = Field(
-        description="Ready, Progressing, Degraded or NameConflict."
+        description="Ready, Progressing or Degraded."
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: Annotated[
         str, StringConstraints(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
-    ] = Field(description="Why, in CamelCase (e.g. InsufficientGPU, ImagePullFailed).")
+    ] = Field(description="Why, in CamelCase (e.g. GPUMemoryInsufficient, EngineCannotShard, NameConflict).")
     message: Annotated[str, StringConstraints(max_length=32768)] = Field(
         default="", description="What happened and what to do, for a person."
     )
@@ -90,7 +90,7 @@ class VariantStatus(ApiModel):
     )
 
 
-RolloutPhase = Literal["Complete", "Progressing", "Held"]
+RolloutPhase = Literal["Complete", "Progressing", "Held", "Refused"]
 
 
 class RolloutStatus(ApiModel):
@@ -103,7 +103,8 @@ class RolloutStatus(ApiModel):
         description=(
             "Complete (every variant runs the spec), Progressing (pods rolling, a canary step "
             "scaling or pausing, or the previous revision being retired) or Held (a canary step "
-            "waiting for the spec to advance it)."
+            "waiting for the spec to advance it) or Refused (a variant the operator gives no pods: "
+            "GPUMemoryInsufficient, EngineCannotShard or MultiNodeNotSupported, in message)."
         )
     )
     stable_revision: Annotated[str, StringConstraints(max_length=16)] | None = Field(
@@ -155,7 +156,18 @@ class ModelServiceStatus(ApiModel):
         default=None, description="In-cluster URL of the model's v2 endpoint."
     )
     runtime_image: Annotated[str, StringConstraints(max_length=512)] | None = Field(
-        default=None, description="Runtime image the pods run; changes only with spec.runtime.image."
+        default=None,
+        description=(
+            "Runtime image of the builtin engine's flavour, which variants with engine builtin run; "
+            "changes only with spec.runtime.image (or the FollowOperator policy)."
+        ),
+    )
+    vllm_runtime_image: Annotated[str, StringConstraints(max_length=512)] | None = Field(
+        default=None,
+        description=(
+            "Runtime image of the vLLM flavour, which variants with engine vllm run; pinned like "
+            "runtimeImage."
+        ),
     )
     variant_summary: Annotated[str, StringConstraints(max_length=1024)] | None = Field(
         default=None, description="Ready/desired pods per variant, e.g. \"bf16 2/2, int8 1/1\"."
@@ -166,7 +178,7 @@ class ModelServiceStatus(ApiModel):
     )
     conditions: Annotated[list[Condition], Field(max_length=16)] = Field(
         default_factory=list,
-        description="Ready, Progressing, Degraded, NameConflict.",
+        description="Ready, Progressing and Degraded.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     variants: Annotated[list[VariantStatus], Field(max_length=MAX_VARIANTS * 2)] = Field(

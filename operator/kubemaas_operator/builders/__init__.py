@@ -13,8 +13,12 @@ from kubemaas_operator.builders.gateway import build_http_route
 from kubemaas_operator.builders.image import (
     FOLLOW_OPERATOR,
     IMAGE_POLICY_ANNOTATION,
+    PinnedImages,
+    RuntimeImages,
     choose_runtime_image,
-    pinned_image,
+    choose_runtime_images,
+    operator_images,
+    pinned_images,
 )
 from kubemaas_operator.builders.layout import Track, VariantLayout, steady_layouts
 from kubemaas_operator.builders.naming import (
@@ -37,6 +41,8 @@ __all__ = [
     "REVISION_LABEL",
     "TRACK_LABEL",
     "VARIANT_LABEL",
+    "PinnedImages",
+    "RuntimeImages",
     "Track",
     "VariantLayout",
     "build_autoscaler",
@@ -49,8 +55,10 @@ __all__ = [
     "build_variant_deployment",
     "build_variant_service",
     "choose_runtime_image",
+    "choose_runtime_images",
+    "operator_images",
     "owner_reference",
-    "pinned_image",
+    "pinned_images",
     "replicas_by_variant",
     "selector_string",
     "service_url",

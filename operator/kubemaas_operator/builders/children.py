@@ -9,7 +9,12 @@ from kubemaas_operator.builders.autoscaling import build_autoscaler
 from kubemaas_operator.builders.deployment import build_variant_deployment
 from kubemaas_operator.builders.disruption import build_disruption_budget, wants_disruption_budget
 from kubemaas_operator.builders.gateway import build_http_route
-from kubemaas_operator.builders.image import choose_runtime_image, pinned_image
+from kubemaas_operator.builders.image import (
+    RuntimeImages,
+    choose_runtime_images,
+    operator_images,
+    pinned_images,
+)
 from kubemaas_operator.builders.layout import VariantLayout, route_backends, steady_layouts
 from kubemaas_operator.builders.network_policy import build_network_policy
 from kubemaas_operator.builders.revision import CANARY, STABLE
@@ -18,29 +23,35 @@ from kubemaas_operator.builders.services import (
     build_revision_service,
     build_variant_service,
 )
+from kubemaas_operator.engine import resolved_engine
 from kubemaas_operator.settings import OperatorSettings
 
 
 def build_children(
-    ms: ModelService, settings: OperatorSettings, runtime_image: str | None = None,
+    ms: ModelService, settings: OperatorSettings, runtime_image: RuntimeImages | str | None = None,
     layouts: tuple[VariantLayout, ...] | None = None,
 ) -> list[dict[str, Any]]:
     """The desired children, in apply order: NetworkPolicy (so no pod runs unprotected),
     Deployments, Services, PDB, autoscaler, HTTPRoute.
 
-    Pure: a function of the spec, the settings, the runtime image (default: the one policy of
+    Pure: a function of the spec, the settings, the runtime images (each variant runs its
+    engine's flavour; one string: that image for all; default: the one policy of
     `builders.image`, with status as the pin) and the layout (default: the steady state, one
     Deployment per variant). `ms` must have a namespace; its uid becomes the
     owner reference (a placeholder when it has none yet). A Track that is not `apply` (a stable
     Deployment during a canary) is left out: the reconcile only scales it.
     """
-    image = runtime_image or choose_runtime_image(ms, pinned_image(ms), settings.runtime_image)
-    layouts = layouts or steady_layouts(ms, image)
+    if isinstance(runtime_image, str):
+        images = RuntimeImages.single(runtime_image)
+    else:
+        images = runtime_image or choose_runtime_images(ms, pinned_images(ms), operator_images(settings))
+    layouts = layouts or steady_layouts(ms, images)
     variants = {v.name: v for v in ms.spec.variants}
     policy = build_network_policy(ms, settings)
     children: list[dict[str, Any]] = [policy] if policy is not None else []
     for layout in layouts:
         variant = variants[layout.name]
+        image = images.for_engine(resolved_engine(ms, variant))
         if layout.stable.apply:
             children.append(build_variant_deployment(ms, variant, layout.stable, settings, image, STABLE))
         if layout.canary:

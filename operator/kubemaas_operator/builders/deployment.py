@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubemaas_operator import gpufit
 from kubemaas_operator.api import ModelService, Variant
 from kubemaas_operator.builders.layout import Track
 from kubemaas_operator.builders.naming import (
@@ -19,6 +20,7 @@ from kubemaas_operator.builders.revision import (
     STABLE,
     TRACK_LABEL,
 )
+from kubemaas_operator.engine import resolved_engine
 from kubemaas_operator.settings import OperatorSettings
 
 
@@ -54,8 +56,9 @@ def build_variant_deployment(
                 "rollingUpdate": {"maxSurge": rollout.max_surge, "maxUnavailable": rollout.max_unavailable},
             },
             "revisionHistoryLimit": 5,
-            # A model may take startup_timeout_seconds to load; report no progress only after that.
-            "progressDeadlineSeconds": settings.startup_timeout_seconds + 300,
+            # A model may take its startup probe's budget to load; report no progress only after that.
+            "progressDeadlineSeconds": gpufit.startup_seconds(
+                ms, settings.startup_timeout_seconds, resolved_engine(ms, variant)) + 300,
             "template": template,
         },
     }

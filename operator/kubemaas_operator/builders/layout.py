@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from kubemaas_operator.api import ModelService
 from kubemaas_operator.api.constants import Quantization
+from kubemaas_operator.builders.image import RuntimeImages
 from kubemaas_operator.builders.naming import variant_child_name
 from kubemaas_operator.builders.replicas import replicas_by_variant
 from kubemaas_operator.builders.revision import variant_revisions
@@ -64,10 +65,10 @@ class VariantLayout:
         return self.canary.replicas if self.canary else 0
 
 
-def steady_layouts(ms: ModelService, runtime_image: str) -> tuple[VariantLayout, ...]:
+def steady_layouts(ms: ModelService, images: RuntimeImages | str) -> tuple[VariantLayout, ...]:
     """Every variant in its own Deployment `<name>-<variant>`, running the spec."""
     split = replicas_by_variant(ms.spec.replicas, ms.spec.variants)
-    revisions = variant_revisions(ms, runtime_image)
+    revisions = variant_revisions(ms, images)
     return tuple(
         VariantLayout(v.name, v.weight, split[v.name],
                       Track(variant_child_name(ms.name, v.name), revisions[v.name], split[v.name]),

@@ -15,12 +15,28 @@ from kubemaas_operator.builders.naming import (
     RUNTIME_CONTAINER,
     variant_labels,
 )
+from kubemaas_operator.engine import resolved_engine, tensor_parallel_size
 from kubemaas_operator.settings import OperatorSettings
 
 PRE_STOP_SLEEP_SECONDS = 5  # lets endpoints drop the pod before it stops taking requests
 PROBE_PERIOD_SECONDS = 5
 
 RUNTIME_UID = 65532  # the runtime image's non-root user
+
+# /dev/shm (docs/api.md, "Engines"): vLLM's worker processes and NCCL's shared-memory transport
+# between a pod's GPUs need more than the container runtime's 64 MiB default.
+SHM_VOLUME = "dshm"
+SHM_BASE_GIB = 1  # vLLM's message queues and PyTorch's IPC
+SHM_PER_GPU_GIB = 1  # NCCL buffers per GPU of the split (its SHM transport)
+
+
+def shm_size_limit(ms: ModelService, variant: Variant) -> str | None:
+    """The /dev/shm emptyDir's size for a vLLM variant or a split over GPUs, else None (no volume)."""
+    split = tensor_parallel_size(ms) if ms.spec.uses_gpu else 1
+    if resolved_engine(ms, variant) != "vllm" and split <= 1:
+        return None
+    # whole GiB, in the API server's canonical form (it would store 3072Mi as 3Gi)
+    return f"{SHM_BASE_GIB + SHM_PER_GPU_GIB * (split if split > 1 else 0)}Gi"
 
 
 def container_security_context() -> dict[str, Any]:
@@ -59,6 +75,7 @@ def runtime_env(ms: ModelService, variant: Variant, settings: OperatorSettings) 
         "KUBEMAAS_MAX_BATCH_SIZE": str(spec.runtime.max_batch_size),
         "KUBEMAAS_BATCH_TIMEOUT_MS": str(spec.runtime.batch_timeout_ms),
         "KUBEMAAS_MAX_DRIFT": None if spec.runtime.max_drift is None else str(spec.runtime.max_drift),
+        **engine_env(ms, variant),
         **generation_env(ms),
         "KUBEMAAS_PORT": str(HTTP_PORT),
         "KUBEMAAS_MODEL_DIR": MODEL_DIR,
@@ -68,6 +85,20 @@ def runtime_env(ms: ModelService, variant: Variant, settings: OperatorSettings) 
         "HOME": "/tmp",
     }
     return [{"name": name, "value": value} for name, value in values.items() if value is not None]
+
+
+def engine_env(ms: ModelService, variant: Variant) -> dict[str, str | None]:
+    """The engine as the spec asks for it (auto, the runtime's default, is not written) and the
+    GPUs one copy of the model is split over, when that is more than one or set in the spec."""
+    spec = ms.spec
+    engine = spec.engine_of(variant)
+    split = spec.runtime.tensor_parallel_size
+    if split is None and spec.resources.gpu.count > 1:
+        split = spec.resources.gpu.count
+    return {
+        "KUBEMAAS_ENGINE": None if engine == "auto" else engine,
+        "KUBEMAAS_TENSOR_PARALLEL_SIZE": None if split is None else str(split),
+    }
 
 
 def generation_env(ms: ModelService) -> dict[str, str | None]:
@@ -115,7 +146,7 @@ def _http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
 def runtime_container(
     ms: ModelService, variant: Variant, settings: OperatorSettings, image: str, mounts: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    startup_seconds = gpufit.startup_seconds(ms, settings.startup_timeout_seconds)
+    startup_seconds = gpufit.startup_seconds(ms, settings.startup_timeout_seconds, resolved_engine(ms, variant))
     startup_failures = max(1, startup_seconds // PROBE_PERIOD_SECONDS)
     return {
         "name": RUNTIME_CONTAINER,
@@ -132,7 +163,8 @@ def runtime_container(
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_SECONDS}}},
         "securityContext": container_security_context(),
         "volumeMounts": [*mounts, {"name": TMP_VOLUME, "mountPath": "/tmp"},
-                         *auth_mounts(ms.spec.runtime)],
+                         *auth_mounts(ms.spec.runtime),
+                         *([{"name": SHM_VOLUME, "mountPath": "/dev/shm"}] if shm_size_limit(ms, variant) else [])],
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -183,6 +215,7 @@ def build_pod_template(
         resources = container_resources(ms, settings, with_gpu=False)
         init_containers.append(fetch_init_container(ms.spec.model, image, container_security_context(), resources,
                                                     settings))
+    shm = shm_size_limit(ms, variant)
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -191,7 +224,8 @@ def build_pod_template(
         **({"initContainers": init_containers} if init_containers else {}),
         "containers": [runtime_container(ms, variant, settings, image, source.mounts)],
         "volumes": [*source.volumes, {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": settings.tmp_size_limit}},
-                    *auth_volumes(ms.spec.runtime)],
+                    *auth_volumes(ms.spec.runtime),
+                    *([{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm}}] if shm else [])],
         **scheduling_fields(ms, settings, variant),
     }
     return {

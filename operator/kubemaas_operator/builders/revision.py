@@ -3,8 +3,8 @@
 Two specs with the same revision run the same pods, so a change that keeps the revision (a new
 weight, replica count, autoscaling or rollout setting) never starts new pods, and a canary
 starts only when a revision changes. The hash covers the model, resources, scheduling, runtime
-settings (with the runtime image the operator resolved), and the variant's name and
-quantization. Fields at their defaults are left out, so a field added to the API later, at its
+settings (with the runtime image the operator resolved for the variant's engine), and the
+variant's name, quantization and engine. Fields at their defaults are left out, so a field added to the API later, at its
 default, does not change any existing revision (an operator upgrade starts no canary).
 """
 
@@ -15,6 +15,8 @@ import json
 
 from kubemaas_operator.api import ModelService, Variant
 from kubemaas_operator.api.constants import REVISION_LENGTH
+from kubemaas_operator.builders.image import RuntimeImages
+from kubemaas_operator.engine import resolved_engine
 
 REVISION_LABEL = "kubemaas.io/revision"
 TRACK_LABEL = "kubemaas.io/track"  # stable | canary, on Deployments only (never on pods)
@@ -35,13 +37,17 @@ def _pod_shape(ms: ModelService, runtime_image: str) -> str:
 
 def _hash(shape: str, variant: Variant) -> str:
     text = f"{shape}|{variant.name}|{variant.quantization}"
+    if variant.engine is not None:  # left out unset, so existing revisions stay as they were
+        text += f"|{variant.engine}"
     return hashlib.sha256(text.encode()).hexdigest()[:REVISION_LENGTH]
 
 
-def variant_revisions(ms: ModelService, runtime_image: str) -> dict[str, str]:
-    """{variant name: revision} for every variant (the shared part serialised once)."""
-    shape = _pod_shape(ms, runtime_image)
-    return {v.name: _hash(shape, v) for v in ms.spec.variants}
+def variant_revisions(ms: ModelService, images: RuntimeImages | str) -> dict[str, str]:
+    """{variant name: revision} for every variant (the shared part serialised once per image);
+    ``images`` is both flavours, or one image for every variant."""
+    images = RuntimeImages.single(images) if isinstance(images, str) else images
+    shapes = {image: _pod_shape(ms, image) for image in images.all()}
+    return {v.name: _hash(shapes[images.for_engine(resolved_engine(ms, v))], v) for v in ms.spec.variants}
 
 
 def combined_revision(revisions: dict[str, str]) -> str:
