@@ -33,7 +33,15 @@ from kubemaas_runtime.models.base import Model, Signature, TensorSpec
 
 log = logging.getLogger("kubemaas_runtime")
 # vLLM's dtype for the variants it can serve as they are; the rest are refused at start.
+# "none" serves the weights as stored (vLLM's "auto" would turn fp32 weights into bf16).
 VLLM_DTYPES = {"none": "auto", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def vllm_dtype(quantization: str, config: dict) -> str:
+    if quantization != "none":
+        return VLLM_DTYPES[quantization]
+    stored = config.get("torch_dtype") or config.get("dtype")
+    return "float32" if stored == "float32" else "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +265,7 @@ class VllmGenerativeModel(Model):
         self.metrics = None  # BoundMetrics, set by the routes before loading
         self.max_model_len = 0
         self.vllm_version = ""
+        self.dtype = ""
         self.signature = Signature((TensorSpec("text_input", "BYTES", (1,)),),
                                    (TensorSpec("text_output", "BYTES", (1,)),))
 
@@ -283,12 +292,15 @@ class VllmGenerativeModel(Model):
 
         self.vllm_version = vllm.__version__
         settings = self.settings
+        import json
+
+        config = json.loads((path / "config.json").read_text())
         args = AsyncEngineArgs(
-            model=str(path), tokenizer=str(path), dtype=VLLM_DTYPES[method],
+            model=str(path), tokenizer=str(path), dtype=vllm_dtype(method, config),
             tensor_parallel_size=settings.tensor_parallel_size,
             max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
             trust_remote_code=False, disable_log_stats=True, enable_log_requests=False,
-            kv_cache_memory_bytes=self._kv_cache_bytes(path))
+            kv_cache_memory_bytes=self._kv_cache_bytes(config))
         engine_ref: list = []
         try:
             llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(engine_ref)])
@@ -298,6 +310,7 @@ class VllmGenerativeModel(Model):
             raise ModelLoadFailed(f"vLLM cannot serve {path}: {type(exc).__name__}: "
                                   f"{str(exc)[:400]}") from None
         self.max_model_len = int(llm.model_config.max_model_len)
+        self.dtype = str(llm.model_config.dtype).removeprefix("torch.")
         self.lm = CausalLM(None, tokenizer, eos_token_ids_of(llm, tokenizer),
                            self.max_model_len, "transformers")
         self.engine = VllmEngine(llm, settings, metrics=self.metrics)
@@ -306,14 +319,11 @@ class VllmGenerativeModel(Model):
             "none")
         self.ready = True
 
-    def _kv_cache_bytes(self, path: Path) -> int | None:
+    def _kv_cache_bytes(self, config: dict) -> int | None:
         """--kv-cache-tokens as vLLM's KV-cache bytes (None: vLLM sizes it)."""
         tokens = self.settings.kv_cache_tokens
         if tokens is None:
             return None
-        import json
-
-        config = json.loads((path / "config.json").read_text())
         layers = int(config["num_hidden_layers"])
         heads = int(config.get("num_key_value_heads") or config["num_attention_heads"])
         head_dim = int(config.get("head_dim") or config["hidden_size"] //
@@ -342,7 +352,7 @@ class VllmGenerativeModel(Model):
         doc = super().metadata()
         doc["parameters"].update({
             "max_model_len": self.max_model_len, "max_num_seqs": self.settings.max_num_seqs,
-            "format": self.format, "engine": "vllm", "vllm_version": self.vllm_version,
+            "format": self.format, "engine": "vllm", "vllm_version": self.vllm_version, "dtype": self.dtype,
             "tensor_parallel_size": self.settings.tensor_parallel_size})
         doc["parameters"].pop("max_batch_size", None)
         return doc
