@@ -78,3 +78,12 @@ def test_engine_and_tp_come_from_the_environment():
                              {"KUBEMAAS_ENGINE": "builtin", "KUBEMAAS_TENSOR_PARALLEL_SIZE": "2"})
     assert (cfg.engine, cfg.tensor_parallel_size) == ("builtin", 2)
     assert parse_serve_config(["--model-uri", "pvc://a/b", "--format", "gguf"], {}).engine == "auto"
+
+
+@pytest.mark.parametrize("cores, ranks, binding", [
+    ([0, 1], 1, "0,1"), ([0, 1], 2, "0|1"), ([2, 3, 4, 5, 6], 2, "2,3,4|5,6"),
+])
+def test_vllm_cpu_ranks_get_their_own_cores(cores, ranks, binding):
+    from kubemaas_runtime.generation.vllm_engine import omp_binding
+
+    assert omp_binding(cores, ranks) == binding

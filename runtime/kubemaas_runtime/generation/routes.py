@@ -82,6 +82,7 @@ class GenerationService:
         self.state = state
         self.model = state.model
         self.model.metrics = state.metrics
+        self.model.on_fatal = state.device_failed  # an engine that died (vLLM's) ends the process
         self.admission = state.admission
 
     def routes(self) -> list[Route]:

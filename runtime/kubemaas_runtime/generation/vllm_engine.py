@@ -21,11 +21,17 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from kubemaas_runtime.errors import InvalidInput, ModelLoadFailed, ModelNotReady, Overloaded
+from kubemaas_runtime.errors import (
+    DeviceLost,
+    InvalidInput,
+    ModelLoadFailed,
+    ModelNotReady,
+    Overloaded,
+)
 from kubemaas_runtime.generation.causal_lm import CausalLM
 from kubemaas_runtime.generation.engine_api import Chunk
 from kubemaas_runtime.generation.sampling import SamplingParams
@@ -55,13 +61,36 @@ class VllmSettings:
     kv_cache_tokens: int | None = None
 
 
-def default_cpu_environment() -> None:
-    """vLLM's CPU backend binds its OpenMP threads to cores; its default (`auto`) fails in a
-    container whose CPU set is a slice of the node's, so bind to the cores this process may
-    use. Set only where the operator or the user did not."""
-    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and hasattr(os, "sched_getaffinity"):
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(
-            str(c) for c in sorted(os.sched_getaffinity(0)))
+def default_cpu_environment(ranks: int) -> None:
+    """vLLM's CPU backend binds its OpenMP threads to cores, one core list per tensor-parallel
+    rank ("0,1|2,3"); its default (`auto`) fails in a container whose CPU set is a slice of the
+    node's, so split the cores this process may use between the ranks. Set only where the
+    operator or the user did not."""
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or not hasattr(os, "sched_getaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        raise ModelLoadFailed(f"--tensor-parallel-size {ranks} on CPU needs a core per rank; "
+                              f"this process may use {len(cores)}")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = omp_binding(cores, ranks)
+
+
+def omp_binding(cores: list[int], ranks: int) -> str:
+    """[0, 1, 2, 3], 2 -> "0,1|2,3": contiguous, as even as the cores allow."""
+    size, extra = divmod(len(cores), ranks)
+    groups, start = [], 0
+    for rank in range(ranks):
+        end = start + size + (1 if rank < extra else 0)
+        groups.append(",".join(str(c) for c in cores[start:end]))
+        start = end
+    return "|".join(groups)
+
+
+class EngineDead(DeviceLost):
+    """vLLM's engine core died (a worker failed): nothing more can be served, so readiness
+    turns false and the process exits with this line in the termination log."""
+
+    reason = "EngineDead"
 
 
 class VllmStream:
@@ -114,6 +143,7 @@ class VllmEngine:
         self._started = False
         self._stopping = False
         self.kv_cache_usage = 0.0  # the scheduler's, from vLLM's stats (UsageStats)
+        self.on_fatal: Callable[[EngineDead], None] | None = None  # the server's device_failed
 
     @property
     def capacity(self) -> int:
@@ -204,6 +234,9 @@ class VllmEngine:
         except Exception as exc:  # noqa: BLE001 - one request's failure, reported in its stream
             log.warning("vLLM request failed: %s: %s", type(exc).__name__, exc)
             reason = "abort" if self._stopping else "error"
+            if self.llm.errored and not self._stopping and self.on_fatal is not None:
+                self.on_fatal(EngineDead(f"vLLM's engine core died: {type(exc).__name__}: "
+                                         f"{str(exc)[:300]}"))
             stream.put(Chunk("", (), reason, len(prompt_ids), generated,
                              f"{type(exc).__name__}: {exc}"))
         finally:
@@ -263,6 +296,7 @@ class VllmGenerativeModel(Model):
         self.lm: CausalLM | None = None  # the tokenizer side only: vLLM holds the weights
         self.engine: VllmEngine | None = None
         self.metrics = None  # BoundMetrics, set by the routes before loading
+        self.on_fatal = None  # set by the routes: the server's device_failed
         self.max_model_len = 0
         self.vllm_version = ""
         self.dtype = ""
@@ -284,7 +318,7 @@ class VllmGenerativeModel(Model):
                 f"{', '.join(VLLM_DTYPES)}); use --engine builtin for {method}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # serving never reaches for the hub
         if self.device.type == "cpu":
-            default_cpu_environment()
+            default_cpu_environment(self.settings.tensor_parallel_size)
         import vllm
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -314,6 +348,7 @@ class VllmGenerativeModel(Model):
         self.lm = CausalLM(None, tokenizer, eos_token_ids_of(llm, tokenizer),
                            self.max_model_len, "transformers")
         self.engine = VllmEngine(llm, settings, metrics=self.metrics)
+        self.engine.on_fatal = self.on_fatal
         engine_ref.append(self.engine)
         self.quantization, self.quantization_backend = method, "vllm" if method != "none" else (
             "none")
