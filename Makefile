@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-unit test-runtime test-e2e down bench crds lint images images-light
+.PHONY: setup vllm-venv demo test test-unit test-runtime test-e2e down bench crds lint images images-light
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,16 +19,21 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 	hack/cluster build
 
+# The second venv, for --engine vllm (vLLM pins its own torch): ~/.cache/kubemaas/venv-vllm,
+# built once (about 5.9 GB), then a no-op; tests/runtime/test_generation_vllm.py runs its server.
+vllm-venv: $(STAMP)
+	KUBEMAAS_UV=$(VENV)/bin/uv hack/vllm-venv
+
 demo: setup
 	hack/demo
 
-test: setup lint
+test: setup vllm-venv lint
 	$(PY) -m pytest -ra tests/unit tests/runtime tests/e2e
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -ra tests/unit
 
-test-runtime: $(STAMP)
+test-runtime: vllm-venv
 	$(PY) -m pytest -ra tests/runtime
 
 test-e2e: setup

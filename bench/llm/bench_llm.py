@@ -171,6 +171,56 @@ def start_llama_cpp(gguf: Path, log) -> tuple[subprocess.Popen, str, str]:
     return process, url, "llama-cpp"
 
 
+# -- vLLM: this runtime's --engine vllm, its --engine builtin and vLLM's own server, all on
+# the same transformers directory (hack/smollm2-transformers) -------------------------------
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "HF_HUB_OFFLINE": "1"}
+
+
+def smollm2_dir() -> Path:
+    out = subprocess.run([sys.executable, str(REPO / "hack" / "smollm2-transformers")],
+                         capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def vllm_python() -> str:
+    out = subprocess.run([str(REPO / "hack" / "vllm-venv"), "--check"], capture_output=True,
+                         text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError("no vLLM venv (run hack/vllm-venv)")
+    return out.stdout.strip()
+
+
+def start_runtime_on_dir(engine: str, log) -> tuple[subprocess.Popen, str, str]:
+    """This runtime on the transformers directory: --engine vllm (the vLLM venv) or builtin."""
+    python = vllm_python() if engine == "vllm" else sys.executable
+    port = free_port()
+    env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(REPO / "runtime")}
+    process = subprocess.Popen(
+        [python, "-m", "kubemaas_runtime", "serve", "--model-uri", f"file://{smollm2_dir()}",
+         "--format", "transformers", "--task", "text-generation", "--engine", engine,
+         "--name", "smollm2", "--max-num-seqs", "32", "--max-model-len", "2048",
+         "--host", "127.0.0.1", "--port", str(port), "--termination-log", os.devnull,
+         "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/v2/health/ready", process)
+    return process, url, "smollm2"
+
+
+def start_vllm_server(log) -> tuple[subprocess.Popen, str, str]:
+    """vLLM's own OpenAI server, same venv, directory, dtype (fp32, as the runtime serves
+    --quantization none) and limits."""
+    port = free_port()
+    process = subprocess.Popen(
+        [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model",
+         str(smollm2_dir()), "--served-model-name", "smollm2", "--dtype", "float32",
+         "--max-num-seqs", "32", "--max-model-len", "2048", "--host", "127.0.0.1",
+         "--port", str(port), "--disable-log-stats"],
+        env={**os.environ, **VLLM_ENV}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", process)
+    return process, url, "smollm2"
+
+
 def llama_cpp_version() -> str:
     python = os.environ.get("LLAMA_CPP_PYTHON", "")
     if not python or not Path(python).exists():
@@ -270,7 +320,10 @@ def main() -> None:
     parser.add_argument("--variants", default="none,bf16")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--peers", default="transformers,llama-cpp",
-                        help="which peers to measure (comma-separated)")
+                        help="which peers to measure (comma-separated): transformers, "
+                             "llama-cpp, and on the transformers directory vllm-engine (this "
+                             "runtime, --engine vllm), builtin-dir (--engine builtin), "
+                             "vllm-server (vLLM's own OpenAI server)")
     parser.add_argument("--no-runtime", action="store_true", help="measure the peers only")
     args = parser.parse_args()
     gguf = gguf_path()
@@ -294,6 +347,17 @@ def main() -> None:
         measure("llama.cpp server (llama-cpp-python, same GGUF)",
                 lambda log: start_llama_cpp(gguf, log), args.max_tokens, rows,
                 refs.get("none") or Reference(gguf, torch.float32, args.max_tokens))
+    dir_ref = None
+    for peer, name, start in [
+            ("vllm-engine", "kubemaas --engine vllm (fp32)",
+             lambda log: start_runtime_on_dir("vllm", log)),
+            ("builtin-dir", "kubemaas --engine builtin (fp32, same directory)",
+             lambda log: start_runtime_on_dir("builtin", log)),
+            ("vllm-server", "vLLM's own OpenAI server (fp32)", start_vllm_server)]:
+        if peer in peers:
+            dir_ref = dir_ref or refs.get("none") or Reference(gguf, torch.float32,
+                                                                args.max_tokens)
+            measure(name, start, args.max_tokens, rows, dir_ref)
     print("\n| server | streams | tok/s | static generate tok/s | ratio | TTFT p50 ms | "
           "TTFT p99 ms | raw prefill ms | TTFT p50 / prefill |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

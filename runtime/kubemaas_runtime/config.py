@@ -204,12 +204,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="text-generation: most tokens in one engine step (each decoding sequence's next "
              "token first, then prompt chunks in arrival order)")
     add("--engine", choices=ENGINES, default="auto",
-        help="the engine that runs the model; this version has only the builtin one: auto "
-             "takes builtin, vllm is refused at start (ModelLoadFailed)")
+        help="the engine that runs a text-generation model: vllm (vLLM in this process; needs "
+             "vLLM installed, --format transformers and an architecture in vLLM's registry, "
+             "else the start fails with ModelLoadFailed), builtin (the project's PyTorch "
+             "engine: GGUF, CPU images without vLLM, any causal LM), or auto (vllm when all "
+             "of vllm's conditions hold, else builtin; the log says why)")
     add("--tensor-parallel-size", type=_positive_int,
-        help="GPUs one model is split over (tensor parallel); default: every visible GPU. The "
-             "builtin engine splits over none: above 1 (or with several GPUs visible) the "
-             "start fails with ModelLoadFailed, for every task")
+        help="GPUs one model is split over (tensor parallel), passed to vLLM; default: every "
+             "visible GPU (1 on CPU). The builtin engine splits over none: above 1 (or with "
+             "several GPUs visible) it fails at start with ModelLoadFailed, for every task")
     add("--log-level", choices=("debug", "info", "warning", "error"), default="info",
         help="log verbosity")
     _mention_env_vars(parser)

@@ -55,6 +55,10 @@ class RuntimeMetrics:
         self.quantization_info = Gauge(
             "kubemaas_quantization_info", "1 for the quantization method actually applied",
             LABELS + ("method", "backend"), registry=registry)
+        self.engine_info = Gauge(
+            "kubemaas_engine_info", "1 for the engine that serves the model (--engine) and the "
+            "GPUs one copy of it is split over", LABELS + ("engine", "tensor_parallel_size"),
+            registry=registry)
         self.quantization_drift = Gauge(
             "kubemaas_quantization_drift",
             "Drift of the variant from full precision on the probes, measured at start",
@@ -115,6 +119,9 @@ class BoundMetrics:
         self.metrics.quantization_info.labels(*self._labels, method, backend).set(1)
         if drift is not None:
             self.metrics.quantization_drift.labels(*self._labels).set(drift)
+
+    def record_engine(self, engine: str, tensor_parallel_size: int) -> None:
+        self.metrics.engine_info.labels(*self._labels, engine, str(tensor_parallel_size)).set(1)
 
     def failure(self, code: int) -> None:
         self.metrics.request_failures_total.labels(*self._labels, str(code)).inc()

@@ -111,9 +111,8 @@ def _build_state(config: ServeConfig):
 
     from kubemaas_runtime.auth import read_token_file
     from kubemaas_runtime.device import available_cpus, resolve_device
-    from kubemaas_runtime.engine_choice import choose_engine
     from kubemaas_runtime.metrics import create_metrics
-    from kubemaas_runtime.models.base import ModelOptions
+    from kubemaas_runtime.models.base import Model, ModelOptions
     from kubemaas_runtime.models.registry import create_model
     from kubemaas_runtime.server import ServingState
 
@@ -122,8 +121,9 @@ def _build_state(config: ServeConfig):
     device = resolve_device(config.device)
     log.info("serving %s on %s with %d CPU threads", config.model_uri, device, threads)
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    choice = choose_engine(config.engine, config.tensor_parallel_size, gpus)
-    log.info("engine %s (%s)", choice.engine, choice.reason)
+    choice = _choose_engine(config, gpus)
+    log.info("engine %s (%s), tensor parallel size %d", choice.engine, choice.reason,
+             choice.tensor_parallel_size)
     options = ModelOptions(
         path=config.model_path, name=config.name, variant=config.variant, task=config.task,
         architecture=config.architecture, quantization=config.quantization, device=device,
@@ -131,7 +131,36 @@ def _build_state(config: ServeConfig):
         max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
         kv_cache_tokens=config.kv_cache_tokens, kv_cache_memory=config.kv_cache_memory,
         max_num_batched_tokens=config.max_num_batched_tokens, max_queue=config.max_queue)
-    model = create_model(config.format, options)
+    model: Model
+    if choice.engine == "vllm":
+        from kubemaas_runtime.generation.vllm_engine import VllmGenerativeModel, VllmSettings
+
+        model = VllmGenerativeModel(options, VllmSettings(
+            tensor_parallel_size=choice.tensor_parallel_size, max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs, max_queue=config.max_queue,
+            kv_cache_tokens=config.kv_cache_tokens))
+    else:
+        model = create_model(config.format, options)
     metrics = create_metrics().bind(config.name, config.variant)
+    metrics.record_engine(choice.engine, choice.tensor_parallel_size)
     token = read_token_file(config.auth_token_file) if config.auth_token_file else None
-    return ServingState(config, model, metrics, auth_token=token)
+    return ServingState(config, model, metrics, auth_token=token, engine=choice)
+
+
+def _choose_engine(config: ServeConfig, gpus: int):
+    """vLLM is probed (imported: seconds) only where it could be chosen."""
+    from kubemaas_runtime.engine_choice import (
+        ModelFacts,
+        choose_engine,
+        model_architectures,
+        probe_vllm,
+    )
+
+    facts = ModelFacts(config.task, config.format,
+                       model_architectures(config.model_path)
+                       if config.format == "transformers" else ())
+    could_be_vllm = (config.engine == "vllm" or (
+        config.engine == "auto" and config.task == "text-generation"
+        and config.format == "transformers"))
+    return choose_engine(config.engine, config.tensor_parallel_size, gpus, facts,
+                         probe_vllm() if could_be_vllm else None)

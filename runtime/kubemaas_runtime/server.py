@@ -24,6 +24,7 @@ from kubemaas_runtime.auth import BearerAuth
 from kubemaas_runtime.batcher import DynamicBatcher
 from kubemaas_runtime.config import ServeConfig
 from kubemaas_runtime.device_health import device_lost
+from kubemaas_runtime.engine_choice import EngineChoice
 from kubemaas_runtime.errors import (
     DeviceLost,
     InvalidInput,
@@ -59,8 +60,9 @@ class ServingState:
     """Everything the routes share. The model runs on one worker thread (`executor`)."""
 
     def __init__(self, config: ServeConfig, model: Model, metrics: BoundMetrics,
-                 auth_token: bytes | None = None) -> None:
+                 auth_token: bytes | None = None, engine: EngineChoice | None = None) -> None:
         self.config = config
+        self.engine = engine or EngineChoice("builtin", "default", 1)
         self.auth_token = auth_token
         self.model = model
         self.metrics = metrics
@@ -92,6 +94,15 @@ class ServingState:
     def can_infer(self) -> bool:
         """Requests are still served while draining, until uvicorn closes the socket."""
         return self.model.ready and self.load_error is None and self.fatal_error is None
+
+    def not_ready_reason(self) -> str:
+        if self.load_error is not None:
+            return f"model failed to load: {self.load_error}"
+        if self.fatal_error is not None:
+            return f"the device failed: {self.fatal_error}"
+        if self.draining:
+            return "server is shutting down"
+        return "model is loading"
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -185,14 +196,18 @@ def create_app(state: ServingState) -> Starlette:
     async def ready(request: Request) -> Response:
         if state.ready:
             return json_response({"ready": True})
-        return json_response({"ready": False, "error": _not_ready_reason(state)}, 503)
+        return json_response({"ready": False, "error": state.not_ready_reason()}, 503)
 
     async def model_metadata(request: Request) -> Response:
         try:
             check_model(request)
         except RuntimeServeError as exc:
             return error_response(exc)
-        return json_response(model.metadata())
+        doc = model.metadata()
+        doc["parameters"].setdefault("engine", state.engine.engine)
+        doc["parameters"].setdefault("engine_reason", state.engine.reason)
+        doc["parameters"].setdefault("tensor_parallel_size", state.engine.tensor_parallel_size)
+        return json_response(doc)
 
     async def model_ready(request: Request) -> Response:
         try:
@@ -202,13 +217,13 @@ def create_app(state: ServingState) -> Starlette:
         if state.ready:
             return json_response({"name": model.name, "ready": True})
         return json_response({"name": model.name, "ready": False,
-                              "error": _not_ready_reason(state)}, 503)
+                              "error": state.not_ready_reason()}, 503)
 
     @admission.endpoint
     async def infer(request: Request, ticket: Ticket) -> Response:
         check_model(request)
         if not state.can_infer:
-            raise ModelNotReady(_not_ready_reason(state))
+            raise ModelNotReady(state.not_ready_reason())
         body = await admission.read_body(request, ticket)
         header_length = request.headers.get(HEADER_LENGTH)
         with admission.in_flight():
@@ -305,11 +320,5 @@ def create_app(state: ServingState) -> Starlette:
     return app
 
 
-def _not_ready_reason(state: ServingState) -> str:
-    if state.load_error is not None:
-        return f"model failed to load: {state.load_error}"
-    if state.fatal_error is not None:
-        return f"the device failed: {state.fatal_error}"
-    if state.draining:
-        return "server is shutting down"
-    return "model is loading"
+def _not_ready_reason(state: ServingState) -> str:  # embeddings.py's name for it
+    return state.not_ready_reason()

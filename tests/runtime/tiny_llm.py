@@ -27,7 +27,9 @@ def smollm2_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
-def build_tiny_llm(directory: Path, seed: int = 0, layers: int = 2, context: int = 256) -> Path:
+def build_tiny_llm(directory: Path, seed: int = 0, layers: int = 2, context: int = 256,
+                   hidden_size: int = 64, heads: int = 4, kv_heads: int = 2) -> Path:
+    """vLLM's CPU attention needs head_dim (hidden_size / heads) of 32 or more."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -41,8 +43,9 @@ def build_tiny_llm(directory: Path, seed: int = 0, layers: int = 2, context: int
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(directory)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=context, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=False)

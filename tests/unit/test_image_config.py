@@ -49,3 +49,10 @@ def test_the_runtime_image_runs_as_the_user_its_pods_run_as():
     from kubemaas_operator.builders.pod import RUNTIME_UID
 
     assert umoci_config("runtime")["User"] == str(RUNTIME_UID)
+
+
+def test_the_vllm_flavour_runs_like_the_runtime_image():
+    """kubemaas-runtime-vllm differs in its packages only: same entrypoint, user, env, ports."""
+    assert umoci_config("runtime-vllm") == umoci_config("runtime")
+    assert images_cli("ref", "runtime-vllm").strip().rsplit("/", 1)[1].startswith(
+        "kubemaas-runtime-vllm:")

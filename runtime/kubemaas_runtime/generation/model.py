@@ -133,6 +133,11 @@ class GenerativeModel(Model):
         self.quantization, self.quantization_backend = method, result.backend
         return result.module
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold are in [0, vocab_size) (the routes check them)."""
+        return int(self.lm.model.config.vocab_size)
+
     def warmup(self) -> None:
         prompt = self.lm.encode("warm up")[: self.max_model_len - 2] or [0]
         self.lm.model(input_ids=torch.tensor([prompt], device=self.device))

@@ -25,7 +25,8 @@ from kubemaas_runtime.errors import (
     error_response_parts,
 )
 from kubemaas_runtime.generation import openai_api as api
-from kubemaas_runtime.generation.engine import Chunk, GenerationStream
+from kubemaas_runtime.generation.engine_api import Chunk
+from kubemaas_runtime.generation.engine_api import Stream as GenerationStream
 from kubemaas_runtime.generation.sampling import SamplingParams
 
 log = logging.getLogger("kubemaas_runtime")
@@ -42,6 +43,16 @@ class ChunkFailed(RuntimeServeError):
     def __init__(self, chunk: Chunk) -> None:
         super().__init__(chunk.error or chunk.finish_reason)
         self.status_code = 503 if chunk.finish_reason == "abort" else 500
+
+
+class ModelLoading(ModelNotReady):
+    """The engine is still starting (vLLM takes minutes): 503 with Retry-After."""
+
+    code = "model_loading"
+    retry_after_seconds = 10
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_seconds)}
 
 
 class StreamEnd:
@@ -71,6 +82,7 @@ class GenerationService:
         self.state = state
         self.model = state.model
         self.model.metrics = state.metrics
+        self.model.on_fatal = state.device_failed  # an engine that died (vLLM's) ends the process
         self.admission = state.admission
 
     def routes(self) -> list[Route]:
@@ -111,10 +123,10 @@ class GenerationService:
         return doc
 
     def _check_ready(self) -> None:
-        if not self.state.can_infer:
-            from kubemaas_runtime.server import _not_ready_reason
-
-            raise ModelNotReady(_not_ready_reason(self.state))
+        state = self.state
+        if not state.can_infer:
+            loading = state.load_error is None and state.fatal_error is None
+            raise (ModelLoading if loading else ModelNotReady)(state.not_ready_reason())
 
     async def _submit(self, request: api.GenerationRequest) -> GenerationStream:
         """Tokenize off the event loop, check the context, queue the sequence."""
@@ -125,7 +137,7 @@ class GenerationService:
         elif isinstance(request.prompt, str):
             prompt_ids = await asyncio.to_thread(lm.encode, request.prompt)
         else:
-            vocab = lm.model.config.vocab_size
+            vocab = self.model.vocab_size
             if any(t < 0 or t >= vocab for t in request.prompt):
                 raise api.InvalidParameter("prompt", f"token ids must be in [0, {vocab})")
             prompt_ids = request.prompt
