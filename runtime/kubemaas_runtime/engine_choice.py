@@ -80,7 +80,8 @@ def choose_engine(requested: str, tensor_parallel_size: int | None, gpus: int,
 
 def _why_not_vllm(model: ModelFacts | None, vllm: VllmAvailability) -> str | None:
     if model is not None and model.task != "text-generation":
-        return f"vLLM serves --task text-generation here, not {model.task}"
+        return ("vLLM serves --task text-generation here, not "
+                f"{model.task or 'a tensor model (no --task)'}")
     if model is not None and model.format != "transformers":
         return f"vLLM serves --format transformers, not {model.format}"
     if vllm.version is None:

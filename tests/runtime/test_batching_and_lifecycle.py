@@ -177,10 +177,10 @@ def run_failing(args: list[str], tmp_path) -> tuple[int, str, str]:
      "ModelLoadFailed: --device cuda was requested but no CUDA device is visible"),
     # an engine or a GPU split this runtime cannot run is refused, never ignored
     (["--model-uri", "file:///tmp", "--format", "torchscript", "--engine", "vllm"],
-     "ModelLoadFailed: --engine vllm: the vLLM engine is not part of this runtime"),
+     "ModelLoadFailed: --engine vllm: vLLM serves --task text-generation here, not a tensor model"),
     (["--model-uri", "file:///tmp", "--format", "gguf", "--tensor-parallel-size", "2"],
      ("ModelLoadFailed: the builtin engine cannot split a model over several GPUs "
-      "(--tensor-parallel-size 2)")),
+      "(--tensor-parallel-size 2; auto: ")),
 ])
 def test_failed_start_writes_one_line_reason(args, reason, tmp_path):
     code, log, stderr = run_failing(args, tmp_path)
