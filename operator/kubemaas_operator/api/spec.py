@@ -10,7 +10,14 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from kubemaas_operator.api import rules
@@ -24,6 +31,7 @@ from kubemaas_operator.api.constants import (
     MAX_URI_LENGTH,
     MAX_VARIANT_NAME_LENGTH,
     MAX_VARIANTS,
+    PICKER_SUFFIX,
     QUANTIZATION_DEVICES,
     TASKED_FORMATS,
     URI_SCHEMES,
@@ -31,6 +39,7 @@ from kubemaas_operator.api.constants import (
     ModelFormat,
     ModelTask,
     Quantization,
+    Routing,
 )
 from kubemaas_operator.api.delivery import Autoscaling, Rollout
 
@@ -256,6 +265,7 @@ def _default_variants() -> list[Variant]:
 _SPEC_RULES = [
     rules.QUANTIZATION_ON_GPU, rules.CPU_METRIC_NEEDS_CPU_REQUEST, rules.SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL,
     *rules.GENERATION_LIMITS_NEED_TEXT_GENERATION, rules.GENERATIVE_METRIC_NEEDS_TEXT_GENERATION,
+    *rules.ROUTING_RULES,
 ]
 if rules.GPU_ONLY_QUANTIZATIONS:
     _SPEC_RULES.append(rules.QUANTIZATION_ON_CPU)
@@ -311,6 +321,15 @@ class ModelServiceSpec(ApiModel):
     gateway: GatewayRef | None = Field(
         default=None, description="Attach an HTTPRoute with exact per-variant weights to this Gateway."
     )
+    # a one-value Literal's schema is `const`, which a CRD schema lacks: an enum instead
+    routing: Annotated[Routing, WithJsonSchema({"type": "string", "enum": ["inferencePool"]})] | None = Field(
+        default=None,
+        description=(
+            "inferencePool: route through the Gateway API Inference Extension, an InferencePool over "
+            "the pods and its endpoint picker (<name>-epp) as the HTTPRoute's backend, instead of "
+            "per-variant weights. Needs spec.gateway and a text-generation model. Unset: off."
+        ),
+    )
     network: NetworkAccess = Field(
         default_factory=NetworkAccess,
         description="Who may connect to the model's pods (the operator's NetworkPolicy).",
@@ -343,6 +362,8 @@ class ModelServiceSpec(ApiModel):
         if (self.autoscaling and self.autoscaling.scales_to_zero and self.gateway is None
                 and self.autoscaling.activation_query is None):
             raise rules.refusal(rules.SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL)
+        if self.routing is not None:
+            self._check_routing()
         if not self.model.generative:
             runtime = self.runtime
             limits = (runtime.max_model_len, runtime.max_num_seqs, runtime.kv_cache_tokens)
@@ -352,6 +373,15 @@ class ModelServiceSpec(ApiModel):
             if self.autoscaling and self.autoscaling.metric in GENERATIVE_METRICS:
                 raise rules.refusal(rules.GENERATIVE_METRIC_NEEDS_TEXT_GENERATION)
         return self
+
+    def _check_routing(self) -> None:
+        for rule, holds in ((rules.ROUTING_NEEDS_TEXT_GENERATION, self.model.generative),
+                            (rules.ROUTING_NEEDS_GATEWAY, self.gateway is not None),
+                            (rules.ROUTING_NOT_WITH_CANARY, self.rollout.strategy != "Canary"),
+                            (rules.ROUTING_KEEPS_PICKER_NAME,
+                             all(v.name != PICKER_SUFFIX for v in self.variants))):
+            if not holds:
+                raise rules.refusal(rule)
 
     @property
     def uses_gpu(self) -> bool:

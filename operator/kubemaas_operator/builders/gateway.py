@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubemaas_operator.api import ModelService
+from kubemaas_operator.api import GatewayRef, ModelService
 from kubemaas_operator.builders.naming import (
     SERVICE_PORT,
     child_metadata,
@@ -28,6 +28,16 @@ def route_matches(ms: ModelService) -> list[dict[str, Any]]:
     return matches
 
 
+def gateway_parent(gateway: GatewayRef) -> dict[str, Any]:
+    """The HTTPRoute's parentRef: spec.gateway."""
+    parent: dict[str, Any] = {"group": GATEWAY_GROUP, "kind": "Gateway", "name": gateway.name}
+    if gateway.namespace:
+        parent["namespace"] = gateway.namespace
+    if gateway.section_name:
+        parent["sectionName"] = gateway.section_name
+    return parent
+
+
 def build_http_route(ms: ModelService, backends: list[tuple[str, int]]) -> dict[str, Any] | None:
     """Requests under /v2/models/<name> (and the OpenAI API: for a text-generation model all of
     /v1, for a feature-extraction model /v1/embeddings and /v1/models) split over `backends`, (Service, weight) pairs with relative weights
@@ -35,11 +45,6 @@ def build_http_route(ms: ModelService, backends: list[tuple[str, int]]) -> dict[
     gateway = ms.spec.gateway
     if gateway is None:
         return None
-    parent: dict[str, Any] = {"group": GATEWAY_GROUP, "kind": "Gateway", "name": gateway.name}
-    if gateway.namespace:
-        parent["namespace"] = gateway.namespace
-    if gateway.section_name:
-        parent["sectionName"] = gateway.section_name
     backend_refs = [
         {"group": "", "kind": "Service", "name": service, "port": SERVICE_PORT, "weight": weight}
         for service, weight in backends
@@ -49,7 +54,7 @@ def build_http_route(ms: ModelService, backends: list[tuple[str, int]]) -> dict[
         "kind": "HTTPRoute",
         "metadata": child_metadata(ms, ms.name, common_labels(ms.name, "route")),
         "spec": {
-            "parentRefs": [parent],
+            "parentRefs": [gateway_parent(gateway)],
             "rules": [
                 {
                     "matches": route_matches(ms),
