@@ -39,6 +39,11 @@ KINDS: dict[str, Kind] = {
         Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
         Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects"),
         Kind("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes"),
+        Kind("inference.networking.k8s.io/v1", "InferencePool", "inferencepools"),
+        Kind("v1", "ConfigMap", "configmaps"),
+        Kind("v1", "ServiceAccount", "serviceaccounts"),
+        Kind("rbac.authorization.k8s.io/v1", "Role", "roles"),
+        Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings"),
         Kind("kubemaas.io/v1alpha1", "ModelService", "modelservices"),
         Kind("apps/v1", "ReplicaSet", "replicasets"),
         Kind("v1", "Pod", "pods"),
@@ -51,6 +56,10 @@ EVENT = Kind("v1", "Event", "events")
 # Kinds a ModelService may own; stale ones among them are deleted after each apply.
 OWNED_KINDS = ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
                "ScaledObject", "HTTPRoute", "NetworkPolicy")
+# spec.routing: inferencePool's children besides a Deployment, a Service and the HTTPRoute (the
+# endpoint picker's); listed for pruning only when the operator's routing switch
+# (endpoint_picker_image) is on: off, its RBAC need not grant them.
+ROUTING_KINDS = ("InferencePool", "ConfigMap", "ServiceAccount", "Role", "RoleBinding")
 
 
 class ApiError(Exception):

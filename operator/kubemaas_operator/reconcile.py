@@ -41,6 +41,7 @@ from kubemaas_operator.engine import (
 )
 from kubemaas_operator.kube import (
     OWNED_KINDS,
+    ROUTING_KINDS,
     Conflict,
     KindNotInstalled,
     KubeClient,
@@ -58,7 +59,13 @@ _NOT_INSTALLED_REASONS = {
     "HTTPRoute": ("GatewayAPINotInstalled", ("spec.gateway is set but the Gateway API CRDs "
                   "(httproutes.gateway.networking.k8s.io) are not installed: install them or "
                   "remove spec.gateway.")),
+    "InferencePool": ("InferencePoolNotInstalled", ("spec.routing is inferencePool but the Gateway API "
+                      "Inference Extension CRDs (inferencepools.inference.networking.k8s.io) are not "
+                      "installed: install them (hack/inference-extension crds) or remove spec.routing.")),
 }
+ROUTING_DISABLED = Problem("InferenceRoutingDisabled", (
+    "spec.routing is inferencePool but this operator runs no endpoint picker (its "
+    "endpoint_picker_image is unset): enable inferenceRouting in the chart or remove spec.routing."))
 
 Key = tuple[str, str]  # (namespace, name)
 # Who else holds a child's name, from the watches: (kind, name) -> a description, or None.
@@ -85,6 +92,7 @@ class Plan:
     gateway: bool = False
     fits: tuple[gpufit.VariantFit, ...] = ()  # the GPU-fit estimate of each variant with one
     refused: Problem | None = None  # EngineCannotShard, GPUMemoryInsufficient: variants that get no pods
+    refusal: Problem | None = None  # nothing is written: InferenceRoutingDisabled
 
 
 # Why a variant gets no pods: reasons of the spec against the runtime or the cluster, which a
@@ -141,6 +149,7 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedIma
         keep=frozenset(name for lay in rollout.variants for name in lay.keep)
         | {lay.stable.deployment for lay in rollout.variants if not lay.stable.apply} | withheld,
         gateway=ms.spec.gateway is not None,
+        refusal=ROUTING_DISABLED if ms.spec.routing and not settings.endpoint_picker_image else None,
     )
 
 
@@ -267,6 +276,8 @@ class Reconciler:
                prune: bool, previous: Applied | None, owners: Owners, moved: dict[str, dict]) -> None:
         """Write the plan; ``moved`` gets the Deployments whose generation the apply moved."""
         ns, _ = plan.key
+        if plan.refusal is not None:
+            raise Blocked(plan.refusal)
         for child in plan.children:
             kind, name = child["kind"], child["metadata"]["name"]
             if previous is not None and previous.digests.get((kind, name)) == digests[(kind, name)]:
@@ -286,7 +297,8 @@ class Reconciler:
             generations.pop(name, None)
         if not prune or (previous is not None and _same_shape(previous, plan, digests)):
             return
-        observed = [dict(obj, kind=kind) for kind in OWNED_KINDS
+        kinds = OWNED_KINDS + (ROUTING_KINDS if self.settings.endpoint_picker_image else ())
+        observed = [dict(obj, kind=kind) for kind in kinds
                     for obj in self.kube.list(kind, ns, plan.selector)]
         for obj in stale_children(plan.children, observed, plan.uid, plan.keep):
             log.info("deleting %s %s/%s: no longer desired", obj["kind"], ns, obj["metadata"]["name"])

@@ -122,6 +122,14 @@ class OperatorSettings(BaseModel):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=9090, description="Port of the operator's Prometheus /metrics; 0 disables it."
     )
+    endpoint_picker_image: str = Field(
+        default="",
+        description=("The switch for spec.routing: inferencePool: the image of the endpoint picker "
+                     "(the Gateway API Inference Extension's, built from its module) run per routed "
+                     "ModelService. Empty: off, and such a ModelService is Ready=False, "
+                     "InferenceRoutingDisabled (the chart's inferenceRouting.enabled sets it and "
+                     "grants what it needs)."),
+    )
     verbose: bool = Field(default=False, description="Debug logging.")
 
     @field_validator("gateway_request_query")

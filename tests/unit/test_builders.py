@@ -354,5 +354,5 @@ def test_http_route_splits_by_weight():
     assert route["spec"]["parentRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
                                             "name": "public", "namespace": "gateways"}]
     (rule,) = route["spec"]["rules"]
-    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/v2/models/m"}}]
+    assert rule["matches"][0] == {"path": {"type": "PathPrefix", "value": "/v2/models/m"}}
     assert [(b["name"], b["port"], b["weight"]) for b in rule["backendRefs"]] == [("m-bf16", 80, 80), ("m-int8", 80, 20)]

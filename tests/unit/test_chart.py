@@ -64,6 +64,9 @@ CASES: dict[str, dict[str, Any]] = {
         "allowedRuntimeImages": ["registry.example.com/kubemaas-runtime:*", "registry.example.com/kubemaas-runtime@*"],
         "trustedCodeSources": ["pvc://", "s3://models/"]},
         "networkPolicy": {"enabled": False, "metricsNamespace": "observability"}},
+    "inference-routing": {"inferenceRouting": {"enabled": True, "pickerImage": "registry.example.com/lwepp:v1.6.2"}},
+    "inference-routing-namespaced": {"watchNamespaces": ["ml"],
+                                     "inferenceRouting": {"enabled": True, "pickerImage": "registry.example.com/lwepp:v1.6.2"}},
     "scheduling": {
         "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"cpu": 1, "memory": "1Gi"}},
         "podAnnotations": {"example.com/team": "ml-platform"}, "podLabels": {"team": "ml"},
@@ -367,6 +370,15 @@ OPERATOR_RULES = {
     ("apps", "replicasets"): READ,
     ("", "events"): {"create"},
 }
+# With inferenceRouting.enabled: the pool and the endpoint picker's children (kube.ROUTING_KINDS);
+# watch on inferencepools only because the picker's Role grants it (no escalation).
+ROUTING_RULES = {
+    ("inference.networking.k8s.io", "inferencepools"): OWN,
+    ("", "configmaps"): OWN - {"watch"},
+    ("", "serviceaccounts"): OWN - {"watch"},
+    ("rbac.authorization.k8s.io", "roles"): OWN - {"watch"},
+    ("rbac.authorization.k8s.io", "rolebindings"): OWN - {"watch"},
+}
 # Cluster-scoped reads, a ClusterRole in every mode: CRDs (is KEDA/Gateway API installed?) and
 # nodes (their GPU feature discovery labels: the GPU-fit check).
 DISCOVERY_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): READ, ("", "nodes"): READ}
@@ -398,13 +410,31 @@ def test_cluster_wide_operator_role_is_exactly_what_it_uses(rendered):
 
 
 def test_rules_cover_every_kind_the_operator_client_touches():
-    """kube.KINDS is what the operator's client reads and writes: a new kind there needs RBAC."""
+    """kube.KINDS is what the operator's client reads and writes: a new kind there needs RBAC
+    (the routing kinds only with inferenceRouting.enabled)."""
     for k in kube.KINDS.values():
         group = k.api_version.rpartition("/")[0]
-        verbs = OPERATOR_RULES.get((group, k.plural))
+        verbs = (OPERATOR_RULES | ROUTING_RULES).get((group, k.plural))
         assert verbs and READ - {"watch"} <= verbs, f"{k.kind}: no read access in the chart"
-        if k.kind in kube.OWNED_KINDS:
+        if k.kind in kube.OWNED_KINDS + kube.ROUTING_KINDS:
             assert {"create", "patch", "delete"} <= verbs, f"{k.kind}: cannot be applied"
+
+
+@pytest.mark.parametrize(("case", "role_kind"), [("inference-routing", "ClusterRole"),
+                                                 ("inference-routing-namespaced", "Role")])
+def test_inference_routing_switch_grants_the_routing_kinds_and_sets_the_picker(rendered, case, role_kind):
+    (role,) = [r for r in operator_roles(rendered[case]) if r["kind"] == role_kind]
+    assert rules_of(role) == OPERATOR_RULES | ROUTING_RULES | (DISCOVERY_RULES if role_kind == "ClusterRole" else {})
+    env = container_env(one(rendered[case], "Deployment"))
+    assert OperatorSettings.from_env(env).endpoint_picker_image == "registry.example.com/lwepp:v1.6.2"
+    off = container_env(one(rendered["defaults"], "Deployment"))
+    assert OperatorSettings.from_env(off).endpoint_picker_image == ""
+
+
+def test_inference_routing_needs_a_picker_image(tmp_path):
+    values = {"inferenceRouting": {"enabled": True}}
+    result = helm("template", "kubemaas", str(CHART), *values_args(values, tmp_path), check=False)
+    assert result.returncode != 0 and "inferenceRouting.pickerImage is required" in result.stderr, result.stderr
 
 
 def test_namespaced_mode_uses_roles(rendered):

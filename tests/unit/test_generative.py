@@ -28,11 +28,17 @@ def test_status_url(model, path):
     assert service_url(make_ms({"model": model}), SETTINGS) == f"http://m.ns.svc.cluster.local{path}"
 
 
-def test_http_route_matches_v1_for_a_generative_model_only():
-    chat = build_http_route(make_ms({"model": GGUF, "gateway": {"name": "public"}}), [("m-default", 100)])
-    assert [m["path"]["value"] for m in chat["spec"]["rules"][0]["matches"]] == ["/v2/models/m", "/v1"]
-    encoder = build_http_route(make_ms({"gateway": {"name": "public"}}), [("m-default", 100)])
-    assert [m["path"]["value"] for m in encoder["spec"]["rules"][0]["matches"]] == ["/v2/models/m"]
+@pytest.mark.parametrize(("model", "matches"), [
+    (GGUF, [("PathPrefix", "/v2/models/m"), ("PathPrefix", "/v1")]),
+    # an encoder's OpenAI routes (runtime/kubemaas_runtime/embeddings.py), exactly
+    ({"uri": "hf://org/enc", "format": "transformers", "task": "feature-extraction"},
+     [("PathPrefix", "/v2/models/m"), ("Exact", "/v1/embeddings"), ("Exact", "/v1/models")]),
+    ({"uri": "hf://org/cls", "format": "transformers", "task": "text-classification"},
+     [("PathPrefix", "/v2/models/m")]),
+])
+def test_http_route_matches_the_openai_routes_the_runtime_serves(model, matches):
+    route = build_http_route(make_ms({"model": model, "gateway": {"name": "public"}}), [("m-default", 100)])
+    assert [(m["path"]["type"], m["path"]["value"]) for m in route["spec"]["rules"][0]["matches"]] == matches
 
 
 def test_gguf_runs_text_generation_with_the_limits_the_spec_sets():

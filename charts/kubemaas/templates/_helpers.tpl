@@ -105,6 +105,20 @@ No Secrets: a ModelService's secretRef is passed by name to the runtime pod's fe
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+{{- if .Values.inferenceRouting.enabled }}
+# spec.routing: inferencePool. The operator writes the pool and the endpoint picker's children;
+# it holds get/list/watch on inferencepools (and on pods, above) because the API server lets it
+# grant the picker's Role only what it holds itself.
+- apiGroups: [inference.networking.k8s.io]
+  resources: [inferencepools]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [configmaps, serviceaccounts]
+  verbs: [get, list, create, patch, delete]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, list, create, patch, delete]
+{{- end }}
 {{- end }}
 
 {{/*

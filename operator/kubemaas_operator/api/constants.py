@@ -63,6 +63,9 @@ AutoscalingMetric = Literal[
 # Metrics only a text-generation runtime exports.
 GENERATIVE_METRICS: Final = ("running-sequences", "waiting-sequences", "kv-cache-usage")
 RolloutStrategy = Literal["RollingUpdate", "Canary"]
+Routing = Literal["inferencePool"]
+# The endpoint picker's children are <name>-epp, so no variant may take that name with routing on.
+PICKER_SUFFIX: Final = "epp"
 
 # Which quantization runs on which device. The API server refuses the pairs missing here;
 # the runtime publishes the same matrix (docs/api.md).

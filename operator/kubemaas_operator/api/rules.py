@@ -18,6 +18,7 @@ from kubemaas_operator.api.constants import (
     GENERATIVE_METRICS,
     MAX_CANARY_NAME_LENGTH,
     MAX_NAME_LENGTH,
+    PICKER_SUFFIX,
     QUANTIZATION_DEVICES,
     REVISION_LENGTH,
     TASKED_FORMATS,
@@ -328,5 +329,33 @@ GENERATIVE_METRIC_NEEDS_TEXT_GENERATION = CelRule(
     ),
     field_path=".autoscaling.metric",
 )
+
+# spec.routing: inferencePool (Gateway API Inference Extension): the pool's HTTPRoute needs a
+# Gateway, the picker routes OpenAI requests, and it picks among all the pods (no weights).
+ROUTING_NEEDS_TEXT_GENERATION = CelRule(
+    rule="!has(self.routing) || " + _GENERATES,
+    message=("routing inferencePool routes OpenAI generation requests by queue and KV cache: it "
+             "needs model.task text-generation (or model.format gguf)"),
+    field_path=".routing",
+)
+ROUTING_NEEDS_GATEWAY = CelRule(
+    rule="!has(self.routing) || has(self.gateway)",
+    message="routing inferencePool attaches the pool's HTTPRoute to a Gateway: set spec.gateway",
+    field_path=".routing",
+)
+ROUTING_NOT_WITH_CANARY = CelRule(
+    rule="!has(self.routing) || self.rollout.strategy != 'Canary'",
+    message=("routing inferencePool lets the endpoint picker choose among all the pods, so a "
+             "Canary's traffic steps cannot hold: use rollout.strategy RollingUpdate"),
+    field_path=".routing",
+)
+ROUTING_KEEPS_PICKER_NAME = CelRule(
+    rule=f"!has(self.routing) || self.variants.all(v, v.name != '{PICKER_SUFFIX}')",
+    message=(f"routing inferencePool names the endpoint picker <name>-{PICKER_SUFFIX}: rename the "
+             f"variant {PICKER_SUFFIX}"),
+    field_path=".variants",
+)
+ROUTING_RULES = (ROUTING_NEEDS_TEXT_GENERATION, ROUTING_NEEDS_GATEWAY, ROUTING_NOT_WITH_CANARY,
+                 ROUTING_KEEPS_PICKER_NAME)
 
 ROOT_RULES = (NAME_LENGTH, NAME_FORMAT, CANARY_SERVICE_NAME_LENGTH)

@@ -10,7 +10,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from kubemaas_operator.api import rules
@@ -25,6 +32,7 @@ from kubemaas_operator.api.constants import (
     MAX_URI_LENGTH,
     MAX_VARIANT_NAME_LENGTH,
     MAX_VARIANTS,
+    PICKER_SUFFIX,
     QUANTIZATION_DEVICES,
     TASKED_FORMATS,
     URI_SCHEMES,
@@ -33,6 +41,7 @@ from kubemaas_operator.api.constants import (
     ModelFormat,
     ModelTask,
     Quantization,
+    Routing,
 )
 from kubemaas_operator.api.delivery import Autoscaling, Rollout
 
@@ -307,6 +316,7 @@ _SPEC_RULES = [
     rules.QUANTIZATION_ON_GPU, rules.CPU_METRIC_NEEDS_CPU_REQUEST, rules.SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL,
     *rules.GENERATION_LIMITS_NEED_TEXT_GENERATION, rules.GENERATIVE_METRIC_NEEDS_TEXT_GENERATION,
     rules.ENGINE_VLLM_NEEDS_TRANSFORMERS_GENERATION, rules.TENSOR_PARALLEL_WITHIN_GPUS,
+    *rules.ROUTING_RULES,
 ]
 if rules.GPU_ONLY_QUANTIZATIONS:
     _SPEC_RULES.append(rules.QUANTIZATION_ON_CPU)
@@ -362,6 +372,15 @@ class ModelServiceSpec(ApiModel):
     gateway: GatewayRef | None = Field(
         default=None, description="Attach an HTTPRoute with exact per-variant weights to this Gateway."
     )
+    # a one-value Literal's schema is `const`, which a CRD schema lacks: an enum instead
+    routing: Annotated[Routing, WithJsonSchema({"type": "string", "enum": ["inferencePool"]})] | None = Field(
+        default=None,
+        description=(
+            "inferencePool: route through the Gateway API Inference Extension, an InferencePool over "
+            "the pods and its endpoint picker (<name>-epp) as the HTTPRoute's backend, instead of "
+            "per-variant weights. Needs spec.gateway and a text-generation model. Unset: off."
+        ),
+    )
     network: NetworkAccess = Field(
         default_factory=NetworkAccess,
         description="Who may connect to the model's pods (the operator's NetworkPolicy).",
@@ -394,6 +413,8 @@ class ModelServiceSpec(ApiModel):
         if (self.autoscaling and self.autoscaling.scales_to_zero and self.gateway is None
                 and self.autoscaling.activation_query is None):
             raise rules.refusal(rules.SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL)
+        if self.routing is not None:
+            self._check_routing()
         if not self.model.generative:
             runtime = self.runtime
             limits = (runtime.max_model_len, runtime.max_num_seqs, runtime.kv_cache_tokens)
@@ -413,6 +434,15 @@ class ModelServiceSpec(ApiModel):
     def engine_of(self, variant: Variant) -> Engine:
         """The engine a variant asks for: its own, else runtime.engine (auto, builtin or vllm)."""
         return variant.engine or self.runtime.engine
+
+    def _check_routing(self) -> None:
+        for rule, holds in ((rules.ROUTING_NEEDS_TEXT_GENERATION, self.model.generative),
+                            (rules.ROUTING_NEEDS_GATEWAY, self.gateway is not None),
+                            (rules.ROUTING_NOT_WITH_CANARY, self.rollout.strategy != "Canary"),
+                            (rules.ROUTING_KEEPS_PICKER_NAME,
+                             all(v.name != PICKER_SUFFIX for v in self.variants))):
+            if not holds:
+                raise rules.refusal(rule)
 
     @property
     def uses_gpu(self) -> bool:

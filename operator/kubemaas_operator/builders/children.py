@@ -15,6 +15,7 @@ from kubemaas_operator.builders.image import (
     operator_images,
     pinned_images,
 )
+from kubemaas_operator.builders.inference_pool import build_routing_children, wants_inference_pool
 from kubemaas_operator.builders.layout import VariantLayout, route_backends, steady_layouts
 from kubemaas_operator.builders.network_policy import build_network_policy
 from kubemaas_operator.builders.revision import CANARY, STABLE
@@ -32,7 +33,8 @@ def build_children(
     layouts: tuple[VariantLayout, ...] | None = None,
 ) -> list[dict[str, Any]]:
     """The desired children, in apply order: NetworkPolicy (so no pod runs unprotected),
-    Deployments, Services, PDB, autoscaler, HTTPRoute.
+    Deployments, Services, PDB, autoscaler, HTTPRoute (with `spec.routing: inferencePool` the
+    endpoint picker's children, the InferencePool, then the HTTPRoute to the pool).
 
     Pure: a function of the spec, the settings, the runtime images (each variant runs its
     engine's flavour; one string: that image for all; default: the one policy of
@@ -65,6 +67,11 @@ def build_children(
             children.extend(build_revision_service(ms, layout.name, t.revision) for t in tracks)
     if wants_disruption_budget(ms):
         children.append(build_disruption_budget(ms))
-    route = build_http_route(ms, route_backends(ms.name, layouts, by_revision))
-    children.extend(child for child in (build_autoscaler(ms, settings), route) if child is not None)
+    autoscaler = build_autoscaler(ms, settings)
+    children.extend([autoscaler] if autoscaler is not None else [])
+    if wants_inference_pool(ms):
+        children.extend(build_routing_children(ms, settings))
+    else:
+        route = build_http_route(ms, route_backends(ms.name, layouts, by_revision))
+        children.extend([route] if route is not None else [])
     return children

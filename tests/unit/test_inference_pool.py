@@ -1,0 +1,96 @@
+"""spec.routing: inferencePool in the builders and the reconcile's decision (issue 27.3)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from kubemaas_operator.builders import build_children
+from kubemaas_operator.builders.inference_pool import PICKER_LABEL
+from kubemaas_operator.builders.naming import MODELSERVICE_LABEL
+from kubemaas_operator.reconcile import ROUTING_DISABLED, decide
+from kubemaas_operator.settings import OperatorSettings
+
+from tests.unit.support import make_ms
+from tests.unit.test_contract import runtime_registry_names
+
+PICKER = "registry.example/lwepp:v1.6.2"
+SETTINGS = OperatorSettings(endpoint_picker_image=PICKER)
+GGUF = {"uri": "pvc://models/smollm2.gguf", "format": "gguf"}
+ROUTED = {"model": GGUF, "gateway": {"name": "public", "namespace": "gateways"}, "routing": "inferencePool",
+          "replicas": 2, "variants": [{"name": "a", "quantization": "none", "weight": 50},
+                                      {"name": "b", "quantization": "bf16", "weight": 50}]}
+
+
+def by_kind(spec: dict, settings: OperatorSettings = SETTINGS) -> dict[tuple[str, str], dict]:
+    return {(c["kind"], c["metadata"]["name"]): c for c in build_children(make_ms(spec), settings)}
+
+
+def test_routing_adds_the_pool_the_picker_and_a_route_to_the_pool():
+    children = by_kind(ROUTED)
+    assert set(children) - set(by_kind({**ROUTED, "routing": None})) == {
+        ("InferencePool", "m"), ("ServiceAccount", "m-epp"), ("Role", "m-epp"), ("RoleBinding", "m-epp"),
+        ("ConfigMap", "m-epp"), ("Deployment", "m-epp"), ("Service", "m-epp")}
+    route = children[("HTTPRoute", "m")]
+    (rule,) = route["spec"]["rules"]
+    assert rule["backendRefs"] == [{"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "m"}]
+    assert [m["path"]["value"] for m in rule["matches"]] == ["/v2/models/m", "/v1"]
+    for child in children.values():
+        assert child["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+        assert child["metadata"]["labels"][MODELSERVICE_LABEL] == "m"  # found by the prune
+
+
+def test_the_pool_selects_the_variant_pods_and_names_the_picker():
+    children = by_kind(ROUTED)
+    pool = children[("InferencePool", "m")]
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    assert pool["spec"]["targetPorts"] == [{"number": 8080}]
+    assert pool["spec"]["endpointPickerRef"] == {"group": "", "kind": "Service", "name": "m-epp",
+                                                 "port": {"number": 9002}, "failureMode": "FailClose"}
+    selector = pool["spec"]["selector"]["matchLabels"]
+    for variant in ("a", "b"):
+        labels = children[("Deployment", f"m-{variant}")]["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items()
+    picker_pod = children[("Deployment", "m-epp")]["spec"]["template"]["metadata"]["labels"]
+    assert not selector.items() <= picker_pod.items()
+    # nor is the picker one of the model's pods for its Services, status and PDB
+    assert MODELSERVICE_LABEL not in picker_pod
+    assert children[("Service", "m-epp")]["spec"]["selector"] == {PICKER_LABEL: "m"}
+
+
+def test_the_picker_runs_restricted_with_a_read_only_role():
+    children = by_kind(ROUTED)
+    pod = children[("Deployment", "m-epp")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == PICKER
+    assert {"--pool-name=m", "--pool-namespace=ns", "--grpc-port=9002"} <= set(container["args"])
+    assert pod["serviceAccountName"] == "m-epp"
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    rules = children[("Role", "m-epp")]["rules"]
+    assert {(g, r) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]} == {
+        ("inference.networking.k8s.io", "inferencepools"), ("", "pods")}
+    assert all(rule["verbs"] == ["get", "list", "watch"] for rule in rules)
+    binding = children[("RoleBinding", "m-epp")]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "m-epp", "namespace": "ns"}]
+
+
+def test_the_picker_config_names_the_runtimes_metrics():
+    config = yaml.safe_load(by_kind(ROUTED)[("ConfigMap", "m-epp")]["data"]["picker.yaml"])
+    assert config["pool"] == {"group": "inference.networking.k8s.io", "name": "m", "namespace": "ns"}
+    assert set(config["metrics"]) == {"queuedRequests", "runningRequests", "kvCacheUsage"}
+    for name in config["metrics"].values():
+        assert name in runtime_registry_names(), name
+
+
+def test_routing_off_renders_the_weighted_route():
+    children = by_kind({**ROUTED, "routing": None})
+    assert not any(kind == "InferencePool" for kind, _ in children)
+    (rule,) = children[("HTTPRoute", "m")]["spec"]["rules"]
+    assert [b["name"] for b in rule["backendRefs"]] == ["m-a", "m-b"]
+
+
+@pytest.mark.parametrize(("image", "refusal"), [("", ROUTING_DISABLED), (PICKER, None)])
+def test_routing_needs_the_operators_switch(image, refusal):
+    plan = decide(make_ms(ROUTED), OperatorSettings(endpoint_picker_image=image), None)
+    assert plan.refusal == refusal
