@@ -80,6 +80,7 @@ def test_placed_on_gpus_that_hold_them_and_refused_where_none_does(cluster: Clus
     ms = get(cluster, namespace, "f70")
     assert ms["status"]["variants"][0]["gpuFit"] == "Insufficient"
     assert condition(ms, "Degraded")["reason"] == "GPUMemoryInsufficient"
+    assert ms["status"]["rollout"]["phase"] == "Refused"  # not Progressing: nothing is on its way
     # no pod that could never run: no Deployment at all, so nothing Pending
     assert deployments(cluster, namespace, "f70") == {}
     assert pods_of(cluster, namespace, "f70") == []

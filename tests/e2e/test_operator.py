@@ -96,7 +96,12 @@ def test_every_example_becomes_ready_as_render_printed_it(cluster: Cluster, oper
 
 def test_too_many_gpus_is_reported_with_the_schedulers_reason_then_fixed(
         cluster: Cluster, operator, namespace: str) -> None:
-    apply(cluster, namespace, modelservice("huge", gpus=16, product=H100))
+    def chat(gpus: int) -> dict:  # a chat model: auto takes vLLM, which splits over the pod's GPUs
+        body = modelservice("huge", gpus=gpus, product=H100)
+        body["spec"]["model"]["task"] = "text-generation"
+        return body
+
+    apply(cluster, namespace, chat(16))
     cond = wait_reason(cluster, namespace, "huge", "Unschedulable")
     assert "Insufficient nvidia.com/gpu" in cond["message"]
     # the Event follows the status it reports (posted by the same refresh, just after)
@@ -106,7 +111,7 @@ def test_too_many_gpus_is_reported_with_the_schedulers_reason_then_fixed(
                                               "involvedObject.kind=ModelService")["items"]),
         timeout=20, what="a Warning Event Unschedulable")
 
-    apply(cluster, namespace, modelservice("huge", gpus=2, product=H100))
+    apply(cluster, namespace, chat(2))
     wait_ready(cluster, namespace, "huge")
 
 
