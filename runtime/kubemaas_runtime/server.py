@@ -124,12 +124,13 @@ class ServingState:
                 self.device_failed(exc)
                 raise
 
-        self.batcher = DynamicBatcher(
-            run_batch, max_batch_size=self.config.max_batch_size,
-            max_queue=self.config.max_queue,
-            batch_timeout_s=self.config.batch_timeout_ms / 1000.0, observer=self.metrics,
-            retry_alone=lambda exc: not isinstance(exc, (DeviceLost, ModelNotReady)))
-        self.batcher.start()
+        if self.model.options.task != "text-generation":  # generation has its own engine
+            self.batcher = DynamicBatcher(
+                run_batch, max_batch_size=self.config.max_batch_size,
+                max_queue=self.config.max_queue,
+                batch_timeout_s=self.config.batch_timeout_ms / 1000.0, observer=self.metrics,
+                retry_alone=lambda exc: not isinstance(exc, (DeviceLost, ModelNotReady)))
+            self.batcher.start()
         self._load_task = loop.create_task(self._load())
 
     async def _load(self) -> None:

@@ -19,7 +19,8 @@ from tests.runtime.conftest import RuntimeServer, runtime_env
 from tests.runtime.test_generation_vllm import vllm_python  # noqa: F401 - the fixture
 from tests.runtime.tiny_llm import build_tiny_llm
 
-PROMPTS = ["the quick brown fox", "hello world", "kubernetes schedules", "one two three"]
+PROMPTS = ["the quick brown fox", "hello world", "kubernetes schedules", "one two three",
+           "def add(a, b):", "the lazy dog", "how are you today?", "pods onto nodes"]
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
 
 
@@ -52,6 +53,7 @@ def test_two_ranks_give_generates_greedy_tokens(split, tiny64):
 
     model = AutoModelForCausalLM.from_pretrained(tiny64).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny64)
+    compared = 0
     for prompt in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]
         with torch.inference_mode():
@@ -59,14 +61,18 @@ def test_two_ranks_give_generates_greedy_tokens(split, tiny64):
                                  dtype=torch.long), max_new_tokens=12, do_sample=False,
                                  min_new_tokens=12, pad_token_id=tokenizer.pad_token_id)
         expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        compared += 1
         answer = httpx.post(f"{split.url}/v1/completions", timeout=300, json={
             "model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0,
             "ignore_eos": True}).json()
-        assert answer["choices"][0]["text"] == expected, prompt
+        # a random model ends on incomplete UTF-8: decode() renders it as U+FFFD, vLLM's
+        # incremental detokenizer holds it back, so the texts agree up to those
+        assert answer["choices"][0]["text"].rstrip("\ufffd") == expected.rstrip("\ufffd"), prompt
+        assert answer["usage"]["completion_tokens"] == 12
+    assert compared == len(PROMPTS)
     parameters = httpx.get(f"{split.url}/v2/models/tiny", timeout=10).json()["parameters"]
     assert (parameters["engine"], parameters["tensor_parallel_size"]) == ("vllm", 2)
     assert split.metric("kubemaas_engine_info", 'tensor_parallel_size="2"') == 1
-    assert "world_size=2" in split.logs()
 
 
 def test_a_dead_engine_core_ends_the_process_with_the_reason(module_tmp, vllm_python):  # noqa: F811
