@@ -87,6 +87,13 @@ class RuntimeMetrics:
             "kubemaas_prompt_tokens_total", "Prompt tokens prefilled", LABELS, registry=registry)
         self.generation_tokens_total = Counter(
             "kubemaas_generation_tokens_total", "Tokens generated", LABELS, registry=registry)
+        self.prefix_cache_queries_total = Counter(
+            "kubemaas_prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache", LABELS, registry=registry)
+        self.prefix_cache_hits_total = Counter(
+            "kubemaas_prefix_cache_hits_total",
+            "Prompt tokens found in the prefix cache (not prefilled again)", LABELS,
+            registry=registry)
 
     def bind(self, model: str, variant: str) -> BoundMetrics:
         return BoundMetrics(self, model, variant)
@@ -114,6 +121,8 @@ class BoundMetrics:
         self.inter_token = metrics.inter_token_latency_seconds.labels(model, variant)
         self.prompt_tokens = metrics.prompt_tokens_total.labels(model, variant)
         self.generation_tokens = metrics.generation_tokens_total.labels(model, variant)
+        self.prefix_cache_queries = metrics.prefix_cache_queries_total.labels(model, variant)
+        self.prefix_cache_hits = metrics.prefix_cache_hits_total.labels(model, variant)
 
     def record_quantization(self, method: str, backend: str, drift: float | None) -> None:
         self.metrics.quantization_info.labels(*self._labels, method, backend).set(1)

@@ -406,3 +406,35 @@ def test_an_admitted_sequence_takes_whole_blocks_and_gives_them_back():
     assert free_while_running == 16 - 3 and engine.blocks.free_blocks == 16
     assert first.text + "".join(c.text for c in rest) == letters([8, 9, 10])
     assert model.step_tokens[:3] == [3, 3, 1]  # a 7-token prompt read in chunks of 3
+
+
+# -- the prefix cache ------------------------------------------------------------------------
+def test_block_keys_chain_the_whole_prefix():
+    from kubemaas_runtime.generation.kv_cache import block_keys
+
+    a, b = block_keys([1, 2, 3, 4, 5], 2), block_keys([1, 2, 3, 4, 6, 7], 2)
+    assert len(a) == 2 and a == b[:2]  # full blocks only; same prefix, same keys
+    assert block_keys([9, 2, 3, 4], 2)[1] != a[1]  # same tokens after a different start
+
+
+def test_allocator_shares_cached_blocks_and_evicts_the_least_recently_released():
+    from kubemaas_runtime.generation.kv_cache import BlockAllocator
+
+    pool = BlockAllocator(4, prefix_caching=True)
+    first, second = pool.allocate(2), pool.allocate(2)
+    pool.register(first[0], "a")
+    pool.register(second[0], "b")
+    assert pool.lookup(["a", "x"]) == [first[0]]  # held twice now
+    pool.free(first)
+    pool.free(second)
+    assert pool.free_blocks == 3  # "a" still held once; "b" cached but idle
+    pool.free([first[0]])
+    assert pool.free_blocks == 4
+    # two free blocks, then "b" (released before "a") is evicted, then "a"
+    assert sorted(pool.allocate(2)) == sorted([first[1], second[1]])
+    assert pool.allocate(1) == [second[0]] and pool.lookup(["b"]) == []
+    assert pool.lookup(["a"]) == [first[0]]
+    off = BlockAllocator(2)
+    block = off.allocate(1)[0]
+    off.register(block, "a")
+    assert off.lookup(["a"]) == []  # prefix caching off: nothing is found

@@ -172,3 +172,46 @@ def test_thirty_two_staggered_arrivals_through_eight_slots(lm):
     results = run_engine(lm, batch, 10, max_num_seqs=8, budget=40, stagger=0.01)
     for prompt, tokens in zip(batch, results):
         check_against_generate(lm, prompt, tokens)
+
+
+# -- the prefix cache --------------------------------------------------------------------------
+def test_prefix_cache_hits_skip_the_shared_prompt_and_keep_the_answers(lm):
+    """A 40-token system prefix, then different questions: the later prompts take the prefix's
+    two full blocks from the cache (the metric counts them), their answers still equal
+    generate's, and a prompt with a different start misses."""
+    from kubemaas_runtime.metrics import create_metrics
+
+    system = [(5 * j + 3) % 300 for j in range(40)]
+    questions = [system + [(11 * i + j) % 300 for j in range(5 + i)] for i in range(6)]
+    other = [7] + system
+
+    async def main():
+        metrics = create_metrics().bind("tiny", "default")
+        engine = GenerationEngine(
+            lm, Scheduler(max_num_seqs=4, kv_cache_tokens=64 * 16, max_queue=64, block_size=16),
+            max_model_len=256, metrics=metrics)
+        engine.start()
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+        async def one(prompt):
+            ids = []
+            async for chunk in engine.submit(prompt, params).chunks():
+                ids += chunk.token_ids
+            return ids
+
+        try:
+            first = await one(questions[0])  # fills the cache
+            rest = await asyncio.gather(*(one(q) for q in questions[1:]))
+            missed = await one(other)
+        finally:
+            engine.stop()
+        return [first, *rest], missed, metrics
+
+    answers, missed, metrics = asyncio.run(main())
+    for prompt, tokens in zip(questions, answers):
+        check_against_generate(lm, prompt, tokens)
+    check_against_generate(lm, other, missed)
+    sample = metrics.metrics.registry.get_sample_value
+    labels = {"model": "tiny", "variant": "default"}
+    assert sample("kubemaas_prefix_cache_hits_total", labels) == 5 * 32  # 2 blocks x 5 later
+    assert sample("kubemaas_prefix_cache_queries_total", labels) > 5 * 32

@@ -35,6 +35,7 @@ from kubemaas_runtime.generation.kv_cache import (
     BlockAllocator,
     PagedCache,
     PagedKVCache,
+    block_keys,
 )
 from kubemaas_runtime.generation.sampling import Sampler, SamplingParams
 from kubemaas_runtime.generation.scheduler import ScheduledSequence, Scheduler
@@ -105,6 +106,8 @@ class _Running:
     arrival: float
     stream: GenerationStream | None = None
     blocks: list[int] | None = None  # its block table, reserved at admission
+    keys: list = dataclasses.field(default_factory=list)  # its prompt's full-block keys
+    registered: int = 0  # of those, blocks prefilled and in the prefix cache
     sampler: Sampler | None = None
     text: IncrementalText | None = None
     last_token: int = 0
@@ -114,7 +117,7 @@ class _Running:
 
 class GenerationEngine:
     def __init__(self, lm: CausalLM, scheduler: Scheduler, *, max_model_len: int,
-                 metrics=None) -> None:
+                 metrics=None, prefix_caching: bool = True) -> None:
         self.lm = lm
         self.scheduler = scheduler
         self.max_model_len = max_model_len
@@ -122,7 +125,7 @@ class GenerationEngine:
         self.device = next(lm.model.parameters()).device
         size = scheduler.block_size
         self.kv = PagedKVCache(scheduler.kv_cache_tokens // size, size, self.device)
-        self.blocks = BlockAllocator(self.kv.num_blocks)
+        self.blocks = BlockAllocator(self.kv.num_blocks, prefix_caching=prefix_caching)
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -198,8 +201,17 @@ class GenerationEngine:
     def _admitted(self, sequence: ScheduledSequence) -> None:
         """Call with the lock held: the sequence takes its reserved blocks."""
         state: _Running = sequence.payload
-        state.blocks = self.blocks.allocate(sequence.reserved_tokens // self.kv.block_size)
+        size = self.kv.block_size
+        # the prompt's full blocks, all but its last token (whose logits give the first token)
+        state.keys = block_keys(state.prompt_ids[:-1], size)
+        hits = self.blocks.lookup(state.keys)
+        state.blocks = hits + self.blocks.allocate(sequence.reserved_tokens // size - len(hits))
+        state.registered = len(hits)
+        sequence.computed = len(hits) * size
         self.kv.ensure_clean(max(state.blocks, default=0) + 1)
+        if self.metrics is not None and self.blocks.prefix_caching:
+            self.metrics.prefix_cache_queries.inc(len(state.keys) * size)
+            self.metrics.prefix_cache_hits.inc(len(hits) * size)
         state.sampler = Sampler(state.params)
         state.text = IncrementalText(self.lm.decode, state.params.stop)
 
@@ -234,6 +246,11 @@ class GenerationEngine:
             if sequence.prefilling and self.metrics is not None:
                 self.metrics.prompt_tokens.inc(n)
             sequence.computed += n
+            state = sequence.payload
+            while (state.registered < len(state.keys)
+                   and (state.registered + 1) * self.kv.block_size <= sequence.computed):
+                self.blocks.register(state.blocks[state.registered], state.keys[state.registered])
+                state.registered += 1
         # one argmax over every row, one transfer; sampled rows draw on their own generator
         tokens = logits.argmax(-1).tolist()
         for row, (sequence, _) in enumerate(ending):

@@ -23,6 +23,7 @@ Outside a step (warm-up, the quantization probes) the attention is transformers'
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 
@@ -46,26 +47,86 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 
 class BlockAllocator:
-    """Free-list allocator of the pool's blocks. The scheduler's reservation (in blocks) is what
-    guarantees `allocate` never runs dry for an admitted sequence."""
+    """The pool's blocks: a free list, and the prefix cache.
 
-    def __init__(self, num_blocks: int) -> None:
+    **Prefix cache.** A full block of prompt, once prefilled, is registered under a chained key
+    (`block_keys`: the previous block's key and this block's tokens), so a later prompt that
+    starts with the same tokens takes the block instead of computing it again. Blocks are
+    reference-counted; a cached block nobody uses is kept, least recently released first out,
+    until a fresh block is needed (then it is evicted). The cache lives in one engine, so its
+    keys implicitly cover the model, its dtype and its quantization.
+
+    The scheduler's reservation (each running sequence's whole prompt + max_tokens, shared
+    blocks counted for every sharer) is what guarantees `allocate` never runs dry for an
+    admitted sequence: cached blocks not in use count as free."""
+
+    def __init__(self, num_blocks: int, *, prefix_caching: bool = False) -> None:
         self.num_blocks = num_blocks
+        self.prefix_caching = prefix_caching
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks
+        self._cached: dict[object, int] = {}  # chained key -> block
+        self._key_of: dict[int, object] = {}  # block -> its key
+        self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._idle)
 
     def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise RuntimeError(f"KV cache exhausted: {count} blocks asked, {len(self._free)} free")
-        taken = self._free[-count:] if count else []
-        del self._free[len(self._free) - count:]
-        return taken[::-1]
+        if count > self.free_blocks:
+            raise RuntimeError(f"KV cache exhausted: {count} blocks asked, "
+                               f"{self.free_blocks} free")
+        taken = []
+        for _ in range(count):
+            if self._free:
+                block = self._free.pop()
+            else:  # evict the least recently used cached block
+                block, _ = self._idle.popitem(last=False)
+                del self._cached[self._key_of.pop(block)]
+            self._refs[block] = 1
+            taken.append(block)
+        return taken
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._key_of:
+                    self._idle[block] = None  # most recently released last
+                else:
+                    self._free.append(block)
+
+    def lookup(self, keys: list[object]) -> list[int]:
+        """The cached blocks of the longest run of `keys` from the first, each now held."""
+        hits = []
+        for key in keys if self.prefix_caching else ():
+            block = self._cached.get(key)
+            if block is None:
+                break
+            if self._refs[block] == 0:
+                del self._idle[block]
+            self._refs[block] += 1
+            hits.append(block)
+        return hits
+
+    def register(self, block: int, key: object) -> None:
+        """`block` now holds the full prompt block `key` names."""
+        if self.prefix_caching and key not in self._cached and block not in self._key_of:
+            self._cached[key] = block
+            self._key_of[block] = key
+
+
+def block_keys(tokens: list[int], block_size: int) -> list[object]:
+    """Chained keys of the full blocks of `tokens`: block i's key covers tokens
+    [0, (i + 1) * block_size), as (hash of block i - 1's key, block i's tokens)."""
+    keys: list[object] = []
+    parent = 0
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        key = (parent, tuple(tokens[start:start + block_size]))
+        keys.append(key)
+        parent = hash(key)
+    return keys
 
 
 @dataclasses.dataclass
