@@ -34,5 +34,13 @@ def test_each_engine_has_every_member_with_the_same_parameters(protocol, impleme
 
 
 def test_the_interface_names_submit_and_stream_members():
-    assert members(engine_api.Engine) == ["alive", "start", "stop", "submit"]
+    assert members(engine_api.Engine) == ["alive", "features", "start", "stop", "submit"]
     assert members(engine_api.Stream) == ["cancel", "chunks"]
+
+
+def test_each_engine_lists_only_known_features():
+    from kubemaas_runtime.generation.engine import GenerationEngine
+    from kubemaas_runtime.generation.vllm_engine import VllmEngine
+    for cls in (GenerationEngine, VllmEngine):
+        assert isinstance(cls.__dict__["features"], property), cls
+    assert engine_api.FEATURES == {"top_k", "penalties", "logprobs", "json_schema", "n"}

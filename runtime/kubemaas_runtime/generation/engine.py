@@ -56,6 +56,9 @@ class Chunk:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    # With params.logprobs set: one entry per token in token_ids, each
+    # (logprob of the chosen token, ((token_id, logprob), ...) of the top k); else None.
+    logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
 
 
 class GenerationStream:
@@ -141,6 +144,10 @@ class GenerationEngine:
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    @property
+    def features(self) -> frozenset[str]:
+        return frozenset()  # builtin: none of engine_api.FEATURES yet
 
     @property
     def alive(self) -> bool:

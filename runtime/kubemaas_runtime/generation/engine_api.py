@@ -8,6 +8,9 @@ routes hold an `Engine` and never reach past it:
 - `submit(prompt_ids, params)` queues one sequence of already tokenized prompt ids (the front
   tokenizes, so both engines see the same ids) and returns its `Stream` at once, raising
   `Overloaded` (503) when the engine's queue is full and `ModelNotReady` when it is not running;
+- `features`: the optional sampling features this engine honours, a subset of `FEATURES`
+  (`top_k`, `penalties`, `logprobs`, `json_schema`, `n`); the front refuses a request that
+  needs one the engine lacks with a 400 naming the field, never ignores it;
 - `Stream.chunks()` yields `Chunk`s; the last one has a finish_reason (`stop`, `length`, or
   `abort` / `error` with `error` set); `Stream.cancel()` drops the sequence at its next token
   boundary and frees its slot (a no-op once it finished).
@@ -21,7 +24,9 @@ from typing import Protocol, runtime_checkable
 from kubemaas_runtime.generation.engine import Chunk
 from kubemaas_runtime.generation.sampling import SamplingParams
 
-__all__ = ["Chunk", "Engine", "SamplingParams", "Stream"]
+__all__ = ["FEATURES", "Chunk", "Engine", "SamplingParams", "Stream"]
+
+FEATURES = frozenset({"top_k", "penalties", "logprobs", "json_schema", "n"})
 
 
 @runtime_checkable
@@ -39,5 +44,8 @@ class Engine(Protocol):
 
     @property
     def alive(self) -> bool: ...
+
+    @property
+    def features(self) -> frozenset[str]: ...
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Stream: ...

@@ -16,6 +16,13 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # The optional features below are honoured only by an engine that lists their name in
+    # `Engine.features` (engine_api.FEATURES); the front refuses them (400) otherwise.
+    top_k: int = 0  # 0: off ("top_k")
+    presence_penalty: float = 0.0  # OpenAI's meaning, [-2, 2] ("penalties")
+    frequency_penalty: float = 0.0  # ("penalties")
+    logprobs: int | None = None  # None: off; k >= 0: the chosen token's and the top k ("logprobs")
+    json_schema: str | None = None  # a JSON schema as text, for response_format ("json_schema")
 
     @property
     def greedy(self) -> bool:

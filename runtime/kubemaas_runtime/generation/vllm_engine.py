@@ -171,6 +171,10 @@ class VllmEngine:
         await asyncio.sleep(0)
 
     @property
+    def features(self) -> frozenset[str]:
+        return frozenset()  # mapped to vLLM by the front issue; none yet
+
+    @property
     def alive(self) -> bool:
         return self._started and not self._stopping and not self.llm.errored
 
