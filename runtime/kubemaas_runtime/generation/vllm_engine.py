@@ -27,15 +27,14 @@ from typing import Any
 
 from kubemaas_runtime.errors import (
     DeviceLost,
-    InvalidInput,
     ModelLoadFailed,
     ModelNotReady,
     Overloaded,
 )
 from kubemaas_runtime.generation.causal_lm import CausalLM
 from kubemaas_runtime.generation.engine_api import Chunk
+from kubemaas_runtime.generation.model import GenerativeBase
 from kubemaas_runtime.generation.sampling import SamplingParams
-from kubemaas_runtime.models.base import Model, Signature, TensorSpec
 
 log = logging.getLogger("kubemaas_runtime")
 # vLLM's dtype for the variants it can serve as they are; the rest are refused at start.
@@ -143,7 +142,7 @@ class VllmEngine:
         self._started = False
         self._stopping = False
         self.kv_cache_usage = 0.0  # the scheduler's, from vLLM's stats (UsageStats)
-        self.on_fatal: Callable[[EngineDead], None] | None = None  # the server's device_failed
+        self.on_fatal: Callable[[DeviceLost], None] | None = None  # the server's device_failed
 
     @property
     def capacity(self) -> int:
@@ -288,24 +287,18 @@ def _stat_logger_factory(engine_ref: list):
     return UsageStats
 
 
-class VllmGenerativeModel(Model):
+class VllmGenerativeModel(GenerativeBase):
     """`--task text-generation` served by vLLM: a transformers directory (safetensors)."""
 
     platform = "vllm"
 
     def __init__(self, options, settings: VllmSettings) -> None:
-        super().__init__(options)
-        self.format = "transformers"
+        super().__init__(options, "transformers")
         self.settings = settings
-        self.lm: CausalLM | None = None  # the tokenizer side only: vLLM holds the weights
-        self.engine: VllmEngine | None = None
-        self.metrics = None  # BoundMetrics, set by the routes before loading
-        self.on_fatal = None  # set by the routes: the server's device_failed
-        self.max_model_len = 0
+        self.llm: Any = None  # vLLM's AsyncLLM; `lm` is the tokenizer side only
+        self._engine_ref: list = []  # the stat logger's way to the engine, once it exists
         self.vllm_version = ""
         self.dtype = ""
-        self.signature = Signature((TensorSpec("text_input", "BYTES", (1,)),),
-                                   (TensorSpec("text_output", "BYTES", (1,)),))
 
     def load(self) -> None:
         path = Path(self.options.path)
@@ -339,9 +332,9 @@ class VllmGenerativeModel(Model):
             max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
             trust_remote_code=False, disable_log_stats=True, enable_log_requests=False,
             kv_cache_memory_bytes=self._kv_cache_bytes(config))
-        engine_ref: list = []
         try:
-            llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(engine_ref)])
+            llm = AsyncLLM.from_engine_args(
+                args, stat_loggers=[_stat_logger_factory(self._engine_ref)])
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
                                                       trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds; all end the start
@@ -351,9 +344,7 @@ class VllmGenerativeModel(Model):
         self.dtype = str(llm.model_config.dtype).removeprefix("torch.")
         self.lm = CausalLM(None, tokenizer, eos_token_ids_of(llm, tokenizer),
                            self.max_model_len, "transformers")
-        self.engine = VllmEngine(llm, settings, metrics=self.metrics)
-        self.engine.on_fatal = self.on_fatal
-        engine_ref.append(self.engine)
+        self.llm = llm
         self.quantization, self.quantization_backend = method, "vllm" if method != "none" else (
             "none")
         self.ready = True
@@ -370,30 +361,24 @@ class VllmGenerativeModel(Model):
         width = {"fp16": 2, "bf16": 2}.get(self.options.quantization, 4)
         return tokens * layers * 2 * heads * head_dim * width
 
-    def check_accuracy(self) -> None:
-        self.engine.start()  # quantization is vLLM's dtype: no gate to run
-
-    def predict(self, batch):
-        raise InvalidInput(self._not_infer())
-
-    def validate(self, request):
-        raise InvalidInput(self._not_infer())
-
-    def _not_infer(self) -> str:
-        return (f"model '{self.name}' generates text: use /v1/chat/completions, /v1/completions "
-                f"or /v2/models/{self.name}/generate")
+    def start_engine(self, metrics, on_fatal: Callable[[DeviceLost], None]) -> VllmEngine:
+        """Quantization is vLLM's dtype: there is no gate to run before it serves."""
+        engine = VllmEngine(self.llm, self.settings, metrics=metrics)
+        engine.on_fatal = on_fatal
+        self._engine_ref.append(engine)
+        engine.start()
+        self.engine = engine
+        return engine
 
     @property
     def vocab_size(self) -> int:
-        return int(self.engine.llm.model_config.get_vocab_size())
+        return int(self.llm.model_config.get_vocab_size())
 
     def metadata(self) -> dict[str, Any]:
         doc = super().metadata()
         doc["parameters"].update({
-            "max_model_len": self.max_model_len, "max_num_seqs": self.settings.max_num_seqs,
-            "format": self.format, "engine": "vllm", "vllm_version": self.vllm_version, "dtype": self.dtype,
+            "engine": "vllm", "vllm_version": self.vllm_version, "dtype": self.dtype,
             "tensor_parallel_size": self.settings.tensor_parallel_size})
-        doc["parameters"].pop("max_batch_size", None)
         return doc
 
 
