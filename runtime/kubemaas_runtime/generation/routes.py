@@ -10,6 +10,7 @@ stream holds its in-flight slot until its last event or until the client goes aw
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -46,6 +47,7 @@ log = logging.getLogger("kubemaas_runtime")
 JSON = "application/json"
 # Generation bodies are prompts, not tensors: a smaller cap than --max-request-bytes.
 MAX_GENERATION_BODY = 8 * 1024 * 1024
+MAX_TOKEN_TEXTS = 1 << 17  # tokens' texts kept for logprobs (a vocabulary's worth)
 
 
 class ChunkFailed(RuntimeServeError):
@@ -70,6 +72,7 @@ class GenerationApp:
         self.lifecycle = state.lifecycle
         self.admission = state.admission
         self.engine: Engine | None = None
+        self._token_texts: dict[int, str] = {}
 
     # -- the app's life ------------------------------------------------------------------
     async def start(self) -> None:
@@ -135,9 +138,12 @@ class GenerationApp:
         ticket.hold_slot()
         return doc
 
-    async def _submit(self, request: api.GenerationRequest) -> GenerationStream:
-        """Tokenize off the event loop, check the context, queue the sequence."""
-        model = self.model
+    async def _submit(self, request: api.GenerationRequest) -> list[GenerationStream]:
+        """Tokenize off the event loop, check the context and the engine's features, queue
+        the request's `n` sequences (seeds seed, seed+1, ...: n different samples that a
+        seed repeats); all or none: a refused one cancels those already queued."""
+        model, engine = self.model, self.engine
+        api.check_features(request, engine.features, self.state.engine.engine)
         lm, max_len = model.lm, model.max_model_len
         api.check_prompt_size(request, max_len)
         if request.messages is not None:
@@ -152,15 +158,48 @@ class GenerationApp:
         if not prompt_ids:
             raise api.InvalidParameter("prompt", "the prompt is empty")
         max_tokens = api.resolve_max_tokens(request, len(prompt_ids), max_len)
-        params = SamplingParams(max_tokens=max_tokens, temperature=request.temperature,
-                                top_p=request.top_p, seed=request.seed, stop=request.stop,
-                                ignore_eos=request.ignore_eos)
-        return self.engine.submit(prompt_ids, params)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+            seed=request.seed, stop=request.stop, ignore_eos=request.ignore_eos,
+            top_k=request.top_k, presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty, logprobs=request.logprobs,
+            json_schema=request.json_schema)
+        streams: list[GenerationStream] = []
+        try:
+            for index in range(request.n):
+                seeded = params if index == 0 or params.seed is None else dataclasses.replace(
+                    params, seed=params.seed + index)
+                streams.append(engine.submit(prompt_ids, seeded))
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+        return streams
 
     @staticmethod
-    def _streamed(events, stream: GenerationStream, outcome: StreamOutcome) -> EventStream:
-        outcome.on_end(lambda status: stream.cancel())  # a no-op when it finished
+    def _streamed(events, streams: list[GenerationStream], outcome: StreamOutcome
+                  ) -> EventStream:
+        def cancel(status: int) -> None:
+            for stream in streams:
+                stream.cancel()  # a no-op when it finished
+        outcome.on_end(cancel)
         return EventStream(events, outcome)
+
+    def token_text(self, token: int) -> str:
+        """One token as text, special tokens included (what logprobs name)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self.model.lm.tokenizer.decode([token], skip_special_tokens=False)
+            if len(self._token_texts) < MAX_TOKEN_TEXTS:
+                self._token_texts[token] = text
+        return text
+
+    def _logprobs(self, chat: bool, token_ids, entries, offset: int) -> dict[str, Any] | None:
+        if entries is None:
+            return None
+        if chat:
+            return api.chat_logprobs(token_ids, entries, self.token_text)
+        return api.completion_logprobs(token_ids, entries, self.token_text, offset)
 
     # -- /v1 -----------------------------------------------------------------------------
     async def list_models(self, request: Request) -> Response:
@@ -185,42 +224,54 @@ class GenerationApp:
         doc = await self._admit(request, ticket)
         parse = api.parse_chat_request if chat else api.parse_completion_request
         parsed = parse(doc, self.model.name)
-        stream = await self._submit(parsed)
+        streams = await self._submit(parsed)
         rid = api.new_id("chatcmpl" if chat else "cmpl")
         if parsed.stream:  # the slot and the accounting go with the stream
             outcome = StreamOutcome()
-            return self._streamed(self._openai_events(stream, parsed, chat, rid, outcome),
-                                  stream, outcome)
-        text, last = await _collect(stream, request)
-        return _json(api.completion_body(chat, rid, self.model.name, text, last.finish_reason,
-                                         last.prompt_tokens, last.completion_tokens))
+            return self._streamed(self._openai_events(streams, parsed, chat, rid, outcome),
+                                  streams, outcome)
+        results = await _collect(streams, request)
+        choices = [api.choice_body(chat, index, result.text, result.last.finish_reason,
+                                   self._logprobs(chat, result.token_ids, result.logprobs, 0))
+                   for index, result in enumerate(results)]
+        return _json(api.completion_body(
+            chat, rid, self.model.name, choices, results[0].last.prompt_tokens,
+            sum(r.last.completion_tokens for r in results)))
 
-    async def _openai_events(self, stream: GenerationStream, parsed: api.GenerationRequest,
-                             chat: bool, rid: str, outcome: StreamOutcome
-                             ) -> AsyncIterator[bytes]:
+    async def _openai_events(self, streams: list[GenerationStream],
+                             parsed: api.GenerationRequest, chat: bool, rid: str,
+                             outcome: StreamOutcome) -> AsyncIterator[bytes]:
         name, created = self.model.name, int(time.time())
         usage = parsed.include_usage
-        if chat:  # OpenAI's first chunk carries the role
-            yield api.sse(api.chunk_body(chat, rid, name, created, "", None, first=True,
-                                         with_usage=usage))
-        async for chunk in stream.chunks():
+        if chat:  # OpenAI's first chunk of each choice carries the role
+            for index in range(len(streams)):
+                yield api.sse(api.chunk_body(chat, rid, name, created, "", None, first=True,
+                                             with_usage=usage, index=index))
+        offsets = [0] * len(streams)  # characters sent per choice (completions' text_offset)
+        prompt_tokens, completion_tokens = 0, [0] * len(streams)
+        async for index, chunk in _merged(streams):
             if _failed(chunk):
                 status, _, body = api.openai_error(ChunkFailed(chunk))
                 outcome.fail(status)
                 yield api.sse(body)
                 break
-            if chunk.text:
+            if chunk.text or chunk.logprobs:
+                logprobs = self._logprobs(chat, chunk.token_ids, chunk.logprobs, offsets[index])
+                offsets[index] += len(chunk.text)
                 yield api.sse(api.chunk_body(chat, rid, name, created, chunk.text, None,
-                                             with_usage=usage))
+                                             with_usage=usage, index=index, logprobs=logprobs))
             if chunk.finish_reason is not None:
+                prompt_tokens = chunk.prompt_tokens
+                completion_tokens[index] = chunk.completion_tokens
                 yield api.sse(api.chunk_body(chat, rid, name, created, None if chat else "",
-                                             chunk.finish_reason, with_usage=usage))
-                if usage:
-                    yield api.sse({"id": rid, "object": "chat.completion.chunk" if chat
-                                   else "text_completion", "created": created,
-                                   "model": name, "choices": [],
-                                   "usage": api.usage(chunk.prompt_tokens,
-                                                      chunk.completion_tokens)})
+                                             chunk.finish_reason, with_usage=usage,
+                                             index=index))
+        else:
+            if usage:
+                yield api.sse({"id": rid, "object": "chat.completion.chunk" if chat
+                               else "text_completion", "created": created, "model": name,
+                               "choices": [],
+                               "usage": api.usage(prompt_tokens, sum(completion_tokens))})
         yield api.SSE_DONE
 
     # -- KServe v2 generate extension ----------------------------------------------------
@@ -243,19 +294,23 @@ class GenerationApp:
         parameters = doc.get("parameters", {})
         if not isinstance(parameters, dict):
             raise InvalidInput("'parameters' must be an object")
+        for field in ("n", "logprobs"):  # one text_output per answer, and no logprobs in it
+            if parameters.get(field) not in (None, 1 if field == "n" else None):
+                raise api.InvalidParameter(field, f"'parameters.{field}' is not supported by "
+                                                  f"v2 generate (use /v1/completions)")
         return api.parse_completion_request(
             {**parameters, "model": self.model.name, "prompt": text, "stream": False},
             self.model.name)
 
     async def v2_generate(self, request: Request, ticket: Ticket) -> Response:
-        stream = await self._submit(await self._v2_parse(request, ticket))
-        text, last = await _collect(stream, request)
-        return _json(self._v2_body(text, last))
+        streams = await self._submit(await self._v2_parse(request, ticket))
+        (result,) = await _collect(streams, request)
+        return _json(self._v2_body(result.text, result.last))
 
     async def v2_generate_stream(self, request: Request, ticket: Ticket) -> Response:
-        stream = await self._submit(await self._v2_parse(request, ticket))
+        streams = await self._submit(await self._v2_parse(request, ticket))
         outcome = StreamOutcome()
-        return self._streamed(self._v2_events(stream, outcome), stream, outcome)
+        return self._streamed(self._v2_events(streams[0], outcome), streams, outcome)
 
     async def _v2_events(self, stream: GenerationStream, outcome: StreamOutcome
                          ) -> AsyncIterator[bytes]:
@@ -275,25 +330,78 @@ class GenerationApp:
         return body
 
 
-async def _collect(stream: GenerationStream, request: Request) -> tuple[str, Chunk]:
-    """The whole text of a non-streamed request; the sequence is cancelled if the client
-    disconnects while it waits."""
+@dataclasses.dataclass
+class Collected:
+    """One sequence's whole answer: its text, tokens, logprobs and last chunk."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list | None
+    last: Chunk
+
+
+async def _collect_one(stream: GenerationStream) -> Collected:
+    pieces: list[str] = []
+    token_ids: list[int] = []
+    logprobs: list | None = None
+    async for chunk in stream.chunks():
+        if _failed(chunk):
+            raise ChunkFailed(chunk)
+        pieces.append(chunk.text)
+        token_ids.extend(chunk.token_ids)
+        if chunk.logprobs is not None:
+            logprobs = (logprobs or []) + list(chunk.logprobs)
+        last = chunk
+    return Collected("".join(pieces), token_ids, logprobs, last)
+
+
+async def _collect(streams: list[GenerationStream], request: Request) -> list[Collected]:
+    """The whole answers of a non-streamed request; its sequences are cancelled if the client
+    disconnects while it waits, or when one of them fails."""
     async def cancel_on_disconnect() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        stream.cancel()
+        for stream in streams:
+            stream.cancel()
 
     watcher = asyncio.ensure_future(cancel_on_disconnect())
-    pieces = []
     try:
-        async for chunk in stream.chunks():
-            if _failed(chunk):
-                raise ChunkFailed(chunk)
-            pieces.append(chunk.text)
-            last = chunk
+        if len(streams) == 1:
+            return [await _collect_one(streams[0])]
+        return list(await asyncio.gather(*(_collect_one(s) for s in streams)))
     finally:
         watcher.cancel()
-    return "".join(pieces), last
+        for stream in streams:
+            stream.cancel()  # a no-op for those that finished
+
+
+async def _merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, Chunk]]:
+    """(choice index, chunk) of every stream, in the order they arrive."""
+    if len(streams) == 1:
+        async for chunk in streams[0].chunks():
+            yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, Chunk | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: GenerationStream) -> None:
+        try:
+            async for chunk in stream.chunks():
+                queue.put_nowait((index, chunk))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            index, chunk = await queue.get()
+            if chunk is None:
+                open_streams -= 1
+            else:
+                yield index, chunk
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _json(doc, status: int = 200) -> Response:

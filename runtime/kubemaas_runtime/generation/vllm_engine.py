@@ -171,7 +171,7 @@ class VllmEngine:
 
     @property
     def features(self) -> frozenset[str]:
-        return frozenset()  # mapped to vLLM by the front issue; none yet
+        return VLLM_FEATURES  # each mapped by to_vllm_params
 
     @property
     def alive(self) -> bool:
@@ -226,7 +226,9 @@ class VllmEngine:
                     stream.put(Chunk(completion.text, tokens, "abort", len(prompt_ids),
                                      generated, f"vLLM ended the request: {finish}"))
                     return
-                stream.put(Chunk(completion.text, tokens, finish, len(prompt_ids), generated))
+                stream.put(Chunk(completion.text, tokens, finish, len(prompt_ids), generated,
+                                 logprobs=chunk_logprobs(tokens, completion.logprobs,
+                                                         params.logprobs)))
                 if finish is not None:
                     return
             if not stream.done:  # vLLM's generator ended without a finished output
@@ -255,15 +257,43 @@ class VllmEngine:
         self.metrics.kv_cache_usage.set(self.kv_cache_usage if self._streams else 0.0)
 
 
-def to_vllm_params(params: SamplingParams):
-    """The front's parameters as vLLM's: each field the front accepted, nothing dropped."""
-    from vllm import SamplingParams as VllmSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+# The optional sampling features (engine_api.FEATURES) vLLM honours, each mapped below; `n` is
+# the front's (n sequences), so it is not an engine feature.
+VLLM_FEATURES = frozenset({"top_k", "penalties", "logprobs", "json_schema"})
 
+
+def to_vllm_params(params: SamplingParams):
+    """The front's parameters as vLLM's: each field the front accepted, nothing dropped.
+    `json_schema` is vLLM's structured output (`StructuredOutputsParams(json=...)`, compiled
+    by its grammar backend); `logprobs` k asks for the chosen token's and the top k."""
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    structured = (StructuredOutputsParams(json=params.json_schema)
+                  if params.json_schema is not None else None)
     return VllmSamplingParams(
         n=1, max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+        top_k=params.top_k, presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty, logprobs=params.logprobs,
         seed=params.seed, stop=list(params.stop) or None, ignore_eos=params.ignore_eos,
-        skip_special_tokens=True, output_kind=RequestOutputKind.DELTA)
+        structured_outputs=structured, skip_special_tokens=True,
+        output_kind=RequestOutputKind.DELTA)
+
+
+def chunk_logprobs(tokens: tuple[int, ...], positions, top: int | None):
+    """vLLM's logprobs of the new tokens (one {token id: Logprob} per position: the top k by
+    rank plus the chosen token) as `Chunk.logprobs`: (chosen logprob, top k by rank)."""
+    if top is None or positions is None:
+        return None
+    entries = []
+    for token, position in zip(tokens, positions):
+        position = position or {}
+        chosen = position.get(token)
+        ranked = sorted(((lp.rank, t, lp.logprob) for t, lp in position.items()
+                         if lp.rank is not None and lp.rank <= top), key=lambda e: e[0])
+        entries.append((float(chosen.logprob) if chosen is not None else float("nan"),
+                        tuple((t, float(lp)) for _, t, lp in ranked)))
+    return tuple(entries)
 
 
 def _stat_logger_factory(engine_ref: list):
