@@ -215,8 +215,9 @@ def test_a_full_engine_is_503_and_a_cancelled_stream_frees_its_slot(server):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("max_tokens", 0), ("temperature", 2.5), ("top_p", 0), ("n", 2), ("stop", 7),
-    ("logprobs", True), ("presence_penalty", 1.0), ("response_format", {"type": "json_object"}),
+    ("max_tokens", 0), ("temperature", 2.5), ("top_p", 0), ("n", 0), ("stop", 7),
+    ("logprobs", "yes"), ("presence_penalty", 3.0), ("response_format", {"type": "xml"}),
+    ("tools", [{"type": "function"}]),
 ])
 def test_bad_or_unsupported_parameters_are_400_naming_them(server, field, value):
     response = httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, field: value},

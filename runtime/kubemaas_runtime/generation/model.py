@@ -123,6 +123,8 @@ class GenerativeBase(abc.ABC):
                 **({"task": options.task} if options.task else {}),
                 "max_model_len": self.max_model_len, "max_num_seqs": options.max_num_seqs,
                 "format": self.format,
+                # the optional sampling features (engine_api.FEATURES) the engine honours
+                "sampling_features": sorted(self.engine.features) if self.engine else [],
             },
         }
 
