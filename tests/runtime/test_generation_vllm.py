@@ -56,7 +56,7 @@ def smollm2_dir() -> Path:
 def reference_run(module_tmp, vllm_python, smollm2_dir):
     """vLLM's offline greedy answers, computed while the server starts."""
     requests = module_tmp / "reference-requests.json"
-    requests.write_text(json.dumps({"max_tokens": MAX_TOKENS, "chats": [
+    requests.write_text(json.dumps({"max_tokens": MAX_TOKENS, "logprobs": 2, "chats": [
         [{"role": "user", "content": q}] for q in QUESTIONS]}))
     out = module_tmp / "reference-answers.json"
     log = open(module_tmp / "reference.log", "wb")  # noqa: SIM115 - closed below
@@ -135,6 +135,17 @@ def test_greedy_chat_equals_vllms_own_offline_greedy(client, reference):
         assert result.choices[0].finish_reason == expected["finish_reason"]
         assert result.usage.prompt_tokens == expected["prompt_tokens"]
         assert result.usage.completion_tokens == expected["completion_tokens"]
+
+
+def test_logprobs_equal_vllms_own_offline_logprobs(client, reference):
+    for question, expected in zip(QUESTIONS, reference):
+        result = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": question}],
+            max_tokens=MAX_TOKENS, temperature=0, logprobs=True, top_logprobs=2)
+        got = [entry.logprob for entry in result.choices[0].logprobs.content]
+        assert len(got) == len(expected["logprobs"]) == expected["completion_tokens"]
+        # the same fp32 weights and kernels; only the batch around each request differs
+        assert got == pytest.approx(expected["logprobs"], abs=2e-3), question
 
 
 @pytest.mark.parametrize("chat", [True, False])
