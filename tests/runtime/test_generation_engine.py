@@ -520,3 +520,47 @@ def test_allocator_shares_cached_blocks_and_evicts_the_least_recently_released()
     block = off.allocate(1)[0]
     off.register(block, "a")
     assert off.lookup(["a"]) == []  # prefix caching off: nothing is found
+
+
+def test_shared_prefixes_in_a_tight_pool_never_run_out_mid_run():
+    """40 sequences over 5 shared prefixes through a pool of 24 blocks of 4: each admitted
+    sequence holds every block it will need, hits shared, so all finish with `length` (none
+    with an error), each sees exactly its own positions (the fake model checks the pool), and
+    the pool is whole again at the end; while running, what is held never exceeds the pool."""
+    import random
+
+    rng = random.Random(5)
+    prefixes = [[rng.randrange(1, VOCAB) for _ in range(4 * (1 + i % 3))] for i in range(5)]
+    prompts = [prefixes[i % 5] + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 6))]
+               for i in range(40)]
+
+    async def main():
+        engine, _model, metrics = make_engine(max_num_seqs=8, kv_cache_tokens=24 * 4,
+                                             max_queue=64, block_size=4,
+                                             max_num_batched_tokens=8)
+        usage = []
+        publish = engine._publish_gauges
+
+        def watch():
+            usage.append(engine.blocks.usage)
+            publish()
+
+        engine._publish_gauges = watch  # type: ignore[method-assign]
+
+        async def one(i, prompt):
+            await asyncio.sleep(0.002 * (i % 7))
+            return await collect(engine.submit(prompt, greedy(rng.randrange(2, 9),
+                                                              ignore_eos=True)))
+
+        try:
+            results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        finally:
+            engine.stop()
+        return results, engine, metrics, usage
+
+    results, engine, metrics, usage = asyncio.run(main())
+    assert [last.finish_reason for _, last in results] == ["length"] * 40
+    assert engine.blocks.free_blocks == 24 and max(usage) <= 1.0
+    sample = metrics.metrics.registry.get_sample_value
+    assert sample("kubemaas_prefix_cache_hits_total", {"model": "fake",
+                                                       "variant": "default"}) > 0

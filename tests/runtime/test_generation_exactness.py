@@ -293,3 +293,55 @@ def test_a_seed_repeats_its_tokens_alone_and_in_company(lm):
     assert alone == again == mixed[0]
     other_seed = dataclasses.replace(seeded, seed=12)
     assert run_engine(lm, batch[:1], 12, params=other_seed)[0] != alone
+
+
+def test_admission_counts_cached_prefix_blocks_once(lm):
+    """A pool of 4 x 2 private blocks + the 4-block shared prefix (+ 1 spare): too small for 4
+    sequences of 6 blocks each without sharing, enough with it. With the prefix cached, the 4
+    are admitted together (4 decode rows in one step), each holding its whole block table from
+    admission (so none runs out mid-run), and their answers are generate's; with caching off
+    the same pool runs at most 2 at a time."""
+    size = 16
+    system = [(5 * j + 3) % 300 for j in range(4 * size)]
+    # prompt 64 + 3..6 tokens and 20 generated: 87..90 tokens, 6 blocks, 4 of them the prefix
+    questions = [system + [(11 * i + j) % 300 for j in range(3 + i)] for i in range(4)]
+
+    def run(prefix_caching: bool):
+        rows: list[int] = []
+
+        async def main():
+            engine = GenerationEngine(
+                lm, Scheduler(max_num_seqs=8, kv_cache_tokens=(4 + 4 * 2 + 1) * size,
+                              max_queue=64, block_size=size),
+                max_model_len=256, prefix_caching=prefix_caching)
+            step = engine.kv.step
+
+            def counting(decodes, prefills):
+                rows.append(len(decodes))
+                return step(decodes, prefills)
+
+            engine.kv.step = counting  # type: ignore[method-assign]
+            engine.start()
+            params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+            async def one(prompt):
+                chunks = [c async for c in engine.submit(prompt, params).chunks()]
+                return [t for c in chunks for t in c.token_ids], chunks[-1].finish_reason
+
+            try:
+                first = await one(questions[0])  # fills the cache with the prefix
+                rows.clear()
+                rest = await asyncio.gather(*(one(q) for q in questions))
+            finally:
+                engine.stop()
+            return [first, *rest]
+
+        return asyncio.run(main()), max(rows)
+
+    answers, most = run(prefix_caching=True)
+    assert most == 4
+    for prompt, (tokens, reason) in zip([questions[0], *questions], answers):
+        assert reason == "length"
+        check_against_generate(lm, prompt, tokens)
+    answers, most = run(prefix_caching=False)
+    assert most == 2 and all(reason == "length" for _, reason in answers)

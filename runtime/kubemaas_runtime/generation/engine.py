@@ -194,7 +194,7 @@ class GenerationEngine:
                         self._finish(sequence, "abort", error="cancelled")
                     for sequence in [s for s in self.scheduler.running if s.cancelled]:
                         self._finish(sequence, "abort", error="cancelled")
-                    for sequence in self.scheduler.admit():
+                    for sequence in self.scheduler.admit(self._reserve):
                         self._admitted(sequence)
                     step = self.scheduler.schedule()
                     self._publish_gauges()
@@ -213,20 +213,32 @@ class GenerationEngine:
                 self.scheduler.waiting.clear()
                 self._publish_gauges()
 
-    def _admitted(self, sequence: ScheduledSequence) -> None:
-        """Call with the lock held: the sequence takes its reserved blocks."""
+    def _reserve(self, sequence: ScheduledSequence) -> bool:
+        """Call with the lock held: take the sequence's whole block table (prompt +
+        max_tokens) if the pool has it, the prefix cache's blocks shared. A hit held by a
+        running sequence costs nothing; an idle cached hit leaves the free pool as a fresh
+        block does. All of a sequence's blocks are taken here, so it never runs out mid-run."""
         state: _Running = sequence.payload
         size = self.kv.block_size
-        # the prompt's full blocks, all but its last token (whose logits give the first token)
-        state.keys = block_keys(state.prompt_ids[:-1], size)
+        if not state.keys:  # the prompt's full blocks, all but its last token (whose logits
+            state.keys = block_keys(state.prompt_ids[:-1], size)  # give the first token)
+        total = sequence.reserved_tokens // size
+        cached, idle = self.blocks.peek(state.keys)
+        if total - cached + idle > self.blocks.free_blocks:
+            return False
         hits = self.blocks.lookup(state.keys)
-        state.blocks = hits + self.blocks.allocate(sequence.reserved_tokens // size - len(hits))
+        state.blocks = hits + self.blocks.allocate(total - len(hits))
         state.registered = len(hits)
         sequence.computed = len(hits) * size
         self.kv.ensure_clean(max(state.blocks, default=0) + 1)
         if self.metrics is not None and self.blocks.prefix_caching:
             self.metrics.prefix_cache_queries.inc(len(state.keys) * size)
             self.metrics.prefix_cache_hits.inc(len(hits) * size)
+        return True
+
+    def _admitted(self, sequence: ScheduledSequence) -> None:
+        """Call with the lock held: the sequence (its blocks taken) starts."""
+        state: _Running = sequence.payload
         state.sampling = self.sampler.attach(state.params)
         state.text = IncrementalText(self.lm.decode, state.params.stop)
 
@@ -333,4 +345,4 @@ class GenerationEngine:
         if self.metrics is not None:
             self.metrics.running.set(len(self.scheduler.running))
             self.metrics.waiting.set(len(self.scheduler.waiting))
-            self.metrics.kv_cache_usage.set(self.scheduler.kv_cache_usage)
+            self.metrics.kv_cache_usage.set(self.blocks.usage)
