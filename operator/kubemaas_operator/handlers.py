@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -165,15 +166,23 @@ def _indexes(kw: dict) -> Indexes:
                    _gpu_nodes(kw["node_index"]))
 
 
-class _Joined:
+class _Joined(Mapping):
     """Two pod indexes read as one (heads and one-node pods, then group workers)."""
 
-    def __init__(self, *indexes) -> None:
+    def __init__(self, *indexes: Mapping) -> None:
         self._indexes = indexes
 
-    def get(self, key, default=()):
+    def __getitem__(self, key: Any) -> list:
         found = [pod for index in self._indexes for pod in index.get(key, ())]
-        return found or default
+        if not found:
+            raise KeyError(key)
+        return found
+
+    def __iter__(self) -> Iterator:
+        return iter({k for index in self._indexes for k in index})
+
+    def __len__(self) -> int:
+        return len({k for index in self._indexes for k in index})
 
 
 # --- the ModelService itself: one shared path ----------------------------------------------
