@@ -54,6 +54,8 @@ class VllmSettings:
     """What the vLLM engine takes from the serve configuration."""
 
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1  # nodes, one stage each (resources.gpu.nodes)
+    distributed_executor_backend: str | None = None  # ray across nodes; None: vLLM's choice
     max_model_len: int | None = None
     max_num_seqs: int = 16
     max_queue: int = 256
@@ -359,6 +361,8 @@ class VllmGenerativeModel(GenerativeBase):
         args = AsyncEngineArgs(
             model=str(path), tokenizer=str(path), dtype=vllm_dtype(method, config),
             tensor_parallel_size=settings.tensor_parallel_size,
+            pipeline_parallel_size=settings.pipeline_parallel_size,
+            distributed_executor_backend=settings.distributed_executor_backend,
             max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
             trust_remote_code=False, disable_log_stats=True, enable_log_requests=False,
             kv_cache_memory_bytes=self._kv_cache_bytes(config))
