@@ -45,7 +45,8 @@ from tests.e2e.realpods.conftest import (
 from tests.e2e.realpods.images import REPO, images_cli
 from tests.e2e.realpods.test_real_pods import apply, model_volume, runtime_pods, service_ip
 
-pytestmark = pytest.mark.e2e
+# the cluster, three images, the operator and vLLM's start in a pod: past the default 900 s
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 
 NAME = "smollm2-vllm"
 QUESTIONS = ["What is the capital of France?", "Name three prime numbers."]
