@@ -368,12 +368,15 @@ async def openai_load(url: str, model: str, streams: int, max_tokens: int) -> di
             "itl50": pct(itls, 50), "itl99": pct(itls, 99)}
 
 
-def compare_table(results: dict, streams: tuple, tokens: tuple) -> list[str]:
+def compare_table(results: dict, streams: tuple, tokens: tuple,
+                  servers: tuple = tuple(k for k, _ in COMPARE_SERVERS)) -> list[str]:
     """The measured rows, then the ratios of this runtime's two engines to vLLM's own server
     (tok/s: higher is better, 1.00 = the same; TTFT and ITL: lower is better)."""
     lines = [("| server | streams | new tokens | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
              "ITL p99 ms |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, name in COMPARE_SERVERS:
+        if key not in servers:
+            continue
         for n in tokens:
             for c in streams:
                 r = results.get((key, c, n))
@@ -385,6 +388,8 @@ def compare_table(results: dict, streams: tuple, tokens: tuple) -> list[str]:
     lines += ["", ("| ratio to vllm serve | streams | new tokens | tok/s | TTFT p50 | TTFT p99 | "
               "ITL p50 | ITL p99 |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, name in COMPARE_SERVERS[:2]:
+        if key not in servers:
+            continue
         for n in tokens:
             for c in streams:
                 mine, theirs = results.get((key, c, n)), results.get(("vllm-server", c, n))
@@ -442,7 +447,7 @@ def vllm_compare(args) -> int:
                 except subprocess.TimeoutExpired:
                     process.kill()
     print()
-    print("\n".join(compare_table(results, streams, tokens)))
+    print("\n".join(compare_table(results, streams, tokens, tuple(wanted))))
     print(f"\nsmollm2 transformers directory (fp32), {len(PROMPTS)} chat prompts, greedy, "
           f"ignore_eos; official openai client {__import__('openai').__version__}, streaming; "
           f"VLLM_CPU_KVCACHE_SPACE={VLLM_ENV['VLLM_CPU_KVCACHE_SPACE']}")
