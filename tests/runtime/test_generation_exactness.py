@@ -345,3 +345,21 @@ def test_admission_counts_cached_prefix_blocks_once(lm):
         check_against_generate(lm, prompt, tokens)
     answers, most = run(prefix_caching=False)
     assert most == 2 and all(reason == "length" for _, reason in answers)
+
+
+def test_reused_gather_buffers_equal_fresh_gathers():
+    """The gather into reused buffers (grown, or rebuilt for another dtype) gives what a fresh
+    index gives, for keys and values side by side."""
+    fresh, reused = (PagedKVCache(32, 4, torch.device("cpu")) for _ in range(2))
+    fresh.reuse_buffers = False
+    generator = torch.Generator().manual_seed(3)
+    for rows, width, dtype in [(1, 2, torch.float32), (3, 5, torch.float32),
+                               (2, 1, torch.float32), (4, 8, torch.bfloat16)]:
+        keys = torch.randn(32, 4, 2, 8, generator=generator).to(dtype)
+        values = torch.randn(32, 4, 2, 8, generator=generator).to(dtype)
+        blocks = torch.randint(0, 32, (rows, width), generator=generator)
+        k, v = reused.gather(keys, blocks, 0), reused.gather(values, blocks, 1)
+        assert k.shape == (rows, 2, width * 4, 8) and k.dtype == dtype
+        assert torch.equal(k, fresh.gather(keys, blocks, 0))
+        assert torch.equal(v, fresh.gather(values, blocks, 1))
+        assert not torch.equal(k, v)
