@@ -59,6 +59,16 @@ def test_head_runs_the_runtime_after_ray_with_pipeline_stages_over_the_nodes():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
 
 
+def test_the_head_names_ray_metrics_apart_from_the_runtime_port():
+    # KubeRay adds a "metrics" port 8080 unless the head declares one: the head Service would list
+    # 8080 twice and the API server refuses it (found against the real ray-operator, e2e).
+    (cluster, _) = clusters(big())
+    (container,) = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert "metrics" in ports and ports["metrics"] != ports["http"]
+    assert len(set(ports.values())) == len(ports)
+
+
 def test_workers_join_ray_get_the_gpus_and_the_fit_affinity_but_no_traffic():
     (cluster, _) = clusters(big())
     head = cluster["spec"]["headGroupSpec"]["template"]

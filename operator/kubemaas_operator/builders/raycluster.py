@@ -39,6 +39,10 @@ MAX_GROUP_NAME = 40
 # KubeRay writes the `ray start` command into the head's env; with this annotation it leaves the
 # container's own command alone, which starts Ray (not blocking) and then the runtime.
 OVERWRITE_CMD_ANNOTATION = "ray.io/overwrite-container-cmd"
+# KubeRay's default Ray metrics port is 8080, the runtime's HTTP port: without a container port
+# named "metrics" its head Service gets port 8080 twice (the API server refuses it, and no head
+# pod is ever created) and `ray start --metrics-export-port=8080` would take the runtime's port.
+RAY_METRICS_PORT = 8079
 HEAD_SCRIPT = 'ulimit -n 65536; ${KUBERAY_GEN_RAY_START_CMD//--block/} && exec "$0" "$@"'
 
 
@@ -68,6 +72,8 @@ def _head_template(ms: ModelService, variant: Variant, settings: OperatorSetting
     container = template["spec"]["containers"][0]
     container["command"] = ["/bin/bash", "-c", HEAD_SCRIPT, *container["command"]]
     container["env"] = [*container["env"], *multi_node_env(ms)]
+    container["ports"] = [*container["ports"],
+                          {"name": "metrics", "containerPort": RAY_METRICS_PORT, "protocol": "TCP"}]
     return template
 
 

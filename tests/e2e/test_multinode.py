@@ -1,0 +1,120 @@
+"""A ModelService over two nodes against the real KubeRay ray-operator (hack/cluster kuberay).
+
+Without KubeRay's CRDs the ModelService is told what it lacks (MultiNodeControllerMissing); with
+them and the ray-operator running, each replica is a RayCluster that KubeRay turns into a head and
+a worker pod, placed by the scheduler on the KWOK GPU nodes, and status reports the group.
+The ray-operator binary comes from `hack/build-binaries.sh kuberay`; under CI=true its absence
+fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.cluster import HACK_CLUSTER, Cluster, wait_for
+from tests.e2e.msvc import apply, condition, get
+from tests.e2e.operator_process import OperatorProcess
+
+KUBERAY_VERSION = "v1.5.0"
+KUBERAY_BIN = (Path(os.environ.get("KUBEMAAS_CACHE", Path.home() / ".cache" / "kubemaas"))
+               / "bin" / f"kuberay-{KUBERAY_VERSION}" / "ray-operator")
+H100 = "NVIDIA-H100-80GB-HBM3"
+
+
+def big_model(name: str) -> dict:
+    return {"apiVersion": "kubemaas.io/v1alpha1", "kind": "ModelService", "metadata": {"name": name},
+            "spec": {"model": {"uri": "file:///opt/kubemaas/models/llama-405b", "format": "transformers",
+                               "task": "text-generation", "parameterCount": "405B"},
+                     "replicas": 1,
+                     "resources": {"gpu": {"count": 8, "nodes": 2, "product": H100}, "cpu": "1", "memory": "2Gi"},
+                     "runtime": {"engine": "vllm", "image": "kubemaas.test/runtime:1", "maxModelLen": 4096,
+                                 "maxNumSeqs": 4, "kvCacheTokens": 8192},
+                     "variants": [{"name": "bf16", "quantization": "bf16"}]}}
+
+
+def kuberay(cluster: Cluster, action: str) -> None:
+    proc = subprocess.run([str(HACK_CLUSTER), "kuberay", action], env=cluster.env,
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, f"hack/cluster kuberay {action} failed:\n{proc.stderr}"
+
+
+@pytest.fixture
+def multi_node_operator(cluster: Cluster, crd: str) -> Iterator[OperatorProcess]:
+    proc = OperatorProcess(cluster.kubeconfig, extra_env={"KUBEMAAS_OPERATOR_MULTI_NODE": "true"}).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_without_kuberay_the_model_is_told_what_it_lacks(cluster, namespace, multi_node_operator):
+    kuberay(cluster, "down")  # no CRDs (a cluster left with them from an earlier run loses them)
+    apply(cluster, namespace, big_model("llm"))
+
+    def missing():
+        ready = condition(get(cluster, namespace, "llm"), "Ready")
+        return ready if ready and ready.get("reason") == "MultiNodeControllerMissing" else None
+
+    ready = cluster.wait_until(missing, timeout=90, what="Ready=False MultiNodeControllerMissing")
+    assert ready["status"] == "False" and "KubeRay" in ready["message"]
+    pods = cluster.get_json("pods", "-n", namespace)["items"]
+    assert pods == [], "no pod is created for a group without its controller"
+
+
+@pytest.fixture
+def ray_operator(cluster: Cluster) -> Iterator[None]:
+    if not KUBERAY_BIN.exists():
+        message = f"no ray-operator at {KUBERAY_BIN}: run hack/build-binaries.sh kuberay"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    kuberay(cluster, "up")
+    try:
+        yield
+    finally:
+        kuberay(cluster, "down")
+
+
+def test_a_group_is_a_raycluster_that_kuberay_runs_on_gpu_nodes(cluster, ray_operator, namespace, crd):
+    proc = OperatorProcess(cluster.kubeconfig, extra_env={"KUBEMAAS_OPERATOR_MULTI_NODE": "true"}).start()
+    try:
+        apply(cluster, namespace, big_model("llm"))
+        rc = cluster.wait_until(lambda: cluster.get_json("rayclusters", "-n", namespace)["items"],
+                                timeout=90, what="the operator's RayCluster")
+        assert len(rc) == 1
+        name = rc[0]["metadata"]["name"]
+        assert cluster.get_json("deployments", "-n", namespace)["items"] == []
+
+        def group_pods():
+            pods = cluster.get_json("pods", "-n", namespace, "-l", f"ray.io/cluster={name}")["items"]
+            ready = [p for p in pods if p.get("spec", {}).get("nodeName") and any(
+                c["type"] == "Ready" and c["status"] == "True" for c in p.get("status", {}).get("conditions", []))]
+            return pods if len(ready) == 2 else None
+
+        def why() -> str:
+            return cluster.kubectl("get", "pods,events", "-n", namespace, "-o", "wide", check=False).stdout
+
+        pods = wait_for(group_pods, 120, "KubeRay's head and worker pods, ready", report=why, interval=0.5)
+        kinds = sorted(p["metadata"]["labels"].get("ray.io/node-type") for p in pods)
+        assert kinds == ["head", "worker"]
+        nodes = {p["spec"]["nodeName"] for p in pods}
+        assert nodes == {"gpu-h100-0", "gpu-h100-1"}, "each pod takes a whole 8-GPU node"
+        for pod in pods:
+            limits = pod["spec"]["containers"][0]["resources"]["limits"]
+            assert limits["nvidia.com/gpu"] == "8"
+
+        def group_ready():
+            variants = get(cluster, namespace, "llm").get("status", {}).get("variants") or []
+            groups = [g for v in variants for g in (v.get("groups") or [])]
+            return groups if groups and all(g.get("ready") for g in groups) else None
+
+        groups = cluster.wait_until(group_ready, timeout=90, what="status.variants[].groups ready")
+        assert [g["name"] for g in groups] == [name]
+        assert groups[0]["nodes"] == 2 and groups[0]["readyNodes"] == 2
+    finally:
+        proc.stop()
