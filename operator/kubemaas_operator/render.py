@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from kubemaas_operator import gpufit, policy
 from kubemaas_operator.api import KIND, ModelService, describe_errors
 from kubemaas_operator.builders import VARIANT_LABEL, build_children
+from kubemaas_operator.multinode import is_multi_node
 from kubemaas_operator.engine import (
     ENGINE_REASON,
     MULTI_NODE_REASON,
@@ -70,7 +71,8 @@ def render_document(document: Any, where: str, settings: OperatorSettings, names
         result.errors.append(f'{where}: ModelService "{name}": {refused.reason}: {refused.message}')
         return
     # known offline: the operator would give these variants no pods
-    cannot_run = [(MULTI_NODE_REASON, why) for v in ms.spec.variants if (why := multi_node_refusal(ms, v))]
+    cannot_run = [(MULTI_NODE_REASON, why) for v in ms.spec.variants
+                  if (why := multi_node_refusal(ms, v, settings.multi_node))]
     cannot_run += [(ENGINE_REASON, why) for v in ms.spec.variants
                    if not cannot_run and (why := engine_refusal(ms, v))]
     if cannot_run:
@@ -78,9 +80,16 @@ def render_document(document: Any, where: str, settings: OperatorSettings, names
         return
     # The GPU-fit estimate (offline: against no cluster, so nothing is refused here)
     fits = {f.variant: f.estimate for f in gpufit.plan_fit(ms, None, settings.gpu_memory_label)}
-    for child in build_children(ms, settings):
+    if is_multi_node(ms, settings):  # groups: the RayClusters the operator would write
+        from kubemaas_operator.reconcile import decide
+
+        children: tuple[dict[str, Any], ...] = decide(ms, settings, None).children
+    else:
+        children = tuple(build_children(ms, settings))
+    for child in children:
         variant = child["metadata"]["labels"].get(VARIANT_LABEL)
-        fit = fits.get(variant) if child["kind"] == "Deployment" and variant else None
+        fit = (fits.get(variant) if child["kind"] in ("Deployment", "RayCluster") and variant
+               else None)
         result.objects.append((f"{note}\n# GPU fit: variant {variant} {fit.describe()}" if fit else note, child))
 
 

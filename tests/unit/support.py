@@ -10,9 +10,10 @@ from kubemaas_operator.api import ModelService
 
 REPO = Path(__file__).resolve().parents[2]
 # examples/*.yaml apply as they are; examples/addons/ need an add-on's CRD (KEDA, Gateway API);
-# examples/refused/ are accepted by the API server and refused by the GPU-fit check on purpose.
+# examples/refused/ are accepted by the API server and refused by the GPU-fit check on purpose;
+# examples/multinode/ need the operator's multiNode switch and KubeRay (gpu.nodes > 1).
 EXAMPLES = sorted([*(REPO / "examples").glob("*.yaml"), *(REPO / "examples").glob("addons/*.yaml"),
-                   *(REPO / "examples").glob("refused/*.yaml")])
+                   *(REPO / "examples").glob("refused/*.yaml"), *(REPO / "examples").glob("multinode/*.yaml")])
 INVALID_FIXTURES = sorted((REPO / "tests" / "fixtures" / "invalid").glob("*.yaml"))
 
 

@@ -4,6 +4,7 @@ its field named (the same field `kubectl apply --dry-run=server` names: tests/e2
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 
@@ -17,25 +18,41 @@ from tests.unit.support import EXAMPLES, INVALID_FIXTURES, REPO, fixture_expecta
 SETTINGS = OperatorSettings()
 
 
-def render(*paths: str, namespace: str = "default", stdin: str = "") -> tuple[int, str, str]:
+def render(*paths: str, namespace: str = "default", stdin: str = "",
+           settings: OperatorSettings = SETTINGS) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    code = run_render(list(paths), namespace, SETTINGS, out=out, err=err, stdin=io.StringIO(stdin))
+    code = run_render(list(paths), namespace, settings, out=out, err=err, stdin=io.StringIO(stdin))
     return code, out.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_every_example_renders(example):
-    code, out, err = render(str(example), namespace="demo")
+    multi_node = example.parent.name == "multinode"
+    settings = SETTINGS.model_copy(update={"multi_node": True}) if multi_node else SETTINGS
+    code, out, err = render(str(example), namespace="demo", settings=settings)
     assert code == 0, err
     objects = list(yaml.safe_load_all(out))
     assert objects and all(o["metadata"]["namespace"] == "demo" for o in objects)
-    assert {"Deployment", "Service"} <= {o["kind"] for o in objects}
+    assert {"RayCluster" if multi_node else "Deployment", "Service"} <= {o["kind"] for o in objects}
+
+
+def test_the_405b_example_spans_two_nodes_and_fits_each_gpu():
+    example = REPO / "examples" / "multinode" / "llama-405b.yaml"
+    code, _, err = render(str(example))
+    assert code == 1 and "MultiNodeNotSupported" in err  # the switch off: refused, no pod
+    code, out, err = render(str(example), settings=SETTINGS.model_copy(update={"multi_node": True}))
+    assert code == 0, err
+    (cluster,) = [o for o in yaml.safe_load_all(out) if o["kind"] == "RayCluster"]
+    assert cluster["spec"]["workerGroupSpecs"][0]["replicas"] == 1  # head + 1 worker: 2 nodes
+    needs = re.search(r"needs ~(\d+) GiB per GPU .*over 16 GPUs: 8 on each of 2 nodes", out)
+    assert needs and 40 < int(needs.group(1)) < 79, out  # bf16 405B / 16 GPUs + KV, under an H100's 79
 
 
 def test_examples_cover_the_issue_list():
     names = {p.relative_to(REPO / "examples").as_posix() for p in EXAMPLES}
     assert {"cpu-minimal.yaml", "gpu-h100.yaml", "variants.yaml", "autoscaled.yaml", "s3-fetch.yaml"} <= names
     assert {"canary.yaml", "addons/keda-scale-to-zero.yaml", "addons/gateway-canary.yaml"} <= names
+    assert "multinode/llama-405b.yaml" in names
     for path in EXAMPLES:
         for document in yaml.safe_load_all(path.read_text()):
             assert "namespace" not in document["metadata"], f"{path.name}: examples name no namespace"
