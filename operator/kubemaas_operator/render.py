@@ -18,13 +18,13 @@ from pydantic import ValidationError
 from kubemaas_operator import gpufit, policy
 from kubemaas_operator.api import KIND, ModelService, describe_errors
 from kubemaas_operator.builders import VARIANT_LABEL, build_children
-from kubemaas_operator.multinode import is_multi_node
 from kubemaas_operator.engine import (
     ENGINE_REASON,
     MULTI_NODE_REASON,
     engine_refusal,
     multi_node_refusal,
 )
+from kubemaas_operator.multinode import is_multi_node
 from kubemaas_operator.settings import OperatorSettings
 
 STDIN = "-"
