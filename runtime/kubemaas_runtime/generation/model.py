@@ -71,6 +71,7 @@ class GenerativeModel(Model):
         self.kv_bytes_per_token = 0
         self.logit_cosine: float | None = None
         self._probes: GenerationProbes | None = None
+        self.adapters = None  # AdapterRegistry when --max-loras > 0 (adapters.py)
         self.signature = Signature((TensorSpec("text_input", "BYTES", (1,)),),
                                    (TensorSpec("text_output", "BYTES", (1,)),))
 
@@ -93,7 +94,26 @@ class GenerativeModel(Model):
                           max_queue=limits.max_queue, block_size=DEFAULT_BLOCK_SIZE,
                           max_num_batched_tokens=limits.max_num_batched_tokens),
             max_model_len=self.max_model_len, metrics=self.metrics)
+        if limits.adapters is not None:
+            self._enable_adapters(lm, limits.adapters)
         self.ready = True
+
+    def _enable_adapters(self, lm: CausalLM, options) -> None:
+        """peft LoRA on this engine; adapters load once the engine runs (check_accuracy)."""
+        from kubemaas_runtime.generation.adapters import AdapterRegistry, PeftAdapters
+
+        if self.options.quantization not in ("none", "fp16", "bf16"):
+            raise ModelLoadFailed(f"LoRA adapters (--max-loras) need quantization none, fp16 or "
+                                  f"bf16, not {self.options.quantization}")
+        backend = PeftAdapters(lm.model, max_rank=options.max_lora_rank,
+                               run=self.engine.call_between_steps)
+        backend.in_use = self.engine.adapter_in_use
+        self.engine.lora = backend
+        self.adapters = AdapterRegistry(
+            backend, self.name, max_loras=options.max_loras,
+            metrics=self.metrics.metrics if self.metrics is not None else None,
+            variant=self.options.variant)
+        self.engine.lora_registry = self.adapters
 
     def _kv_cache_tokens(self, lm: CausalLM) -> int:
         """The paged pool's size in tokens (whole blocks): --kv-cache-tokens and
@@ -157,6 +177,8 @@ class GenerativeModel(Model):
                     f"cosine {self.logit_cosine:.6f})")
             self._probes = None
         self.engine.start()
+        if self.adapters is not None:
+            start_adapters(self.adapters, self.options.adapters)
 
     def predict(self, batch):
         raise InvalidInput(self._not_infer())
@@ -197,6 +219,26 @@ def free_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 8 << 30  # unknown: assume a modest host
+
+
+def start_adapters(registry, options):
+    """Load the --adapters given at start (a refusal fails the start), then watch
+    --adapters-config; returns the watcher (None without a config file)."""
+    from kubemaas_runtime.errors import RuntimeServeError
+    from kubemaas_runtime.generation.adapter_sync import AdapterConfigWatcher
+
+    for name, path in options.static:
+        try:
+            registry.load(name, path)
+        except RuntimeServeError as exc:
+            param = getattr(exc, "param", None)
+            raise ModelLoadFailed(f"adapter {name} ({path}): {exc.message}"
+                                  + (f" (field {param})" if param else "")) from None
+    if options.config_file is None:
+        return None
+    watcher = AdapterConfigWatcher(registry, options)
+    watcher.start()
+    return watcher
 
 
 def create_generative_model(options, format: str) -> Model:

@@ -90,11 +90,11 @@ def _integer(doc, name) -> int | None:
     return value
 
 
-def _common(doc: dict[str, Any], served: str) -> dict[str, Any]:
+def _common(doc: dict[str, Any], served: str | frozenset[str]) -> dict[str, Any]:
     model = doc.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidParameter("model", "'model' is required: the name of a served model")
-    if model != served:
+    if model not in ({served} if isinstance(served, str) else served):  # base or an adapter
         raise ModelNotFound(model)
     for name in UNSUPPORTED:
         if doc.get(name) not in (None, False, [], {}, 0):
@@ -162,7 +162,7 @@ def _message_content(message: dict[str, Any], index: int) -> str:
     raise InvalidParameter(where, f"'{where}' must be a string or a list of text parts")
 
 
-def parse_chat_request(doc: dict[str, Any], served: str) -> GenerationRequest:
+def parse_chat_request(doc: dict[str, Any], served: str | frozenset[str]) -> GenerationRequest:
     common = _common(doc, served)
     messages = doc.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -184,7 +184,7 @@ def parse_chat_request(doc: dict[str, Any], served: str) -> GenerationRequest:
     return GenerationRequest(messages=parsed, prompt=None, **common)
 
 
-def parse_completion_request(doc: dict[str, Any], served: str) -> GenerationRequest:
+def parse_completion_request(doc: dict[str, Any], served: str | frozenset[str]) -> GenerationRequest:
     common = _common(doc, served)
     prompt = doc.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):

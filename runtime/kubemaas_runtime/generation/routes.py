@@ -25,6 +25,7 @@ from kubemaas_runtime.errors import (
     error_response_parts,
 )
 from kubemaas_runtime.generation import openai_api as api
+from kubemaas_runtime.generation.adapter_routes import AdapterRoutes
 from kubemaas_runtime.generation.engine_api import Chunk
 from kubemaas_runtime.generation.engine_api import Stream as GenerationStream
 from kubemaas_runtime.generation.sampling import SamplingParams
@@ -94,6 +95,7 @@ class GenerationService:
             Route("/v2/models/{name}/generate", self.v2_generate, methods=["POST"]),
             Route("/v2/models/{name}/generate_stream", self.v2_generate_stream,
                   methods=["POST"]),
+            *AdapterRoutes(self.model, self._check_ready).routes(),  # LoRA load/unload
         ]
 
     def stop(self) -> None:
@@ -147,7 +149,11 @@ class GenerationService:
         params = SamplingParams(max_tokens=max_tokens, temperature=request.temperature,
                                 top_p=request.top_p, seed=request.seed, stop=request.stop,
                                 ignore_eos=request.ignore_eos)
-        return self.model.engine.submit(prompt_ids, params)
+        adapters = getattr(self.model, "adapters", None)
+        adapter = adapters.resolve(request.model) if adapters is not None else None
+        if adapter is None:
+            return self.model.engine.submit(prompt_ids, params)
+        return self.model.engine.submit(prompt_ids, params, adapter=adapter)
 
     def _account(self, started: float, status: int) -> None:
         metrics = self.state.metrics
@@ -158,16 +164,28 @@ class GenerationService:
 
     # -- /v1 -----------------------------------------------------------------------------
     async def list_models(self, request: Request) -> Response:
-        return _json({"object": "list", "data": [self._model_card()]})
+        return _json({"object": "list", "data": [self._model_card()] + [
+            self._model_card(name) for name in self._adapter_names()]})
 
     async def get_model(self, request: Request) -> Response:
-        if request.path_params["name"] != self.model.name:
-            return _openai_error(ModelNotFound(request.path_params["name"]))
-        return _json(self._model_card())
+        name = request.path_params["name"]
+        if name != self.model.name and name not in self._adapter_names():
+            return _openai_error(ModelNotFound(name))
+        return _json(self._model_card(None if name == self.model.name else name))
 
-    def _model_card(self) -> dict:
-        return {"id": self.model.name, "object": "model", "created": 0,
+    def _adapter_names(self) -> list[str]:
+        adapters = getattr(self.model, "adapters", None)
+        return adapters.names() if adapters is not None else []
+
+    def _served(self) -> frozenset[str]:
+        return frozenset((self.model.name, *self._adapter_names()))
+
+    def _model_card(self, adapter: str | None = None) -> dict:
+        card = {"id": adapter or self.model.name, "object": "model", "created": 0,
                 "owned_by": "kubemaas", "max_model_len": self.model.max_model_len}
+        if adapter is not None:  # vLLM's card of a LoRA: its base model as root and parent
+            card.update(root=self.model.name, parent=self.model.name)
+        return card
 
     async def chat(self, request: Request) -> Response:
         return await self._openai(request, chat=True)
@@ -181,7 +199,7 @@ class GenerationService:
         try:
             doc = await self._admit(request, slot)
             parse = api.parse_chat_request if chat else api.parse_completion_request
-            parsed = parse(doc, self.model.name)
+            parsed = parse(doc, self._served())
             stream = await self._submit(parsed)
             rid = api.new_id("chatcmpl" if chat else "cmpl")
             if parsed.stream:  # the slot and the accounting go with the stream
@@ -191,7 +209,7 @@ class GenerationService:
                 return StreamingResponse(events, media_type="text/event-stream",
                                          headers=SSE_HEADERS)
             text, last = await _collect(stream, request)
-            response = _json(api.completion_body(chat, rid, self.model.name, text,
+            response = _json(api.completion_body(chat, rid, parsed.model, text,
                                                  last.finish_reason, last.prompt_tokens,
                                                  last.completion_tokens))
         except ClientGone:
@@ -215,7 +233,7 @@ class GenerationService:
 
     async def _openai_events(self, stream: GenerationStream, parsed: api.GenerationRequest,
                              chat: bool, rid: str, end: StreamEnd) -> AsyncIterator[bytes]:
-        name, created = self.model.name, int(time.time())
+        name, created = parsed.model, int(time.time())
         usage = parsed.include_usage
         status = 200
         try:
