@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -346,7 +346,9 @@ class PeftAdapters:
                     pair.weight = torch.nn.Parameter(
                         tensor.to(weight.device, dtype, copy=True), requires_grad=False)
         for module in self.model.modules():
-            if isinstance(module, LoraLayer) and id(module) not in self._hooked:
+            if isinstance(module, torch.nn.Module) and isinstance(module, LoraLayer) \
+                    and id(module) not in self._hooked:
+                module = cast(torch.nn.Module, module)
                 module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
                 module.register_forward_hook(self._post_hook)
                 self._hooked.add(id(module))
