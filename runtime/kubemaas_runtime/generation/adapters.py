@@ -387,3 +387,46 @@ class PeftAdapters:
                 output.shape[0] == len(self._rows) and args[0].shape[1] == 1:
             return output.reshape(1, output.shape[0], output.shape[2])
         return None
+
+
+class VllmAdapters:
+    """The vLLM engine's adapters: vLLM's own LoRA (`enable_lora`, `LoRARequest`). The same
+    checks as the builtin engine's, against the base model's layers built on the meta device
+    from its config.json (no weights), then each request carries its adapter's LoRARequest and
+    vLLM loads it into a slot (--max-loras) on first use; unloading is vLLM's `remove_lora`."""
+
+    def __init__(self, engine, model_path: Path, *, max_rank: int) -> None:
+        self.engine = engine  # VllmEngine
+        self.model_path = model_path
+        self.max_rank = max_rank
+        self._skeleton: torch.nn.Module | None = None
+        self._lock = threading.Lock()
+
+    def _layers_model(self) -> torch.nn.Module:
+        with self._lock:
+            if self._skeleton is None:
+                from accelerate import init_empty_weights
+                from transformers import AutoConfig, AutoModelForCausalLM
+
+                config = AutoConfig.from_pretrained(str(self.model_path), local_files_only=True,
+                                                    trust_remote_code=False)
+                with init_empty_weights():
+                    self._skeleton = AutoModelForCausalLM.from_config(config)
+            return self._skeleton
+
+    def prepare(self, name: str, path: Path) -> AdapterFiles:
+        return read_adapter_dir(path, self._layers_model(), self.max_rank)
+
+    def add(self, name: str, files: AdapterFiles, adapter_id: int) -> None:
+        from vllm.lora.request import LoRARequest
+
+        self.engine.lora_requests[name] = LoRARequest(name, adapter_id, str(files.path))
+
+    def remove(self, name: str, adapter_id: int) -> None:
+        request = self.engine.lora_requests.pop(name, None)
+        loop = self.engine._loop
+        if request is not None and loop is not None and not loop.is_closed():
+            import asyncio
+
+            asyncio.run_coroutine_threadsafe(self.engine.llm.remove_lora(adapter_id), loop
+                                             ).result(60)

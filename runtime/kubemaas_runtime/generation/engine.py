@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import torch
 
@@ -137,8 +138,8 @@ class GenerationEngine:
         self._thread: threading.Thread | None = None
         # LoRA (adapters.py): the PeftAdapters of this model, and changes to its modules that
         # run on this thread between steps (a change returning False is tried again later)
-        self.lora = None
-        self.lora_registry = None  # AdapterRegistry: the per-adapter gauges
+        self.lora: Any = None
+        self.lora_registry: Any = None  # AdapterRegistry: the per-adapter gauges
         self._between_steps: list[tuple[Callable[[], bool], concurrent.futures.Future]] = []
 
     # -- the event-loop side -------------------------------------------------------------

@@ -71,7 +71,7 @@ class GenerativeModel(Model):
         self.kv_bytes_per_token = 0
         self.logit_cosine: float | None = None
         self._probes: GenerationProbes | None = None
-        self.adapters = None  # AdapterRegistry when --max-loras > 0 (adapters.py)
+        self.adapters: Any = None  # AdapterRegistry when --max-loras > 0 (adapters.py)
         self.signature = Signature((TensorSpec("text_input", "BYTES", (1,)),),
                                    (TensorSpec("text_output", "BYTES", (1,)),))
 
