@@ -93,3 +93,17 @@ def test_unpinned_hub_adapter_is_refused():
     assert "spec.adapters[0].uri" in found.message
     pinned = make_ms({"model": GENERATIVE, "adapters": [{"name": "sql", "uri": "hf://org/sql-lora@1"}]})
     assert refusal(pinned, SETTINGS, None) is None
+
+
+def test_status_lists_the_adapters_the_pods_are_told():
+    from kubemaas_operator.observe import Observation, compute_status
+    from kubemaas_operator.reconcile import decide
+
+    ms = make_ms({"model": GENERATIVE, "adapters": [{"name": "sql", "uri": "hf://org/sql-lora@1"},
+                                                    {"name": "chat", "uri": "s3://loras/chat"}]})
+    plan = decide(ms, SETTINGS, None)
+    assert plan.adapters == ("sql", "chat")
+    obs = Observation(name="m", namespace="ns", generation=1, selector=plan.selector, url=plan.url,
+                      runtime_image=plan.runtime_image, variants=plan.variants, adapters=plan.adapters)
+    assert compute_status(obs).to_wire()["adapters"] == ["sql", "chat"]
+    assert decide(make_ms({"model": GENERATIVE}), SETTINGS, None).adapters is None
