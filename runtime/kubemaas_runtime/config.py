@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 FORMATS = ("torchscript", "exported-program", "safetensors", "transformers", "gguf")
 TASKS = ("feature-extraction", "text-classification", "text-generation")
+DISTRIBUTED_EXECUTOR_BACKENDS = ("ray", "mp")
 QUANTIZATIONS = ("none", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-weight-only")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("auto", "builtin", "vllm")
@@ -71,6 +72,10 @@ class ServeConfig:
     adapters: str | None = None
     adapters_config: str | None = None
     adapter_dir: str = "/mnt/adapters"
+    # a model larger than one node (docs/runtime.md "Engines and GPUs"): vLLM's stages over
+    # nodes and the executor that reaches them (ray: the RayCluster the operator renders)
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
 
     @property
     def model_path(self) -> Path:
@@ -252,6 +257,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--adapter-dir", default="/mnt/adapters",
         help="text-generation: where s3:// and hf:// adapters of --adapters-config are "
              "fetched to, one directory per name (the pod's adapter-fetch container)")
+    add("--pipeline-parallel-size", type=_positive_int, default=1,
+        help="nodes one model is split over (pipeline parallel, one stage per node), passed to "
+             "vLLM; above 1 needs --engine vllm and --distributed-executor-backend ray (the "
+             "operator sets both for resources.gpu.nodes > 1)")
+    add("--distributed-executor-backend", choices=DISTRIBUTED_EXECUTOR_BACKENDS,
+        help="how vLLM reaches GPUs beyond this process: ray (a Ray cluster this pod joined, "
+             "its head started by KubeRay) or mp (processes on this node); default: vLLM's choice")
     add("--log-level", choices=("debug", "info", "warning", "error"), default="info",
         help="log verbosity")
     _mention_env_vars(parser)
@@ -344,6 +356,9 @@ def parse_serve_config(argv: list[str], env: Mapping[str, str]) -> ServeConfig:
                      f"--max-request-bytes ({ns.max_request_bytes})")
     if (ns.adapters or ns.adapters_config) and not ns.max_loras:
         parser.error("--adapters and --adapters-config need --max-loras >= 1")
+    if ns.pipeline_parallel_size > 1 and ns.engine == "builtin":
+        parser.error("--pipeline-parallel-size above 1 needs --engine vllm (the builtin engine "
+                     "runs a model on one device)")
     values = vars(ns)
     if not values["name"]:
         values["name"] = default_model_name(ns.model_uri)

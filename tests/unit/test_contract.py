@@ -264,3 +264,18 @@ def test_lora_metrics_are_runtime_series_in_vllms_shape():
         assert sample.labels["running_lora_adapters"] == "chat,sql"
         assert sample.labels["waiting_lora_adapters"] == "support" and sample.labels["max_lora"] == "8"
     assert families["kubemaas_lora_requests_info"].samples[0].labels["model"] == "llm"
+
+
+def test_the_runtime_reads_the_multi_node_flags_the_operator_sets():
+    """resources.gpu.nodes > 1: the RayCluster head's env, through the runtime's own parser."""
+    from kubemaas_operator.builders.raycluster import multi_node_env
+
+    ms = make_ms({"model": {"uri": "pvc://w/llm", "format": "transformers", "task": "text-generation"},
+                  "resources": {"gpu": {"count": 8, "nodes": 3}}})
+    env = {e["name"]: e["value"] for e in multi_node_env(ms)}
+    config = parse_serve_config([], {"KUBEMAAS_MODEL_URI": "pvc://w/llm", "KUBEMAAS_FORMAT": "transformers",
+                                     "KUBEMAAS_TASK": "text-generation", **env})
+    assert (config.pipeline_parallel_size, config.distributed_executor_backend) == (3, "ray")
+    with pytest.raises(SystemExit):  # the builtin engine cannot take stages over nodes
+        parse_serve_config([], {"KUBEMAAS_MODEL_URI": "pvc://w/llm", "KUBEMAAS_FORMAT": "transformers",
+                                "KUBEMAAS_ENGINE": "builtin", **env})

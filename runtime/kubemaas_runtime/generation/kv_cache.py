@@ -56,9 +56,9 @@ class BlockAllocator:
     until a fresh block is needed (then it is evicted). The cache lives in one engine, so its
     keys implicitly cover the model, its dtype and its quantization.
 
-    The scheduler's reservation (each running sequence's whole prompt + max_tokens, shared
-    blocks counted for every sharer) is what guarantees `allocate` never runs dry for an
-    admitted sequence: cached blocks not in use count as free."""
+    A sequence takes its whole block table (prompt + max_tokens) at admission, the prefix
+    cache's blocks shared and only the rest fresh (`peek` says what that costs first), so an
+    admitted sequence never needs another block: cached blocks not in use count as free."""
 
     def __init__(self, num_blocks: int, *, prefix_caching: bool = False) -> None:
         self.num_blocks = num_blocks
@@ -72,6 +72,23 @@ class BlockAllocator:
     @property
     def free_blocks(self) -> int:
         return len(self._free) + len(self._idle)
+
+    @property
+    def usage(self) -> float:
+        """The share of blocks held by running sequences (idle cached blocks are free)."""
+        return 1.0 - self.free_blocks / self.num_blocks
+
+    def peek(self, keys: list[object]) -> tuple[int, int]:
+        """(cached, idle): how many blocks `lookup(keys)` would take, and how many of those
+        no sequence holds now (taking them shrinks the free pool)."""
+        cached = idle = 0
+        for key in keys if self.prefix_caching else ():
+            block = self._cached.get(key)
+            if block is None:
+                break
+            cached += 1
+            idle += self._refs[block] == 0
+        return cached, idle
 
     def allocate(self, count: int) -> list[int]:
         if count > self.free_blocks:
@@ -161,6 +178,12 @@ class PagedKVCache:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.clean = 0  # blocks [0, clean) hold finite numbers in every layer
+        # Gathers land in two buffers reused by every layer and step (grown when a step needs
+        # more): a fresh multi-MB tensor per layer costs the page faults of new memory, about
+        # 3/4 of the gather's time on CPU. False: a new tensor per gather (the benchmark's
+        # "before").
+        self.reuse_buffers = True
+        self._buffers: dict[int, torch.Tensor] = {}
 
     def ensure_clean(self, upto: int) -> None:
         """Zero blocks [clean, upto) before a sequence uses them. A gathered block is read
@@ -182,6 +205,27 @@ class PagedKVCache:
                 pools[layer_idx] = torch.empty(shape, dtype=like.dtype, device=self.device)
                 pools[layer_idx][:self.clean].zero_()
         return self.keys[layer_idx], self.values[layer_idx]
+
+    def gather(self, pool: torch.Tensor, blocks: torch.Tensor, which: int) -> torch.Tensor:
+        """[rows, blocks] block ids -> [rows, kv_heads, blocks * block_size, head_dim] (a
+        transposed view of one of the reused buffers, `which` 0 for keys and 1 for values:
+        valid until the next gather into the same one)."""
+        rows, width = blocks.shape
+        flat = blocks.reshape(-1)
+        if self.reuse_buffers:
+            buffer = self._buffers.get(which)
+            count = flat.shape[0]
+            if (buffer is None or buffer.shape[0] < count or buffer.dtype != pool.dtype
+                    or buffer.shape[1:] != pool.shape[1:]):
+                buffer = torch.empty((max(count, 2 * (buffer.shape[0] if buffer is not None
+                                                      else 0)), *pool.shape[1:]),
+                                     dtype=pool.dtype, device=pool.device)
+                self._buffers[which] = buffer
+            gathered = torch.index_select(pool, 0, flat, out=buffer[:count])
+        else:
+            gathered = pool[flat]  # [rows * width, block_size, kv_heads, head_dim]
+        return gathered.view(rows, width * pool.shape[1], pool.shape[2],
+                             pool.shape[3]).transpose(1, 2)
 
     def step(self, decodes: list[tuple[list[int], int]],
              prefills: list[tuple[list[int], int, int]]) -> StepBatch:
@@ -251,14 +295,6 @@ class PagedCache(Cache):
         return False
 
 
-def _gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """[rows, blocks] block ids -> [rows, kv_heads, blocks * block_size, head_dim]."""
-    rows, width = blocks.shape
-    gathered = pool[blocks]  # [rows, width, block_size, kv_heads, head_dim]
-    return gathered.reshape(rows, width * pool.shape[1], pool.shape[2],
-                            pool.shape[3]).transpose(1, 2)
-
-
 def paged_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """The attention-interface function: the paged path inside an engine step, transformers'
     SDPA otherwise. `query`: [1, heads, tokens, head_dim]; returns [1, tokens, heads, head_dim]."""
@@ -274,8 +310,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, **k
         group = heads // kv_heads
         # [heads, rows, dim] -> [rows, kv_heads, group, dim]: a KV head's queries side by side
         q = query[0, :, :rows].transpose(0, 1).reshape(rows, kv_heads, group, head_dim)
-        k = _gather(key.pool, batch.decode_blocks)
-        v = _gather(value.pool, batch.decode_blocks)
+        k = key.cache.kv.gather(key.pool, batch.decode_blocks, 0)
+        v = key.cache.kv.gather(value.pool, batch.decode_blocks, 1)
         attended = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=batch.decode_mask, scale=scaling)
         out[:rows] = attended.reshape(rows, heads, head_dim)
@@ -288,8 +324,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, **k
                                               **kwargs)[0]
         else:
             end = chunk.offset + chunk.length
-            k = _gather(key.pool, chunk.blocks[None])[:, :, :end]
-            v = _gather(value.pool, chunk.blocks[None])[:, :, :end]
+            k = key.cache.kv.gather(key.pool, chunk.blocks[None], 0)[:, :, :end]
+            v = key.cache.kv.gather(value.pool, chunk.blocks[None], 1)[:, :, :end]
             causal = (torch.arange(end, device=query.device)[None, :]
                       <= chunk.offset + torch.arange(chunk.length, device=query.device)[:, None])
             attended = torch.nn.functional.scaled_dot_product_attention(
