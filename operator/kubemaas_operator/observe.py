@@ -61,6 +61,7 @@ class Observation:
     gateway: bool = False  # traffic splits by weight through an HTTPRoute, not by ready pods
     rollout: RolloutStatus | None = None  # status.rollout as the plan has it
     refused: bool = False  # `blocking` is the reconcile's refusal of variants (they get no pods)
+    adapters: tuple[str, ...] | None = None  # spec.adapters' names (the pods' ConfigMap)
 
 
 def pod_problem(pod: dict) -> Problem | None:
@@ -346,4 +347,5 @@ def compute_status(obs: Observation, previous: ModelServiceStatus | None = None,
                     conditions.progressing(rollout, problem, available, obs.blocking is not None, counts),
                     conditions.degraded(problem)],
         variants=variants, variant_summary=format_variant_summary(variants), rollout=rollout,
+        adapters=None if obs.adapters is None else list(obs.adapters),
     )

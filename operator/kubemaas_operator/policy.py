@@ -72,4 +72,11 @@ def refusal(ms: ModelService, settings: OperatorSettings, pinned: PinnedImages |
         return Refusal("UnpinnedModelRevision",
                        f"spec.model.uri {model.uri} names no revision, so the files could change under "
                        "the pods; pin one: hf://org/name@<commit>. Nothing was created.")
+    # adapters: safetensors only (the runtime never runs their code), hub ones pinned like the model
+    for index, adapter in enumerate(ms.spec.adapters or ()):
+        if adapter.uri.startswith("hf://") and hf_revision(adapter.uri) is None:
+            return Refusal("UnpinnedModelRevision",
+                           f"spec.adapters[{index}].uri {adapter.uri} names no revision, so the files "
+                           "could change under the pods; pin one: hf://org/name@<commit>. Nothing was "
+                           "created.")
     return None

@@ -103,6 +103,7 @@ class Plan:
     fits: tuple[gpufit.VariantFit, ...] = ()  # the GPU-fit estimate of each variant with one
     refused: Problem | None = None  # EngineCannotShard, GPUMemoryInsufficient: variants that get no pods
     refusal: Problem | None = None  # nothing is written: InferenceRoutingDisabled
+    adapters: tuple[str, ...] | None = None  # spec.adapters' names, as the ConfigMap tells the pods
 
 
 # Why a variant gets no pods: reasons of the spec against the runtime or the cluster, which a
@@ -160,6 +161,7 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedIma
         runtime_image=image, children=children,
         variants=rollout.variants,
         selector=selector_string(ms.name), url=service_url(ms, settings), rollout=rollout,
+        adapters=None if ms.spec.adapters is None else tuple(a.name for a in ms.spec.adapters),
         scales=tuple((lay.stable.deployment, lay.stable.replicas) for lay in rollout.variants
                      if not lay.stable.apply and lay.stable.deployment not in withheld),
         keep=frozenset(name for lay in rollout.variants for name in lay.keep)
@@ -403,7 +405,7 @@ class Reconciler:
             deployments={d["metadata"]["name"]: d for d in deployments}, pods=tuple(pods),
             blocking=applied.problem,
             applied_generations={n: applied.generations.get(n, 0) for n in names},
-            gateway=plan.gateway, rollout=rollout_status(plan),
+            gateway=plan.gateway, rollout=rollout_status(plan), adapters=plan.adapters,
             refused=applied.problem is not None and applied.problem == plan.refused,
         )
         status = gpufit.with_fit_status(compute_status(obs, _parsed(previous)).to_wire(), plan.fits)

@@ -1,4 +1,4 @@
-"""`kubemaas-runtime` / `python -m kubemaas_runtime`: `serve` and `fetch`."""
+"""`kubemaas-runtime` / `python -m kubemaas_runtime`: `serve`, `fetch` and `fetch-adapters`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "AWS_SESSION_TOKEN, AWS_ENDPOINT_URL(_S3), AWS_REGION for s3://; HF_TOKEN "
                     "and HF_ENDPOINT for hf://.")
     add_fetch_arguments(fetch)
+    from kubemaas_runtime.adapter_fetch import add_fetch_adapters_arguments
+
+    fetch_adapters = commands.add_parser(
+        "fetch-adapters", help="keep a directory holding the s3:// and hf:// LoRA adapters of a list",
+        description="The adapter-fetch sidecar: follows the adapter list (JSON) and fetches each "
+                    "adapter into --dest/<name>, with the same credentials as fetch.")
+    add_fetch_adapters_arguments(fetch_adapters)
     return parser
 
 
@@ -47,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
         from kubemaas_runtime.fetch import fetch_command
 
         raise SystemExit(fetch_command(parser.parse_args(argv), os.environ))
+    if command == "fetch-adapters":
+        from kubemaas_runtime.adapter_fetch import fetch_adapters_command
+
+        raise SystemExit(fetch_adapters_command(parser.parse_args(argv), os.environ))
     parser.parse_args(argv)  # reports the unknown command
 
 

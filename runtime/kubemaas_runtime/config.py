@@ -66,6 +66,12 @@ class ServeConfig:
     # model is split over (None: every visible GPU)
     engine: str = "auto"
     tensor_parallel_size: int | None = None
+    # LoRA adapters of a text-generation model (docs/runtime.md "LoRA adapters")
+    max_loras: int = 0
+    max_lora_rank: int = 16
+    adapters: str | None = None
+    adapters_config: str | None = None
+    adapter_dir: str = "/mnt/adapters"
     # a model larger than one node (docs/runtime.md "Engines and GPUs"): vLLM's stages over
     # nodes and the executor that reaches them (ray: the RayCluster the operator renders)
     pipeline_parallel_size: int = 1
@@ -131,6 +137,23 @@ def _non_negative_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _static_adapters(text: str) -> str:
+    from kubemaas_runtime.generation.adapter_sync import parse_static_adapters
+
+    try:
+        parse_static_adapters(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _positive_float(text: str) -> float:
@@ -218,6 +241,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="GPUs one model is split over (tensor parallel), passed to vLLM; default: every "
              "visible GPU (1 on CPU). The builtin engine splits over none: above 1 (or with "
              "several GPUs visible) it fails at start with ModelLoadFailed, for every task")
+    add("--max-loras", type=_non_negative_int, default=0,
+        help="text-generation: most LoRA adapters loaded at once (vLLM's --max-loras); 0 "
+             "turns adapters off (and /v1/load_lora_adapter with them)")
+    add("--max-lora-rank", type=_positive_int, default=16,
+        help="text-generation: largest LoRA rank an adapter may have (vLLM's "
+             "--max-lora-rank); a larger one is refused with 400 naming 'r'")
+    add("--adapters", type=_static_adapters, metavar="NAME=PATH[,NAME=PATH...]",
+        help="text-generation: LoRA adapter directories loaded at start, each served as the "
+             "model NAME (needs --max-loras)")
+    add("--adapters-config", metavar="FILE",
+        help="text-generation: a JSON list of {name, uri} watched while serving: adapters it "
+             "adds are loaded, those it drops unloaded, without a restart (the operator's "
+             "ConfigMap)")
+    add("--adapter-dir", default="/mnt/adapters",
+        help="text-generation: where s3:// and hf:// adapters of --adapters-config are "
+             "fetched to, one directory per name (the pod's adapter-fetch container)")
     add("--pipeline-parallel-size", type=_positive_int, default=1,
         help="nodes one model is split over (pipeline parallel, one stage per node), passed to "
              "vLLM; above 1 needs --engine vllm and --distributed-executor-backend ray (the "
@@ -315,6 +354,8 @@ def parse_serve_config(argv: list[str], env: Mapping[str, str]) -> ServeConfig:
     if ns.max_buffered_bytes < ns.max_request_bytes:
         parser.error(f"--max-buffered-bytes ({ns.max_buffered_bytes}) must be at least "
                      f"--max-request-bytes ({ns.max_request_bytes})")
+    if (ns.adapters or ns.adapters_config) and not ns.max_loras:
+        parser.error("--adapters and --adapters-config need --max-loras >= 1")
     if ns.pipeline_parallel_size > 1 and ns.engine == "builtin":
         parser.error("--pipeline-parallel-size above 1 needs --engine vllm (the builtin engine "
                      "runs a model on one device)")

@@ -95,6 +95,18 @@ class RuntimeMetrics:
             "Prompt tokens found in the prefix cache (not prefilled again)", LABELS,
             registry=registry)
 
+        # LoRA adapters (docs/runtime.md "LoRA adapters"): one series whose labels name the
+        # adapters of running and of waiting sequences, valued with the time it was set; the
+        # vLLM name as vLLM writes it (the endpoint picker reads it), and the project's
+        lora_labels = ("running_lora_adapters", "waiting_lora_adapters", "max_lora")
+        self.vllm_lora_requests_info = Gauge(
+            "vllm:lora_requests_info", "Running and waiting LoRA adapters (vLLM's shape)",
+            lora_labels, registry=registry)
+        self.lora_requests_info = Gauge(
+            "kubemaas_lora_requests_info", "Running and waiting LoRA adapters (comma-separated "
+            "names), valued with the Unix time they were set", LABELS + lora_labels,
+            registry=registry)
+
     def bind(self, model: str, variant: str) -> BoundMetrics:
         return BoundMetrics(self, model, variant)
 

@@ -134,7 +134,8 @@ def _build_state(config: ServeConfig):
         max_batch_size=config.max_batch_size, max_drift=config.max_drift,
         max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
         kv_cache_tokens=config.kv_cache_tokens, kv_cache_memory=config.kv_cache_memory,
-        max_num_batched_tokens=config.max_num_batched_tokens, max_queue=config.max_queue)
+        max_num_batched_tokens=config.max_num_batched_tokens, max_queue=config.max_queue,
+        adapters=adapter_options(config))
     if config.pipeline_parallel_size > 1 and choice.engine != "vllm":
         raise ModelLoadFailed(f"--pipeline-parallel-size {config.pipeline_parallel_size} splits the "
                               f"model over nodes, which only vLLM does ({choice.reason}): serve a "
@@ -174,3 +175,14 @@ def _choose_engine(config: ServeConfig, gpus: int):
         and config.format == "transformers"))
     return choose_engine(config.engine, config.tensor_parallel_size, gpus, facts,
                          probe_vllm() if could_be_vllm else None)
+
+
+def adapter_options(config: ServeConfig):
+    """The LoRA flags as one object (None when adapters are off: --max-loras 0)."""
+    if not config.max_loras:
+        return None
+    from kubemaas_runtime.generation.adapter_sync import AdapterOptions, parse_static_adapters
+
+    return AdapterOptions(max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
+                          static=parse_static_adapters(config.adapters or ""),
+                          config_file=config.adapters_config, adapter_dir=config.adapter_dir)

@@ -147,7 +147,8 @@ def test_runtime_parser_accepts_every_serving_container(deployment):
 
 
 def test_fetch_init_container_command_is_the_runtimes():
-    fetches = [c for _, o in DEPLOYMENTS for c in o["spec"]["template"]["spec"].get("initContainers", [])]
+    fetches = [c for _, o in DEPLOYMENTS for c in o["spec"]["template"]["spec"].get("initContainers", [])
+               if c["name"] == "fetch-model"]
     assert fetches, "an example fetches from s3:// or hf://"
     parser = argparse.ArgumentParser()
     add_fetch_arguments(parser)  # the runtime's own `fetch` arguments
@@ -222,6 +223,47 @@ def test_generation_metrics_are_runtime_series_with_model_and_variant():
         assert name in names, name
         family = families[name.removesuffix("_total")]
         assert {"model", "variant"} <= set(family.samples[0].labels), name
+
+
+def test_adapter_sidecar_and_runtime_follow_one_list():
+    """spec.adapters: the fetch-adapters sidecar's arguments are the runtime's own, and it
+    fills the directory the serving container loads from; the runtime takes as many adapters
+    as the API allows."""
+    from kubemaas_operator.api.constants import MAX_ADAPTERS
+    from kubemaas_runtime.__main__ import build_parser
+
+    with_adapters = [o for label, o in DEPLOYMENTS if label == "chat-lora.yaml"]
+    assert with_adapters
+    for deployment in with_adapters:
+        pod = deployment["spec"]["template"]["spec"]
+        (sidecar,) = [c for c in pod["initContainers"] if c["name"] == "fetch-adapters"]
+        assert sidecar["restartPolicy"] == "Always" and sidecar["command"] == ["kubemaas-runtime"]
+        args = build_parser().parse_args(sidecar["args"])
+        (container,) = pod["containers"]
+        config = parse_serve_config(container["args"][1:], {e["name"]: e["value"] for e in container["env"]})
+        assert config.max_loras == MAX_ADAPTERS
+        assert args.config == config.adapters_config and args.dest == config.adapter_dir
+        serving = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert serving[config.adapter_dir]["readOnly"] is True
+        assert config.adapters_config.startswith(next(
+            path for path, m in serving.items() if m["name"] == "adapter-config") + "/")
+        assert "envFrom" not in container  # the credentials stay in the sidecar
+
+
+def test_lora_metrics_are_runtime_series_in_vllms_shape():
+    from kubemaas_runtime.generation.adapters import AdapterRegistry
+
+    registry = CollectorRegistry()
+    adapters = AdapterRegistry(None, "llm", max_loras=8, metrics=create_metrics(registry))
+    adapters.publish(["sql", "sql", "chat"], ["support"])
+    families = {family.name: family for family in registry.collect()}
+    names = runtime_registry_names()
+    for name in ("vllm:lora_requests_info", "kubemaas_lora_requests_info"):
+        assert name in names, name
+        (sample,) = families[name].samples  # one series: the latest report
+        assert sample.labels["running_lora_adapters"] == "chat,sql"
+        assert sample.labels["waiting_lora_adapters"] == "support" and sample.labels["max_lora"] == "8"
+    assert families["kubemaas_lora_requests_info"].samples[0].labels["model"] == "llm"
 
 
 def test_the_runtime_reads_the_multi_node_flags_the_operator_sets():

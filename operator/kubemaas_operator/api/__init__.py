@@ -6,6 +6,7 @@ from kubemaas_operator.api.delivery import Autoscaling, CanaryStep, Rollout
 from kubemaas_operator.api.errors import describe_errors, field_path
 from kubemaas_operator.api.resource import ModelService, ObjectMeta
 from kubemaas_operator.api.spec import (
+    Adapter,
     GatewayRef,
     ModelServiceSpec,
     ModelSource,
@@ -22,7 +23,7 @@ from kubemaas_operator.api.status import (
 )
 
 __all__ = [
-    "API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION",
+    "API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION", "Adapter",
     "Autoscaling", "CanaryStep", "Condition", "GatewayRef", "GpuResources", "GroupStatus", "ModelService",
     "ModelServiceSpec", "ModelServiceStatus", "ModelSource", "ObjectMeta", "Resources", "Rollout",
     "RuntimeSpec", "Scheduling", "SecretReference", "Toleration", "Variant", "VariantStatus",

@@ -55,6 +55,8 @@ class ModelService(ApiModel):
         if spec.gateway is not None and spec.rollout.strategy == "Canary" and any(
                 len(self.metadata.name) + len(v.name) > MAX_CANARY_NAME_LENGTH for v in spec.variants):
             raise rules.refusal(rules.CANARY_SERVICE_NAME_LENGTH)
+        if any(adapter.name == self.metadata.name for adapter in spec.adapters or ()):
+            raise rules.refusal(rules.ADAPTER_NOT_THE_MODEL_NAME)
         return self
 
     @property

@@ -14,6 +14,8 @@ from typing import Any
 from pydantic_core import PydanticCustomError
 
 from kubemaas_operator.api.constants import (
+    ADAPTER_QUANTIZATIONS,
+    ADAPTER_SCHEMES,
     DNS_LABEL_PATTERN,
     GENERATIVE_METRICS,
     MAX_CANARY_NAME_LENGTH,
@@ -358,4 +360,32 @@ ROUTING_KEEPS_PICKER_NAME = CelRule(
 ROUTING_RULES = (ROUTING_NEEDS_TEXT_GENERATION, ROUTING_NEEDS_GATEWAY, ROUTING_NOT_WITH_CANARY,
                  ROUTING_KEEPS_PICKER_NAME)
 
-ROOT_RULES = (NAME_LENGTH, NAME_FORMAT, CANARY_SERVICE_NAME_LENGTH)
+# spec.adapters (LoRA): each adapter is a model name beside the base model's, fetched beside it.
+ADAPTER_URI_SCHEME = CelRule(
+    rule="self.uri.matches('^(" + "|".join(ADAPTER_SCHEMES) + ")://') && self.uri.matches('"
+         + URI_SHAPE_PATTERN + "')",
+    message=("adapters[].uri must be s3://<bucket>[/<key>], hf://<org>/<name>@<revision> or "
+             "file:///<absolute path> (pvc:// is not implemented for adapters)"),
+    field_path=".uri",
+)
+ADAPTERS_NEED_TEXT_GENERATION = CelRule(
+    rule="!has(self.adapters) || size(self.adapters) == 0 || " + _GENERATES,
+    message="adapters are LoRA adapters of a generative model: they need model.task text-generation",
+    field_path=".adapters",
+)
+ADAPTERS_NEED_FLOAT_WEIGHTS = CelRule(
+    rule=("!has(self.adapters) || size(self.adapters) == 0 || self.variants.all(v, v.quantization in "
+          + _cel_list(list(ADAPTER_QUANTIZATIONS)) + ")"),
+    message=("adapters apply LoRA to float weights: every variant's quantization must be one of "
+             + ", ".join(ADAPTER_QUANTIZATIONS)),
+    field_path=".adapters",
+)
+ADAPTER_RULES = (ADAPTERS_NEED_TEXT_GENERATION, ADAPTERS_NEED_FLOAT_WEIGHTS)
+# on the root: the served name of the base model is metadata.name
+ADAPTER_NOT_THE_MODEL_NAME = CelRule(
+    rule="!has(self.spec.adapters) || self.spec.adapters.all(a, a.name != self.metadata.name)",
+    message="spec.adapters[].name must differ from metadata.name, the base model's served name",
+    field_path=".spec.adapters",
+)
+
+ROOT_RULES = (NAME_LENGTH, NAME_FORMAT, CANARY_SERVICE_NAME_LENGTH, ADAPTER_NOT_THE_MODEL_NAME)

@@ -25,7 +25,10 @@ from kubemaas_operator.api.access import NetworkAccess, RuntimeAuth
 from kubemaas_operator.api.base import ApiModel, DnsLabel, DnsSubdomain, ParameterCount
 from kubemaas_operator.api.compute import Resources, Scheduling
 from kubemaas_operator.api.constants import (
+    ADAPTER_QUANTIZATIONS,
+    ADAPTER_SCHEMES,
     GENERATIVE_METRICS,
+    MAX_ADAPTERS,
     MAX_GENERATION_TOKENS,
     MAX_GPUS_PER_POD,
     MAX_REPLICAS,
@@ -308,6 +311,28 @@ class GatewayRef(ApiModel):
     section_name: DnsLabel | None = Field(default=None, description="A listener of the Gateway.")
 
 
+class Adapter(ApiModel):
+    """A LoRA adapter of the model, served as the model name `name` (docs/api.md "LoRA adapters")."""
+
+    model_config = ConfigDict(json_schema_extra=rules.schema_rules(rules.ADAPTER_URI_SCHEME))
+
+    name: DnsLabel = Field(description="The model name requests use for this adapter (the `model` field).")
+    uri: Annotated[str, StringConstraints(min_length=1, max_length=MAX_URI_LENGTH)] = Field(
+        description=(
+            "Where the adapter directory (adapter_config.json, adapter_model.safetensors) is: "
+            "s3://bucket/prefix, hf://org/name@revision (pinned, as for the model) or file:///path in the "
+            "image. Fetched beside the model with the model's secretRef."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Adapter:
+        if not (self.uri.startswith(tuple(f"{s}://" for s in ADAPTER_SCHEMES))
+                and _SHAPE_RE.search(self.uri)):
+            raise rules.refusal(rules.ADAPTER_URI_SCHEME)
+        return self
+
+
 def _default_variants() -> list[Variant]:
     return [Variant(name="default", quantization="none", weight=100)]
 
@@ -316,7 +341,7 @@ _SPEC_RULES = [
     rules.QUANTIZATION_ON_GPU, rules.CPU_METRIC_NEEDS_CPU_REQUEST, rules.SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL,
     *rules.GENERATION_LIMITS_NEED_TEXT_GENERATION, rules.GENERATIVE_METRIC_NEEDS_TEXT_GENERATION,
     rules.ENGINE_VLLM_NEEDS_TRANSFORMERS_GENERATION, rules.TENSOR_PARALLEL_WITHIN_GPUS,
-    *rules.ROUTING_RULES,
+    *rules.ROUTING_RULES, *rules.ADAPTER_RULES,
 ]
 if rules.GPU_ONLY_QUANTIZATIONS:
     _SPEC_RULES.append(rules.QUANTIZATION_ON_CPU)
@@ -381,11 +406,34 @@ class ModelServiceSpec(ApiModel):
             "per-variant weights. Needs spec.gateway and a text-generation model. Unset: off."
         ),
     )
+    adapters: Annotated[list[Adapter], Field(max_length=MAX_ADAPTERS)] | None = Field(
+        default=None,
+        description=(
+            "LoRA adapters of a text-generation model, each served as its own model name. Adding or "
+            "removing one reaches the running pods without a restart (a ConfigMap the runtime "
+            "watches); setting the field at all (even []) adds the adapter machinery to the pods once."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
     network: NetworkAccess = Field(
         default_factory=NetworkAccess,
         description="Who may connect to the model's pods (the operator's NetworkPolicy).",
         json_schema_extra={"default": NetworkAccess().to_wire()},
     )
+
+    @field_validator("adapters")
+    @classmethod
+    def _check_adapters(cls, adapters: list[Adapter] | None) -> list[Adapter] | None:
+        seen: set[str] = set()
+        for index, adapter in enumerate(adapters or ()):
+            if adapter.name in seen:
+                raise PydanticCustomError(
+                    rules.CROSS_FIELD_ERROR,
+                    "{message}",
+                    {"message": f'Duplicate value: adapter name "{adapter.name}"', "field_path": f"[{index}]"},
+                )
+            seen.add(adapter.name)
+        return adapters
 
     @field_validator("variants")
     @classmethod
@@ -415,6 +463,11 @@ class ModelServiceSpec(ApiModel):
             raise rules.refusal(rules.SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL)
         if self.routing is not None:
             self._check_routing()
+        if self.adapters:
+            if not self.model.generative:
+                raise rules.refusal(rules.ADAPTERS_NEED_TEXT_GENERATION)
+            if any(v.quantization not in ADAPTER_QUANTIZATIONS for v in self.variants):
+                raise rules.refusal(rules.ADAPTERS_NEED_FLOAT_WEIGHTS)
         if not self.model.generative:
             runtime = self.runtime
             limits = (runtime.max_model_len, runtime.max_num_seqs, runtime.kv_cache_tokens)

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, StringConstraints
 
 from kubemaas_operator.api.base import ApiModel
-from kubemaas_operator.api.constants import MAX_VARIANTS, Quantization
+from kubemaas_operator.api.constants import MAX_ADAPTERS, MAX_VARIANTS, Quantization
 
 
 class Condition(ApiModel):
@@ -206,6 +206,10 @@ class ModelServiceStatus(ApiModel):
     rollout: RolloutStatus | None = Field(
         default=None, description="The rollout of the current spec: strategy, phase, canary step and weight."
     )
+    adapters: Annotated[list[Annotated[str, StringConstraints(max_length=63)]], Field(max_length=MAX_ADAPTERS)] | None = (
+        Field(default=None, description=(
+            "The LoRA adapters the pods are told to serve (spec.adapters' names, written to the ConfigMap "
+            "<name>-adapters, which the runtime follows without a restart).")))
 
 
 def format_variant_summary(variants: Sequence[VariantStatus]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubemaas_operator.api import ModelService
+from kubemaas_operator.builders.adapters import build_adapter_config_map, wants_adapters
 from kubemaas_operator.builders.autoscaling import build_autoscaler
 from kubemaas_operator.builders.deployment import build_variant_deployment
 from kubemaas_operator.builders.disruption import build_disruption_budget, wants_disruption_budget
@@ -53,6 +54,8 @@ def build_children(
     variants = {v.name: v for v in ms.spec.variants}
     policy = build_network_policy(ms, settings)
     children: list[dict[str, Any]] = [policy] if policy is not None else []
+    if wants_adapters(ms):  # before the pods that mount it
+        children.append(build_adapter_config_map(ms))
     groups: list[dict[str, Any]] = []
     for layout in layouts:
         variant = variants[layout.name]

@@ -7,6 +7,13 @@ from typing import Any
 
 from kubemaas_operator import gpufit
 from kubemaas_operator.api import ModelService, Variant
+from kubemaas_operator.builders.adapters import (
+    adapter_env,
+    adapter_fetch_sidecar,
+    adapter_mounts,
+    adapter_volumes,
+    wants_adapters,
+)
 from kubemaas_operator.builders.auth import auth_args, auth_mounts, auth_volumes
 from kubemaas_operator.builders.model_source import TMP_VOLUME, fetch_init_container, model_mount
 from kubemaas_operator.builders.naming import (
@@ -77,6 +84,7 @@ def runtime_env(ms: ModelService, variant: Variant, settings: OperatorSettings) 
         "KUBEMAAS_MAX_DRIFT": None if spec.runtime.max_drift is None else str(spec.runtime.max_drift),
         **engine_env(ms, variant),
         **generation_env(ms),
+        **(adapter_env() if wants_adapters(ms) else {}),
         "KUBEMAAS_PORT": str(HTTP_PORT),
         "KUBEMAAS_MODEL_DIR": MODEL_DIR,
         # one name on both sides: the operator's drain_seconds is the runtime's --drain-seconds
@@ -163,6 +171,7 @@ def runtime_container(
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_SECONDS}}},
         "securityContext": container_security_context(),
         "volumeMounts": [*mounts, {"name": TMP_VOLUME, "mountPath": "/tmp"},
+                         *(adapter_mounts() if wants_adapters(ms) else []),
                          *auth_mounts(ms.spec.runtime),
                          *([{"name": SHM_VOLUME, "mountPath": "/dev/shm"}] if shm_size_limit(ms, variant) else [])],
         "terminationMessagePath": "/dev/termination-log",
@@ -215,6 +224,9 @@ def build_pod_template(
         resources = container_resources(ms, settings, with_gpu=False)
         init_containers.append(fetch_init_container(ms.spec.model, image, container_security_context(), resources,
                                                     settings))
+    if wants_adapters(ms):
+        init_containers.append(adapter_fetch_sidecar(
+            ms, image, container_security_context(), container_resources(ms, settings, with_gpu=False), settings))
     shm = shm_size_limit(ms, variant)
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
@@ -225,6 +237,7 @@ def build_pod_template(
         "containers": [runtime_container(ms, variant, settings, image, source.mounts)],
         "volumes": [*source.volumes, {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": settings.tmp_size_limit}},
                     *auth_volumes(ms.spec.runtime),
+                    *(adapter_volumes(ms, settings) if wants_adapters(ms) else []),
                     *([{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm}}] if shm else [])],
         **scheduling_fields(ms, settings, variant),
     }

@@ -32,6 +32,8 @@ def _pod_shape(ms: ModelService, runtime_image: str) -> str:
         "model": dump(spec.model), "resources": dump(spec.resources), "scheduling": dump(spec.scheduling),
         "runtime": {**dump(spec.runtime, exclude={"image"}), "image": runtime_image},
     }
+    if spec.adapters is not None:  # the adapter machinery shapes the pods; the list itself does not
+        shape["adapters"] = "configmap"
     return json.dumps(shape, sort_keys=True, separators=(",", ":"))
 
 

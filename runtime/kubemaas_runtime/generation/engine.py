@@ -21,11 +21,14 @@ event loop through `GenerationStream`; the model never runs on the event loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import torch
 
@@ -122,6 +125,7 @@ class _Running:
     last_token: int = 0
     generated: int = 0
     last_token_at: float = 0.0
+    adapter: str | None = None  # the LoRA adapter it runs with (adapters.py), None: the base
 
 
 class GenerationEngine:
@@ -139,6 +143,11 @@ class GenerationEngine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # LoRA (adapters.py): the PeftAdapters of this model, and changes to its modules that
+        # run on this thread between steps (a change returning False is tried again later)
+        self.lora: Any = None
+        self.lora_registry: Any = None  # AdapterRegistry: the per-adapter gauges
+        self._between_steps: list[tuple[Callable[[], bool], concurrent.futures.Future]] = []
 
     # -- the event-loop side -------------------------------------------------------------
     def start(self) -> None:
@@ -161,12 +170,13 @@ class GenerationEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               adapter: str | None = None) -> GenerationStream:
         """Queue a sequence (InvalidInput if it can never fit, Overloaded when the queue is
         full); call on the event loop."""
         if not self.alive:
             raise ModelNotReady("the generation engine is not running")
-        state = _Running(list(prompt_ids), params, time.perf_counter())
+        state = _Running(list(prompt_ids), params, time.perf_counter(), adapter=adapter)
         sequence = ScheduledSequence(len(prompt_ids), params.max_tokens, state)
         stream = GenerationStream(self, sequence, asyncio.get_running_loop())
         state.stream = stream
@@ -181,15 +191,52 @@ class GenerationEngine:
             sequence.cancelled = True
             self._wake.notify()
 
+    def call_between_steps(self, change: Callable[[], bool]) -> concurrent.futures.Future:
+        """Run `change` on the engine thread between two steps (at once when the engine is
+        not running); a change that returns False is run again after the next step."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        if not self.alive:
+            while not change():
+                pass
+            done.set_result(None)
+            return done
+        with self._wake:
+            self._between_steps.append((change, done))
+            self._wake.notify()
+        return done
+
+    def adapter_in_use(self, name: str) -> bool:
+        """Call on the engine thread: does a running or waiting sequence use this adapter?"""
+        return any(s.payload.adapter == name
+                   for s in (*self.scheduler.running, *self.scheduler.waiting))
+
+    def _run_between_steps(self) -> None:
+        with self._wake:
+            pending, self._between_steps = self._between_steps, []
+        for change, done in pending:
+            try:
+                finished = change()
+            except Exception as exc:  # noqa: BLE001 - handed to the caller (a load that failed)
+                done.set_exception(exc)
+                continue
+            if finished:
+                done.set_result(None)
+            else:
+                with self._wake:
+                    self._between_steps.append((change, done))
+
     # -- the engine thread ---------------------------------------------------------------
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while self.scheduler.idle and not self._stopping:
+                    while self.scheduler.idle and not self._stopping and not self._between_steps:
                         self._wake.wait()
                     if self._stopping:
                         break
+                if self._between_steps:
+                    self._run_between_steps()
+                with self._wake:
                     for sequence in self.scheduler.drop_cancelled_waiting():
                         self._finish(sequence, "abort", error="cancelled")
                     for sequence in [s for s in self.scheduler.running if s.cancelled]:
@@ -222,6 +269,8 @@ class GenerationEngine:
         size = self.kv.block_size
         if not state.keys:  # the prompt's full blocks, all but its last token (whose logits
             state.keys = block_keys(state.prompt_ids[:-1], size)  # give the first token)
+            if state.adapter is not None:  # an adapter's KV differs from the base's for a prompt
+                state.keys = [(state.adapter, key) for key in state.keys]
         total = sequence.reserved_tokens // size
         cached, idle = self.blocks.peek(state.keys)
         if total - cached + idle > self.blocks.free_blocks:
@@ -251,9 +300,11 @@ class GenerationEngine:
         decodes: list[tuple[list[int], int]] = []
         prefills: list[tuple[list[int], int, int]] = []
         ending: list[tuple[ScheduledSequence, int]] = []  # sequences that sample, and at what
+        rows: list[str | None] = []  # each token's adapter
         for sequence, n in step:
             state: _Running = sequence.payload
             start = sequence.computed
+            rows += [state.adapter] * n
             if sequence.prefilling:
                 ids += state.prompt_ids[start:start + n]
                 prefills.append((state.blocks, start, n))
@@ -265,10 +316,11 @@ class GenerationEngine:
                 ending.append((sequence, len(ids) - 1))
         batch = self.kv.step(decodes, prefills)
         keep = torch.tensor([index for _, index in ending], dtype=torch.long, device=self.device)
-        logits = self.lm.model(
-            input_ids=torch.tensor([ids], device=self.device),
-            position_ids=torch.tensor([positions], device=self.device),
-            cache=PagedCache(self.kv, batch), use_cache=True, logits_to_keep=keep).logits[0]
+        with self.lora.step(rows) if self.lora is not None else contextlib.nullcontext():
+            logits = self.lm.model(
+                input_ids=torch.tensor([ids], device=self.device),
+                position_ids=torch.tensor([positions], device=self.device),
+                cache=PagedCache(self.kv, batch), use_cache=True, logits_to_keep=keep).logits[0]
         for sequence, n in step:
             if sequence.prefilling and self.metrics is not None:
                 self.metrics.prompt_tokens.inc(n)
@@ -346,3 +398,7 @@ class GenerationEngine:
             self.metrics.running.set(len(self.scheduler.running))
             self.metrics.waiting.set(len(self.scheduler.waiting))
             self.metrics.kv_cache_usage.set(self.blocks.usage)
+        if self.lora_registry is not None:
+            self.lora_registry.publish(
+                [s.payload.adapter for s in self.scheduler.running if s.payload.adapter],
+                [s.payload.adapter for s in self.scheduler.waiting if s.payload.adapter])

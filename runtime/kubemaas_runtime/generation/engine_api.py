@@ -5,8 +5,9 @@ this process (`vllm_engine.VllmEngine`); tests/unit/test_engine_api.py pins that
 routes hold an `Engine` and never reach past it:
 
 - `start()` / `stop()` around serving, `alive` while it can take work;
-- `submit(prompt_ids, params)` queues one sequence of already tokenized prompt ids (the front
-  tokenizes, so both engines see the same ids) and returns its `Stream` at once, raising
+- `submit(prompt_ids, params, adapter=None)` queues one sequence of already tokenized prompt
+  ids (the front tokenizes, so both engines see the same ids), with the LoRA adapter the
+  request names (generation/adapters.py), and returns its `Stream` at once, raising
   `Overloaded` (503) when the engine's queue is full and `ModelNotReady` when it is not running;
 - `features`: the optional sampling features this engine honours, a subset of `FEATURES`
   (`top_k`, `penalties`, `logprobs`, `json_schema`); the front refuses a request that
@@ -49,4 +50,5 @@ class Engine(Protocol):
     @property
     def features(self) -> frozenset[str]: ...
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Stream: ...
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               adapter: str | None = None) -> Stream: ...

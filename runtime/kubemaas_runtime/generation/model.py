@@ -91,6 +91,7 @@ class GenerativeBase(abc.ABC):
         self.lm: CausalLM | None = None
         self.engine: Engine | None = None
         self.max_model_len = 0
+        self.adapters: Any = None  # AdapterRegistry when --max-loras > 0 (adapters.py)
 
     @abc.abstractmethod
     def load(self) -> None: ...
@@ -163,9 +164,30 @@ class GenerativeModel(GenerativeBase):
                                block_size=DEFAULT_BLOCK_SIZE,
                                max_num_batched_tokens=limits.max_num_batched_tokens),
             max_model_len=self.max_model_len, metrics=metrics)
+        if limits.adapters is not None:  # after the gate: it measured the base model
+            self._enable_adapters(engine, limits.adapters, metrics)
         engine.start()
         self.engine = engine
+        if self.adapters is not None:  # loading an adapter runs between the engine's steps
+            start_adapters(self.adapters, limits.adapters)
         return engine
+
+    def _enable_adapters(self, engine: GenerationEngine, options, metrics) -> None:
+        """peft LoRA on this engine's model (adapters.py)."""
+        from kubemaas_runtime.generation.adapters import AdapterRegistry, PeftAdapters
+
+        if self.options.quantization not in ("none", "fp16", "bf16"):
+            raise ModelLoadFailed(f"LoRA adapters (--max-loras) need quantization none, fp16 or "
+                                  f"bf16, not {self.options.quantization}")
+        backend = PeftAdapters(self.lm.model, max_rank=options.max_lora_rank,
+                               run=engine.call_between_steps)
+        backend.in_use = engine.adapter_in_use
+        engine.lora = backend
+        self.adapters = AdapterRegistry(
+            backend, self.name, max_loras=options.max_loras,
+            metrics=metrics.metrics if metrics is not None else None,
+            variant=self.options.variant)
+        engine.lora_registry = self.adapters
 
     def _kv_cache_tokens(self, lm: CausalLM) -> int:
         """The paged pool's size in tokens (whole blocks): --kv-cache-tokens and
@@ -253,6 +275,26 @@ def free_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 8 << 30  # unknown: assume a modest host
+
+
+def start_adapters(registry, options):
+    """Load the --adapters given at start (a refusal fails the start), then watch
+    --adapters-config; returns the watcher (None without a config file)."""
+    from kubemaas_runtime.errors import RuntimeServeError
+    from kubemaas_runtime.generation.adapter_sync import AdapterConfigWatcher
+
+    for name, path in options.static:
+        try:
+            registry.load(name, path)
+        except RuntimeServeError as exc:
+            param = getattr(exc, "param", None)
+            raise ModelLoadFailed(f"adapter {name} ({path}): {exc.message}"
+                                  + (f" (field {param})" if param else "")) from None
+    if options.config_file is None:
+        return None
+    watcher = AdapterConfigWatcher(registry, options)
+    watcher.start()
+    return watcher
 
 
 def create_generative_model(options, format: str) -> GenerativeModel:

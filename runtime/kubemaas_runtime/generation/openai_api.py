@@ -103,11 +103,12 @@ def _integer(doc, name) -> int | None:
     return value
 
 
-def resolve_model(model: Any, served: str) -> str:
-    """The served model a request's `model` names: 400 when missing, 404 when unknown."""
+def resolve_model(model: Any, served: str | frozenset[str]) -> str:
+    """The served model a request's `model` names (the base or an adapter): 400 when missing,
+    404 when unknown."""
     if not isinstance(model, str) or not model:
         raise InvalidParameter("model", "'model' is required: the name of a served model")
-    if model != served:
+    if model not in ({served} if isinstance(served, str) else served):  # base or an adapter
         raise ModelNotFound(model)
     return model
 
@@ -164,7 +165,7 @@ def _logprobs(doc: dict[str, Any], chat: bool) -> tuple[int | None, str]:
     return value, "logprobs"
 
 
-def _common(doc: dict[str, Any], served: str, chat: bool) -> dict[str, Any]:
+def _common(doc: dict[str, Any], served: str | frozenset[str], chat: bool) -> dict[str, Any]:
     model = resolve_model(doc.get("model"), served)
     for name in UNSUPPORTED:
         if doc.get(name) not in (None, False, [], {}, 0):
@@ -255,7 +256,7 @@ def _message_content(message: dict[str, Any], index: int) -> str:
     raise InvalidParameter(where, f"'{where}' must be a string or a list of text parts")
 
 
-def parse_chat_request(doc: dict[str, Any], served: str) -> GenerationRequest:
+def parse_chat_request(doc: dict[str, Any], served: str | frozenset[str]) -> GenerationRequest:
     common = _common(doc, served, chat=True)
     messages = doc.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -277,7 +278,7 @@ def parse_chat_request(doc: dict[str, Any], served: str) -> GenerationRequest:
     return GenerationRequest(messages=parsed, prompt=None, **common)
 
 
-def parse_completion_request(doc: dict[str, Any], served: str) -> GenerationRequest:
+def parse_completion_request(doc: dict[str, Any], served: str | frozenset[str]) -> GenerationRequest:
     common = _common(doc, served, chat=False)
     prompt = doc.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):

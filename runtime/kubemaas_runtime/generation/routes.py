@@ -36,6 +36,7 @@ from kubemaas_runtime.errors import (
     RuntimeServeError,
 )
 from kubemaas_runtime.generation import openai_api as api
+from kubemaas_runtime.generation.adapter_routes import AdapterRoutes
 from kubemaas_runtime.generation.engine_api import Chunk, Engine
 from kubemaas_runtime.generation.engine_api import Stream as GenerationStream
 from kubemaas_runtime.generation.model import GenerativeBase
@@ -109,6 +110,7 @@ class GenerationApp:
                   methods=["POST"]),
             Route("/v2/models/{name}/versions/{version}/infer",
                   self.admission.endpoint(self.infer), methods=["POST"]),
+            *AdapterRoutes(self.model, self._check_ready).routes(),  # LoRA load/unload
         ]
 
     def _openai_endpoint(self, handler):
@@ -164,12 +166,15 @@ class GenerationApp:
             top_k=request.top_k, presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty, logprobs=request.logprobs,
             json_schema=request.json_schema)
+        adapters = self.model.adapters
+        adapter = adapters.resolve(request.model) if adapters is not None else None
+        extra = {"adapter": adapter} if adapter is not None else {}
         streams: list[GenerationStream] = []
         try:
             for index in range(request.n):
                 seeded = params if index == 0 or params.seed is None else dataclasses.replace(
                     params, seed=params.seed + index)
-                streams.append(engine.submit(prompt_ids, seeded))
+                streams.append(engine.submit(prompt_ids, seeded, **extra))
         except BaseException:
             for stream in streams:
                 stream.cancel()
@@ -203,16 +208,28 @@ class GenerationApp:
 
     # -- /v1 -----------------------------------------------------------------------------
     async def list_models(self, request: Request) -> Response:
-        return _json({"object": "list", "data": [self._model_card()]})
+        return _json({"object": "list", "data": [self._model_card()] + [
+            self._model_card(name) for name in self._adapter_names()]})
 
     async def get_model(self, request: Request) -> Response:
-        if request.path_params["name"] != self.model.name:
-            return _openai_error(ModelNotFound(request.path_params["name"]))
-        return _json(self._model_card())
+        name = request.path_params["name"]
+        if name != self.model.name and name not in self._adapter_names():
+            return _openai_error(ModelNotFound(name))
+        return _json(self._model_card(None if name == self.model.name else name))
 
-    def _model_card(self) -> dict:
-        return {"id": self.model.name, "object": "model", "created": 0,
+    def _adapter_names(self) -> list[str]:
+        adapters = getattr(self.model, "adapters", None)
+        return adapters.names() if adapters is not None else []
+
+    def _served(self) -> frozenset[str]:
+        return frozenset((self.model.name, *self._adapter_names()))
+
+    def _model_card(self, adapter: str | None = None) -> dict:
+        card = {"id": adapter or self.model.name, "object": "model", "created": 0,
                 "owned_by": "kubemaas", "max_model_len": self.model.max_model_len}
+        if adapter is not None:  # vLLM's card of a LoRA: its base model as root and parent
+            card.update(root=self.model.name, parent=self.model.name)
+        return card
 
     async def chat(self, request: Request, ticket: Ticket) -> Response:
         return await self._openai(request, ticket, chat=True)
@@ -223,7 +240,7 @@ class GenerationApp:
     async def _openai(self, request: Request, ticket: Ticket, chat: bool) -> Response:
         doc = await self._admit(request, ticket)
         parse = api.parse_chat_request if chat else api.parse_completion_request
-        parsed = parse(doc, self.model.name)
+        parsed = parse(doc, self._served())
         streams = await self._submit(parsed)
         rid = api.new_id("chatcmpl" if chat else "cmpl")
         if parsed.stream:  # the slot and the accounting go with the stream
@@ -235,13 +252,13 @@ class GenerationApp:
                                    self._logprobs(chat, result.token_ids, result.logprobs, 0))
                    for index, result in enumerate(results)]
         return _json(api.completion_body(
-            chat, rid, self.model.name, choices, results[0].last.prompt_tokens,
+            chat, rid, parsed.model, choices, results[0].last.prompt_tokens,
             sum(r.last.completion_tokens for r in results)))
 
     async def _openai_events(self, streams: list[GenerationStream],
                              parsed: api.GenerationRequest, chat: bool, rid: str,
                              outcome: StreamOutcome) -> AsyncIterator[bytes]:
-        name, created = self.model.name, int(time.time())
+        name, created = parsed.model, int(time.time())
         usage = parsed.include_usage
         if chat:  # OpenAI's first chunk of each choice carries the role
             for index in range(len(streams)):

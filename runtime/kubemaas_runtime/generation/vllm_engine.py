@@ -104,6 +104,7 @@ class VllmStream:
         self.task: asyncio.Task | None = None
         self.done = False
         self.started = False  # its first output arrived (running, not waiting)
+        self.adapter: str | None = None  # its LoRA adapter's name
 
     def put(self, chunk: Chunk) -> None:
         if chunk.finish_reason is not None:
@@ -145,6 +146,8 @@ class VllmEngine:
         self._stopping = False
         self.kv_cache_usage = 0.0  # the scheduler's, from vLLM's stats (UsageStats)
         self.on_fatal: Callable[[DeviceLost], None] | None = None  # the server's device_failed
+        self.lora_requests: dict[str, Any] = {}  # adapter name -> vLLM LoRARequest (adapters.py)
+        self.lora_registry: Any = None  # AdapterRegistry: the per-adapter gauges
 
     @property
     def capacity(self) -> int:
@@ -179,7 +182,8 @@ class VllmEngine:
     def alive(self) -> bool:
         return self._started and not self._stopping and not self.llm.errored
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> VllmStream:
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               adapter: str | None = None) -> VllmStream:
         """Queue a sequence; call on the event loop."""
         if not self.alive:
             raise ModelNotReady("the vLLM engine is not running")
@@ -189,6 +193,7 @@ class VllmEngine:
                              f"retry later")
         self._loop = asyncio.get_running_loop()
         stream = VllmStream(self, len(prompt_ids))
+        stream.adapter = adapter
         self._streams.add(stream)
         stream.task = self._loop.create_task(self._run(stream, list(prompt_ids), params))
         self._publish_gauges()
@@ -202,8 +207,10 @@ class VllmEngine:
         arrival = last = time.perf_counter()
         generated = 0
         try:
+            lora = self.lora_requests.get(stream.adapter) if stream.adapter else None
             outputs = self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids),
-                                        to_vllm_params(params), f"kubemaas-{secrets.token_hex(8)}")
+                                        to_vllm_params(params), f"kubemaas-{secrets.token_hex(8)}",
+                                        **({"lora_request": lora} if lora is not None else {}))
             async for output in outputs:
                 completion = output.outputs[0]
                 tokens = tuple(completion.token_ids)
@@ -257,6 +264,10 @@ class VllmEngine:
         self.metrics.running.set(running)
         self.metrics.waiting.set(len(self._streams) - running)
         self.metrics.kv_cache_usage.set(self.kv_cache_usage if self._streams else 0.0)
+        if self.lora_registry is not None:
+            self.lora_registry.publish(
+                [s.adapter for s in self._streams if s.adapter and s.started],
+                [s.adapter for s in self._streams if s.adapter and not s.started])
 
 
 # The optional sampling features (engine_api.FEATURES) vLLM honours, each mapped below; `n` is
@@ -365,7 +376,7 @@ class VllmGenerativeModel(GenerativeBase):
             distributed_executor_backend=settings.distributed_executor_backend,
             max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
             trust_remote_code=False, disable_log_stats=True, enable_log_requests=False,
-            kv_cache_memory_bytes=self._kv_cache_bytes(config))
+            kv_cache_memory_bytes=self._kv_cache_bytes(config), **self._lora_args())
         try:
             llm = AsyncLLM.from_engine_args(
                 args, stat_loggers=[_stat_logger_factory(self._engine_ref)])
@@ -395,13 +406,35 @@ class VllmGenerativeModel(GenerativeBase):
         width = {"fp16": 2, "bf16": 2}.get(self.options.quantization, 4)
         return tokens * layers * 2 * heads * head_dim * width
 
+    def _lora_args(self) -> dict[str, Any]:
+        """vLLM's LoRA switches (--max-loras > 0): as many slots in a batch as adapters."""
+        options = self.options.adapters
+        if options is None:
+            return {}
+        return {"enable_lora": True, "max_loras": options.max_loras,
+                "max_lora_rank": options.max_lora_rank, "max_cpu_loras": options.max_loras}
+
     def start_engine(self, metrics, on_fatal: Callable[[DeviceLost], None]) -> VllmEngine:
         """Quantization is vLLM's dtype: there is no gate to run before it serves."""
         engine = VllmEngine(self.llm, self.settings, metrics=metrics)
         engine.on_fatal = on_fatal
         self._engine_ref.append(engine)
+        options = self.options.adapters
+        if options is not None:
+            from kubemaas_runtime.generation.adapters import AdapterRegistry, VllmAdapters
+
+            backend = VllmAdapters(engine, Path(self.options.path), max_rank=options.max_lora_rank)
+            self.adapters = AdapterRegistry(
+                backend, self.name, max_loras=options.max_loras,
+                metrics=metrics.metrics if metrics is not None else None,
+                variant=self.options.variant)
+            engine.lora_registry = self.adapters
         engine.start()
         self.engine = engine
+        if self.adapters is not None:
+            from kubemaas_runtime.generation.model import start_adapters
+
+            start_adapters(self.adapters, options)
         return engine
 
     @property

@@ -75,6 +75,7 @@ class ModelOptions:
     kv_cache_memory: int | None = None
     max_num_batched_tokens: int = 512
     max_queue: int = 256
+    adapters: Any = None  # generation.adapter_sync.AdapterOptions (LoRA), None: off
 
 
 class Model(abc.ABC):
