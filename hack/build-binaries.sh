@@ -130,6 +130,26 @@ install_node_packages() {
     { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; }
 }
 
+# KubeRay's ray-operator, the controller of the multi-node child (docs/operator.md, "Multi-node
+# models"). Not in build_all: about 20 minutes cold on 2 cores; `hack/build-binaries.sh kuberay`.
+# Its CRDs are in the module: $(go env GOMODCACHE)/github.com/ray-project/kuberay/ray-operator@$KUBERAY_VERSION/config/crd/bases
+KUBERAY_VERSION=${KUBERAY_VERSION:-v1.5.0}
+KUBERAY_BIN=$CACHE_ROOT/bin/kuberay-$KUBERAY_VERSION/ray-operator
+build_kuberay() {
+  [ -x "$KUBERAY_BIN" ] && { log "ray-operator $KUBERAY_VERSION: cached"; return; }
+  local dir=$SRC_DIR/kuberay-$KUBERAY_VERSION
+  mkdir -p "$dir" "$(dirname "$KUBERAY_BIN")"
+  if [ ! -f "$dir/.resolved" ]; then
+    printf 'module kubemaas.local/kuberaybuild\n\ngo 1.25.0\n\nrequire github.com/ray-project/kuberay/ray-operator %s\n' \
+      "$KUBERAY_VERSION" >"$dir/go.mod"
+    printf '//go:build tools\n\npackage kuberaybuild\n\nimport _ "github.com/ray-project/kuberay/ray-operator"\n' >"$dir/tools.go"
+    (cd "$dir" && GOWORK=off go mod tidy -e >&2)
+    touch "$dir/.resolved"
+  fi
+  log "building ray-operator $KUBERAY_VERSION (cold: about 20 minutes on 2 cores)"
+  (cd "$dir" && GOWORK=off go build -ldflags "-s -w" -o "$KUBERAY_BIN" github.com/ray-project/kuberay/ray-operator)
+}
+
 build_all() {
   mkdir -p "$BIN_DIR" "$SRC_DIR"
   build_etcd
@@ -143,4 +163,6 @@ build_all() {
   log "binaries in $BIN_DIR"
 }
 
-if [ "${BASH_SOURCE[0]}" = "$0" ]; then build_all; fi
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  if [ "${1:-}" = kuberay ]; then mkdir -p "$SRC_DIR"; build_kuberay; else build_all; fi
+fi

@@ -16,6 +16,9 @@ CONTAINERD_SOCK=$NODE/containerd.sock
 # The light images' dependencies (hack/images --light): this checkout's installed packages,
 # mounted read-only at /opt/kubemaas/deps in every container of the node.
 NODE_DEPS=${KUBEMAAS_NODE_DEPS:-$REPO_DIR/.venv/lib/python3.11/site-packages}
+# and runtime-vllm's (hack/images --light runtime-vllm): the vLLM venv's (hack/vllm-venv), at
+# /opt/kubemaas/deps-vllm. Left out (with a note) where that venv is not built.
+NODE_DEPS_VLLM=${KUBEMAAS_NODE_DEPS_VLLM:-${KUBEMAAS_VLLM_VENV:-${KUBEMAAS_CACHE:-$HOME/.cache/kubemaas}/venv-vllm}/lib/python3.11/site-packages}
 NODE_COMPONENTS=(containerd kubelet kube-proxy)
 
 host_ip() { # the address pods reach the API server on (and the node's InternalIP)
@@ -92,15 +95,19 @@ EOF
   chmod 600 "$NODE/$1.kubeconfig"
 }
 
-# containerd's default OCI spec plus the light images' read-only dependency mount.
+# containerd's default OCI spec plus the light images' read-only dependency mounts.
 write_base_spec() {
+  local vllm_deps=""
+  if [ -d "$NODE_DEPS_VLLM" ]; then vllm_deps=$NODE_DEPS_VLLM
+  else log "no $NODE_DEPS_VLLM: the light runtime-vllm image will not find vLLM (hack/vllm-venv builds it)"; fi
   ctr oci spec | python3 -c '
 import json, sys
 spec = json.load(sys.stdin)
-deps = sys.argv[1]
-spec["mounts"].append({"destination": "/opt/kubemaas/deps", "type": "bind", "source": deps,
-                       "options": ["rbind", "ro", "nosuid", "nodev"]})
-json.dump(spec, sys.stdout, indent=1)' "$NODE_DEPS" >"$NODE/base-spec.json"
+for source, destination in zip(sys.argv[1:], ["/opt/kubemaas/deps", "/opt/kubemaas/deps-vllm"]):
+    if source:
+        spec["mounts"].append({"destination": destination, "type": "bind", "source": source,
+                               "options": ["rbind", "ro", "nosuid", "nodev"]})
+json.dump(spec, sys.stdout, indent=1)' "$NODE_DEPS" "$vllm_deps" >"$NODE/base-spec.json"
 }
 
 write_node_config() {

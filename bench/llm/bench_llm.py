@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import datetime
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -173,7 +174,7 @@ def start_llama_cpp(gguf: Path, log) -> tuple[subprocess.Popen, str, str]:
 
 # -- vLLM: this runtime's --engine vllm, its --engine builtin and vLLM's own server, all on
 # the same transformers directory (hack/smollm2-transformers) -------------------------------
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "HF_HUB_OFFLINE": "1"}
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
 
 
 def smollm2_dir() -> Path:
@@ -206,13 +207,24 @@ def start_runtime_on_dir(engine: str, log) -> tuple[subprocess.Popen, str, str]:
     return process, url, "smollm2"
 
 
+def vllm_version() -> str:
+    try:
+        python = vllm_python()
+    except RuntimeError as exc:
+        return str(exc)
+    out = subprocess.run([python, "-c", ("import vllm, torch; print(vllm.__version__, "
+                          "'torch', torch.__version__)")], capture_output=True, text=True,
+                         check=False)
+    return out.stdout.strip() or "unknown"
+
+
 def start_vllm_server(log) -> tuple[subprocess.Popen, str, str]:
     """vLLM's own OpenAI server, same venv, directory, dtype (fp32, as the runtime serves
     --quantization none) and limits."""
     port = free_port()
     process = subprocess.Popen(
-        [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model",
-         str(smollm2_dir()), "--served-model-name", "smollm2", "--dtype", "float32",
+        [str(Path(vllm_python()).with_name("vllm")), "serve", str(smollm2_dir()),
+         "--served-model-name", "smollm2", "--dtype", "float32",
          "--max-num-seqs", "32", "--max-model-len", "2048", "--host", "127.0.0.1",
          "--port", str(port), "--disable-log-stats"],
         env={**os.environ, **VLLM_ENV}, stdout=log, stderr=subprocess.STDOUT)
@@ -301,6 +313,147 @@ def measure(name: str, start, max_tokens: int, rows: list, ref: Reference) -> No
                 process.kill()
 
 
+# -- --vllm-compare: the front's cost against vLLM's own server (docs/runtime.md, "Engines") --
+COMPARE_STREAMS = (1, 8, 32)
+COMPARE_TOKENS = (64, 256)
+QUICK_STREAMS = (1, 8)
+QUICK_TOKENS = (16,)
+COMPARE_SERVERS = (("vllm-engine", "kubemaas --engine vllm"),
+                   ("builtin", "kubemaas --engine builtin"),
+                   ("vllm-server", "vllm serve (vLLM's own OpenAI server)"))
+
+
+async def openai_stream(client, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed chat request through the official openai client: its time to first token,
+    the gaps between the chunks that carry text after it (inter-token latency), and the
+    completion tokens the server counted (stream_options.include_usage)."""
+    started = time.perf_counter()
+    stamps: list[float] = []
+    tokens = None
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+        temperature=0, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.perf_counter())
+    if not stamps:
+        raise RuntimeError(f"a stream carried no text ({tokens} tokens)")
+    return {"ttft": stamps[0] - started, "itl": [b - a for a, b in itertools.pairwise(stamps)],
+            "tokens": tokens if tokens is not None else len(stamps)}
+
+
+async def openai_load(url: str, model: str, streams: int, max_tokens: int) -> dict:
+    """``streams`` concurrent streams of ``max_tokens`` tokens each (one warm-up request
+    first): tok/s over the round's wall time, TTFT and ITL p50/p99 in ms."""
+    import openai
+
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(limits=limits, timeout=900) as http:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                    http_client=http)
+        await openai_stream(client, model, PROMPTS[0], 4)
+        started = time.perf_counter()
+        results = await asyncio.gather(*(openai_stream(client, model, PROMPTS[i % len(PROMPTS)],
+                                                       max_tokens) for i in range(streams)))
+        wall = time.perf_counter() - started
+    tokens = sum(r["tokens"] for r in results)
+    if tokens != streams * max_tokens:
+        raise RuntimeError(f"{tokens} tokens, not {streams} x {max_tokens} (ignore_eos)")
+    ttfts = [r["ttft"] for r in results]
+    itls = [gap for r in results for gap in r["itl"]]
+    return {"tps": tokens / wall, "ttft50": pct(ttfts, 50), "ttft99": pct(ttfts, 99),
+            "itl50": pct(itls, 50), "itl99": pct(itls, 99)}
+
+
+def compare_table(results: dict, streams: tuple, tokens: tuple,
+                  servers: tuple = tuple(k for k, _ in COMPARE_SERVERS)) -> list[str]:
+    """The measured rows, then the ratios of this runtime's two engines to vLLM's own server
+    (tok/s: higher is better, 1.00 = the same; TTFT and ITL: lower is better)."""
+    lines = [("| server | streams | new tokens | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
+             "ITL p99 ms |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, name in COMPARE_SERVERS:
+        if key not in servers:
+            continue
+        for n in tokens:
+            for c in streams:
+                r = results.get((key, c, n))
+                if r is None:
+                    lines.append(f"| {name} | {c} | {n} | failed | | | | |")
+                    continue
+                lines.append(f"| {name} | {c} | {n} | {r['tps']:.1f} | {r['ttft50']:.0f} | "
+                             f"{r['ttft99']:.0f} | {r['itl50']:.1f} | {r['itl99']:.1f} |")
+    lines += ["", ("| ratio to vllm serve | streams | new tokens | tok/s | TTFT p50 | TTFT p99 | "
+              "ITL p50 | ITL p99 |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, name in COMPARE_SERVERS[:2]:
+        if key not in servers:
+            continue
+        for n in tokens:
+            for c in streams:
+                mine, theirs = results.get((key, c, n)), results.get(("vllm-server", c, n))
+                if mine is None or theirs is None:
+                    lines.append(f"| {name} | {c} | {n} | n/a | | | | |")
+                    continue
+                ratios = [mine[k] / theirs[k] for k in ("tps", "ttft50", "ttft99", "itl50", "itl99")]
+                lines.append(f"| {name} | {c} | {n} | " + " | ".join(f"{x:.2f}x" for x in ratios)
+                             + " |")
+    return lines
+
+
+def vllm_compare(args) -> int:
+    """In one run, each server in turn (one at a time, on the same transformers directory,
+    fp32, the same prompts and limits): every (streams, new tokens) level against it. Returns
+    the exit status: 1 if a server could not start or a level failed."""
+    streams = QUICK_STREAMS if args.quick else COMPARE_STREAMS
+    tokens = QUICK_TOKENS if args.quick else COMPARE_TOKENS
+    starts = {"vllm-engine": lambda log: start_runtime_on_dir("vllm", log),
+              "builtin": lambda log: start_runtime_on_dir("builtin", log),
+              "vllm-server": start_vllm_server}
+    wanted = args.servers.split(",")
+    results: dict = {}
+    failed = False
+    for key, name in COMPARE_SERVERS:
+        if key not in wanted:
+            continue
+        with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as log:
+            started = time.perf_counter()
+            try:
+                process, url, model = starts[key](log)
+            except Exception as exc:  # noqa: BLE001 - reported, the others still run
+                print(f"{name}: could not start ({exc}); log {log.name}", flush=True)
+                failed = True
+                continue
+            print(f"{name}: ready in {time.perf_counter() - started:.0f} s", flush=True)
+            try:
+                for n in tokens:
+                    for c in streams:
+                        try:
+                            r = asyncio.run(openai_load(url, model, c, n))
+                        except Exception as exc:  # noqa: BLE001
+                            print(f"{name} streams={c} tokens={n}: failed ({type(exc).__name__}: "
+                                  f"{exc}); log {log.name}", flush=True)
+                            failed = True
+                            continue
+                        results[(key, c, n)] = r
+                        print(f"{name} streams={c} tokens={n}: {r['tps']:.1f} tok/s, TTFT p50 "
+                              f"{r['ttft50']:.0f} ms p99 {r['ttft99']:.0f} ms, ITL p50 "
+                              f"{r['itl50']:.1f} ms p99 {r['itl99']:.1f} ms", flush=True)
+            finally:
+                process.terminate()
+                try:
+                    process.wait(60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+    print()
+    print("\n".join(compare_table(results, streams, tokens, tuple(wanted))))
+    print(f"\nsmollm2 transformers directory (fp32), {len(PROMPTS)} chat prompts, greedy, "
+          f"ignore_eos; official openai client {__import__('openai').__version__}, streaming; "
+          f"VLLM_CPU_KVCACHE_SPACE={VLLM_ENV['VLLM_CPU_KVCACHE_SPACE']}")
+    return 1 if failed else 0
+
+
 def versions() -> str:
     import transformers
 
@@ -325,7 +478,21 @@ def main() -> None:
                              "runtime, --engine vllm), builtin-dir (--engine builtin), "
                              "vllm-server (vLLM's own OpenAI server)")
     parser.add_argument("--no-runtime", action="store_true", help="measure the peers only")
+    parser.add_argument("--vllm-compare", action="store_true",
+                        help="instead: this runtime with --engine vllm and --engine builtin "
+                             "against `vllm serve`, 1/8/32 streams x 64/256 new tokens, with "
+                             "the official openai client; tok/s, TTFT and ITL p50/p99 and the "
+                             "ratios to vLLM's own server")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --vllm-compare: 1 and 8 streams of 16 new tokens")
+    parser.add_argument("--servers", default=",".join(k for k, _ in COMPARE_SERVERS),
+                        help="with --vllm-compare: which of vllm-engine, builtin, vllm-server")
     args = parser.parse_args()
+    if args.vllm_compare:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        print(versions(), flush=True)
+        print(f"vllm {vllm_version()}", flush=True)
+        sys.exit(vllm_compare(args))
     gguf = gguf_path()
     # as many threads as the CPUs this process may use (`taskset -c 0 bench/llm/run` for one),
     # the rule the runtime applies to itself (device.available_cpus)

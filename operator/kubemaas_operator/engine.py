@@ -41,28 +41,31 @@ def tensor_parallel_size(ms: ModelService) -> int:
     return ms.spec.runtime.tensor_parallel_size or max(ms.spec.resources.gpu.count, 1)
 
 
-def multi_node_refusal(ms: ModelService, variant: Variant) -> str | None:
-    """A replica over several nodes needs a multi-node child (LeaderWorkerSet or a RayCluster)
-    that this operator version does not create: refused before any pod, never half-placed."""
+def multi_node_refusal(ms: ModelService, variant: Variant, enabled: bool = False) -> str | None:
+    """A replica over several nodes is a RayCluster (multinode.py) where the operator's
+    multiNode switch is on; off, it is refused before any pod, never half-placed."""
     nodes = ms.spec.resources.gpu.nodes
-    if nodes <= 1:
+    if nodes <= 1 or enabled:
         return None
     return (f"Variant {variant.name}: resources.gpu.nodes {nodes} asks for one replica across "
-            f"{nodes} nodes, and this operator version has no multi-node child (LeaderWorkerSet "
-            "or a RayCluster) to run it: use gpu.nodes 1 (GPUs with more memory, more GPUs per "
-            "node or a smaller quantization). No pod was created for it.")
+            f"{nodes} nodes, and this operator runs no multi-node child: enable multiNode in the "
+            "chart (it needs KubeRay installed) or use gpu.nodes 1 (GPUs with more memory, more "
+            "GPUs per node or a smaller quantization). No pod was created for it.")
 
 
 def engine_refusal(ms: ModelService, variant: Variant) -> str | None:
     """Why the variant's engine cannot run on its pod's GPUs, phrased for a person, or None."""
     gpus = ms.spec.resources.gpu.count
-    if resolved_engine(ms, variant) != "builtin" or gpus <= 1:
+    nodes = ms.spec.resources.gpu.nodes
+    if resolved_engine(ms, variant) != "builtin" or gpus * nodes <= 1:
         return None
+    where = f"pod's {gpus} GPUs (resources.gpu.count)" if nodes == 1 else \
+        f"{nodes} nodes (resources.gpu.nodes), {gpus} GPUs each"
     asked = ms.spec.engine_of(variant)
     which = "engine builtin" if asked == "builtin" else "engine auto, which takes builtin here,"
     model = ms.spec.model
     vllm_can = model.format == "transformers" and model.task == "text-generation"
     note = "" if vllm_can else " (engine vllm needs model.format transformers, task text-generation)"
     return (f"Variant {variant.name}: {which} runs a model on one GPU and cannot split it over the "
-            f"pod's {gpus} GPUs (resources.gpu.count): use engine: vllm or one GPU{note}. "
+            f"{where}: use engine: vllm or one GPU{note}. "
             "No pod was created for it.")

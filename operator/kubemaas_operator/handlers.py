@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +25,7 @@ from kubemaas_operator import gpufit, metrics, policy
 from kubemaas_operator.api import Condition, ModelService, ModelServiceStatus, describe_errors
 from kubemaas_operator.api.constants import GROUP, KIND, PLURAL, VERSION
 from kubemaas_operator.builders import PinnedImages
+from kubemaas_operator.builders.raycluster import GROUP_LABEL
 from kubemaas_operator.diffbase import LeanDiffBaseStorage
 from kubemaas_operator.events import post_event
 from kubemaas_operator.kube import KubeClient, load_api_client
@@ -103,6 +105,17 @@ async def pod_index(namespace, labels, body, **_):
                                             "status": dict(body.get("status", {}))}}
 
 
+# The workers of a group over several nodes (builders/raycluster) carry no modelservice label (no
+# Service sends them requests) but kubemaas.io/group-of: status counts them with the head.
+WORKER = {GROUP_LABEL: kopf.PRESENT, MODELSERVICE_LABEL: kopf.ABSENT}
+
+
+@kopf.index("", "v1", "pods", labels=WORKER)
+async def worker_pod_index(namespace, labels, body, **_):
+    return {(namespace or "", labels[GROUP_LABEL]): {"metadata": {"labels": dict(labels)},
+                                                    "status": dict(body.get("status", {}))}}
+
+
 def _controller(meta) -> tuple[str, str, str]:
     """(uid, kind, name) of an object's controller, or empty strings."""
     for ref in meta.get("ownerReferences") or ():
@@ -147,9 +160,29 @@ def _gpu_nodes(node_index) -> tuple[gpufit.GpuNode, ...] | None:
 
 
 def _indexes(kw: dict) -> Indexes:
-    return Indexes(kw["modelservice_index"], kw["deployment_index"], kw["pod_index"],
+    return Indexes(kw["modelservice_index"], kw["deployment_index"],
+                   _Joined(kw["pod_index"], kw["worker_pod_index"]),
                    {"Deployment": kw["deployment_names"], "Service": kw["service_names"]},
                    _gpu_nodes(kw["node_index"]))
+
+
+class _Joined(Mapping):
+    """Two pod indexes read as one (heads and one-node pods, then group workers)."""
+
+    def __init__(self, *indexes: Mapping) -> None:
+        self._indexes = indexes
+
+    def __getitem__(self, key: Any) -> list:
+        found = [pod for index in self._indexes for pod in index.get(key, ())]
+        if not found:
+            raise KeyError(key)
+        return found
+
+    def __iter__(self) -> Iterator:
+        return iter({k for index in self._indexes for k in index})
+
+    def __len__(self) -> int:
+        return len({k for index in self._indexes for k in index})
 
 
 # --- the ModelService itself: one shared path ----------------------------------------------
@@ -233,8 +266,11 @@ async def reconcile_modelservice(body, reason, memo, **kw) -> None:
 
 
 def _rollout_moving(status, **_) -> bool:
+    """A canary moving, or groups (RayClusters) rolling: each step waits on pods, not on a
+    controller of its own."""
     rollout = (status or {}).get("rollout") or {}
-    return rollout.get("strategy") == "Canary" and rollout.get("phase") == "Progressing"
+    grouped = any(v.get("groups") is not None for v in (status or {}).get("variants") or ())
+    return (rollout.get("strategy") == "Canary" or grouped) and rollout.get("phase") == "Progressing"
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=CANARY_TICK_SECONDS, when=_rollout_moving)
@@ -265,6 +301,14 @@ async def child_event(namespace, labels, memo, **kw) -> None:
     handler never waits: kopf's per-object worker holds the whole event until it returns."""
     indexes = _indexes(kw)
     key = _owner_key(namespace, labels)
+    if indexes.parent(key) is not None:
+        memo.refresher.touch(key, indexes)
+
+
+@kopf.on.event("", "v1", "pods", labels=WORKER)
+async def worker_event(namespace, labels, memo, **kw) -> None:
+    indexes = _indexes(kw)
+    key = (namespace or "", labels[GROUP_LABEL])
     if indexes.parent(key) is not None:
         memo.refresher.touch(key, indexes)
 

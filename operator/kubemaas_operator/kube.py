@@ -47,6 +47,7 @@ KINDS: dict[str, Kind] = {
         Kind("kubemaas.io/v1alpha1", "ModelService", "modelservices"),
         Kind("apps/v1", "ReplicaSet", "replicasets"),
         Kind("v1", "Pod", "pods"),
+        Kind("ray.io/v1", "RayCluster", "rayclusters"),
     )
 }
 

@@ -18,6 +18,7 @@ from typing import Literal
 
 from kubemaas_operator.api import (
     Condition,
+    GroupStatus,
     ModelServiceStatus,
     VariantStatus,
     format_variant_summary,
@@ -27,6 +28,7 @@ from kubemaas_operator.builders.image import RuntimeImages
 from kubemaas_operator.builders.layout import VariantLayout
 from kubemaas_operator.builders.naming import VARIANT_LABEL
 from kubemaas_operator.builders.revision import REVISION_LABEL
+from kubemaas_operator.multinode import ObservedGroup, observed_groups
 from kubemaas_operator.redact import safe_termination_line
 
 _CAMEL_REASON = re.compile(r"^([A-Z][A-Za-z0-9]+):\s*(.*)$", re.DOTALL)
@@ -181,10 +183,40 @@ class _Counts:
         return sum(self.ready.values())
 
 
+def _groups_of(obs: Observation, variant: str) -> list[ObservedGroup]:
+    return [g for g in observed_groups((), obs.pods) if g.variant == variant]
+
+
+def _count_groups(counts: _Counts, obs: Observation, plan: VariantLayout) -> None:
+    """A variant over several nodes: replicas are groups, a group is ready when all its pods
+    are; rolled out when every group the plan writes is ready and no earlier one is left."""
+    groups = _groups_of(obs, plan.name)
+    wanted = set(plan.groups or ())
+    counts.replicas += len(groups)
+    counts.ready[plan.name] = sum(g.ready(plan.nodes) for g in groups)
+    counts.canary_ready[plan.name] = 0
+    counts.desired += plan.replicas
+    current = sum(1 for g in groups if g.name in wanted and g.ready(plan.nodes))
+    counts.rolled_out &= current >= plan.replicas and all(g.name in wanted for g in groups)
+
+
+def _group_statuses(obs: Observation, plan: VariantLayout) -> list[GroupStatus] | None:
+    if plan.groups is None:
+        return None
+    seen = {g.name: g for g in _groups_of(obs, plan.name)}
+    for name in plan.groups:
+        seen.setdefault(name, ObservedGroup(name, plan.name, plan.revision))
+    return [GroupStatus(name=g.name, revision=g.revision, nodes=g.pods, ready_nodes=g.ready_pods,
+                        ready=g.ready(plan.nodes)) for g in sorted(seen.values(), key=lambda g: g.name)]
+
+
 def _count(obs: Observation) -> _Counts:
     counts = _Counts()
     planned = set()
     for plan in obs.variants:
+        if plan.groups is not None:
+            _count_groups(counts, obs, plan)
+            continue
         replicas, ready, rolled_out = _deployment_counts(
             obs.deployments.get(plan.deployment), obs.applied_generations.get(plan.deployment, 0))
         counts.rolled_out &= rolled_out or plan.stable_target == 0 and replicas == 0
@@ -221,11 +253,13 @@ def _variant_statuses(obs: Observation, counts: _Counts) -> list[VariantStatus]:
         out.append(VariantStatus(
             name=plan.name, quantization=plan.quantization, weight=plan.weight, replicas=plan.replicas,
             ready_replicas=counts.ready[plan.name], traffic_share=share,
-            revision=plan.revision or None, deployment=plan.deployment if plan.revision else None,
+            revision=plan.revision or None,
             canary_revision=plan.canary_revision, canary_deployment=plan.canary_deployment,
             canary_replicas=plan.canary_replicas if canary else None,
             canary_ready_replicas=counts.canary_ready[plan.name] if canary else None,
             canary_traffic_share=canary_share if canary else None,
+            groups=_group_statuses(obs, plan),
+            deployment=None if plan.groups is not None else (plan.deployment if plan.revision else None),
         ))
     return out
 

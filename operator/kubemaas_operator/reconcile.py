@@ -33,6 +33,7 @@ from kubemaas_operator.builders import (
     service_url,
 )
 from kubemaas_operator.builders.layout import VariantLayout
+from kubemaas_operator.builders.raycluster import GROUP_LABEL
 from kubemaas_operator.engine import (
     ENGINE_REASON,
     MULTI_NODE_REASON,
@@ -47,6 +48,14 @@ from kubemaas_operator.kube import (
     KubeClient,
     NamespaceTerminating,
 )
+from kubemaas_operator.multinode import (
+    CONTROLLER_MISSING_MESSAGE,
+    CONTROLLER_MISSING_REASON,
+    ObservedGroup,
+    is_multi_node,
+    observed_groups,
+    plan_groups,
+)
 from kubemaas_operator.observe import Observation, Problem, compute_status
 from kubemaas_operator.rollout import ObservedDeployment, RolloutPlan, plan_rollout
 from kubemaas_operator.settings import OperatorSettings
@@ -59,6 +68,7 @@ _NOT_INSTALLED_REASONS = {
     "HTTPRoute": ("GatewayAPINotInstalled", ("spec.gateway is set but the Gateway API CRDs "
                   "(httproutes.gateway.networking.k8s.io) are not installed: install them or "
                   "remove spec.gateway.")),
+    "RayCluster": (CONTROLLER_MISSING_REASON, CONTROLLER_MISSING_MESSAGE),
     "InferencePool": ("InferencePoolNotInstalled", ("spec.routing is inferencePool but the Gateway API "
                       "Inference Extension CRDs (inferencepools.inference.networking.k8s.io) are not "
                       "installed: install them (hack/inference-extension crds) or remove spec.routing.")),
@@ -100,12 +110,13 @@ class Plan:
 VARIANT_REFUSAL_REASONS = frozenset({MULTI_NODE_REASON, ENGINE_REASON, gpufit.FIT_REASON})
 
 
-def refused_variants(ms: ModelService, fits: Sequence[gpufit.VariantFit]) -> dict[str, Problem]:
+def refused_variants(ms: ModelService, fits: Sequence[gpufit.VariantFit],
+                     multi_node: bool = False) -> dict[str, Problem]:
     """The variants that get no pods, each with why: a replica over several nodes first, then an
     engine that cannot use the pod's GPUs, then a memory estimate no GPU holds."""
     out: dict[str, Problem] = {}
     for variant in ms.spec.variants:
-        if why := multi_node_refusal(ms, variant):
+        if why := multi_node_refusal(ms, variant, multi_node):
             out[variant.name] = Problem(MULTI_NODE_REASON, why)
         elif why := engine_refusal(ms, variant):
             out[variant.name] = Problem(ENGINE_REASON, why)
@@ -125,16 +136,21 @@ def _one_problem(refused: dict[str, Problem]) -> Problem | None:
 
 def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedImages | None,
            observed: Sequence[ObservedDeployment] = (), record: ModelServiceStatus | None = None,
-           now: datetime | None = None, gpu_nodes: Sequence[gpufit.GpuNode] | None = None) -> Plan:
+           now: datetime | None = None, gpu_nodes: Sequence[gpufit.GpuNode] | None = None,
+           groups: Sequence[ObservedGroup] = ()) -> Plan:
     """The children to write for ``ms`` now. ``observed`` (its Deployments as watched) and
     ``record`` (the rollout as status last recorded it) decide a canary's progress;
-    ``gpu_nodes`` (the cluster's GPUs; None: unknown) which variants no GPU can hold."""
+    ``gpu_nodes`` (the cluster's GPUs; None: unknown) which variants no GPU can hold;
+    ``groups`` (the RayClusters of a variant over several nodes, with their pods) how far its
+    groups have rolled (multinode.py)."""
     image = choose_runtime_images(ms, pinned_image or PinnedImages(), operator_images(settings))
     rollout = plan_rollout(ms, image, observed, record, now or datetime.now(UTC))
     fits = gpufit.plan_fit(ms, gpu_nodes, settings.gpu_memory_label)
     # A refused variant gets no Deployment written (none created: no Pending pod, no pod that
     # fails at start); one that already runs an earlier revision is left as it is, serving.
-    refused = refused_variants(ms, fits)
+    refused = refused_variants(ms, fits, settings.multi_node)
+    if is_multi_node(ms, settings):
+        rollout = replace(rollout, variants=_group_layouts(ms, rollout.variants, refused, groups))
     withheld = gpufit.withheld_deployments(refused, rollout.variants)
     children = tuple(c for c in build_children(ms, settings, runtime_image=image, layouts=rollout.variants)
                      if not (c["kind"] == "Deployment" and c["metadata"]["name"] in withheld))
@@ -151,6 +167,28 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedIma
         gateway=ms.spec.gateway is not None,
         refusal=ROUTING_DISABLED if ms.spec.routing and not settings.endpoint_picker_image else None,
     )
+
+
+def _group_layouts(ms: ModelService, layouts: Sequence[VariantLayout], refused: dict[str, Problem],
+                   groups: Sequence[ObservedGroup]) -> tuple[VariantLayout, ...]:
+    """Each variant as groups (RayClusters) instead of Deployments; a refused variant writes
+    none and keeps the groups it has, serving."""
+    variants = {v.name: v for v in ms.spec.variants}
+    out = []
+    for lay in layouts:
+        stable = replace(lay.stable, replicas=lay.replicas, apply=True)
+        if lay.name in refused:
+            kept = tuple(g.name for g in groups if g.variant == lay.name)
+            out.append(replace(lay, stable=stable, canary=None, canary_weight=0, groups=(), keep=kept,
+                           nodes=ms.spec.resources.gpu.nodes))
+            continue
+        # the revision the spec asks for now: a canary's, else the stable one
+        revision = lay.canary.revision if lay.canary else lay.stable.revision
+        stable = replace(stable, revision=revision)
+        plan = plan_groups(ms, variants[lay.name], lay.replicas, revision, groups)
+        out.append(replace(lay, stable=stable, canary=None, canary_weight=0, groups=plan.apply, keep=plan.keep,
+                           nodes=ms.spec.resources.gpu.nodes))
+    return tuple(out)
 
 
 def rollout_status(plan: Plan) -> RolloutStatus:
@@ -183,7 +221,7 @@ def stale_children(desired: tuple[dict, ...], observed: list[dict], uid: str,
     """Owned children (by controller reference) that the spec no longer asks for; Deployments
     named in ``keep`` (a stable one being scaled, earlier revisions still serving) stay."""
     wanted = {(c["kind"], c["metadata"]["name"]) for c in desired}
-    wanted |= {("Deployment", name) for name in keep}
+    wanted |= {(kind, name) for name in keep for kind in ("Deployment", "RayCluster")}
     out = []
     for obj in observed:
         owned = any(r.get("uid") == uid and r.get("controller")
@@ -252,7 +290,8 @@ class Reconciler:
         key = (ms.namespace, ms.name)
         with self.lock(key):
             record = _parsed(self.last_status(key, status))
-            plan = decide(ms, self.settings, pinned_image, observed, record, gpu_nodes=gpu_nodes)
+            plan = decide(ms, self.settings, pinned_image, observed, record, gpu_nodes=gpu_nodes,
+                          groups=self._groups(ms))
             previous = self.applied.get(key) if only_changes else None
             last = self.applied.get(key)
             generations = dict(last.generations) if last else {}
@@ -271,6 +310,16 @@ class Reconciler:
             if then is not None:
                 then(moved)
         return plan, problem or plan.refused
+
+    def _groups(self, ms: ModelService) -> tuple[ObservedGroup, ...]:
+        """The RayClusters of a ModelService over several nodes, with their pods (two LISTs,
+        only for such a ModelService; none where KubeRay is not installed)."""
+        if not is_multi_node(ms, self.settings):
+            return ()
+        selector = selector_string(ms.name)
+        clusters = self.kube.list("RayCluster", ms.namespace, selector)
+        pods = self.kube.list("Pod", ms.namespace, f"{GROUP_LABEL}={ms.name}")
+        return observed_groups(clusters, pods)
 
     def _apply(self, plan: Plan, digests: dict[tuple[str, str], str], generations: dict[str, int],
                prune: bool, previous: Applied | None, owners: Owners, moved: dict[str, dict]) -> None:
@@ -297,7 +346,8 @@ class Reconciler:
             generations.pop(name, None)
         if not prune or (previous is not None and _same_shape(previous, plan, digests)):
             return
-        kinds = OWNED_KINDS + (ROUTING_KINDS if self.settings.endpoint_picker_image else ())
+        kinds = OWNED_KINDS + (ROUTING_KINDS if self.settings.endpoint_picker_image else ()) \
+            + (("RayCluster",) if self.settings.multi_node else ())
         observed = [dict(obj, kind=kind) for kind in kinds
                     for obj in self.kube.list(kind, ns, plan.selector)]
         for obj in stale_children(plan.children, observed, plan.uid, plan.keep):

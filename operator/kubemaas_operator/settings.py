@@ -130,6 +130,13 @@ class OperatorSettings(BaseModel):
                      "InferenceRoutingDisabled (the chart's inferenceRouting.enabled sets it and "
                      "grants what it needs)."),
     )
+    multi_node: bool = Field(
+        default=False,
+        description=("The switch for resources.gpu.nodes > 1: render each replica of such a variant "
+                     "as a KubeRay RayCluster (ray.io/v1). Off: such a variant is refused "
+                     "(MultiNodeNotSupported); on without the KubeRay CRDs: MultiNodeControllerMissing "
+                     "(the chart's multiNode.enabled sets it and grants RBAC on rayclusters)."),
+    )
     verbose: bool = Field(default=False, description="Debug logging.")
 
     @field_validator("gateway_request_query")

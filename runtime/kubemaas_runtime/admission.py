@@ -5,14 +5,20 @@ budget shared by every request), and only then takes an in-flight slot: so clien
 their bodies slowly hold neither slots nor more memory than they have sent, and
 `kubemaas_inflight_requests` (what the autoscaler reads) counts work the server really has.
 
-Every inference route, v2 and OpenAI-style alike, goes through `Admission.endpoint` (error
-mapping and request metrics), `read_body` and `in_flight`:
+Every inference route, v2 and OpenAI-style alike, tensor and generation alike, goes through
+`Admission.endpoint` (error mapping and request metrics), `read_body` and an in-flight slot:
 
     @admission.endpoint
     async def infer(request, ticket):
         body = await admission.read_body(request, ticket)
         with admission.in_flight():
             ...
+
+A streamed answer (`EventStream`, Server-Sent Events) holds its slot past the handler:
+`ticket.hold_slot()` takes it, and the endpoint frees it, counts and times the request when
+the stream ends: after its last event, when the client goes away, or when the response was
+never sent at all. A stream that ends in an error says so with `outcome.fail(status)`, and is
+counted as that status.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from kubemaas_runtime.errors import (
     InvalidInput,
@@ -40,6 +47,11 @@ from kubemaas_runtime.metrics import BoundMetrics
 
 log = logging.getLogger("kubemaas_runtime")
 JSON = "application/json"
+# Python objects orjson makes per byte of JSON at worst (a one-digit number and its comma
+# become a float object and a list slot): charged to the budget while a JSON part is parsed.
+JSON_EXPANSION = 24
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+CLIENT_GONE = 499  # never sent: recorded in the failure counter only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,14 +71,72 @@ def error_response(exc: BaseException) -> Response:
     return Response(body, status, headers=headers, media_type=JSON)
 
 
-class Ticket:
-    """One request's share of the memory budget, released when its answer is sent."""
+class StreamOutcome:
+    """How a stream ended (200 unless its producer called `fail`), and what to do then:
+    callbacks run exactly once, in order, when `end()` is first called."""
 
-    __slots__ = ("_admission", "charged")
+    def __init__(self) -> None:
+        self.status = 200
+        self._callbacks: list[Callable[[int], None]] = []
+        self._ended = False
+
+    def fail(self, status: int) -> None:
+        self.status = status
+
+    def on_end(self, callback: Callable[[int], None]) -> None:
+        self._callbacks.append(callback)
+
+    def end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        for callback in self._callbacks:
+            try:
+                callback(self.status)
+            except Exception:
+                log.exception("stream end callback failed")
+
+
+class EventStream(StreamingResponse):
+    """A Server-Sent Events answer that stays admitted until it ends (see the module doc).
+
+    `outcome.end()` runs when the response has been sent, when sending it failed or was
+    cancelled (the client left), or, if the response was never called, when it is collected."""
+
+    def __init__(self, events: AsyncIterator[bytes], outcome: StreamOutcome) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.outcome = outcome
+        self._finalizer = weakref.finalize(self, outcome.end)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._finalizer()
+
+
+class Ticket:
+    """One request's share of the memory budget, released when its answer is built, and its
+    in-flight slot when it holds one past the handler (`hold_slot`, for streams)."""
+
+    __slots__ = ("_admission", "charged", "slot")
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
         self.charged = 0
+        self.slot = False
+
+    def hold_slot(self) -> None:
+        """Take an in-flight slot (503 when none is free) until the answer ends: the
+        handler's response, or a stream's last event."""
+        if not self.slot:
+            self._admission._acquire()
+            self.slot = True
+
+    def free_slot(self) -> None:
+        if self.slot:
+            self.slot = False
+            self._admission._release()
 
     def charge(self, size: int) -> None:
         """Take `size` more bytes of the budget, or raise Overloaded (503) when it is spent."""
@@ -139,8 +209,7 @@ class Admission:
             raise ClientGone() from None
         return body
 
-    @contextlib.contextmanager
-    def in_flight(self) -> Iterator[None]:
+    def _acquire(self) -> None:
         """A slot for a request whose body has arrived: 503 when every slot is taken or the
         model's queue is full. Counted in kubemaas_inflight_requests while held."""
         if self._queue_full():
@@ -150,17 +219,36 @@ class Admission:
                              f"{self.limits.max_inflight}); retry later")
         self._inflight += 1
         self._metrics.inflight.inc()
+
+    def _release(self) -> None:
+        self._inflight -= 1
+        self._metrics.inflight.dec()
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """An in-flight slot (`_acquire`) for the duration of the block."""
+        self._acquire()
         try:
             yield
         finally:
-            self._inflight -= 1
-            self._metrics.inflight.dec()
+            self._release()
 
-    def endpoint(self, handler: Callable[[Request, Ticket], Awaitable[Response]]
+    def _count(self, started: float, status: int) -> None:
+        metrics = self._metrics
+        if status != 200:
+            metrics.failure(status)
+        metrics.requests.inc()
+        metrics.duration.observe(time.perf_counter() - started)
+
+    def endpoint(self, handler: Callable[[Request, Ticket], Awaitable[Response]], *,
+                 errors: Callable[[BaseException], Response] | None = None
                  ) -> Callable[[Request], Awaitable[Response]]:
-        """A route from `handler`: domain errors mapped to their status, anything else a 500
-        (logged; the server keeps serving), the request counted and timed, the ticket's share
-        of the budget returned once the answer is built."""
+        """A route from `handler`: domain errors mapped to their status (by `errors`, the v2
+        shape unless given: /v1 answers in OpenAI's), anything else a 500 (logged; the server
+        keeps serving), the request counted and timed, the ticket's share of the budget
+        returned once the answer is built. An `EventStream` answer is counted, and its slot
+        freed, when the stream ends."""
+        answer = errors or error_response
 
         @functools.wraps(handler)
         async def route(request: Request) -> Response:
@@ -169,19 +257,22 @@ class Admission:
             try:
                 response = await handler(request, ticket)
             except RuntimeServeError as exc:
-                response = error_response(exc)
+                response = answer(exc)
             except ClientGone:
-                response = Response(status_code=499)  # never sent: the client is gone
+                response = Response(status_code=CLIENT_GONE)  # never sent: the client is gone
             except Exception as exc:  # a bug or a failing forward: 500, and keep serving
                 log.exception("request failed")
-                response = error_response(exc)
+                response = answer(exc)
             finally:
                 ticket.release()
-            metrics = self._metrics
-            if response.status_code != 200:
-                metrics.failure(response.status_code)
-            metrics.requests.inc()
-            metrics.duration.observe(time.perf_counter() - started)
+            if isinstance(response, EventStream):
+                def end(status: int) -> None:
+                    ticket.free_slot()
+                    self._count(started, status)
+                response.outcome.on_end(end)
+                return response
+            ticket.free_slot()
+            self._count(started, response.status_code)
             return response
 
         return route

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 FORMATS = ("torchscript", "exported-program", "safetensors", "transformers", "gguf")
 TASKS = ("feature-extraction", "text-classification", "text-generation")
+DISTRIBUTED_EXECUTOR_BACKENDS = ("ray", "mp")
 QUANTIZATIONS = ("none", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-weight-only")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("auto", "builtin", "vllm")
@@ -65,6 +66,10 @@ class ServeConfig:
     # model is split over (None: every visible GPU)
     engine: str = "auto"
     tensor_parallel_size: int | None = None
+    # a model larger than one node (docs/runtime.md "Engines and GPUs"): vLLM's stages over
+    # nodes and the executor that reaches them (ray: the RayCluster the operator renders)
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
 
     @property
     def model_path(self) -> Path:
@@ -213,6 +218,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="GPUs one model is split over (tensor parallel), passed to vLLM; default: every "
              "visible GPU (1 on CPU). The builtin engine splits over none: above 1 (or with "
              "several GPUs visible) it fails at start with ModelLoadFailed, for every task")
+    add("--pipeline-parallel-size", type=_positive_int, default=1,
+        help="nodes one model is split over (pipeline parallel, one stage per node), passed to "
+             "vLLM; above 1 needs --engine vllm and --distributed-executor-backend ray (the "
+             "operator sets both for resources.gpu.nodes > 1)")
+    add("--distributed-executor-backend", choices=DISTRIBUTED_EXECUTOR_BACKENDS,
+        help="how vLLM reaches GPUs beyond this process: ray (a Ray cluster this pod joined, "
+             "its head started by KubeRay) or mp (processes on this node); default: vLLM's choice")
     add("--log-level", choices=("debug", "info", "warning", "error"), default="info",
         help="log verbosity")
     _mention_env_vars(parser)
@@ -303,6 +315,9 @@ def parse_serve_config(argv: list[str], env: Mapping[str, str]) -> ServeConfig:
     if ns.max_buffered_bytes < ns.max_request_bytes:
         parser.error(f"--max-buffered-bytes ({ns.max_buffered_bytes}) must be at least "
                      f"--max-request-bytes ({ns.max_request_bytes})")
+    if ns.pipeline_parallel_size > 1 and ns.engine == "builtin":
+        parser.error("--pipeline-parallel-size above 1 needs --engine vllm (the builtin engine "
+                     "runs a model on one device)")
     values = vars(ns)
     if not values["name"]:
         values["name"] = default_model_name(ns.model_uri)

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from kubemaas_runtime.admission import ClientGone, Ticket
+from kubemaas_runtime.admission import JSON_EXPANSION, ClientGone, Ticket
 from kubemaas_runtime.errors import ModelNotFound, ModelNotReady, PayloadTooLarge, RuntimeServeError
 from kubemaas_runtime.generation.openai_api import (
     MAX_CHARS_PER_TOKEN,
@@ -215,9 +215,7 @@ class EmbeddingsService:
     async def _embed(self, request: Request, ticket: Ticket) -> Response:
         state = self.state
         if not state.can_infer:
-            from kubemaas_runtime.server import _not_ready_reason
-
-            raise ModelNotReady(_not_ready_reason(state))
+            raise ModelNotReady(state.not_ready_reason())
         max_json = state.request_limits.max_json_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_json:
@@ -227,8 +225,6 @@ class EmbeddingsService:
             raise _body_too_large("request body", max_json)
         limits = self.limits()
         with self.admission.in_flight():
-            from kubemaas_runtime.server import JSON_EXPANSION
-
             charge = len(body) * JSON_EXPANSION  # the parsed objects, as v2 charges them
             ticket.charge(charge)
             try:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -15,6 +16,9 @@ from kubemaas_runtime.config import ServeConfig
 from kubemaas_runtime.errors import ModelLoadFailed, Overloaded
 from kubemaas_runtime.http_limits import bounded_protocol
 from kubemaas_runtime.termination import write_termination_log
+
+if TYPE_CHECKING:
+    from kubemaas_runtime.generation.model import GenerativeBase
 
 log = logging.getLogger("kubemaas_runtime")
 QUEUE_REJECT_MARGIN_S = 1.0
@@ -131,12 +135,18 @@ def _build_state(config: ServeConfig):
         max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
         kv_cache_tokens=config.kv_cache_tokens, kv_cache_memory=config.kv_cache_memory,
         max_num_batched_tokens=config.max_num_batched_tokens, max_queue=config.max_queue)
-    model: Model
+    if config.pipeline_parallel_size > 1 and choice.engine != "vllm":
+        raise ModelLoadFailed(f"--pipeline-parallel-size {config.pipeline_parallel_size} splits the "
+                              f"model over nodes, which only vLLM does ({choice.reason}): serve a "
+                              "transformers model with --engine vllm from the kubemaas-runtime-vllm image")
+    model: Model | GenerativeBase
     if choice.engine == "vllm":
         from kubemaas_runtime.generation.vllm_engine import VllmGenerativeModel, VllmSettings
 
         model = VllmGenerativeModel(options, VllmSettings(
             tensor_parallel_size=choice.tensor_parallel_size, max_model_len=config.max_model_len,
+            pipeline_parallel_size=config.pipeline_parallel_size,
+            distributed_executor_backend=config.distributed_executor_backend,
             max_num_seqs=config.max_num_seqs, max_queue=config.max_queue,
             kv_cache_tokens=config.kv_cache_tokens))
     else:

@@ -205,8 +205,9 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
 
 @pytest.mark.parametrize("field, value", [
     ("max_tokens", 0), ("max_completion_tokens", -1), ("temperature", 2.5),
-    ("temperature", -0.1), ("top_p", 0), ("top_p", 1.5), ("n", 2), ("stop", 7),
-    ("seed", "x"), ("stream", "yes"), ("logprobs", True), ("presence_penalty", 1.0),
+    ("temperature", -0.1), ("top_p", 0), ("top_p", 1.5), ("n", 0), ("n", 17), ("stop", 7),
+    ("seed", "x"), ("stream", "yes"), ("logprobs", "yes"), ("top_logprobs", 21),
+    ("presence_penalty", 2.5), ("frequency_penalty", -3), ("top_k", 0.5),
 ])
 def test_bad_parameters_are_400_naming_them(server, field, value):
     error, _ = openai_error(server, "/v1/chat/completions", {**CHAT, field: value}, 400)

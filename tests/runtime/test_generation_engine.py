@@ -12,7 +12,13 @@ from kubemaas_runtime.errors import InvalidInput, Overloaded
 from kubemaas_runtime.generation.causal_lm import CausalLM
 from kubemaas_runtime.generation.detokenize import REPLACEMENT, IncrementalText
 from kubemaas_runtime.generation.engine import GenerationEngine
-from kubemaas_runtime.generation.sampling import Sampler, SamplingParams, nucleus
+from kubemaas_runtime.generation.sampling import (
+    SamplingParams,
+    StepSampler,
+    apply_penalties,
+    filter_top_k_top_p,
+    nucleus,
+)
 from kubemaas_runtime.generation.scheduler import ScheduledSequence, Scheduler
 from kubemaas_runtime.metrics import create_metrics
 from transformers import LlamaConfig
@@ -126,15 +132,91 @@ def test_incremental_text_with_a_multibyte_character_split_mid_window():
     assert cut.flush() == REPLACEMENT  # at the end the decoder's rendering is handed out
 
 
-def test_greedy_sampler_is_argmax_and_seeded_sampling_repeats():
-    logits = torch.tensor([0.1, 3.0, 0.2, 2.9])
-    assert Sampler(SamplingParams(max_tokens=1, temperature=0.0))(logits) == 1
-    draws = [[Sampler(SamplingParams(max_tokens=1, temperature=1.5, seed=7))(logits)
-              for _ in range(1)] for _ in range(3)]
-    assert draws[0] == draws[1] == draws[2]
-    first = Sampler(SamplingParams(max_tokens=1, temperature=1.5, seed=7))
-    again = Sampler(SamplingParams(max_tokens=1, temperature=1.5, seed=7))
-    assert [first(logits) for _ in range(20)] == [again(logits) for _ in range(20)]
+def draw(sampler, logits, params_list, steps=1):
+    """`steps` steps of `sampler` over the same logits: each row's tokens."""
+    rows = [sampler.attach(p) for p in params_list]
+    out = [[] for _ in rows]
+    for _ in range(steps):
+        tokens, _ = sampler.sample(logits, rows)
+        for got, token in zip(out, tokens):
+            got.append(token)
+    return out
+
+
+def test_step_sampler_greedy_rows_are_argmax_and_seeded_rows_repeat_in_any_company():
+    logits = torch.tensor([[0.1, 3.0, 0.2, 2.9], [1.0, 0.0, 0.5, 0.9], [0.3, 0.2, 0.1, 0.0]])
+    cpu = torch.device("cpu")
+    seeded = SamplingParams(max_tokens=1, temperature=1.5, seed=7)
+    other = SamplingParams(max_tokens=1, temperature=1.0)
+    greedy_row = SamplingParams(max_tokens=1, temperature=0.0)
+    alone = draw(StepSampler(cpu, 4), logits[:1], [seeded], steps=30)[0]
+    mixed = draw(StepSampler(cpu, 4), logits[[1, 0, 2]], [greedy_row, seeded, other], steps=30)
+    assert mixed[0] == [0] * 30  # greedy: argmax of its row
+    assert mixed[1] == alone  # the seed's draws do not depend on the other rows
+    assert len(set(alone)) > 1  # it does sample (temperature 1.5 over near-equal logits)
+    assert draw(StepSampler(cpu, 4), logits[:1], [
+        SamplingParams(max_tokens=1, temperature=1.5, seed=8)], steps=30)[0] != alone
+
+
+def test_step_sampler_draws_each_token_with_its_probability():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()[None].repeat(8000, 1)
+    sampler = StepSampler(torch.device("cpu"), 1)
+    rows = [sampler.attach(SamplingParams(max_tokens=1, temperature=1.0))] * 8000
+    tokens, _ = sampler.sample(logits, rows)
+    share = torch.bincount(torch.tensor(tokens), minlength=4).float() / 8000
+    assert share.tolist() == pytest.approx(probs.tolist(), abs=0.025)
+
+
+def test_top_k_and_top_p_filter_per_row():
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0]] * 3).log_softmax(-1)
+    kept = filter_top_k_top_p(scores, torch.tensor([2, 0, 1]), torch.tensor([1.0, 0.8, 1.0]))
+    finite = torch.isfinite(kept).tolist()
+    assert finite[0] == [True, True, False, False]  # top_k 2
+    probs = scores[1].exp()  # 0.64, 0.24, 0.09, 0.03: 0.64 + 0.24 reaches 0.8
+    assert finite[1] == [True, True, False, False] and probs[0] < 0.8 < probs[:2].sum()
+    assert finite[2] == [True, False, False, False]  # top_k 1
+    sampler = StepSampler(torch.device("cpu"), 1)
+    hot = SamplingParams(max_tokens=1, temperature=5.0, top_k=1)
+    assert draw(sampler, scores[:1], [hot], steps=20)[0] == [0] * 20
+
+
+def test_penalties_are_openais_and_count_only_generated_tokens():
+    scores = torch.tensor([[3.0, 1.5, 0.8, 0.0]])
+    count = torch.tensor([[2.0, 1.0, 0.0, 0.0]])
+    assert apply_penalties(scores, count, torch.tensor([[0.5]]), torch.tensor([[0.25]])
+                           ).tolist()[0] == pytest.approx([3.0 - 0.5 - 0.5, 1.5 - 0.5 - 0.25,
+                                                           0.8, 0.0])
+    cpu = torch.device("cpu")
+    frequency = SamplingParams(max_tokens=1, temperature=0.0, frequency_penalty=1.0)
+    presence = SamplingParams(max_tokens=1, temperature=0.0, presence_penalty=2.0)
+    plain = SamplingParams(max_tokens=1, temperature=0.0)
+    sampler = StepSampler(cpu, 3)
+    got = draw(sampler, scores.repeat(3, 1), [frequency, presence, plain], steps=5)
+    assert got[0] == [0, 0, 1, 0, 2]  # 3 | 2 vs 1.5 | 1 vs 1.5 | 1 vs .5, .8 | 0 vs .5, .8
+    assert got[1] == [0, 1, 0, 0, 0]  # once a token has been seen it loses 2, once
+    assert got[2] == [0] * 5
+    # a released row starts again from no counts
+    state = sampler.attach(frequency)
+    assert sampler.sample(scores, [state])[0] == [0]
+
+
+def test_logprobs_are_the_raw_log_softmax_of_the_chosen_and_the_top_k():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 0.0, 3.0, 1.0]])
+    sampler = StepSampler(torch.device("cpu"), 2)
+    rows = [sampler.attach(SamplingParams(max_tokens=1, temperature=0.0, logprobs=2,
+                                          frequency_penalty=2.0)),
+            sampler.attach(SamplingParams(max_tokens=1, temperature=0.0))]
+    tokens, logprobs = sampler.sample(logits, rows)
+    want = logits[0].log_softmax(-1)
+    assert tokens == [0, 2] and logprobs[1] is None
+    chosen, top = logprobs[0]
+    assert chosen == pytest.approx(float(want[0]))
+    assert [t for t, _ in top] == [0, 1]
+    assert [v for _, v in top] == pytest.approx(want[:2].tolist())
+    # the second step: the penalty moves the choice, the logprobs stay the model's own
+    tokens, logprobs = sampler.sample(logits, rows)
+    assert tokens[0] == 1 and logprobs[0][0] == pytest.approx(float(want[1]))
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
@@ -438,3 +520,47 @@ def test_allocator_shares_cached_blocks_and_evicts_the_least_recently_released()
     block = off.allocate(1)[0]
     off.register(block, "a")
     assert off.lookup(["a"]) == []  # prefix caching off: nothing is found
+
+
+def test_shared_prefixes_in_a_tight_pool_never_run_out_mid_run():
+    """40 sequences over 5 shared prefixes through a pool of 24 blocks of 4: each admitted
+    sequence holds every block it will need, hits shared, so all finish with `length` (none
+    with an error), each sees exactly its own positions (the fake model checks the pool), and
+    the pool is whole again at the end; while running, what is held never exceeds the pool."""
+    import random
+
+    rng = random.Random(5)
+    prefixes = [[rng.randrange(1, VOCAB) for _ in range(4 * (1 + i % 3))] for i in range(5)]
+    prompts = [prefixes[i % 5] + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 6))]
+               for i in range(40)]
+
+    async def main():
+        engine, _model, metrics = make_engine(max_num_seqs=8, kv_cache_tokens=24 * 4,
+                                             max_queue=64, block_size=4,
+                                             max_num_batched_tokens=8)
+        usage = []
+        publish = engine._publish_gauges
+
+        def watch():
+            usage.append(engine.blocks.usage)
+            publish()
+
+        engine._publish_gauges = watch  # type: ignore[method-assign]
+
+        async def one(i, prompt):
+            await asyncio.sleep(0.002 * (i % 7))
+            return await collect(engine.submit(prompt, greedy(rng.randrange(2, 9),
+                                                              ignore_eos=True)))
+
+        try:
+            results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        finally:
+            engine.stop()
+        return results, engine, metrics, usage
+
+    results, engine, metrics, usage = asyncio.run(main())
+    assert [last.finish_reason for _, last in results] == ["length"] * 40
+    assert engine.blocks.free_blocks == 24 and max(usage) <= 1.0
+    sample = metrics.metrics.registry.get_sample_value
+    assert sample("kubemaas_prefix_cache_hits_total", {"model": "fake",
+                                                       "variant": "default"}) > 0

@@ -7,6 +7,7 @@ against `generate(do_sample=False)` solo, 16-way, staggered and at prefill chunk
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -121,21 +122,26 @@ def check_against_generate(lm, prompt: list[int], tokens: list[int]) -> None:
 
 
 def run_engine(lm, sequences: list[list[int]], max_tokens: int, *, max_num_seqs: int = 16,
-               budget: int = 512, stagger: float = 0.0) -> list[list[int]]:
+               budget: int = 512, stagger: float = 0.0, params=None, chunks: bool = False
+               ) -> list:
+    """Each sequence's generated tokens (greedy unless `params`: one SamplingParams for all,
+    or a list of one per sequence), or with `chunks` its Chunks."""
     async def main():
         engine = GenerationEngine(
             lm, Scheduler(max_num_seqs=max_num_seqs, kv_cache_tokens=64 * 16 * 16,
                           max_queue=64, block_size=16, max_num_batched_tokens=budget),
             max_model_len=256)
         engine.start()
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        each = params if isinstance(params, list) else [params] * len(sequences)
 
         async def one(i, prompt):
             await asyncio.sleep(stagger * i)
-            ids = []
-            async for chunk in engine.submit(prompt, params).chunks():
-                ids += chunk.token_ids
-            return ids
+            got = []
+            asked = each[i] or SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                              ignore_eos=True)
+            async for chunk in engine.submit(prompt, asked).chunks():
+                got += [chunk] if chunks else chunk.token_ids
+            return got
 
         try:
             return await asyncio.gather(*(one(i, p) for i, p in enumerate(sequences)))
@@ -215,3 +221,127 @@ def test_prefix_cache_hits_skip_the_shared_prompt_and_keep_the_answers(lm):
     labels = {"model": "tiny", "variant": "default"}
     assert sample("kubemaas_prefix_cache_hits_total", labels) == 5 * 32  # 2 blocks x 5 later
     assert sample("kubemaas_prefix_cache_queries_total", labels) > 5 * 32
+
+
+# -- sampling features -------------------------------------------------------------------------
+def test_logprobs_of_greedy_tokens_are_the_teacher_forced_log_softmax(lm):
+    batch = prompts(4)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
+    for prompt, chunks in zip(batch, run_engine(lm, batch, 8, params=params, chunks=True)):
+        tokens = [t for c in chunks for t in c.token_ids]
+        entries = [e for c in chunks for e in c.logprobs]
+        assert len(entries) == len(tokens) == 8
+        check_against_generate(lm, prompt, tokens)
+        want = reference_logits(lm, prompt + tokens[:-1])[len(prompt) - 1:].log_softmax(-1)
+        for position, (token, (chosen, top)) in enumerate(zip(tokens, entries)):
+            assert chosen == pytest.approx(float(want[position, token]), abs=1e-4)
+            values, ids = want[position].topk(3)
+            assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
+            assert top[0] == (token, pytest.approx(chosen))
+            gaps = (values[:-1] - values[1:]).tolist()
+            if min(gaps) > NEAR_TIE:
+                assert [t for t, _ in top] == ids.tolist()
+
+
+def test_top_k_one_samples_the_greedy_tokens(lm):
+    batch = prompts(4)
+    params = SamplingParams(max_tokens=10, temperature=1.3, top_k=1, ignore_eos=True)
+    for prompt, tokens in zip(batch, run_engine(lm, batch, 10, params=params)):
+        check_against_generate(lm, prompt, tokens)
+
+
+def penalised_greedy(lm, prompt: list[int], count: int, presence: float, frequency: float
+                     ) -> tuple[list[int], list[float]]:
+    """The reference: a plain forward over prompt + what was generated, OpenAI's penalties
+    (logit - presence * [count > 0] - frequency * count, over the generated tokens), argmax;
+    and each step's top-2 gap."""
+    out, gaps = [], []
+    for _ in range(count):
+        logits = reference_logits(lm, prompt + out)[-1]
+        seen = torch.bincount(torch.tensor(out, dtype=torch.long),
+                              minlength=logits.shape[-1]).float()
+        scores = logits - presence * (seen > 0).float() - frequency * seen
+        top2 = scores.topk(2).values
+        gaps.append(float(top2[0] - top2[1]))
+        out.append(int(scores.argmax()))
+    return out, gaps
+
+
+def test_penalties_change_repeated_tokens_as_openai_defines(lm):
+    batch = prompts(4)
+    settings = [(0.0, 1.5), (1.5, 0.0), (0.5, 0.5), (0.0, 0.0)]
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                             presence_penalty=p, frequency_penalty=f) for p, f in settings]
+    changed = 0
+    for prompt, (p, f), tokens in zip(batch, settings, run_engine(lm, batch, 12, params=params)):
+        want, gaps = penalised_greedy(lm, prompt, 12, p, f)
+        if tokens != want:
+            first = next(i for i, (a, b) in enumerate(zip(tokens, want)) if a != b)
+            assert gaps[first] < NEAR_TIE, (first, tokens, want)
+        changed += want != generate_greedy(lm, prompt, 12)
+    assert changed >= 2  # the penalised rows really repeat less than plain greedy
+
+
+def test_a_seed_repeats_its_tokens_alone_and_in_company(lm):
+    batch = prompts(6)
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=11,
+                            ignore_eos=True)
+    (alone,) = run_engine(lm, batch[:1], 12, params=seeded)
+    (again,) = run_engine(lm, batch[:1], 12, params=seeded)
+    company = [seeded] + [SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)] * 5
+    mixed = run_engine(lm, batch, 12, params=company)
+    assert alone == again == mixed[0]
+    other_seed = dataclasses.replace(seeded, seed=12)
+    assert run_engine(lm, batch[:1], 12, params=other_seed)[0] != alone
+
+
+def test_admission_counts_cached_prefix_blocks_once(lm):
+    """A pool of 4 x 2 private blocks + the 4-block shared prefix (+ 1 spare): too small for 4
+    sequences of 6 blocks each without sharing, enough with it. With the prefix cached, the 4
+    are admitted together (4 decode rows in one step), each holding its whole block table from
+    admission (so none runs out mid-run), and their answers are generate's; with caching off
+    the same pool runs at most 2 at a time."""
+    size = 16
+    system = [(5 * j + 3) % 300 for j in range(4 * size)]
+    # prompt 64 + 3..6 tokens and 20 generated: 87..90 tokens, 6 blocks, 4 of them the prefix
+    questions = [system + [(11 * i + j) % 300 for j in range(3 + i)] for i in range(4)]
+
+    def run(prefix_caching: bool):
+        rows: list[int] = []
+
+        async def main():
+            engine = GenerationEngine(
+                lm, Scheduler(max_num_seqs=8, kv_cache_tokens=(4 + 4 * 2 + 1) * size,
+                              max_queue=64, block_size=size),
+                max_model_len=256, prefix_caching=prefix_caching)
+            step = engine.kv.step
+
+            def counting(decodes, prefills):
+                rows.append(len(decodes))
+                return step(decodes, prefills)
+
+            engine.kv.step = counting  # type: ignore[method-assign]
+            engine.start()
+            params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+            async def one(prompt):
+                chunks = [c async for c in engine.submit(prompt, params).chunks()]
+                return [t for c in chunks for t in c.token_ids], chunks[-1].finish_reason
+
+            try:
+                first = await one(questions[0])  # fills the cache with the prefix
+                rows.clear()
+                rest = await asyncio.gather(*(one(q) for q in questions))
+            finally:
+                engine.stop()
+            return [first, *rest]
+
+        return asyncio.run(main()), max(rows)
+
+    answers, most = run(prefix_caching=True)
+    assert most == 4
+    for prompt, (tokens, reason) in zip([questions[0], *questions], answers):
+        assert reason == "length"
+        check_against_generate(lm, prompt, tokens)
+    answers, most = run(prefix_caching=False)
+    assert most == 2 and all(reason == "length" for _, reason in answers)

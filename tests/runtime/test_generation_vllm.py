@@ -56,7 +56,7 @@ def smollm2_dir() -> Path:
 def reference_run(module_tmp, vllm_python, smollm2_dir):
     """vLLM's offline greedy answers, computed while the server starts."""
     requests = module_tmp / "reference-requests.json"
-    requests.write_text(json.dumps({"max_tokens": MAX_TOKENS, "chats": [
+    requests.write_text(json.dumps({"max_tokens": MAX_TOKENS, "logprobs": 2, "chats": [
         [{"role": "user", "content": q}] for q in QUESTIONS]}))
     out = module_tmp / "reference-answers.json"
     log = open(module_tmp / "reference.log", "wb")  # noqa: SIM115 - closed below
@@ -137,6 +137,17 @@ def test_greedy_chat_equals_vllms_own_offline_greedy(client, reference):
         assert result.usage.completion_tokens == expected["completion_tokens"]
 
 
+def test_logprobs_equal_vllms_own_offline_logprobs(client, reference):
+    for question, expected in zip(QUESTIONS, reference):
+        result = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": question}],
+            max_tokens=MAX_TOKENS, temperature=0, logprobs=True, top_logprobs=2)
+        got = [entry.logprob for entry in result.choices[0].logprobs.content]
+        assert len(got) == len(expected["logprobs"]) == expected["completion_tokens"]
+        # the same fp32 weights and kernels; only the batch around each request differs
+        assert got == pytest.approx(expected["logprobs"], abs=2e-3), question
+
+
 @pytest.mark.parametrize("chat", [True, False])
 def test_stream_concatenates_to_the_non_streamed_text(client, chat):
     kwargs = {"model": "smollm2", "max_tokens": MAX_TOKENS, "temperature": 0}
@@ -215,8 +226,9 @@ def test_a_full_engine_is_503_and_a_cancelled_stream_frees_its_slot(server):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("max_tokens", 0), ("temperature", 2.5), ("top_p", 0), ("n", 2), ("stop", 7),
-    ("logprobs", True), ("presence_penalty", 1.0), ("response_format", {"type": "json_object"}),
+    ("max_tokens", 0), ("temperature", 2.5), ("top_p", 0), ("n", 0), ("stop", 7),
+    ("logprobs", "yes"), ("presence_penalty", 3.0), ("response_format", {"type": "xml"}),
+    ("tools", [{"type": "function"}]),
 ])
 def test_bad_or_unsupported_parameters_are_400_naming_them(server, field, value):
     response = httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, field: value},

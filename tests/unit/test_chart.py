@@ -46,6 +46,7 @@ CASES: dict[str, dict[str, Any]] = {
         "name": "kubemaas", "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}}},
     "no-rbac": {"rbac": {"create": False, "aggregateToDefaultRoles": False}},
     "watch-namespaces": {"watchNamespaces": ["ml", "ml-staging"]},
+    "multi-node": {"multiNode": {"enabled": True}},
     # the single image value of earlier charts still sets the builtin flavour's image
     "legacy-runtime-image": {"operator": {"runtimeImage": "registry.example.com/kubemaas-runtime:old"}},
     "operator-settings": {"operator": {
@@ -379,6 +380,8 @@ ROUTING_RULES = {
     ("rbac.authorization.k8s.io", "roles"): OWN - {"watch"},
     ("rbac.authorization.k8s.io", "rolebindings"): OWN - {"watch"},
 }
+# With multiNode.enabled: one KubeRay RayCluster per replica of a variant over several nodes.
+MULTI_NODE_RULES = {("ray.io", "rayclusters"): OWN}
 # Cluster-scoped reads, a ClusterRole in every mode: CRDs (is KEDA/Gateway API installed?) and
 # nodes (their GPU feature discovery labels: the GPU-fit check).
 DISCOVERY_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): READ, ("", "nodes"): READ}
@@ -414,7 +417,7 @@ def test_rules_cover_every_kind_the_operator_client_touches():
     (the routing kinds only with inferenceRouting.enabled)."""
     for k in kube.KINDS.values():
         group = k.api_version.rpartition("/")[0]
-        verbs = (OPERATOR_RULES | ROUTING_RULES).get((group, k.plural))
+        verbs = (OPERATOR_RULES | ROUTING_RULES | MULTI_NODE_RULES).get((group, k.plural))
         assert verbs and READ - {"watch"} <= verbs, f"{k.kind}: no read access in the chart"
         if k.kind in kube.OWNED_KINDS + kube.ROUTING_KINDS:
             assert {"create", "patch", "delete"} <= verbs, f"{k.kind}: cannot be applied"
@@ -489,3 +492,12 @@ def test_metrics_service_and_monitors(rendered):
     assert scoped["spec"]["namespaceSelector"] == {"matchNames": ["ml"]}
     assert not by_kind(rendered["no-metrics-service"], "Service")
 
+
+
+def test_multi_node_grants_rayclusters_only_when_on(rendered):
+    (off,) = operator_roles(rendered["defaults"])
+    (on,) = operator_roles(rendered["multi-node"])
+    assert ("ray.io", "rayclusters") not in rules_of(off)
+    assert rules_of(on) == OPERATOR_RULES | DISCOVERY_RULES | MULTI_NODE_RULES
+    assert not OperatorSettings.from_env(container_env(one(rendered["defaults"], "Deployment"))).multi_node
+    assert OperatorSettings.from_env(container_env(one(rendered["multi-node"], "Deployment"))).multi_node

@@ -222,3 +222,18 @@ def test_generation_metrics_are_runtime_series_with_model_and_variant():
         assert name in names, name
         family = families[name.removesuffix("_total")]
         assert {"model", "variant"} <= set(family.samples[0].labels), name
+
+
+def test_the_runtime_reads_the_multi_node_flags_the_operator_sets():
+    """resources.gpu.nodes > 1: the RayCluster head's env, through the runtime's own parser."""
+    from kubemaas_operator.builders.raycluster import multi_node_env
+
+    ms = make_ms({"model": {"uri": "pvc://w/llm", "format": "transformers", "task": "text-generation"},
+                  "resources": {"gpu": {"count": 8, "nodes": 3}}})
+    env = {e["name"]: e["value"] for e in multi_node_env(ms)}
+    config = parse_serve_config([], {"KUBEMAAS_MODEL_URI": "pvc://w/llm", "KUBEMAAS_FORMAT": "transformers",
+                                     "KUBEMAAS_TASK": "text-generation", **env})
+    assert (config.pipeline_parallel_size, config.distributed_executor_backend) == (3, "ray")
+    with pytest.raises(SystemExit):  # the builtin engine cannot take stages over nodes
+        parse_serve_config([], {"KUBEMAAS_MODEL_URI": "pvc://w/llm", "KUBEMAAS_FORMAT": "transformers",
+                                "KUBEMAAS_ENGINE": "builtin", **env})

@@ -43,4 +43,5 @@ def test_each_engine_lists_only_known_features():
     from kubemaas_runtime.generation.vllm_engine import VllmEngine
     for cls in (GenerationEngine, VllmEngine):
         assert isinstance(cls.__dict__["features"], property), cls
-    assert engine_api.FEATURES == {"top_k", "penalties", "logprobs", "json_schema", "n"}
+    assert engine_api.FEATURES == {"top_k", "penalties", "logprobs", "json_schema"}
+    assert VllmEngine.__dict__["features"].fget(None) <= engine_api.FEATURES

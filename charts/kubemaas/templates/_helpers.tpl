@@ -105,6 +105,12 @@ No Secrets: a ModelService's secretRef is passed by name to the runtime pod's fe
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+{{- if .Values.multiNode.enabled }}
+# resources.gpu.nodes > 1: one KubeRay RayCluster per replica (docs/operator.md, Multi-node)
+- apiGroups: [ray.io]
+  resources: [rayclusters]
+  verbs: [get, list, watch, create, patch, delete]
+{{- end }}
 {{- if .Values.inferenceRouting.enabled }}
 # spec.routing: inferencePool. The operator writes the pool and the endpoint picker's children;
 # it holds get/list/watch on inferencepools (and on pods, above) because the API server lets it

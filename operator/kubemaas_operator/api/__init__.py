@@ -15,6 +15,7 @@ from kubemaas_operator.api.spec import (
 )
 from kubemaas_operator.api.status import (
     Condition,
+    GroupStatus,
     ModelServiceStatus,
     VariantStatus,
     format_variant_summary,
@@ -22,7 +23,7 @@ from kubemaas_operator.api.status import (
 
 __all__ = [
     "API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION",
-    "Autoscaling", "CanaryStep", "Condition", "GatewayRef", "GpuResources", "ModelService",
+    "Autoscaling", "CanaryStep", "Condition", "GatewayRef", "GpuResources", "GroupStatus", "ModelService",
     "ModelServiceSpec", "ModelServiceStatus", "ModelSource", "ObjectMeta", "Resources", "Rollout",
     "RuntimeSpec", "Scheduling", "SecretReference", "Toleration", "Variant", "VariantStatus",
     "describe_errors", "field_path", "format_variant_summary",

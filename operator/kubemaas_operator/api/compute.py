@@ -29,8 +29,11 @@ class GpuResources(ApiModel):
         default=1,
         description=(
             "Nodes one replica spans, each with `count` GPUs: the GPU-fit check divides the model "
-            "over count x nodes GPUs. Above 1 this operator version refuses the variant "
-            "(MultiNodeNotSupported): it has no multi-node child yet (docs/api.md, GPU fit)."
+            "over count x nodes GPUs. Above 1 each replica is a KubeRay RayCluster (a group: a "
+            "head running vLLM with tensor parallel count and pipeline parallel nodes, and "
+            "nodes-1 workers); where the operator's multiNode switch is off the variant is "
+            "refused (MultiNodeNotSupported), where KubeRay is not installed "
+            "MultiNodeControllerMissing (docs/operator.md, Multi-node)."
         ),
     )
     product: LabelValue | None = Field(

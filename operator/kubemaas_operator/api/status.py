@@ -36,6 +36,18 @@ class Condition(ApiModel):
     )
 
 
+class GroupStatus(ApiModel):
+    """One group of a variant over several nodes (resources.gpu.nodes > 1): one RayCluster."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: Annotated[str, StringConstraints(max_length=63)] = Field(description="The RayCluster.")
+    revision: Annotated[str, StringConstraints(max_length=16)] = Field(description="The revision it runs.")
+    nodes: Annotated[int, Field(ge=0)] = Field(default=0, description="Its pods: one head, nodes-1 workers.")
+    ready_nodes: Annotated[int, Field(ge=0)] = Field(default=0, description="Its pods that are ready.")
+    ready: bool = Field(default=False, description="Every pod of the group is ready: it serves.")
+
+
 class VariantStatus(ApiModel):
     """What one variant is serving."""
 
@@ -73,6 +85,11 @@ class VariantStatus(ApiModel):
     )
     canary_traffic_share: Annotated[float, Field(ge=0, le=100)] | None = Field(
         default=None, description="During a canary: percent of all requests the new revision receives."
+    )
+    groups: Annotated[list[GroupStatus], Field(max_length=256)] | None = Field(
+        default=None,
+        description=("resources.gpu.nodes > 1: its groups (RayClusters), one per replica, with "
+                     "their revision and readiness; replicas and readyReplicas count groups."),
     )
     gpu_memory_mib: Annotated[int, Field(ge=0)] | None = Field(
         default=None, alias="gpuMemoryMiB",

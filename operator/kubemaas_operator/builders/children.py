@@ -18,6 +18,7 @@ from kubemaas_operator.builders.image import (
 from kubemaas_operator.builders.inference_pool import build_routing_children, wants_inference_pool
 from kubemaas_operator.builders.layout import VariantLayout, route_backends, steady_layouts
 from kubemaas_operator.builders.network_policy import build_network_policy
+from kubemaas_operator.builders.raycluster import build_ray_cluster
 from kubemaas_operator.builders.revision import CANARY, STABLE
 from kubemaas_operator.builders.services import (
     build_model_service,
@@ -34,7 +35,8 @@ def build_children(
 ) -> list[dict[str, Any]]:
     """The desired children, in apply order: NetworkPolicy (so no pod runs unprotected),
     Deployments, Services, PDB, autoscaler, HTTPRoute (with `spec.routing: inferencePool` the
-    endpoint picker's children, the InferencePool, then the HTTPRoute to the pool).
+    endpoint picker's children, the InferencePool, then the HTTPRoute to the pool), and last the
+    RayClusters of a variant over several nodes (a layout with `groups`).
 
     Pure: a function of the spec, the settings, the runtime images (each variant runs its
     engine's flavour; one string: that image for all; default: the one policy of
@@ -51,9 +53,14 @@ def build_children(
     variants = {v.name: v for v in ms.spec.variants}
     policy = build_network_policy(ms, settings)
     children: list[dict[str, Any]] = [policy] if policy is not None else []
+    groups: list[dict[str, Any]] = []
     for layout in layouts:
         variant = variants[layout.name]
         image = images.for_engine(resolved_engine(ms, variant))
+        if layout.groups is not None:
+            groups.extend(build_ray_cluster(ms, variant, settings, image, name, layout.revision)
+                          for name in layout.groups)
+            continue
         if layout.stable.apply:
             children.append(build_variant_deployment(ms, variant, layout.stable, settings, image, STABLE))
         if layout.canary:
@@ -74,4 +81,6 @@ def build_children(
     else:
         route = build_http_route(ms, route_backends(ms.name, layouts, by_revision))
         children.extend([route] if route is not None else [])
+    # last: where KubeRay is not installed the apply stops there, with every other child written
+    children.extend(groups)
     return children

@@ -38,6 +38,10 @@ class VariantLayout:
     canary_weight: int = 0  # percent of this variant's traffic routed to the canary
     keep: tuple[str, ...] = ()  # Deployments of earlier revisions kept until the variant is at strength
     quantization: Quantization = "none"
+    # resources.gpu.nodes > 1: the RayClusters (groups, multinode.py) written instead of a
+    # Deployment; earlier revisions' groups still serving are in `keep`
+    groups: tuple[str, ...] | None = None
+    nodes: int = 1  # pods of one group (resources.gpu.nodes)
 
     @property
     def deployment(self) -> str:

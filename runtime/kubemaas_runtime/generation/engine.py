@@ -4,8 +4,9 @@ Each iteration: drop cancelled sequences, admit waiting ones (Scheduler: slots a
 plan the step (every decoding sequence's next token, then prefill chunks within the token
 budget) and run it as ONE model forward over the flattened tokens, through the paged KV cache
 (kv_cache.py: one KV write and one attention call per layer for the decode rows, one per
-prefill chunk). The step's next tokens come from one argmax over the rows that end there and
-one `.tolist()`. Sequences join and leave the batch at token boundaries, and a short request
+prefill chunk). The step's next tokens come from one batched sample over the rows that end there
+(sampling.py: the parameters as tensors; one argmax when all rows are plain greedy) and one
+`.tolist()`. Sequences join and leave the batch at token boundaries, and a short request
 never waits for a long one to finish.
 
 Greedy output equals `generate(do_sample=False)` alone except where generate's own two best
@@ -37,7 +38,12 @@ from kubemaas_runtime.generation.kv_cache import (
     PagedKVCache,
     block_keys,
 )
-from kubemaas_runtime.generation.sampling import Sampler, SamplingParams
+from kubemaas_runtime.generation.sampling import (
+    SamplingParams,
+    SequenceSampling,
+    StepSampler,
+    TokenLogprobs,
+)
 from kubemaas_runtime.generation.scheduler import ScheduledSequence, Scheduler
 
 log = logging.getLogger("kubemaas_runtime")
@@ -58,7 +64,7 @@ class Chunk:
     error: str | None = None
     # With params.logprobs set: one entry per token in token_ids, each
     # (logprob of the chosen token, ((token_id, logprob), ...) of the top k); else None.
-    logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
+    logprobs: tuple[TokenLogprobs, ...] | None = None
 
 
 class GenerationStream:
@@ -111,7 +117,7 @@ class _Running:
     blocks: list[int] | None = None  # its block table, reserved at admission
     keys: list = dataclasses.field(default_factory=list)  # its prompt's full-block keys
     registered: int = 0  # of those, blocks prefilled and in the prefix cache
-    sampler: Sampler | None = None
+    sampling: SequenceSampling | None = None
     text: IncrementalText | None = None
     last_token: int = 0
     generated: int = 0
@@ -129,6 +135,7 @@ class GenerationEngine:
         size = scheduler.block_size
         self.kv = PagedKVCache(scheduler.kv_cache_tokens // size, size, self.device)
         self.blocks = BlockAllocator(self.kv.num_blocks, prefix_caching=prefix_caching)
+        self.sampler = StepSampler(self.device, scheduler.max_num_seqs)
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -147,7 +154,8 @@ class GenerationEngine:
 
     @property
     def features(self) -> frozenset[str]:
-        return frozenset()  # builtin: none of engine_api.FEATURES yet
+        # of engine_api.FEATURES: sampling.py does top_k, the penalties and logprobs
+        return frozenset({"top_k", "penalties", "logprobs"})
 
     @property
     def alive(self) -> bool:
@@ -186,7 +194,7 @@ class GenerationEngine:
                         self._finish(sequence, "abort", error="cancelled")
                     for sequence in [s for s in self.scheduler.running if s.cancelled]:
                         self._finish(sequence, "abort", error="cancelled")
-                    for sequence in self.scheduler.admit():
+                    for sequence in self.scheduler.admit(self._reserve):
                         self._admitted(sequence)
                     step = self.scheduler.schedule()
                     self._publish_gauges()
@@ -205,21 +213,33 @@ class GenerationEngine:
                 self.scheduler.waiting.clear()
                 self._publish_gauges()
 
-    def _admitted(self, sequence: ScheduledSequence) -> None:
-        """Call with the lock held: the sequence takes its reserved blocks."""
+    def _reserve(self, sequence: ScheduledSequence) -> bool:
+        """Call with the lock held: take the sequence's whole block table (prompt +
+        max_tokens) if the pool has it, the prefix cache's blocks shared. A hit held by a
+        running sequence costs nothing; an idle cached hit leaves the free pool as a fresh
+        block does. All of a sequence's blocks are taken here, so it never runs out mid-run."""
         state: _Running = sequence.payload
         size = self.kv.block_size
-        # the prompt's full blocks, all but its last token (whose logits give the first token)
-        state.keys = block_keys(state.prompt_ids[:-1], size)
+        if not state.keys:  # the prompt's full blocks, all but its last token (whose logits
+            state.keys = block_keys(state.prompt_ids[:-1], size)  # give the first token)
+        total = sequence.reserved_tokens // size
+        cached, idle = self.blocks.peek(state.keys)
+        if total - cached + idle > self.blocks.free_blocks:
+            return False
         hits = self.blocks.lookup(state.keys)
-        state.blocks = hits + self.blocks.allocate(sequence.reserved_tokens // size - len(hits))
+        state.blocks = hits + self.blocks.allocate(total - len(hits))
         state.registered = len(hits)
         sequence.computed = len(hits) * size
         self.kv.ensure_clean(max(state.blocks, default=0) + 1)
         if self.metrics is not None and self.blocks.prefix_caching:
             self.metrics.prefix_cache_queries.inc(len(state.keys) * size)
             self.metrics.prefix_cache_hits.inc(len(hits) * size)
-        state.sampler = Sampler(state.params)
+        return True
+
+    def _admitted(self, sequence: ScheduledSequence) -> None:
+        """Call with the lock held: the sequence (its blocks taken) starts."""
+        state: _Running = sequence.payload
+        state.sampling = self.sampler.attach(state.params)
         state.text = IncrementalText(self.lm.decode, state.params.stop)
 
     def _step(self, step: list[tuple[ScheduledSequence, int]]) -> None:
@@ -258,15 +278,14 @@ class GenerationEngine:
                    and (state.registered + 1) * self.kv.block_size <= sequence.computed):
                 self.blocks.register(state.blocks[state.registered], state.keys[state.registered])
                 state.registered += 1
-        # one argmax over every row, one transfer; sampled rows draw on their own generator
-        tokens = logits.argmax(-1).tolist()
+        # one batched sample over every row (one argmax when all are plain greedy), one transfer
+        tokens, logprobs = self.sampler.sample(
+            logits, [sequence.payload.sampling for sequence, _ in ending])
         for row, (sequence, _) in enumerate(ending):
-            state = sequence.payload
-            if not state.params.greedy:
-                tokens[row] = state.sampler(logits[row])
-            self._emit(sequence, tokens[row])
+            self._emit(sequence, tokens[row], logprobs[row] if logprobs is not None else None)
 
-    def _emit(self, sequence: ScheduledSequence, token: int) -> None:
+    def _emit(self, sequence: ScheduledSequence, token: int,
+              logprobs: TokenLogprobs | None = None) -> None:
         """Hand out one generated token, and end the sequence when it is its last."""
         state: _Running = sequence.payload
         now = time.perf_counter()
@@ -288,23 +307,27 @@ class GenerationEngine:
             elif (state.generated >= state.params.max_tokens
                   or sequence.computed + 1 > self.max_model_len):
                 piece, finish = piece + state.text.flush(), "length"
+        entries = (logprobs,) if logprobs is not None else None
         if finish is not None:
             with self._wake:
-                self._finish(sequence, finish, piece=piece, token=token)
+                self._finish(sequence, finish, piece=piece, token=token, logprobs=entries)
             return
         state.stream.deliver(Chunk(piece, (token,), None, len(state.prompt_ids),
-                                   state.generated))
+                                   state.generated, logprobs=entries))
         if state.stream.unread > MAX_UNREAD_CHUNKS:  # nobody reads it: abandoned
             log.info("cancelling a stream with %d unread chunks", state.stream.unread)
             with self._wake:
                 sequence.cancelled = True
 
     def _finish(self, sequence: ScheduledSequence, reason: str, *, piece: str = "",
-                token: int | None = None, error: str | None = None) -> None:
+                token: int | None = None, error: str | None = None,
+                logprobs: tuple[TokenLogprobs, ...] | None = None) -> None:
         """Call with the lock held."""
         state: _Running = sequence.payload
+        if logprobs is None and state.params.logprobs is not None:
+            logprobs = ()  # a last chunk without a token
         state.stream.deliver(Chunk(piece, (token,) if token is not None else (), reason,
-                                   len(state.prompt_ids), state.generated, error))
+                                   len(state.prompt_ids), state.generated, error, logprobs))
         if sequence in self.scheduler.running:
             self._leave(sequence)
 
@@ -314,9 +337,12 @@ class GenerationEngine:
         if state.blocks is not None:
             self.blocks.free(state.blocks)
             state.blocks = None
+        if state.sampling is not None:
+            self.sampler.release(state.sampling)
+            state.sampling = None
 
     def _publish_gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.running.set(len(self.scheduler.running))
             self.metrics.waiting.set(len(self.scheduler.waiting))
-            self.metrics.kv_cache_usage.set(self.scheduler.kv_cache_usage)
+            self.metrics.kv_cache_usage.set(self.blocks.usage)

@@ -9,7 +9,7 @@ routes hold an `Engine` and never reach past it:
   tokenizes, so both engines see the same ids) and returns its `Stream` at once, raising
   `Overloaded` (503) when the engine's queue is full and `ModelNotReady` when it is not running;
 - `features`: the optional sampling features this engine honours, a subset of `FEATURES`
-  (`top_k`, `penalties`, `logprobs`, `json_schema`, `n`); the front refuses a request that
+  (`top_k`, `penalties`, `logprobs`, `json_schema`); the front refuses a request that
   needs one the engine lacks with a 400 naming the field, never ignores it;
 - `Stream.chunks()` yields `Chunk`s; the last one has a finish_reason (`stop`, `length`, or
   `abort` / `error` with `error` set); `Stream.cancel()` drops the sequence at its next token
@@ -26,7 +26,8 @@ from kubemaas_runtime.generation.sampling import SamplingParams
 
 __all__ = ["FEATURES", "Chunk", "Engine", "SamplingParams", "Stream"]
 
-FEATURES = frozenset({"top_k", "penalties", "logprobs", "json_schema", "n"})
+# `n` is not among them: the front runs n sequences itself, on either engine (routes.py).
+FEATURES = frozenset({"top_k", "penalties", "logprobs", "json_schema"})
 
 
 @runtime_checkable

@@ -56,9 +56,9 @@ class BlockAllocator:
     until a fresh block is needed (then it is evicted). The cache lives in one engine, so its
     keys implicitly cover the model, its dtype and its quantization.
 
-    The scheduler's reservation (each running sequence's whole prompt + max_tokens, shared
-    blocks counted for every sharer) is what guarantees `allocate` never runs dry for an
-    admitted sequence: cached blocks not in use count as free."""
+    A sequence takes its whole block table (prompt + max_tokens) at admission, the prefix
+    cache's blocks shared and only the rest fresh (`peek` says what that costs first), so an
+    admitted sequence never needs another block: cached blocks not in use count as free."""
 
     def __init__(self, num_blocks: int, *, prefix_caching: bool = False) -> None:
         self.num_blocks = num_blocks
@@ -72,6 +72,23 @@ class BlockAllocator:
     @property
     def free_blocks(self) -> int:
         return len(self._free) + len(self._idle)
+
+    @property
+    def usage(self) -> float:
+        """The share of blocks held by running sequences (idle cached blocks are free)."""
+        return 1.0 - self.free_blocks / self.num_blocks
+
+    def peek(self, keys: list[object]) -> tuple[int, int]:
+        """(cached, idle): how many blocks `lookup(keys)` would take, and how many of those
+        no sequence holds now (taking them shrinks the free pool)."""
+        cached = idle = 0
+        for key in keys if self.prefix_caching else ():
+            block = self._cached.get(key)
+            if block is None:
+                break
+            cached += 1
+            idle += self._refs[block] == 0
+        return cached, idle
 
     def allocate(self, count: int) -> list[int]:
         if count > self.free_blocks:

@@ -1,26 +1,31 @@
-"""`--task text-generation` in the runtime's model contract: load (causal LM, quantization,
-the generation accuracy gate), warm up, and run the engine. Requests arrive through the
-OpenAI and v2 generate routes (routes.py), never through /infer."""
+"""`--task text-generation`: what the generation app (routes.py) serves. `GenerativeBase` is the
+contract both engines' models keep (load, warm up, gate, then `start_engine`, which returns the
+running `engine_api.Engine`); it is not the tensor `Model`: there is no predict, no signature
+check and no DynamicBatcher. `GenerativeModel` is the builtin engine's (causal LM, quantization,
+the generation accuracy gate); vllm_engine.VllmGenerativeModel is vLLM's."""
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from kubemaas_runtime.errors import InvalidInput, ModelLoadFailed, QuantizationDriftExceeded
+from kubemaas_runtime.errors import DeviceLost, ModelLoadFailed, QuantizationDriftExceeded
 from kubemaas_runtime.gate import PROBE_TEXTS
 from kubemaas_runtime.generation.causal_lm import CausalLM, load_causal_lm
 from kubemaas_runtime.generation.engine import GenerationEngine
+from kubemaas_runtime.generation.engine_api import Engine
 from kubemaas_runtime.generation.kv_cache import (
     DEFAULT_BLOCK_SIZE,
     kv_bytes_per_token,
     use_paged_attention,
 )
 from kubemaas_runtime.generation.scheduler import Scheduler
-from kubemaas_runtime.models.base import Model, Signature, TensorSpec
+from kubemaas_runtime.models.base import ModelOptions
 from kubemaas_runtime.quantization import check_supported, quantize_module
 
 log = logging.getLogger("kubemaas_runtime")
@@ -57,22 +62,82 @@ def generation_drift(probes: GenerationProbes, next_tokens, last_logits) -> tupl
     return changed / positions, cosine
 
 
-class GenerativeModel(Model):
+# What /v2/models/{name} shows as the inputs and outputs of a generative model (v2 generate).
+TEXT_INPUTS = [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
+TEXT_OUTPUTS = [{"name": "text_output", "datatype": "BYTES", "shape": [1]}]
+
+
+class GenerativeBase(abc.ABC):
+    """A text-generation model as the generation app sees it, whichever engine runs it:
+
+    - `load()`, `warmup()`, `check_accuracy()` on the model thread, in that order, then
+      `start_engine(metrics, on_fatal)`, which builds the engine with the server's metrics and
+      the callback that ends the process when the engine dies, starts it and returns it;
+    - `lm` (the tokenizer side: `encode`, `encode_chat`, `decode`), `max_model_len`,
+      `vocab_size`, `metadata()`; `engine` once started."""
+
+    generative = True  # server.create_app mounts the generation app for this model
     platform = "transformers"
 
-    def __init__(self, options, format: str) -> None:
-        super().__init__(options)
+    def __init__(self, options: ModelOptions, format: str) -> None:
+        self.options = options
+        self.name = options.name
+        self.device = options.device
         self.format = format
+        self.ready = False
+        self.quantization = "none"  # what load() actually applied
+        self.quantization_backend = "none"
+        self.drift: float | None = None
         self.lm: CausalLM | None = None
-        self.engine: GenerationEngine | None = None
-        self.metrics = None  # BoundMetrics, set by the routes before loading
+        self.engine: Engine | None = None
         self.max_model_len = 0
+
+    @abc.abstractmethod
+    def load(self) -> None: ...
+
+    def warmup(self) -> None:
+        pass
+
+    def check_accuracy(self) -> None:
+        pass
+
+    @abc.abstractmethod
+    def start_engine(self, metrics, on_fatal: Callable[[DeviceLost], None]) -> Engine: ...
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold are in [0, vocab_size) (the routes check them)."""
+
+    def metadata(self) -> dict[str, Any]:
+        options = self.options
+        return {
+            "name": self.name, "versions": ["1"], "platform": self.platform,
+            "inputs": TEXT_INPUTS, "outputs": TEXT_OUTPUTS,
+            "parameters": {
+                "variant": options.variant, "quantization": self.quantization,
+                "quantization_backend": self.quantization_backend,
+                **({"quantization_drift": self.drift} if self.drift is not None else {}),
+                **({"max_drift": options.max_drift} if options.max_drift is not None else {}),
+                "device": str(self.device),
+                **({"task": options.task} if options.task else {}),
+                "max_model_len": self.max_model_len, "max_num_seqs": options.max_num_seqs,
+                "format": self.format,
+                # the optional sampling features (engine_api.FEATURES) the engine honours
+                "sampling_features": sorted(self.engine.features) if self.engine else [],
+            },
+        }
+
+
+class GenerativeModel(GenerativeBase):
+    """The builtin engine's model: a causal LM (transformers or GGUF) on the runtime's torch."""
+
+    def __init__(self, options: ModelOptions, format: str) -> None:
+        super().__init__(options, format)
         self.kv_cache_tokens = 0
         self.kv_bytes_per_token = 0
         self.logit_cosine: float | None = None
         self._probes: GenerationProbes | None = None
-        self.signature = Signature((TensorSpec("text_input", "BYTES", (1,)),),
-                                   (TensorSpec("text_output", "BYTES", (1,)),))
 
     def load(self) -> None:
         lm = load_causal_lm(self.options.path, self.format, self.device)
@@ -88,12 +153,19 @@ class GenerativeModel(Model):
                         "bounded by the budget", self.kv_cache_tokens, self.max_model_len)
         use_paged_attention(lm.model)
         self.lm = lm
-        self.engine = GenerationEngine(
-            lm, Scheduler(max_num_seqs=limits.max_num_seqs, kv_cache_tokens=self.kv_cache_tokens,
-                          max_queue=limits.max_queue, block_size=DEFAULT_BLOCK_SIZE,
-                          max_num_batched_tokens=limits.max_num_batched_tokens),
-            max_model_len=self.max_model_len, metrics=self.metrics)
         self.ready = True
+
+    def start_engine(self, metrics, on_fatal: Callable[[DeviceLost], None]) -> GenerationEngine:
+        limits = self.options
+        engine = GenerationEngine(
+            self.lm, Scheduler(max_num_seqs=limits.max_num_seqs,
+                               kv_cache_tokens=self.kv_cache_tokens, max_queue=limits.max_queue,
+                               block_size=DEFAULT_BLOCK_SIZE,
+                               max_num_batched_tokens=limits.max_num_batched_tokens),
+            max_model_len=self.max_model_len, metrics=metrics)
+        engine.start()
+        self.engine = engine
+        return engine
 
     def _kv_cache_tokens(self, lm: CausalLM) -> int:
         """The paged pool's size in tokens (whole blocks): --kv-cache-tokens and
@@ -135,7 +207,6 @@ class GenerativeModel(Model):
 
     @property
     def vocab_size(self) -> int:
-        """Token ids a prompt may hold are in [0, vocab_size) (the routes check them)."""
         return int(self.lm.model.config.vocab_size)
 
     def warmup(self) -> None:
@@ -143,7 +214,7 @@ class GenerativeModel(Model):
         self.lm.model(input_ids=torch.tensor([prompt], device=self.device))
 
     def check_accuracy(self) -> None:
-        """The gate for generation (docs/quantization.md), then the engine starts."""
+        """The gate for generation (docs/quantization.md)."""
         if self._probes is not None:
             self.drift, self.logit_cosine = generation_drift(
                 self._probes, *probe_outputs(self.lm.model, self._probes.prompts, self.device))
@@ -156,30 +227,15 @@ class GenerativeModel(Model):
                     f"{sum(len(p) for p in self._probes.prompts)} probe positions; min logit "
                     f"cosine {self.logit_cosine:.6f})")
             self._probes = None
-        self.engine.start()
-
-    def predict(self, batch):
-        raise InvalidInput(self._not_infer())
-
-    def validate(self, request):
-        raise InvalidInput(self._not_infer())
-
-    def _not_infer(self) -> str:
-        return (f"model '{self.name}' generates text: use /v1/chat/completions, /v1/completions "
-                f"or /v2/models/{self.name}/generate")
 
     def metadata(self) -> dict[str, Any]:
         doc = super().metadata()
-        doc["parameters"].update({"max_model_len": self.max_model_len,
-                                  "max_num_seqs": self.options.max_num_seqs,
-                                  "kv_cache_tokens": self.kv_cache_tokens,
+        doc["parameters"].update({"kv_cache_tokens": self.kv_cache_tokens,
                                   "kv_cache_bytes": self.kv_cache_tokens
                                   * self.kv_bytes_per_token,
                                   "kv_cache_block_size": DEFAULT_BLOCK_SIZE,
                                   "max_num_batched_tokens":
-                                      self.options.max_num_batched_tokens,
-                                  "format": self.format})
-        doc["parameters"].pop("max_batch_size", None)
+                                      self.options.max_num_batched_tokens})
         if self.logit_cosine is not None:
             doc["parameters"]["quantization_logit_cosine"] = self.logit_cosine
         return doc
@@ -199,7 +255,7 @@ def free_memory(device: torch.device) -> int:
     return 8 << 30  # unknown: assume a modest host
 
 
-def create_generative_model(options, format: str) -> Model:
+def create_generative_model(options, format: str) -> GenerativeModel:
     if format not in ("transformers", "gguf"):
         raise ModelLoadFailed(f"text-generation needs --format transformers or gguf, not {format}")
     return GenerativeModel(options, format)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -24,9 +25,13 @@ MAX_STOP_LENGTH = 256
 # tokenizing, so a huge string costs nothing); no tokenizer's tokens are longer on average.
 MAX_CHARS_PER_TOKEN = 32
 # Fields of OpenAI's API this server does not implement: refused when set, never ignored.
-UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "functions", "tool_choice", "logit_bias",
-               "response_format", "echo", "suffix", "best_of", "audio", "prediction")
+UNSUPPORTED = ("tools", "functions", "tool_choice", "logit_bias", "echo", "suffix", "best_of",
+               "audio", "prediction")
 PENALTIES = ("presence_penalty", "frequency_penalty")
+MAX_N = 16  # choices in one request: n sequences in the engine
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (and vLLM's default max_logprobs)
+# JSON schemas are compiled by the engine (vLLM: xgrammar): bounded like a prompt.
+MAX_SCHEMA_BYTES = 64 * 1024
 
 
 class InvalidParameter(InvalidInput):
@@ -51,6 +56,14 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+    n: int = 1  # choices: the front runs n sequences (seeds seed, seed+1, ...) and merges them
+    top_k: int = 0  # vLLM's extension; 0 (or -1): off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: off; k: the chosen token's logprob and the top k
+    json_schema: str | None = None  # response_format json_object / json_schema, as text
+    # (engine feature, the request field that needs it): checked against Engine.features
+    needs: tuple[tuple[str, str], ...] = ()
 
     @property
     def prompt_chars(self) -> int:
@@ -90,21 +103,91 @@ def _integer(doc, name) -> int | None:
     return value
 
 
-def _common(doc: dict[str, Any], served: str) -> dict[str, Any]:
-    model = doc.get("model")
+def resolve_model(model: Any, served: str) -> str:
+    """The served model a request's `model` names: 400 when missing, 404 when unknown."""
     if not isinstance(model, str) or not model:
         raise InvalidParameter("model", "'model' is required: the name of a served model")
     if model != served:
         raise ModelNotFound(model)
+    return model
+
+
+def _response_format(doc: dict[str, Any]) -> str | None:
+    """`response_format` as a JSON schema text (None: free text)."""
+    value = doc.get("response_format")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise InvalidParameter("response_format", "'response_format' must be an object with a "
+                                                  "'type': text, json_object or json_schema")
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return '{"type": "object"}'
+    if kind != "json_schema":
+        raise InvalidParameter("response_format", f"'response_format.type' must be text, "
+                                                  f"json_object or json_schema, got {kind!r}")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise InvalidParameter("response_format", "'response_format.json_schema.schema' must be "
+                                                  "a JSON schema object")
+    text = orjson.dumps(spec["schema"]).decode()
+    if len(text) > MAX_SCHEMA_BYTES:
+        raise InvalidParameter("response_format", f"the JSON schema has {len(text)} bytes, "
+                                                  f"more than the limit of {MAX_SCHEMA_BYTES}")
+    return text
+
+
+def _logprobs(doc: dict[str, Any], chat: bool) -> tuple[int | None, str]:
+    """(top k, or None when off; the field that asked). Chat: `logprobs` a boolean and
+    `top_logprobs` 0..20; completions: `logprobs` an integer 0..20."""
+    value = doc.get("logprobs")
+    if chat:
+        if value is not None and not isinstance(value, bool):
+            raise InvalidParameter("logprobs", "'logprobs' must be a boolean")
+        top = _integer(doc, "top_logprobs")
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise InvalidParameter("top_logprobs", f"'top_logprobs' must be in [0, "
+                                                   f"{MAX_TOP_LOGPROBS}], got {top}")
+        if top is not None and not value:
+            raise InvalidParameter("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+        return (top or 0, "logprobs") if value else (None, "logprobs")
+    if value is None:
+        return None, "logprobs"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameter("logprobs", "'logprobs' must be an integer (the number of most "
+                                           "likely tokens to return)")
+    if not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise InvalidParameter("logprobs", f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}], "
+                                           f"got {value}")
+    return value, "logprobs"
+
+
+def _common(doc: dict[str, Any], served: str, chat: bool) -> dict[str, Any]:
+    model = resolve_model(doc.get("model"), served)
     for name in UNSUPPORTED:
         if doc.get(name) not in (None, False, [], {}, 0):
             raise InvalidParameter(name, f"'{name}' is not supported by this server")
-    for name in PENALTIES:
-        if _number(doc, name, 0.0, -2.0, 2.0) != 0.0:
-            raise InvalidParameter(name, f"'{name}' other than 0 is not supported by this server")
+    needs: list[tuple[str, str]] = []
+    penalties = {name: _number(doc, name, 0.0, -2.0, 2.0) for name in PENALTIES}
+    needs += [("penalties", name) for name, value in penalties.items() if value != 0.0]
     n = _integer(doc, "n")
-    if n not in (None, 1):
-        raise InvalidParameter("n", f"only n=1 is supported, got {n}")
+    if n is not None and not 1 <= n <= MAX_N:
+        raise InvalidParameter("n", f"'n' must be in [1, {MAX_N}], got {n}")
+    top_k = _integer(doc, "top_k")
+    if top_k is not None and top_k < -1:
+        raise InvalidParameter("top_k", f"'top_k' must be -1 or 0 (off) or at least 1, "
+                                        f"got {top_k}")
+    top_k = max(top_k or 0, 0)
+    if top_k:
+        needs.append(("top_k", "top_k"))
+    logprobs, logprobs_field = _logprobs(doc, chat)
+    if logprobs is not None:
+        needs.append(("logprobs", logprobs_field))
+    json_schema = _response_format(doc)
+    if json_schema is not None:
+        needs.append(("json_schema", "response_format"))
     max_tokens = None
     for name in ("max_completion_tokens", "max_tokens"):
         value = _integer(doc, name)
@@ -140,7 +223,17 @@ def _common(doc: dict[str, Any], served: str) -> dict[str, Any]:
             "temperature": _number(doc, "temperature", 1.0, 0.0, 2.0),
             "top_p": _number(doc, "top_p", 1.0, 0.0, 1.0, low_open=True),
             "seed": _integer(doc, "seed"), "stop": tuple(s for s in stops if s),
-            "stream": stream, "include_usage": include_usage}
+            "stream": stream, "include_usage": include_usage, "n": n or 1, "top_k": top_k,
+            "logprobs": logprobs, "json_schema": json_schema, "needs": tuple(needs), **penalties}
+
+
+def check_features(request: GenerationRequest, features: frozenset[str], engine: str) -> None:
+    """400 naming the first field that needs a feature this engine does not honour."""
+    for feature, field in request.needs:
+        if feature not in features:
+            raise InvalidParameter(field, f"'{field}' is not supported by the {engine} engine "
+                                          f"(it honours: {', '.join(sorted(features)) or 'none'}"
+                                          f" of the optional sampling features)")
 
 
 def _message_content(message: dict[str, Any], index: int) -> str:
@@ -163,7 +256,7 @@ def _message_content(message: dict[str, Any], index: int) -> str:
 
 
 def parse_chat_request(doc: dict[str, Any], served: str) -> GenerationRequest:
-    common = _common(doc, served)
+    common = _common(doc, served, chat=True)
     messages = doc.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidParameter("messages", "'messages' must be a non-empty list")
@@ -185,7 +278,7 @@ def parse_chat_request(doc: dict[str, Any], served: str) -> GenerationRequest:
 
 
 def parse_completion_request(doc: dict[str, Any], served: str) -> GenerationRequest:
-    common = _common(doc, served)
+    common = _common(doc, served, chat=False)
     prompt = doc.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -238,22 +331,63 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(chat: bool, rid: str, model: str, text: str, finish: str,
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+# One token's logprobs as an engine gives them (engine_api.Chunk.logprobs): the chosen token's
+# logprob and the top k as (token id, logprob), most likely first.
+TokenLogprobs = tuple[float, tuple[tuple[int, float], ...]]
+
+
+def _token_entry(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(token_ids: Sequence[int], entries: Sequence[TokenLogprobs],
+                  token_text: Callable[[int], str]) -> dict[str, Any]:
+    """OpenAI's chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    content = []
+    for token, (logprob, top) in zip(token_ids, entries):
+        entry = _token_entry(token_text(token), logprob)
+        entry["top_logprobs"] = [_token_entry(token_text(t), lp) for t, lp in top]
+        content.append(entry)
+    return {"content": content}
+
+
+def completion_logprobs(token_ids: Sequence[int], entries: Sequence[TokenLogprobs],
+                        token_text: Callable[[int], str], offset: int) -> dict[str, Any]:
+    """The completions API's `logprobs`: tokens, token_logprobs, top_logprobs (one
+    {token: logprob} per position) and text_offset (from `offset`, in characters)."""
+    tokens, chosen, tops, offsets = [], [], [], []
+    for token, (logprob, top) in zip(token_ids, entries):
+        text = token_text(token)
+        tokens.append(text)
+        chosen.append(logprob)
+        tops.append({token_text(t): lp for t, lp in top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def choice_body(chat: bool, index: int, text: str, finish: str | None,
+                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
         choice["text"] = text
+    return choice
+
+
+def completion_body(chat: bool, rid: str, model: str, choices: list[dict[str, Any]],
+                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice],
+            "created": int(time.time()), "model": model, "choices": choices,
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chunk_body(chat: bool, rid: str, model: str, created: int, text: str | None,
-               finish: str | None, *, first: bool = False,
-               with_usage: bool = False) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+               finish: str | None, *, first: bool = False, with_usage: bool = False,
+               index: int = 0, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
     if chat:
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         if text is not None:

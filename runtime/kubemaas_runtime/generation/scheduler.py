@@ -1,11 +1,14 @@
 """Iteration-level scheduling: which sequences run in the next step, and how many tokens each.
 
 Pure bookkeeping (no model, no threads; the engine holds the lock): a bounded FIFO of waiting
-sequences, a running set bounded by `max_num_seqs`, and a KV-cache budget counted in tokens and
-reserved in whole blocks of `block_size`. Each running sequence reserves the blocks of its
-prompt plus its `max_tokens` when admitted, so a running sequence never runs out of cache and is
-never preempted; a sequence leaves at any token boundary (finished, stopped, cancelled) and
-frees its reservation for the next in line.
+sequences, a running set bounded by `max_num_seqs`, and the KV cache. Each running sequence
+holds the blocks of its prompt plus its `max_tokens` from admission on, so a running sequence
+never runs out of cache and is never preempted; a sequence leaves at any token boundary
+(finished, stopped, cancelled) and frees its reservation for the next in line. The engine
+passes `admit` a `reserve` callback that takes the head's blocks from the pool, counting the
+blocks the prefix cache already holds as shared (only the rest are taken fresh); without one
+(tests, bookkeeping) the budget is `kv_cache_tokens`, each sequence charged its whole prompt +
+`max_tokens` in whole blocks of `block_size`.
 
 Each step (`schedule`) takes every decoding sequence first (one token each), then prefill chunks
 of the prompts still being read, in admission order, while the step's token budget
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from kubemaas_runtime.errors import InvalidInput, Overloaded
@@ -32,6 +36,7 @@ class ScheduledSequence:
     cancelled: bool = False
     computed: int = 0  # tokens whose keys and values are in the cache
     block_size: int = 1  # set by the scheduler on add
+    charged: int = 0  # tokens of the scheduler's own budget it holds (no `reserve` callback)
 
     @property
     def reserved_tokens(self) -> int:
@@ -83,22 +88,30 @@ class Scheduler:
             raise Overloaded(f"generation queue is full ({self.max_queue} waiting); retry later")
         self.waiting.append(sequence)
 
-    def admit(self) -> list[ScheduledSequence]:
+    def admit(self, reserve: Callable[[ScheduledSequence], bool] | None = None
+              ) -> list[ScheduledSequence]:
         """Move waiting sequences into the running set, first come first served, while a
-        slot and the KV budget allow (the head of the queue is never overtaken, so a large
-        request is not starved by small ones). Cancelled waiters are dropped here."""
+        slot and the KV cache allow (the head of the queue is never overtaken, so a large
+        request is not starved by small ones). `reserve(head)` takes the head's blocks and says
+        whether it could (else the scheduler's own token budget decides). Cancelled waiters
+        are dropped here."""
         admitted = []
         while self.waiting:
             head = self.waiting[0]
             if head.cancelled:
                 self.waiting.popleft()
                 continue
-            if (len(self.running) >= self.max_num_seqs
-                    or self.reserved_tokens + head.reserved_tokens > self.kv_cache_tokens):
+            if len(self.running) >= self.max_num_seqs:
+                break
+            if reserve is None:
+                if self.reserved_tokens + head.reserved_tokens > self.kv_cache_tokens:
+                    break
+                head.charged = head.reserved_tokens
+            elif not reserve(head):
                 break
             self.waiting.popleft()
             self.running.append(head)
-            self.reserved_tokens += head.reserved_tokens
+            self.reserved_tokens += head.charged
             admitted.append(head)
         return admitted
 
@@ -119,7 +132,8 @@ class Scheduler:
     def finish(self, sequence: ScheduledSequence) -> None:
         """The sequence leaves the running set (done, stopped or cancelled)."""
         self.running.remove(sequence)
-        self.reserved_tokens -= sequence.reserved_tokens
+        self.reserved_tokens -= sequence.charged
+        sequence.charged = 0
 
     def drop_cancelled_waiting(self) -> list[ScheduledSequence]:
         dropped = [s for s in self.waiting if s.cancelled]

@@ -27,15 +27,14 @@ from typing import Any
 
 from kubemaas_runtime.errors import (
     DeviceLost,
-    InvalidInput,
     ModelLoadFailed,
     ModelNotReady,
     Overloaded,
 )
 from kubemaas_runtime.generation.causal_lm import CausalLM
 from kubemaas_runtime.generation.engine_api import Chunk
+from kubemaas_runtime.generation.model import GenerativeBase
 from kubemaas_runtime.generation.sampling import SamplingParams
-from kubemaas_runtime.models.base import Model, Signature, TensorSpec
 
 log = logging.getLogger("kubemaas_runtime")
 # vLLM's dtype for the variants it can serve as they are; the rest are refused at start.
@@ -55,6 +54,8 @@ class VllmSettings:
     """What the vLLM engine takes from the serve configuration."""
 
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1  # nodes, one stage each (resources.gpu.nodes)
+    distributed_executor_backend: str | None = None  # ray across nodes; None: vLLM's choice
     max_model_len: int | None = None
     max_num_seqs: int = 16
     max_queue: int = 256
@@ -143,7 +144,7 @@ class VllmEngine:
         self._started = False
         self._stopping = False
         self.kv_cache_usage = 0.0  # the scheduler's, from vLLM's stats (UsageStats)
-        self.on_fatal: Callable[[EngineDead], None] | None = None  # the server's device_failed
+        self.on_fatal: Callable[[DeviceLost], None] | None = None  # the server's device_failed
 
     @property
     def capacity(self) -> int:
@@ -172,7 +173,7 @@ class VllmEngine:
 
     @property
     def features(self) -> frozenset[str]:
-        return frozenset()  # mapped to vLLM by the front issue; none yet
+        return VLLM_FEATURES  # each mapped by to_vllm_params
 
     @property
     def alive(self) -> bool:
@@ -227,7 +228,9 @@ class VllmEngine:
                     stream.put(Chunk(completion.text, tokens, "abort", len(prompt_ids),
                                      generated, f"vLLM ended the request: {finish}"))
                     return
-                stream.put(Chunk(completion.text, tokens, finish, len(prompt_ids), generated))
+                stream.put(Chunk(completion.text, tokens, finish, len(prompt_ids), generated,
+                                 logprobs=chunk_logprobs(tokens, completion.logprobs,
+                                                         params.logprobs)))
                 if finish is not None:
                     return
             if not stream.done:  # vLLM's generator ended without a finished output
@@ -256,15 +259,43 @@ class VllmEngine:
         self.metrics.kv_cache_usage.set(self.kv_cache_usage if self._streams else 0.0)
 
 
-def to_vllm_params(params: SamplingParams):
-    """The front's parameters as vLLM's: each field the front accepted, nothing dropped."""
-    from vllm import SamplingParams as VllmSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+# The optional sampling features (engine_api.FEATURES) vLLM honours, each mapped below; `n` is
+# the front's (n sequences), so it is not an engine feature.
+VLLM_FEATURES = frozenset({"top_k", "penalties", "logprobs", "json_schema"})
 
+
+def to_vllm_params(params: SamplingParams):
+    """The front's parameters as vLLM's: each field the front accepted, nothing dropped.
+    `json_schema` is vLLM's structured output (`StructuredOutputsParams(json=...)`, compiled
+    by its grammar backend); `logprobs` k asks for the chosen token's and the top k."""
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    structured = (StructuredOutputsParams(json=params.json_schema)
+                  if params.json_schema is not None else None)
     return VllmSamplingParams(
         n=1, max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+        top_k=params.top_k, presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty, logprobs=params.logprobs,
         seed=params.seed, stop=list(params.stop) or None, ignore_eos=params.ignore_eos,
-        skip_special_tokens=True, output_kind=RequestOutputKind.DELTA)
+        structured_outputs=structured, skip_special_tokens=True,
+        output_kind=RequestOutputKind.DELTA)
+
+
+def chunk_logprobs(tokens: tuple[int, ...], positions, top: int | None):
+    """vLLM's logprobs of the new tokens (one {token id: Logprob} per position: the top k by
+    rank plus the chosen token) as `Chunk.logprobs`: (chosen logprob, top k by rank)."""
+    if top is None or positions is None:
+        return None
+    entries = []
+    for token, position in zip(tokens, positions):
+        position = position or {}
+        chosen = position.get(token)
+        ranked = sorted(((lp.rank, t, lp.logprob) for t, lp in position.items()
+                         if lp.rank is not None and lp.rank <= top), key=lambda e: e[0])
+        entries.append((float(chosen.logprob) if chosen is not None else float("nan"),
+                        tuple((t, float(lp)) for _, t, lp in ranked)))
+    return tuple(entries)
 
 
 def _stat_logger_factory(engine_ref: list):
@@ -288,24 +319,18 @@ def _stat_logger_factory(engine_ref: list):
     return UsageStats
 
 
-class VllmGenerativeModel(Model):
+class VllmGenerativeModel(GenerativeBase):
     """`--task text-generation` served by vLLM: a transformers directory (safetensors)."""
 
     platform = "vllm"
 
     def __init__(self, options, settings: VllmSettings) -> None:
-        super().__init__(options)
-        self.format = "transformers"
+        super().__init__(options, "transformers")
         self.settings = settings
-        self.lm: CausalLM | None = None  # the tokenizer side only: vLLM holds the weights
-        self.engine: VllmEngine | None = None
-        self.metrics = None  # BoundMetrics, set by the routes before loading
-        self.on_fatal = None  # set by the routes: the server's device_failed
-        self.max_model_len = 0
+        self.llm: Any = None  # vLLM's AsyncLLM; `lm` is the tokenizer side only
+        self._engine_ref: list = []  # the stat logger's way to the engine, once it exists
         self.vllm_version = ""
         self.dtype = ""
-        self.signature = Signature((TensorSpec("text_input", "BYTES", (1,)),),
-                                   (TensorSpec("text_output", "BYTES", (1,)),))
 
     def load(self) -> None:
         path = Path(self.options.path)
@@ -336,12 +361,14 @@ class VllmGenerativeModel(Model):
         args = AsyncEngineArgs(
             model=str(path), tokenizer=str(path), dtype=vllm_dtype(method, config),
             tensor_parallel_size=settings.tensor_parallel_size,
+            pipeline_parallel_size=settings.pipeline_parallel_size,
+            distributed_executor_backend=settings.distributed_executor_backend,
             max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
             trust_remote_code=False, disable_log_stats=True, enable_log_requests=False,
             kv_cache_memory_bytes=self._kv_cache_bytes(config))
-        engine_ref: list = []
         try:
-            llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(engine_ref)])
+            llm = AsyncLLM.from_engine_args(
+                args, stat_loggers=[_stat_logger_factory(self._engine_ref)])
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
                                                       trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds; all end the start
@@ -351,9 +378,7 @@ class VllmGenerativeModel(Model):
         self.dtype = str(llm.model_config.dtype).removeprefix("torch.")
         self.lm = CausalLM(None, tokenizer, eos_token_ids_of(llm, tokenizer),
                            self.max_model_len, "transformers")
-        self.engine = VllmEngine(llm, settings, metrics=self.metrics)
-        self.engine.on_fatal = self.on_fatal
-        engine_ref.append(self.engine)
+        self.llm = llm
         self.quantization, self.quantization_backend = method, "vllm" if method != "none" else (
             "none")
         self.ready = True
@@ -370,30 +395,24 @@ class VllmGenerativeModel(Model):
         width = {"fp16": 2, "bf16": 2}.get(self.options.quantization, 4)
         return tokens * layers * 2 * heads * head_dim * width
 
-    def check_accuracy(self) -> None:
-        self.engine.start()  # quantization is vLLM's dtype: no gate to run
-
-    def predict(self, batch):
-        raise InvalidInput(self._not_infer())
-
-    def validate(self, request):
-        raise InvalidInput(self._not_infer())
-
-    def _not_infer(self) -> str:
-        return (f"model '{self.name}' generates text: use /v1/chat/completions, /v1/completions "
-                f"or /v2/models/{self.name}/generate")
+    def start_engine(self, metrics, on_fatal: Callable[[DeviceLost], None]) -> VllmEngine:
+        """Quantization is vLLM's dtype: there is no gate to run before it serves."""
+        engine = VllmEngine(self.llm, self.settings, metrics=metrics)
+        engine.on_fatal = on_fatal
+        self._engine_ref.append(engine)
+        engine.start()
+        self.engine = engine
+        return engine
 
     @property
     def vocab_size(self) -> int:
-        return int(self.engine.llm.model_config.get_vocab_size())
+        return int(self.llm.model_config.get_vocab_size())
 
     def metadata(self) -> dict[str, Any]:
         doc = super().metadata()
         doc["parameters"].update({
-            "max_model_len": self.max_model_len, "max_num_seqs": self.settings.max_num_seqs,
-            "format": self.format, "engine": "vllm", "vllm_version": self.vllm_version, "dtype": self.dtype,
+            "engine": "vllm", "vllm_version": self.vllm_version, "dtype": self.dtype,
             "tensor_parallel_size": self.settings.tensor_parallel_size})
-        doc["parameters"].pop("max_batch_size", None)
         return doc
 
 

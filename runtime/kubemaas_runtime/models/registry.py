@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from kubemaas_runtime.errors import ModelLoadFailed
 from kubemaas_runtime.models.base import Model, ModelOptions
 
+if TYPE_CHECKING:
+    from kubemaas_runtime.generation.model import GenerativeBase
 
-def create_model(format: str, options: ModelOptions) -> Model:
+
+def create_model(format: str, options: ModelOptions) -> Model | GenerativeBase:
     """An unloaded model of the class for `format`; imports only what that format needs."""
     if options.task == "text-generation" or format == "gguf":
         from kubemaas_runtime.generation.model import create_generative_model

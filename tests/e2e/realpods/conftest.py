@@ -9,6 +9,7 @@ the pods and the operator said when it runs out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -121,6 +122,14 @@ class OperatorRelease:
 @pytest.fixture(scope="module")
 def operator_release(cluster: Cluster, crd: str, images: Images, real_node: str) -> Iterator[OperatorRelease]:
     """charts/kubemaas installed with the local images (pullPolicy Never) on the real node."""
+    with installed_operator(cluster, images) as release:
+        yield release
+
+
+@contextlib.contextmanager
+def installed_operator(cluster: Cluster, images: Images, *extra: str) -> Iterator[OperatorRelease]:
+    """The chart installed as ``rp`` in a restricted namespace, with ``extra`` helm arguments
+    (e.g. ``--set operator.runtimeImages.vllm=...``); uninstalled on exit."""
     namespace = restricted_namespace(cluster, "kubemaas-rp")
     release = OperatorRelease(cluster, "rp", namespace)
     repo, tag = images.operator.rsplit(":", 1)
@@ -130,7 +139,7 @@ def operator_release(cluster: Cluster, crd: str, images: Images, real_node: str)
             "--set-json", f"image={json.dumps(image)}",
             "--set", f"operator.runtimeImage={images.runtime}", "--set", "operator.logFormat=text",
             "--set-json", f"nodeSelector={json.dumps(ON_REAL_NODE['nodeSelector'])}",
-            "--set-json", f"tolerations={json.dumps(ON_REAL_NODE['tolerations'])}"]
+            "--set-json", f"tolerations={json.dumps(ON_REAL_NODE['tolerations'])}", *extra]
     helm(*args, env=cluster.env, timeout=120)
     try:
         rollout = cluster.kubectl("rollout", "status", "-n", namespace,

@@ -1,0 +1,147 @@
+"""A variant over several nodes: one KubeRay RayCluster per replica (group), planned from the pods."""
+
+from __future__ import annotations
+
+from kubemaas_operator.builders import build_children
+from kubemaas_operator.builders.naming import MODELSERVICE_LABEL
+from kubemaas_operator.builders.raycluster import GROUP_LABEL, GROUP_NAME_LABEL, group_name
+from kubemaas_operator.builders.revision import REVISION_LABEL
+from kubemaas_operator.multinode import (
+    CONTROLLER_MISSING_REASON,
+    ObservedGroup,
+    observed_groups,
+    plan_groups,
+    surge_groups,
+)
+from kubemaas_operator.reconcile import _NOT_INSTALLED_REASONS, decide
+from kubemaas_operator.settings import OperatorSettings
+from kubemaas_runtime.config import parse_serve_config
+
+from tests.unit.support import make_ms
+
+ON = OperatorSettings(runtime_image="registry.example.com/rt:1", multi_node=True)
+OFF = OperatorSettings(runtime_image="registry.example.com/rt:1")
+GPU_LABEL = ON.gpu_memory_label
+
+
+def big(replicas: int = 2, **spec) -> object:
+    return make_ms({
+        "model": {"uri": "pvc://weights/llama-405b", "format": "transformers", "task": "text-generation",
+                  "parameterCount": "405B"},
+        "replicas": replicas,
+        "resources": {"gpu": {"count": 8, "nodes": 2, "product": "NVIDIA-H100-80GB-HBM3"}},
+        "variants": [{"name": "bf16", "quantization": "bf16"}], **spec}, name="llm")
+
+
+def clusters(ms, settings=ON):
+    return [c for c in decide(ms, settings, None).children if c["kind"] == "RayCluster"]
+
+
+def test_each_replica_is_a_ray_cluster_and_no_deployment():
+    plan = decide(big(), ON, None)
+    kinds = [c["kind"] for c in plan.children]
+    assert "Deployment" not in kinds and kinds[-2:] == ["RayCluster", "RayCluster"]
+    (layout,) = plan.variants
+    assert layout.groups == tuple(c["metadata"]["name"] for c in plan.children if c["kind"] == "RayCluster")
+
+
+def test_head_runs_the_runtime_after_ray_with_pipeline_stages_over_the_nodes():
+    (cluster, _) = clusters(big())
+    head = cluster["spec"]["headGroupSpec"]["template"]
+    assert head["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    (container,) = head["spec"]["containers"]
+    assert container["command"][:2] == ["/bin/bash", "-c"] and "KUBERAY_GEN_RAY_START_CMD" in container["command"][2]
+    assert container["command"][3:] == ["kubemaas-runtime"] and container["args"][0] == "serve"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    config = parse_serve_config(container["args"][1:], env)  # the runtime's own parser
+    assert (config.engine, config.tensor_parallel_size, config.pipeline_parallel_size,
+            config.distributed_executor_backend) == ("auto", 8, 2, "ray")
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+def test_workers_join_ray_get_the_gpus_and_the_fit_affinity_but_no_traffic():
+    (cluster, _) = clusters(big())
+    head = cluster["spec"]["headGroupSpec"]["template"]
+    (workers,) = cluster["spec"]["workerGroupSpecs"]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 1
+    pod = workers["template"]
+    (container,) = pod["spec"]["containers"]
+    assert "command" not in container and "args" not in container  # KubeRay writes ray start
+    assert container["resources"] == head["spec"]["containers"][0]["resources"]
+    # every node of a group needs the GPU memory: the same required affinity as the head
+    assert pod["spec"]["affinity"] == head["spec"]["affinity"]
+    terms = str(pod["spec"]["affinity"])
+    assert GPU_LABEL in terms
+    assert MODELSERVICE_LABEL not in pod["metadata"]["labels"]  # the Services never select workers
+    assert pod["metadata"]["labels"][GROUP_LABEL] == "llm" == head["metadata"]["labels"][MODELSERVICE_LABEL]
+    assert pod["metadata"]["labels"][GROUP_NAME_LABEL] == cluster["metadata"]["name"]
+
+
+def test_scale_is_groups():
+    assert len(clusters(big(replicas=3))) == 3
+    assert len(clusters(big(replicas=1))) == 1
+
+
+def test_group_names_fit_kuberays_pod_names_and_stay_distinct():
+    a = group_name("a" * 42, "v" * 20, "0123456789", 12)
+    b = group_name("a" * 42, "v" * 19 + "w", "0123456789", 12)
+    assert len(a) <= 40 and len(b) <= 40 and a != b
+    assert group_name("llm", "bf16", "abc", 0) == "llm-bf16-abc-0"
+
+
+def _groups(ms, revision, ready, nodes=2):
+    return [ObservedGroup(group_name(ms.name, "bf16", revision, i), "bf16", revision, nodes, nodes if r else 0)
+            for i, r in enumerate(ready)]
+
+
+def test_a_new_revision_rolls_surge_first_by_whole_groups():
+    ms = big(replicas=2)
+    variant = ms.spec.variants[0]
+    old = _groups(ms, "old", [True, True])
+    # nothing new is ready: one new group beyond, both old ones kept
+    plan = plan_groups(ms, variant, 2, "new", old)
+    assert plan.apply == (group_name("llm", "bf16", "new", 0),) and set(plan.keep) == {g.name for g in old}
+    # the first new group is ready: the second is created, one old group goes
+    first = _groups(ms, "new", [True])
+    plan = plan_groups(ms, variant, 2, "new", old + first)
+    assert len(plan.apply) == 2 and len(plan.keep) == 1
+    # both ready: no old group kept
+    plan = plan_groups(ms, variant, 2, "new", old + _groups(ms, "new", [True, True]))
+    assert plan.keep == ()
+
+
+def test_surge_in_groups():
+    assert surge_groups("25%", 2) == 1 and surge_groups("50%", 4) == 2 and surge_groups(3, 2) == 3
+    assert surge_groups(0, 2) == 1
+
+
+def test_readiness_comes_from_every_pod_of_the_group():
+    ready = {"type": "Ready", "status": "True"}
+    labels = {GROUP_NAME_LABEL: "llm-bf16-r-0", "kubemaas.io/variant": "bf16", REVISION_LABEL: "r"}
+    pods = [{"metadata": {"labels": labels}, "status": {"conditions": [ready]}},
+            {"metadata": {"labels": labels}, "status": {"conditions": []}}]
+    (group,) = observed_groups([], pods)
+    assert (group.pods, group.ready_pods, group.ready(2)) == (2, 1, False)
+
+
+def test_off_the_switch_refuses_before_any_pod():
+    plan = decide(big(), OFF, None)
+    assert not [c for c in plan.children if c["kind"] in ("RayCluster", "Deployment")]
+    assert plan.refused is not None and plan.refused.reason == "MultiNodeNotSupported"
+    assert "multiNode" in plan.refused.message
+
+
+def test_a_cluster_without_kuberay_is_told_what_it_lacks():
+    reason, message = _NOT_INSTALLED_REASONS["RayCluster"]
+    assert reason == CONTROLLER_MISSING_REASON and "KubeRay" in message
+
+
+def test_builtin_over_nodes_cannot_shard():
+    ms = big(variants=[{"name": "bf16", "quantization": "bf16", "engine": "builtin"}])
+    plan = decide(ms, ON, None)
+    assert plan.refused is not None and plan.refused.reason == "EngineCannotShard"
+    assert not clusters(ms)
+
+
+def test_build_children_alone_stays_a_deployment_without_groups():
+    assert [c["kind"] for c in build_children(big(), OFF) if c["kind"] in ("Deployment", "RayCluster")] == ["Deployment"]
