@@ -91,6 +91,13 @@ class OperatorSettings(BaseModel):
         default="50Gi",
         description="sizeLimit of the emptyDir an s3:// or hf:// model is fetched into; the fetch stops past it.",
     )
+    model_cache: bool = Field(
+        default=False,
+        description=("The switch for spec.model.cache node: render each such ModelService's local "
+                     "PersistentVolume and claim over model_cache_path. Off: such a ModelService is "
+                     "refused (ModelCacheDisabled); the chart's modelCache.enabled sets it and grants "
+                     "RBAC on persistentvolumes and persistentvolumeclaims."),
+    )
     model_cache_path: Annotated[str, Field(pattern=r"^/[^\n]*$")] = Field(
         default="/var/lib/kubemaas/model-cache",
         description=(

@@ -406,3 +406,26 @@ def test_cache_key_is_a_dns_label_that_changes_with_the_revision(uri, other):
 
     assert cache_key(uri) == cache_key(uri) != cache_key(other)
     assert re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", cache_key(uri))
+
+
+def test_node_cache_children_are_a_local_volume_over_the_node_group_and_its_owned_claim():
+    from kubemaas_operator.builders.model_cache import cache_key
+
+    objs = children(CACHED)
+    kinds = [o["kind"] for o in objs]
+    assert kinds.index("PersistentVolumeClaim") < kinds.index("Deployment")  # the claim before the pods
+    volume = find(objs, "PersistentVolume")
+    claim = find(objs, "PersistentVolumeClaim", "m-model-cache")
+    assert "namespace" not in volume["metadata"] and "ownerReferences" not in volume["metadata"]
+    spec = volume["spec"]
+    assert spec["local"] == {"path": SETTINGS.model_cache_path} and "hostPath" not in spec
+    assert spec["persistentVolumeReclaimPolicy"] == "Retain"
+    assert spec["nodeAffinity"]["required"]["nodeSelectorTerms"] == [{"matchExpressions": [
+        {"key": SETTINGS.model_cache_node_label, "operator": "In", "values": ["true"]}]}]
+    assert spec["claimRef"]["namespace"] == claim["metadata"]["namespace"]
+    assert spec["claimRef"]["name"] == "m-model-cache"
+    assert claim["spec"]["volumeName"] == volume["metadata"]["name"]
+    assert claim["spec"]["storageClassName"] == spec["storageClassName"]
+    assert claim["metadata"]["ownerReferences"][0]["kind"] == "ModelService"
+    assert claim["metadata"]["labels"]["kubemaas.io/model-cache-key"] == cache_key("hf://org/m@abc123")
+    assert not [o for o in children() if o["kind"].startswith("PersistentVolume")]
