@@ -22,10 +22,11 @@ class Kind:
     api_version: str
     kind: str
     plural: str
+    namespaced: bool = True
 
     def path(self, namespace: str, name: str | None = None) -> str:
         prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        path = f"{prefix}/namespaces/{namespace}/{self.plural}"
+        path = f"{prefix}/namespaces/{namespace}/{self.plural}" if self.namespaced else f"{prefix}/{self.plural}"
         return f"{path}/{name}" if name else path
 
 
@@ -48,6 +49,9 @@ KINDS: dict[str, Kind] = {
         Kind("apps/v1", "ReplicaSet", "replicasets"),
         Kind("v1", "Pod", "pods"),
         Kind("ray.io/v1", "RayCluster", "rayclusters"),
+        # spec.model.cache node (builders/model_cache.py): the local PV is cluster-scoped
+        Kind("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),
+        Kind("v1", "PersistentVolume", "persistentvolumes", namespaced=False),
     )
 }
 
@@ -153,7 +157,7 @@ class KubeClient:
         kind = KINDS[obj["kind"]]
         meta = obj["metadata"]
         query = [("fieldManager", self._field_manager)] + ([("force", "true")] if force else [])
-        return self._call("PATCH", kind, kind.path(meta["namespace"], meta["name"]), body=json.dumps(obj),
+        return self._call("PATCH", kind, kind.path(meta.get("namespace", ""), meta["name"]), body=json.dumps(obj),
                           query=query, content_type="application/apply-patch+yaml")
 
     def get(self, kind_name: str, namespace: str, name: str) -> dict | None:

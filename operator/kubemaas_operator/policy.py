@@ -68,6 +68,11 @@ def refusal(ms: ModelService, settings: OperatorSettings, pinned: PinnedImages |
                        f"{model.uri} is not under a trusted source ({', '.join(settings.trusted_code_sources)}); "
                        "serve it from a trusted source, use safetensors, or ask an administrator "
                        "(operator.trustedCodeSources). Nothing was created.")
+    if model.cache == "node" and not settings.model_cache:
+        return Refusal("ModelCacheDisabled",
+                       "spec.model.cache node asks for the node-local model cache, and this operator "
+                       "has it off: enable modelCache in the chart (nodes labelled with its node label, "
+                       "each with the cache folder) or leave spec.model.cache out. Nothing was created.")
     if model.uri.startswith("hf://") and hf_revision(model.uri) is None:
         return Refusal("UnpinnedModelRevision",
                        f"spec.model.uri {model.uri} names no revision, so the files could change under "

@@ -370,7 +370,7 @@ class Reconciler:
                 try:
                     return self.kube.apply(child)
                 except Conflict:
-                    holder = foreign_owner(self.kube.get(kind, child["metadata"]["namespace"], name), uid)
+                    holder = foreign_owner(self.kube.get(kind, child["metadata"].get("namespace", ""), name), uid)
                     if holder is None:
                         return self.kube.apply(child, force=True)
         except KindNotInstalled as exc:

@@ -91,6 +91,30 @@ class OperatorSettings(BaseModel):
         default="50Gi",
         description="sizeLimit of the emptyDir an s3:// or hf:// model is fetched into; the fetch stops past it.",
     )
+    model_cache: bool = Field(
+        default=False,
+        description=("The switch for spec.model.cache node: render each such ModelService's local "
+                     "PersistentVolume and claim over model_cache_path. Off: such a ModelService is "
+                     "refused (ModelCacheDisabled); the chart's modelCache.enabled sets it and grants "
+                     "RBAC on persistentvolumes and persistentvolumeclaims."),
+    )
+    model_cache_path: Annotated[str, Field(pattern=r"^/[^\n]*$")] = Field(
+        default="/var/lib/kubemaas/model-cache",
+        description=(
+            "Folder on every node of the cache's node group that holds the node-local model cache "
+            "(spec.model.cache node), writable by uid/gid 65532; the local PersistentVolumes point at it."
+        ),
+    )
+    model_cache_node_label: str = Field(
+        default="kubemaas.io/model-cache",
+        description=(
+            "Node label (value \"true\") of the node group that has model_cache_path: the local "
+            "PersistentVolumes' required node affinity, so cached pods run only there."
+        ),
+    )
+    model_cache_capacity: Annotated[str, Field(pattern=QUANTITY)] = Field(
+        default="500Gi", description="Capacity the node-local cache's PersistentVolumes and claims declare."
+    )
     fetch_timeout_seconds: Annotated[int, Field(ge=60)] = Field(
         default=3600, description="Longest a model fetch (the init container) may take."
     )

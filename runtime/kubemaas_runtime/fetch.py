@@ -41,6 +41,10 @@ def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
                              "passes the model volume's sizeLimit)")
     parser.add_argument("--timeout-seconds", type=int, default=None,
                         help="longest the whole fetch may take; past it the fetch fails")
+    parser.add_argument("--cache", action="store_true",
+                        help="--dest is an entry of the node-local model cache: skip the fetch when "
+                             "the entry is complete, else fill it once for every pod on the node "
+                             "(kubemaas_runtime.fetch_cache)")
 
 
 class Budget:
@@ -197,13 +201,35 @@ def fetch_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.timeout_seconds:
         signal.signal(signal.SIGALRM, _timed_out(args.timeout_seconds))
         signal.alarm(args.timeout_seconds)
+    termination_log = env.get("KUBEMAAS_TERMINATION_LOG", "/dev/termination-log")
+    if args.cache:
+        return cached_fetch_command(args, env, termination_log)
     try:
         written = fetch(args.uri, Path(args.dest), env, args.max_bytes)
     except (Exception, FetchTimedOut) as exc:  # noqa: BLE001 - any failure: the pod's one-line reason
-        write_termination_log(env.get("KUBEMAAS_TERMINATION_LOG", "/dev/termination-log"),
-                              f"ModelFetchFailed: {exc}")
+        write_termination_log(termination_log, f"ModelFetchFailed: {exc}")
         return 1
     for path in written:
         log.info("fetched %s", path)
     print(f"fetched {len(written)} files into {args.dest}")
+    return 0
+
+
+def cached_fetch_command(args: argparse.Namespace, env: Mapping[str, str], termination_log: str) -> int:
+    """`fetch --cache`: the node's copy when complete, else fetched once into it."""
+    from kubemaas_runtime.fetch_cache import fetch_through_cache
+
+    try:
+        entry = fetch_through_cache(args.uri, Path(args.dest),
+                                    lambda staging: fetch(args.uri, staging, env, args.max_bytes))
+    except (Exception, FetchTimedOut) as exc:  # noqa: BLE001 - any failure: the pod's one-line reason
+        write_termination_log(termination_log, f"ModelFetchFailed: {exc}")
+        return 1
+    if entry.cache == "hit":
+        log.info("cache hit: %s is on this node at %s (%d bytes, revision %s); skipping the fetch",
+                 args.uri, args.dest, entry.bytes, entry.revision or "-")
+    else:
+        log.info("cache filled: fetched %s into %s (%d bytes, revision %s)",
+                 args.uri, args.dest, entry.bytes, entry.revision or "-")
+    write_termination_log(termination_log, entry.report())
     return 0

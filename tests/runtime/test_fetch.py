@@ -31,9 +31,10 @@ HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def run_fetch(uri: str, dest: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    tlog = env.pop("KUBEMAAS_TERMINATION_LOG", str(dest.parent / "tlog"))
     return subprocess.run([PYTHON, "-m", "kubemaas_runtime", "fetch", "--uri", uri,
                            "--dest", str(dest), *extra],
-                          env=runtime_env(KUBEMAAS_TERMINATION_LOG=str(dest.parent / "tlog"),
+                          env=runtime_env(KUBEMAAS_TERMINATION_LOG=tlog,
                                           HF_HUB_OFFLINE="0",  # fetch is what goes online
                                           **env),
                           capture_output=True, text=True, check=False, timeout=120)
@@ -209,3 +210,100 @@ def test_a_fetch_that_stalls_stops_at_its_timeout(s3, tmp_path):
                            **{**s3, "AWS_ENDPOINT_URL_S3": endpoint})
     assert result.returncode == 1
     assert "longer than --timeout-seconds 2" in result.stderr
+
+
+# The node-local cache (`fetch --cache`): the first fetch fills the entry, the next skips.
+
+def cache_report(tlog: Path) -> dict:
+    line = tlog.read_text().strip()
+    assert line.startswith("KubemaasCache: "), line
+    return json.loads(line.removeprefix("KubemaasCache: "))
+
+
+def test_cache_first_fetch_fills_the_entry_and_the_second_skips(s3, tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir()
+    entry = root / "minilm-0123abcd"
+    first = run_fetch("s3://models/minilm", entry, "--cache", KUBEMAAS_TERMINATION_LOG=str(tmp_path / "tlog"), **s3)
+    assert first.returncode == 0, first.stderr
+    filled = cache_report(tmp_path / "tlog")
+    assert filled["cache"] == "filled" and filled["uri"] == "s3://models/minilm"
+    assert filled["bytes"] == len(b'{"a": 1}') + len(b"{}")
+    assert (entry / "config.json").read_bytes() == b'{"a": 1}'
+    assert not [p for p in root.iterdir() if p.name.startswith(".partial-")]
+    # the object changes in the bucket: a cache hit never downloads, so the copy stays
+    import boto3
+    boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                 aws_access_key_id="test", aws_secret_access_key="test").put_object(
+        Bucket="models", Key="minilm/config.json", Body=b'{"a": 2}')
+    try:
+        second = run_fetch("s3://models/minilm", entry, "--cache", KUBEMAAS_TERMINATION_LOG=str(tmp_path / "tlog"), **s3)
+        assert second.returncode == 0, second.stderr
+        assert "cache hit" in second.stderr and "skipping the fetch" in second.stderr
+        hit = cache_report(tmp_path / "tlog")
+        assert hit == {**filled, "cache": "hit"}
+        assert (entry / "config.json").read_bytes() == b'{"a": 1}'
+    finally:
+        boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                     aws_access_key_id="test", aws_secret_access_key="test").put_object(
+            Bucket="models", Key="minilm/config.json", Body=b'{"a": 1}')
+
+
+def test_cache_an_incomplete_entry_is_fetched_again(s3, tmp_path):
+    root = tmp_path / "cache"
+    entry = root / "minilm-0123abcd"
+    entry.mkdir(parents=True)
+    (entry / "leftover.part").write_bytes(b"half")  # no marker: an interrupted fill
+    result = run_fetch("s3://models/minilm", entry, "--cache", KUBEMAAS_TERMINATION_LOG=str(tmp_path / "tlog"), **s3)
+    assert result.returncode == 0, result.stderr
+    assert cache_report(tmp_path / "tlog")["cache"] == "filled"
+    assert not (entry / "leftover.part").exists()
+
+
+def test_cache_entry_of_another_uri_is_not_a_hit(s3, tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir()
+    entry = root / "shared-key"
+    assert run_fetch("s3://models/single/model.pt2", entry, "--cache", KUBEMAAS_TERMINATION_LOG=str(tmp_path / "tlog"), **s3).returncode == 0
+    result = run_fetch("s3://models/minilm", entry, "--cache", KUBEMAAS_TERMINATION_LOG=str(tmp_path / "tlog"), **s3)
+    assert result.returncode == 0, result.stderr
+    assert cache_report(tmp_path / "tlog")["cache"] == "filled"
+    assert (entry / "config.json").exists() and not (entry / "model.pt2").exists()
+
+
+def test_cache_failed_fill_leaves_no_entry(s3, tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir()
+    entry = root / "missing"
+    result = run_fetch("s3://models/no-such-key", entry, "--cache", KUBEMAAS_TERMINATION_LOG=str(tmp_path / "tlog"), **s3)
+    assert result.returncode == 1
+    assert (tmp_path / "tlog").read_text().startswith("ModelFetchFailed:")
+    assert not entry.exists()
+    assert [p.name for p in root.iterdir()] == [".lock-missing"]
+
+
+def test_cache_without_the_node_cache_mounted_fails(s3, tmp_path):
+    result = run_fetch("s3://models/minilm", tmp_path / "absent" / "entry", "--cache", KUBEMAAS_TERMINATION_LOG=str(tmp_path / "tlog"), **s3)
+    assert result.returncode == 1
+    assert "node cache" in (tmp_path / "tlog").read_text()
+
+
+def test_cache_two_fills_at_once_download_once(hub, tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir()
+    entry = root / "tiny"
+    uri = f"hf://{HUB_REPO}@{HUB_COMMIT}"
+    procs = [subprocess.Popen([PYTHON, "-m", "kubemaas_runtime", "fetch", "--uri", uri, "--dest", str(entry),
+                               "--cache"],
+                              env=runtime_env(KUBEMAAS_TERMINATION_LOG=str(tmp_path / f"tlog{i}"),
+                                              HF_HUB_OFFLINE="0", HF_ENDPOINT=hub,
+                                              HF_TOKEN=HUB_TOKEN),
+                              stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for proc in procs:
+        proc.communicate(timeout=120)
+        assert proc.returncode == 0
+    reports = sorted(cache_report(tmp_path / f"tlog{i}")["cache"] for i in range(2))
+    assert reports == ["filled", "hit"]
+    assert cache_report(tmp_path / "tlog0")["revision"] == HUB_COMMIT
+    assert (entry / "model.safetensors").read_bytes() == HUB_FILES["model.safetensors"]

@@ -356,3 +356,76 @@ def test_http_route_splits_by_weight():
     (rule,) = route["spec"]["rules"]
     assert rule["matches"][0] == {"path": {"type": "PathPrefix", "value": "/v2/models/m"}}
     assert [(b["name"], b["port"], b["weight"]) for b in rule["backendRefs"]] == [("m-bf16", 80, 80), ("m-int8", 80, 20)]
+
+
+# --- node-local model cache (spec.model.cache node) ----------------------------------------
+
+CACHED = {"model": {"uri": "hf://org/m@abc123", "format": "torchscript", "cache": "node"}}
+
+
+def test_node_cache_mounts_the_entry_read_only_and_fetches_into_it_with_cache():
+    from kubemaas_operator.builders.model_cache import cache_key
+
+    key = cache_key("hf://org/m@abc123")
+    deployment = find(children(CACHED), "Deployment", "m-default")
+    p = deployment["spec"]["template"]["spec"]
+    assert [v for v in p["volumes"] if v["name"] in ("model", "model-cache")] == [
+        {"name": "model-cache", "persistentVolumeClaim": {"claimName": "m-model-cache"}}]
+    assert not any("hostPath" in v for v in p["volumes"])  # restricted Pod Security forbids it
+    runtime_mounts = [m for m in p["containers"][0]["volumeMounts"] if m["name"] == "model-cache"]
+    assert runtime_mounts == [{"name": "model-cache", "mountPath": "/mnt/models", "subPath": key, "readOnly": True}]
+    (fetch,) = p["initContainers"]
+    assert fetch["args"] == ["fetch", "--uri", "hf://org/m@abc123", "--dest", f"/cache/{key}", "--cache",
+                             "--max-bytes", str(50 * 2**30), "--timeout-seconds", "3600"]
+    assert {"name": "model-cache", "mountPath": "/cache"} in fetch["volumeMounts"]
+    assert not any(m["name"] == "model" for m in fetch["volumeMounts"])
+    assert deployment["spec"]["template"]["metadata"]["labels"]["kubemaas.io/model-cache-key"] == key
+    assert p["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    (preferred,) = p["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred["podAffinityTerm"]["labelSelector"] == {"matchLabels": {"kubemaas.io/model-cache-key": key}}
+    assert preferred["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_node_cache_keeps_the_users_affinity_and_default_pods_are_unchanged():
+    user = {"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 1, "podAffinityTerm": {"labelSelector": {"matchLabels": {"a": "b"}}, "topologyKey": "zone"}}]}}
+    p = pod({**CACHED, "scheduling": {"affinity": user}})
+    terms = p["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert terms[0] == user["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0] and len(terms) == 2
+    plain = pod({"model": {"uri": "hf://org/m@abc123", "format": "torchscript"}})
+    assert "affinity" not in plain and "fsGroupChangePolicy" not in plain["securityContext"]
+    assert "--cache" not in plain["initContainers"][0]["args"]
+
+
+@pytest.mark.parametrize(("uri", "other"), [("hf://org/m@abc123", "hf://org/m@def456"),
+                                            ("s3://bucket/a", "s3://bucket/b")])
+def test_cache_key_is_a_dns_label_that_changes_with_the_revision(uri, other):
+    import re
+
+    from kubemaas_operator.builders.model_cache import cache_key
+
+    assert cache_key(uri) == cache_key(uri) != cache_key(other)
+    assert re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", cache_key(uri))
+
+
+def test_node_cache_children_are_a_local_volume_over_the_node_group_and_its_owned_claim():
+    from kubemaas_operator.builders.model_cache import cache_key
+
+    objs = children(CACHED)
+    kinds = [o["kind"] for o in objs]
+    assert kinds.index("PersistentVolumeClaim") < kinds.index("Deployment")  # the claim before the pods
+    volume = find(objs, "PersistentVolume")
+    claim = find(objs, "PersistentVolumeClaim", "m-model-cache")
+    assert "namespace" not in volume["metadata"] and "ownerReferences" not in volume["metadata"]
+    spec = volume["spec"]
+    assert spec["local"] == {"path": SETTINGS.model_cache_path} and "hostPath" not in spec
+    assert spec["persistentVolumeReclaimPolicy"] == "Retain"
+    assert spec["nodeAffinity"]["required"]["nodeSelectorTerms"] == [{"matchExpressions": [
+        {"key": SETTINGS.model_cache_node_label, "operator": "In", "values": ["true"]}]}]
+    assert spec["claimRef"]["namespace"] == claim["metadata"]["namespace"]
+    assert spec["claimRef"]["name"] == "m-model-cache"
+    assert claim["spec"]["volumeName"] == volume["metadata"]["name"]
+    assert claim["spec"]["storageClassName"] == spec["storageClassName"]
+    assert claim["metadata"]["ownerReferences"][0]["kind"] == "ModelService"
+    assert claim["metadata"]["labels"]["kubemaas.io/model-cache-key"] == cache_key("hf://org/m@abc123")
+    assert not [o for o in children() if o["kind"].startswith("PersistentVolume")]

@@ -47,6 +47,8 @@ CASES: dict[str, dict[str, Any]] = {
     "no-rbac": {"rbac": {"create": False, "aggregateToDefaultRoles": False}},
     "watch-namespaces": {"watchNamespaces": ["ml", "ml-staging"]},
     "multi-node": {"multiNode": {"enabled": True}},
+    "model-cache": {"modelCache": {"enabled": True, "path": "/data/cache", "nodeLabel": "example.com/cache",
+                                   "capacity": "2Ti"}},
     # the single image value of earlier charts still sets the builtin flavour's image
     "legacy-runtime-image": {"operator": {"runtimeImage": "registry.example.com/kubemaas-runtime:old"}},
     "operator-settings": {"operator": {
@@ -382,6 +384,9 @@ ROUTING_RULES = {
 }
 # With multiNode.enabled: one KubeRay RayCluster per replica of a variant over several nodes.
 MULTI_NODE_RULES = {("ray.io", "rayclusters"): OWN}
+# With modelCache.enabled: the local PV (cluster-scoped, so with the discovery rules) and its claim.
+MODEL_CACHE_RULES = {("", "persistentvolumeclaims"): {"get", "list", "create", "patch"}}
+MODEL_CACHE_CLUSTER_RULES = {("", "persistentvolumes"): {"get", "list", "create", "patch"}}
 # Cluster-scoped reads, a ClusterRole in every mode: CRDs (is KEDA/Gateway API installed?) and
 # nodes (their GPU feature discovery labels: the GPU-fit check).
 DISCOVERY_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): READ, ("", "nodes"): READ}
@@ -417,7 +422,8 @@ def test_rules_cover_every_kind_the_operator_client_touches():
     (the routing kinds only with inferenceRouting.enabled)."""
     for k in kube.KINDS.values():
         group = k.api_version.rpartition("/")[0]
-        verbs = (OPERATOR_RULES | ROUTING_RULES | MULTI_NODE_RULES).get((group, k.plural))
+        verbs = (OPERATOR_RULES | ROUTING_RULES | MULTI_NODE_RULES | MODEL_CACHE_RULES
+                 | MODEL_CACHE_CLUSTER_RULES).get((group, k.plural))
         assert verbs and READ - {"watch"} <= verbs, f"{k.kind}: no read access in the chart"
         if k.kind in kube.OWNED_KINDS + kube.ROUTING_KINDS:
             assert {"create", "patch", "delete"} <= verbs, f"{k.kind}: cannot be applied"
@@ -501,3 +507,14 @@ def test_multi_node_grants_rayclusters_only_when_on(rendered):
     assert rules_of(on) == OPERATOR_RULES | DISCOVERY_RULES | MULTI_NODE_RULES
     assert not OperatorSettings.from_env(container_env(one(rendered["defaults"], "Deployment"))).multi_node
     assert OperatorSettings.from_env(container_env(one(rendered["multi-node"], "Deployment"))).multi_node
+
+
+def test_model_cache_grants_volumes_and_claims_only_when_on(rendered):
+    (off,) = operator_roles(rendered["defaults"])
+    (on,) = operator_roles(rendered["model-cache"])
+    assert not {("", "persistentvolumes"), ("", "persistentvolumeclaims")} & set(rules_of(off))
+    assert rules_of(on) == OPERATOR_RULES | DISCOVERY_RULES | MODEL_CACHE_RULES | MODEL_CACHE_CLUSTER_RULES
+    assert not OperatorSettings.from_env(container_env(one(rendered["defaults"], "Deployment"))).model_cache
+    settings = OperatorSettings.from_env(container_env(one(rendered["model-cache"], "Deployment")))
+    assert settings.model_cache and settings.model_cache_path == "/data/cache"
+    assert settings.model_cache_node_label == "example.com/cache" and settings.model_cache_capacity == "2Ti"

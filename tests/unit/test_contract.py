@@ -37,6 +37,8 @@ def example_children() -> list[tuple[str, dict]]:
                      "gateway": {"name": "public"}})
     out += [("safetensors-pvc-keda", o) for o in build_children(extra, SETTINGS)]
     out += [(label, o) for label, ms in GENERATIVE_CASES.items() for o in build_children(ms, SETTINGS)]
+    cached = make_ms({"model": {"uri": "hf://org/m@abc123", "format": "torchscript", "cache": "node"}})
+    out += [("hf-node-cache", o) for o in build_children(cached, SETTINGS)]
     return out
 
 
@@ -155,8 +157,22 @@ def test_fetch_init_container_command_is_the_runtimes():
     for container in fetches:
         assert container["command"] == ["kubemaas-runtime"] and container["args"][0] == "fetch"
         args = parser.parse_args(container["args"][1:])
-        assert args.dest == "/mnt/models" and args.uri.startswith(("s3://", "hf://"))
+        assert args.uri.startswith(("s3://", "hf://"))
         assert args.max_bytes > 0 and args.timeout_seconds == SETTINGS.fetch_timeout_seconds
+        assert args.cache == (args.dest != "/mnt/models")
+        if args.cache:  # spec.model.cache node: the entry the runtime container mounts (its subPath)
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            root = args.dest.rpartition("/")[0]
+            assert root in mounts and mounts[root]["name"] == "model-cache"
+    cached = [o for label, o in DEPLOYMENTS if label == "hf-node-cache"]
+    assert cached, "the node-cache case renders a Deployment"
+    for deployment in cached:
+        spec = deployment["spec"]["template"]["spec"]
+        (fetch,) = spec["initContainers"]
+        args = parser.parse_args(fetch["args"][1:])
+        assert args.cache
+        (served,) = [m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == "/mnt/models"]
+        assert served["readOnly"] and served["subPath"] == args.dest.rpartition("/")[2]
 
 
 def test_auth_token_file_is_a_flag_naming_the_mounted_secret():

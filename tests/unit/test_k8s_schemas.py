@@ -43,6 +43,11 @@ SPECS = {
         "variants": [{"name": "a", "weight": 0}, {"name": "b", "quantization": "int8-dynamic", "weight": 100}],
         "gateway": {"name": "gw"},
     },
+    # the node-local model cache: the local PV, its claim, the pod's claim volume and pod affinity
+    "hf-node-cache": {
+        "model": {"uri": "hf://org/name@abc123", "format": "transformers", "task": "feature-extraction",
+                  "cache": "node"},
+    },
 }
 
 
@@ -75,4 +80,5 @@ def test_built_object_is_valid_for_kubernetes(obj):
 
 def test_every_builtin_kind_is_covered():
     kinds = {o["kind"] for _, o in CASES}
-    assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds
+    assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
+            "PersistentVolume", "PersistentVolumeClaim"} <= kinds

@@ -58,3 +58,10 @@ def test_a_body_that_is_not_a_status_still_raises_with_the_code() -> None:
     with pytest.raises(ApiError) as exc:
         check_response(500, b"<html>bad gateway</html>", DEPLOYMENT)
     assert exc.value.status == 500 and "bad gateway" in str(exc.value)
+
+
+def test_cluster_scoped_kinds_have_no_namespace_in_their_path():
+    from kubemaas_operator.kube import KINDS
+
+    assert KINDS["PersistentVolume"].path("ignored", "pv") == "/api/v1/persistentvolumes/pv"
+    assert KINDS["PersistentVolumeClaim"].path("ns", "c") == "/api/v1/namespaces/ns/persistentvolumeclaims/c"

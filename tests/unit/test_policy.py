@@ -86,3 +86,11 @@ def test_network_policy_admits_own_gateway_listed_and_metrics_namespaces():
                   "network": {"allowedNamespaces": ["clients", "ns"]}})
     assert admitted_namespaces(ms, DEFAULT) == sorted({"ns", "gateways", "clients", "monitoring"})
     assert admitted_namespaces(make_ms({}), DEFAULT) == ["monitoring", "ns"]
+
+
+def test_node_cache_is_refused_while_the_operators_switch_is_off():
+    cached = ms_with(model={"uri": "hf://org/m@abc123", "format": "transformers", "task": "feature-extraction",
+                            "cache": "node"})
+    off = refusal(cached, DEFAULT, None)
+    assert off is not None and off.reason == "ModelCacheDisabled" and "spec.model.cache" in off.message
+    assert refusal(cached, DEFAULT.model_copy(update={"model_cache": True}), None) is None

@@ -105,6 +105,12 @@ No Secrets: a ModelService's secretRef is passed by name to the runtime pod's fe
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+{{- if .Values.modelCache.enabled }}
+# spec.model.cache node: the claim the pods mount (builders/model_cache.py)
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get, list, create, patch]
+{{- end }}
 {{- if .Values.multiNode.enabled }}
 # resources.gpu.nodes > 1: one KubeRay RayCluster per replica (docs/operator.md, Multi-node)
 - apiGroups: [ray.io]
@@ -139,6 +145,12 @@ without a restart), and, when watching listed namespaces, namespace names.
 - apiGroups: [""]
   resources: [nodes]
   verbs: [get, list, watch]
+{{- if .Values.modelCache.enabled }}
+# spec.model.cache node: the local PersistentVolume over the cache folder (cluster-scoped)
+- apiGroups: [""]
+  resources: [persistentvolumes]
+  verbs: [get, list, create, patch]
+{{- end }}
 {{- if .Values.watchNamespaces }}
 - apiGroups: [""]
   resources: [namespaces]

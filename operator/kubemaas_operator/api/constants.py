@@ -67,6 +67,7 @@ AutoscalingMetric = Literal[
 GENERATIVE_METRICS: Final = ("running-sequences", "waiting-sequences", "kv-cache-usage")
 RolloutStrategy = Literal["RollingUpdate", "Canary"]
 Routing = Literal["inferencePool"]
+ModelCacheMode = Literal["none", "node"]
 # The endpoint picker's children are <name>-epp, so no variant may take that name with routing on.
 PICKER_SUFFIX: Final = "epp"
 

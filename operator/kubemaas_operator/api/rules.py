@@ -131,6 +131,14 @@ HF_PATH_ONLY_FOR_GGUF = CelRule(
     message="model.uri: a file path in an hf:// URI applies only to model.format gguf; name the repo, hf://<org>/<name>",
     field_path=".uri",
 )
+CACHE_ONLY_FOR_DOWNLOADS = CelRule(
+    rule="!has(self.cache) || self.cache == 'none' || self.uri.startsWith('s3://') || self.uri.startsWith('hf://')",
+    message=(
+        "model.cache node applies only to downloaded models (s3:// or hf://): pvc:// and file:// "
+        "models are already local to the pod"
+    ),
+    field_path=".cache",
+)
 ARCHITECTURE_FOR_SAFETENSORS = CelRule(
     rule="self.format != 'safetensors' || has(self.architecture)",
     message="model.architecture (pkg.module:factory) is required when model.format is safetensors",

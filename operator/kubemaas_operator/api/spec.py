@@ -41,6 +41,7 @@ from kubemaas_operator.api.constants import (
     URI_SCHEMES,
     URI_SHAPE_PATTERN,
     Engine,
+    ModelCacheMode,
     ModelFormat,
     ModelTask,
     Quantization,
@@ -87,7 +88,7 @@ class ModelSource(ApiModel):
     model_config = ConfigDict(json_schema_extra=rules.schema_rules(
         rules.URI_SCHEME, rules.URI_SHAPE, rules.ARCHITECTURE_FOR_SAFETENSORS,
         rules.TASK_FOR_TRANSFORMERS, rules.TASK_ONLY_FOR_TRANSFORMERS, rules.GGUF_IS_TEXT_GENERATION,
-        rules.HF_GGUF_NAMES_A_FILE, rules.HF_PATH_ONLY_FOR_GGUF,
+        rules.HF_GGUF_NAMES_A_FILE, rules.HF_PATH_ONLY_FOR_GGUF, rules.CACHE_ONLY_FOR_DOWNLOADS,
     ))
 
     uri: Annotated[str, StringConstraints(min_length=1, max_length=MAX_URI_LENGTH)] = Field(
@@ -150,6 +151,16 @@ class ModelSource(ApiModel):
             "HF_TOKEN). The serving container never sees it."
         ),
     )
+    cache: ModelCacheMode = Field(
+        default="none",
+        description=(
+            "node: keep one copy of the downloaded model (s3://, hf://) per node, keyed by the URI "
+            "with its revision, in the node-local model cache: the first pod on a node fills it, "
+            "later pods on that node mount it read-only and skip the download, pods prefer nodes "
+            "that hold it, and a copy no ModelService refers to is evicted. none (default): each "
+            "pod downloads into its own emptyDir (docs/api.md, Node-local model cache)."
+        ),
+    )
 
     @property
     def scheme(self) -> str:
@@ -173,6 +184,8 @@ class ModelSource(ApiModel):
             raise rules.refusal(rules.HF_GGUF_NAMES_A_FILE)
         if self.format != "gguf" and _HF_WITH_PATH_RE.search(self.uri):
             raise rules.refusal(rules.HF_PATH_ONLY_FOR_GGUF)
+        if self.cache == "node" and self.scheme not in ("s3", "hf"):
+            raise rules.refusal(rules.CACHE_ONLY_FOR_DOWNLOADS)
         return self
 
     @property

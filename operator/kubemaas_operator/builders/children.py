@@ -18,6 +18,11 @@ from kubemaas_operator.builders.image import (
 )
 from kubemaas_operator.builders.inference_pool import build_routing_children, wants_inference_pool
 from kubemaas_operator.builders.layout import VariantLayout, route_backends, steady_layouts
+from kubemaas_operator.builders.model_cache import (
+    build_cache_claim,
+    build_cache_volume,
+    uses_node_cache,
+)
 from kubemaas_operator.builders.network_policy import build_network_policy
 from kubemaas_operator.builders.raycluster import build_ray_cluster
 from kubemaas_operator.builders.revision import CANARY, STABLE
@@ -34,7 +39,8 @@ def build_children(
     ms: ModelService, settings: OperatorSettings, runtime_image: RuntimeImages | str | None = None,
     layouts: tuple[VariantLayout, ...] | None = None,
 ) -> list[dict[str, Any]]:
-    """The desired children, in apply order: NetworkPolicy (so no pod runs unprotected),
+    """The desired children, in apply order: NetworkPolicy (so no pod runs unprotected), with
+    spec.model.cache node the node-local cache's PersistentVolume and claim,
     Deployments, Services, PDB, autoscaler, HTTPRoute (with `spec.routing: inferencePool` the
     endpoint picker's children, the InferencePool, then the HTTPRoute to the pool), and last the
     RayClusters of a variant over several nodes (a layout with `groups`).
@@ -56,6 +62,8 @@ def build_children(
     children: list[dict[str, Any]] = [policy] if policy is not None else []
     if wants_adapters(ms):  # before the pods that mount it
         children.append(build_adapter_config_map(ms))
+    if uses_node_cache(ms):  # before the pods that mount the claim
+        children.extend([build_cache_volume(ms, settings), build_cache_claim(ms, settings)])
     groups: list[dict[str, Any]] = []
     for layout in layouts:
         variant = variants[layout.name]

@@ -7,6 +7,7 @@ from typing import Any
 
 from kubemaas_operator import gpufit
 from kubemaas_operator.api import ModelService, Variant
+from kubemaas_operator.builders import model_cache
 from kubemaas_operator.builders.adapters import (
     adapter_env,
     adapter_fetch_sidecar,
@@ -15,8 +16,15 @@ from kubemaas_operator.builders.adapters import (
     wants_adapters,
 )
 from kubemaas_operator.builders.auth import auth_args, auth_mounts, auth_volumes
-from kubemaas_operator.builders.model_source import TMP_VOLUME, fetch_init_container, model_mount
+from kubemaas_operator.builders.model_source import (
+    MODEL_VOLUME,
+    TMP_VOLUME,
+    ModelMount,
+    fetch_init_container,
+    model_mount,
+)
 from kubemaas_operator.builders.naming import (
+    FETCH_CONTAINER,
     HTTP_PORT,
     MODEL_DIR,
     RUNTIME_CONTAINER,
@@ -55,6 +63,28 @@ def container_security_context() -> dict[str, Any]:
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+def with_node_cache(ms: ModelService, source: ModelMount, init_containers: list[dict[str, Any]]
+                    ) -> tuple[ModelMount, list[dict[str, Any]]]:
+    """spec.model.cache node: the node's cache claim instead of the model emptyDir; the fetch
+    step fills (or finds) `/cache/<key>` with --cache, the runtime mounts that entry read-only."""
+    volume = model_cache.cache_pod_volume(ms)
+    source = ModelMount(volumes=[volume if v["name"] == MODEL_VOLUME else v for v in source.volumes],
+                        mounts=[model_cache.cache_runtime_mount(ms) if m["name"] == MODEL_VOLUME else m
+                                for m in source.mounts],
+                        fetch=source.fetch)
+    fetched = []
+    for container in init_containers:
+        if container["name"] == FETCH_CONTAINER:
+            container = copy.deepcopy(container)
+            args = container["args"]
+            at = args.index("--dest")
+            container["args"] = [*args[:at], *model_cache.cache_fetch_args(ms), *args[at + 2:]]
+            container["volumeMounts"] = [model_cache.cache_fetch_mount() if m["name"] == MODEL_VOLUME else m
+                                         for m in container["volumeMounts"]]
+        fetched.append(container)
+    return source, fetched
 
 
 def pod_security_context() -> dict[str, Any]:
@@ -224,6 +254,8 @@ def build_pod_template(
         resources = container_resources(ms, settings, with_gpu=False)
         init_containers.append(fetch_init_container(ms.spec.model, image, container_security_context(), resources,
                                                     settings))
+    if model_cache.uses_node_cache(ms):
+        source, init_containers = with_node_cache(ms, source, init_containers)
     if wants_adapters(ms):
         init_containers.append(adapter_fetch_sidecar(
             ms, image, container_security_context(), container_resources(ms, settings, with_gpu=False), settings))
@@ -241,9 +273,15 @@ def build_pod_template(
                     *([{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm}}] if shm else [])],
         **scheduling_fields(ms, settings, variant),
     }
+    labels = variant_labels(ms.name, variant.name)
+    if model_cache.uses_node_cache(ms):
+        pod_spec["affinity"] = model_cache.with_cache_affinity(pod_spec.get("affinity"), ms)
+        # the copy on the node is in its folder already: no ownership walk over it on each start
+        pod_spec["securityContext"]["fsGroupChangePolicy"] = "OnRootMismatch"
+        labels[model_cache.CACHE_KEY_LABEL] = model_cache.cache_key(ms.spec.model.uri)
     return {
         "metadata": {
-            "labels": variant_labels(ms.name, variant.name),
+            "labels": labels,
             "annotations": {
                 "kubectl.kubernetes.io/default-container": "runtime",
                 "prometheus.io/scrape": "true",
