@@ -220,3 +220,31 @@ def test_lora_requests_info_metric(server):
     assert 'running_lora_adapters=""' in lines[0]  # idle now
     assert any(line.startswith("kubemaas_lora_requests_info{") and 'model="tiny"' in line
                for line in text.splitlines())
+
+
+@pytest.mark.parametrize("adapter", ["a1", "a2", "a3", "other-base", "rank-too-big",
+                                     "wrong-rank", "wrong-targets"])
+def test_the_vllm_check_without_peft_agrees_with_peft(tiny_dir, adapters, adapter, monkeypatch):
+    """The vLLM image has no peft: VllmAdapters checks an adapter against the base's skeleton
+    with the JSON config and its own target matching. It takes and refuses what the peft check
+    does, with the same field named."""
+    import sys
+
+    from kubemaas_runtime.errors import RuntimeServeError
+    from kubemaas_runtime.generation.adapters import VllmAdapters
+
+    def outcome():
+        try:
+            files = VllmAdapters(None, tiny_dir, max_rank=16).prepare(adapter, adapters[adapter])
+        except RuntimeServeError as exc:
+            return "refused", exc.param
+        return "taken", (files.rank, sorted(files.weights),
+                         [tuple(t.shape) for pair in files.weights.values() for t in pair])
+
+    with_peft = outcome()
+    for module in [m for m in sys.modules if m == "peft" or m.startswith("peft.")]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft: ImportError
+    without = outcome()
+    assert without == with_peft
+    assert (with_peft[0] == "taken") == (adapter in ("a1", "a2", "a3")), with_peft

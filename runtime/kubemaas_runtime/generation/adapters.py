@@ -107,11 +107,14 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The base model's linear layers by module name (a peft-wrapped one by its own name)."""
-    from peft.tuners.lora import LoraLayer
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # the vLLM image has no peft: nothing in its skeleton is wrapped
+        LoraLayer = ()
 
     found: dict[str, torch.nn.Module] = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
+        if LoraLayer and isinstance(module, LoraLayer):
             found[name] = module.get_base_layer()
         elif isinstance(module, torch.nn.Linear) and not name.endswith(
                 (".base_layer", ".lora_A", ".lora_B")) and ".lora_" not in name:
@@ -119,11 +122,35 @@ def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return found
 
 
+def _lora_config(doc: dict[str, Any], path: Path) -> tuple[Any, Any]:
+    """(peft's LoraConfig, or the JSON document without peft; name -> targeted?)."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import check_target_module_exists
+    except ImportError:
+        for field in ("layers_to_transform", "layers_pattern", "exclude_modules"):
+            if doc.get(field):
+                raise AdapterRefused(field, f"'{field}' is not supported by this engine's "
+                                            "adapter check") from None
+        targets = doc["target_modules"]
+        if isinstance(targets, str):  # peft: a string is a regex over the whole name
+            pattern = re.compile(targets)
+            return doc, lambda name: pattern.fullmatch(name) is not None
+        return doc, lambda name: any(name == t or name.endswith("." + t) for t in targets)
+    known = {k: v for k, v in doc.items() if k in LoraConfig.__dataclass_fields__}
+    try:
+        config = LoraConfig(**{**known, "inference_mode": True, "init_lora_weights": True})
+    except (TypeError, ValueError) as exc:
+        raise AdapterRefused("lora_path", f"{path / CONFIG_FILE} is not a LoRA config: {exc}"
+                             ) from None
+    return config, lambda name: check_target_module_exists(config, name)
+
+
 def read_adapter_dir(path: Path, model: torch.nn.Module, max_rank: int) -> AdapterFiles:
     """Read and check one adapter directory against the base `model` (AdapterRefused naming
-    the field on any mismatch). Tensors are read with safetensors only."""
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
+    the field on any mismatch). Tensors are read with safetensors only. Without peft (the
+    vLLM engine's image, where vLLM applies the adapter) the config stays the JSON document
+    and the targets are matched as peft matches a list or a regex."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -139,14 +166,9 @@ def read_adapter_dir(path: Path, model: torch.nn.Module, max_rank: int) -> Adapt
             isinstance(t, str) for t in targets):
         raise AdapterRefused("target_modules", "'target_modules' must be a non-empty list of "
                                                "module names")
-    known = {k: v for k, v in doc.items() if k in LoraConfig.__dataclass_fields__}
-    try:
-        config = LoraConfig(**{**known, "inference_mode": True, "init_lora_weights": True})
-    except (TypeError, ValueError) as exc:
-        raise AdapterRefused("lora_path", f"{path / CONFIG_FILE} is not a LoRA config: {exc}"
-                             ) from None
+    config, matches = _lora_config(doc, path)
     layers = linear_layers(model)
-    targeted = {name for name in layers if check_target_module_exists(config, name)}
+    targeted = {name for name in layers if matches(name)}
     suffixes = {name.rsplit(".", 1)[-1] for name in layers}
     missing = [t for t in targets if t not in suffixes and not any(
         name.endswith("." + t) for name in layers)]
