@@ -107,15 +107,17 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The base model's linear layers by module name (a peft-wrapped one by its own name)."""
+    wrapped: tuple[type, ...] = ()
     try:
         from peft.tuners.lora import LoraLayer
+        wrapped = (LoraLayer,)
     except ImportError:  # the vLLM image has no peft: nothing in its skeleton is wrapped
-        LoraLayer = ()
+        pass
 
     found: dict[str, torch.nn.Module] = {}
     for name, module in model.named_modules():
-        if LoraLayer and isinstance(module, LoraLayer):
-            found[name] = module.get_base_layer()
+        if wrapped and isinstance(module, wrapped):
+            found[name] = cast(Any, module).get_base_layer()
         elif isinstance(module, torch.nn.Linear) and not name.endswith(
                 (".base_layer", ".lora_A", ".lora_B")) and ".lora_" not in name:
             found[name] = module
