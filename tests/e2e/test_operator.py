@@ -59,7 +59,7 @@ def test_every_example_becomes_ready_as_render_printed_it(cluster: Cluster, oper
     # the children are what `render` printed
     for want in _render(namespace):
         plural = {"Deployment": "deployment", "Service": "service", "PodDisruptionBudget": "pdb",
-                  "NetworkPolicy": "networkpolicy",
+                  "NetworkPolicy": "networkpolicy", "ConfigMap": "configmap",
                   "HorizontalPodAutoscaler": "hpa.v2.autoscaling"}[want["kind"]]
         got = cluster.get_json(plural, want["metadata"]["name"], "-n", namespace)
         assert got["metadata"]["labels"] == {**got["metadata"]["labels"], **want["metadata"]["labels"]}
