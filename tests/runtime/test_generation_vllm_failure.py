@@ -1,8 +1,9 @@
 """`--engine vllm` when vLLM's engine core fails: the runtime process must end non-zero (so
 Kubernetes restarts the container), never stay up hung.
 
-- At start: an engine core that cannot start (its OpenMP threads bound to a core that does not
-  exist) ends the process non-zero, with the reason in its log and termination log.
+- At start: an engine core that cannot start (a KV cache of 10^9 tokens, tens of TB: vLLM's
+  worker refuses it against the node's free memory) ends the process non-zero, with the reason
+  in its log and termination log.
 - Later: the engine core process killed (SIGKILL, by pid) while a request is in flight: that
   request gets an error (5xx, or the connection ends), never a hang, and the process exits
   non-zero with EngineDead in its termination log.
@@ -58,15 +59,15 @@ def engine_cores(pid: int) -> list[psutil.Process]:
 
 
 def test_engine_core_that_cannot_start_ends_the_process(tmp_path, vllm_python, smollm2_dir):
-    # the engine core's worker binds its threads to these cores: no machine has core 4095
-    server = launch(serve_args(smollm2_dir), tmp_path, vllm_python,
-                    VLLM_CPU_OMP_THREADS_BIND="4095")
+    server = launch(serve_args(smollm2_dir, "--kv-cache-tokens", str(10**9)), tmp_path,
+                    vllm_python)
     try:
         code = wait_exit(server, START_BOUND_S)
         assert code is not None, f"the server did not exit:\n{server.logs()[-6000:]}"
         logs = server.logs()
         assert code != 0, logs[-6000:]
         assert "model failed to load" in logs and "vLLM cannot serve" in logs, logs[-6000:]
+        assert "Available memory" in logs and "requested memory for kv" in logs, logs[-6000:]
         line = server.termination_log.read_text()
         assert "vLLM cannot serve" in line, line
     finally:
