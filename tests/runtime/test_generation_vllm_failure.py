@@ -1,8 +1,8 @@
 """`--engine vllm` when vLLM's engine core fails: the runtime process must end non-zero (so
 Kubernetes restarts the container), never stay up hung.
 
-- At start: an engine core that cannot start (a KV cache of 10^9 tokens, tens of TB: vLLM's
-  worker refuses it against the node's free memory) ends the process non-zero, with the reason
+- At start: an engine core that cannot start (VLLM_CPU_KVCACHE_SPACE of 100000 GiB: vLLM's
+  worker refuses it against the node's free memory before allocating) ends the process non-zero, with the reason
   in its log and termination log.
 - Later: the engine core process killed (SIGKILL, by pid) while a request is in flight: that
   request gets an error (5xx, or the connection ends), never a hang, and the process exits
@@ -35,7 +35,7 @@ def serve_args(smollm2_dir, *extra: str) -> list[str]:
 
 
 def launch(args: list[str], workdir, vllm_python, **env: str) -> RuntimeServer:
-    return RuntimeServer(args, workdir, env=runtime_env(**VLLM_ENV, **env),
+    return RuntimeServer(args, workdir, env=runtime_env(**{**VLLM_ENV, **env}),
                          command=[str(vllm_python), "-m", "kubemaas_runtime", "serve"]).launch()
 
 
@@ -59,8 +59,8 @@ def engine_cores(pid: int) -> list[psutil.Process]:
 
 
 def test_engine_core_that_cannot_start_ends_the_process(tmp_path, vllm_python, smollm2_dir):
-    server = launch(serve_args(smollm2_dir, "--kv-cache-tokens", str(10**9)), tmp_path,
-                    vllm_python)
+    server = launch(serve_args(smollm2_dir), tmp_path, vllm_python,
+                    VLLM_CPU_KVCACHE_SPACE="100000")
     try:
         code = wait_exit(server, START_BOUND_S)
         assert code is not None, f"the server did not exit:\n{server.logs()[-6000:]}"
