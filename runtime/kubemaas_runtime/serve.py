@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
+import time
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kubemaas_runtime")
 QUEUE_REJECT_MARGIN_S = 1.0
+EXIT_BACKSTOP_MARGIN_S = 30.0  # after the drain time, a failed server exits regardless
 
 
 class DrainingServer(uvicorn.Server):
@@ -95,6 +98,8 @@ def serve(config: ServeConfig) -> int:
 
     def request_exit() -> None:
         server.should_exit = True
+        if state.fatal_error is not None or state.load_error is not None:
+            _exit_backstop(config, state)
 
     state.request_exit = request_exit
     server.run()
@@ -104,10 +109,26 @@ def serve(config: ServeConfig) -> int:
         os._exit(1)  # the model thread may be stuck in the failed device: do not join it
     if state.load_error is not None:
         write_termination_log(config.termination_log, state.load_error)
-        return 1
+        logging.shutdown()
+        os._exit(1)  # a failed engine start may leave threads (vLLM's) that never end
     if not server.started:
         return 1
     return 0
+
+
+def _exit_backstop(config: ServeConfig, state) -> None:
+    """The process must end (failed load or device): if uvicorn's shutdown hangs (a dead
+    engine's in-flight request, a stuck lifespan), exit non-zero anyway once the drain time
+    and a margin have passed, so Kubernetes restarts the container."""
+    def backstop() -> None:
+        time.sleep((config.drain_seconds or 0) + EXIT_BACKSTOP_MARGIN_S)
+        line = state.fatal_error or state.load_error or "the server failed to stop"
+        log.error("shutdown did not finish in time; exiting: %s", line)
+        write_termination_log(config.termination_log, line)
+        logging.shutdown()
+        os._exit(1)
+
+    threading.Thread(target=backstop, name="exit-backstop", daemon=True).start()
 
 
 def _build_state(config: ServeConfig):

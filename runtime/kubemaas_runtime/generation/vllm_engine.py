@@ -16,10 +16,12 @@ vLLM (it pins its own torch); its venv is hack/vllm-venv, its image `kubemaas-ru
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -37,6 +39,7 @@ from kubemaas_runtime.generation.model import GenerativeBase
 from kubemaas_runtime.generation.sampling import SamplingParams
 
 log = logging.getLogger("kubemaas_runtime")
+WATCHDOG_INTERVAL_S = 0.5  # how often the engine core's liveness is checked
 # vLLM's dtype for the variants it can serve as they are; the rest are refused at start.
 # "none" serves the weights as stored (vLLM's "auto" would turn fp32 weights into bf16).
 VLLM_DTYPES = {"none": "auto", "fp16": "float16", "bf16": "bfloat16"}
@@ -148,6 +151,8 @@ class VllmEngine:
         self.on_fatal: Callable[[DeviceLost], None] | None = None  # the server's device_failed
         self.lora_requests: dict[str, Any] = {}  # adapter name -> vLLM LoRARequest (adapters.py)
         self.lora_registry: Any = None  # AdapterRegistry: the per-adapter gauges
+        self.dead: EngineDead | None = None  # set once vLLM's engine core is found dead
+        self._watchdog: threading.Thread | None = None
 
     @property
     def capacity(self) -> int:
@@ -155,7 +160,43 @@ class VllmEngine:
         return self.settings.max_num_seqs + self.settings.max_queue
 
     def start(self) -> None:
+        """Mark the engine running and start the watchdog (the event loop is learnt at the
+        first submit, or set beforehand on `_loop`)."""
         self._started = True
+        self._watchdog = threading.Thread(target=self._watch, name="vllm-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _watch(self, interval: float = WATCHDOG_INTERVAL_S) -> None:
+        """vLLM notices its engine core's death (its monitor thread sets `errored`) but tells
+        nobody: with no request in flight, or with requests waiting on outputs that never
+        come, the server would stay up and hang. Poll it; on death, fail every stream and
+        report the death, which turns readiness off and ends the process."""
+        while not self._stopping:
+            if self.llm.errored:
+                self._engine_died(EngineDead("vLLM's engine core died (its process exited); "
+                                             "the server exits so the pod restarts"))
+                return
+            time.sleep(interval)
+
+    def _engine_died(self, exc: EngineDead) -> None:
+        """Once: fail the open streams (their requests get an error, not a hang) and tell the
+        server. Any thread."""
+        if self.dead is not None or self._stopping:
+            return
+        self.dead = exc
+        log.error("vLLM engine: %s", exc)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._fail_all, str(exc))
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
+
+    def _fail_all(self, reason: str) -> None:
+        for stream in list(self._streams):
+            if not stream.done:
+                stream.put(Chunk("", (), "error", stream.prompt_tokens, 0, reason))
+            stream.cancel()
 
     def stop(self, timeout: float = 10.0) -> None:
         """End every stream with `abort`, then shut vLLM's processes down. Any thread."""
@@ -167,7 +208,12 @@ class VllmEngine:
                 done.result(timeout)
             except Exception:  # noqa: BLE001 - the loop may be stopping: shut down anyway
                 log.warning("vLLM engine: could not end the open streams before shutdown")
-        self.llm.shutdown()
+        # vLLM's shutdown waits on its engine core; a dead one may never answer: bounded
+        closing = threading.Thread(target=self.llm.shutdown, name="vllm-shutdown", daemon=True)
+        closing.start()
+        closing.join(timeout)
+        if closing.is_alive():
+            log.warning("vLLM engine: shutdown did not finish in %.0fs; exiting anyway", timeout)
 
     async def _abort_all(self) -> None:
         for stream in list(self._streams):
@@ -180,7 +226,8 @@ class VllmEngine:
 
     @property
     def alive(self) -> bool:
-        return self._started and not self._stopping and not self.llm.errored
+        return (self._started and not self._stopping and self.dead is None
+                and not self.llm.errored)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
                adapter: str | None = None) -> VllmStream:
@@ -248,9 +295,9 @@ class VllmEngine:
         except Exception as exc:  # noqa: BLE001 - one request's failure, reported in its stream
             log.warning("vLLM request failed: %s: %s", type(exc).__name__, exc)
             reason = "abort" if self._stopping else "error"
-            if self.llm.errored and not self._stopping and self.on_fatal is not None:
-                self.on_fatal(EngineDead(f"vLLM's engine core died: {type(exc).__name__}: "
-                                         f"{str(exc)[:300]}"))
+            if self.llm.errored and not self._stopping:
+                self._engine_died(EngineDead(f"vLLM's engine core died: "
+                                             f"{type(exc).__name__}: {str(exc)[:300]}"))
             stream.put(Chunk("", (), reason, len(prompt_ids), generated,
                              f"{type(exc).__name__}: {exc}"))
         finally:
