@@ -14,9 +14,6 @@ others must be refused with a 400 naming the field. vLLM must honour all of them
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +21,8 @@ import httpx
 import openai
 import pytest
 
-from tests.runtime.conftest import REPO, RuntimeServer, runtime_env
+from tests.models_on_disk import smollm2_transformers_dir, vllm_venv_python
+from tests.runtime.conftest import RuntimeServer, runtime_env
 
 NAME = "smollm2"
 TOKEN = "front-suite-token"
@@ -38,9 +36,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def smollm2_dir() -> Path:
-    built = subprocess.run([sys.executable, str(REPO / "hack" / "smollm2-transformers")],
-                           capture_output=True, text=True, check=True)
-    return Path(built.stdout.strip().splitlines()[-1])
+    return smollm2_transformers_dir()
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +47,7 @@ def tokenizer(smollm2_dir):
 
 
 def vllm_python() -> Path:
-    checked = subprocess.run([str(REPO / "hack" / "vllm-venv"), "--check"],
-                             check=False, capture_output=True, text=True)
-    if checked.returncode != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the vLLM venv is missing (make test builds it: hack/vllm-venv)")
-        pytest.skip("no vLLM venv: run hack/vllm-venv (about 5.9 GB, once)")
-    return Path(checked.stdout.strip())
+    return vllm_venv_python()
 
 
 @pytest.fixture(scope="module", params=["builtin", "vllm"])

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import httpx
 import openai
 import pytest
 
+from tests.models_on_disk import smollm2_transformers_dir, vllm_venv_python
 from tests.runtime.conftest import REPO, RuntimeServer, runtime_env
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
@@ -36,20 +35,12 @@ VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
 
 @pytest.fixture(scope="module")
 def vllm_python() -> Path:
-    checked = subprocess.run([str(REPO / "hack" / "vllm-venv"), "--check"],
-                             check=False, capture_output=True, text=True)
-    if checked.returncode != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the vLLM venv is missing (make test builds it: hack/vllm-venv)")
-        pytest.skip("no vLLM venv: run hack/vllm-venv (about 5.9 GB, once)")
-    return Path(checked.stdout.strip())
+    return vllm_venv_python()
 
 
 @pytest.fixture(scope="module")
 def smollm2_dir() -> Path:
-    built = subprocess.run([sys.executable, str(REPO / "hack" / "smollm2-transformers")],
-                           capture_output=True, text=True, check=True)
-    return Path(built.stdout.strip().splitlines()[-1])
+    return smollm2_transformers_dir()
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,14 @@ The vLLM half needs the vLLM venv: skipped without it, except under CI=true, whe
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.runtime.conftest import REPO, RuntimeServer, runtime_env
+from tests.models_on_disk import smollm2_transformers_dir, vllm_venv_python
+from tests.runtime.conftest import RuntimeServer, runtime_env
 from tests.runtime.lora_adapters import build_adapter, merged_greedy
 
 PROMPTS = ["The capital of France is", "Kubernetes is"]
@@ -26,9 +24,7 @@ VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
 
 @pytest.fixture(scope="module")
 def smollm2_dir() -> Path:
-    built = subprocess.run([sys.executable, str(REPO / "hack" / "smollm2-transformers")],
-                           capture_output=True, text=True, check=True)
-    return Path(built.stdout.strip().splitlines()[-1])
+    return smollm2_transformers_dir()
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +75,7 @@ def test_builtin_engine_equals_peft_merged(module_tmp, smollm2_dir, adapter, exp
 
 @pytest.fixture(scope="module")
 def vllm_python() -> Path:
-    checked = subprocess.run([str(REPO / "hack" / "vllm-venv"), "--check"],
-                             check=False, capture_output=True, text=True)
-    if checked.returncode != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the vLLM venv is missing (make test builds it: hack/vllm-venv)")
-        pytest.skip("no vLLM venv: run hack/vllm-venv (about 5.9 GB, once)")
-    return Path(checked.stdout.strip())
+    return vllm_venv_python()
 
 
 def test_vllm_engine_serves_the_adapter(module_tmp, vllm_python, smollm2_dir, adapter, expected):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from tests.e2e.realpods.conftest import (
 )
 from tests.e2e.realpods.images import REPO, images_cli
 from tests.e2e.realpods.test_real_pods import apply, model_volume, runtime_pods, service_ip
+from tests.models_on_disk import smollm2_transformers_dir, vllm_venv_python
 
 # the cluster, three images, the operator and vLLM's start in a pod: past the default 900 s
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
@@ -60,20 +60,12 @@ REFERENCE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
 
 @pytest.fixture(scope="module")
 def vllm_python() -> Path:
-    checked = subprocess.run([str(REPO / "hack" / "vllm-venv"), "--check"],
-                             check=False, capture_output=True, text=True)
-    if checked.returncode != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the vLLM venv is missing (make test builds it: hack/vllm-venv)")
-        pytest.skip("no vLLM venv: run hack/vllm-venv (about 5.9 GB, once)")
-    return Path(checked.stdout.strip())
+    return vllm_venv_python()
 
 
 @pytest.fixture(scope="module")
 def smollm2_dir() -> Path:
-    built = subprocess.run([sys.executable, str(REPO / "hack" / "smollm2-transformers")],
-                           capture_output=True, text=True, check=True, timeout=600)
-    return Path(built.stdout.strip().splitlines()[-1])
+    return smollm2_transformers_dir()
 
 
 @pytest.fixture(scope="module")
