@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import uvicorn
 
@@ -103,14 +103,9 @@ def serve(config: ServeConfig) -> int:
 
     state.request_exit = request_exit
     server.run()
-    if state.fatal_error is not None:
-        write_termination_log(config.termination_log, state.fatal_error)
-        logging.shutdown()
-        os._exit(1)  # the model thread may be stuck in the failed device: do not join it
-    if state.load_error is not None:
-        write_termination_log(config.termination_log, state.load_error)
-        logging.shutdown()
-        os._exit(1)  # a failed engine start may leave threads (vLLM's) that never end
+    failure = state.fatal_error or state.load_error
+    if failure is not None:
+        _exit_failed(config, failure)
     if not server.started:
         return 1
     return 0
@@ -124,11 +119,17 @@ def _exit_backstop(config: ServeConfig, state) -> None:
         time.sleep((config.drain_seconds or 0) + EXIT_BACKSTOP_MARGIN_S)
         line = state.fatal_error or state.load_error or "the server failed to stop"
         log.error("shutdown did not finish in time; exiting: %s", line)
-        write_termination_log(config.termination_log, line)
-        logging.shutdown()
-        os._exit(1)
+        _exit_failed(config, line)
 
     threading.Thread(target=backstop, name="exit-backstop", daemon=True).start()
+
+
+def _exit_failed(config: ServeConfig, line: str) -> NoReturn:
+    """Write the reason and end the process 1 now, without joining threads: the model thread
+    may be stuck in a failed device, and a failed vLLM start leaves threads that never end."""
+    write_termination_log(config.termination_log, line)
+    logging.shutdown()
+    os._exit(1)
 
 
 def _build_state(config: ServeConfig):
