@@ -155,3 +155,24 @@ def test_builtin_over_nodes_cannot_shard():
 
 def test_build_children_alone_stays_a_deployment_without_groups():
     assert [c["kind"] for c in build_children(big(), OFF) if c["kind"] in ("Deployment", "RayCluster")] == ["Deployment"]
+
+
+def test_with_the_node_cache_every_pod_of_a_group_fills_its_own_nodes_copy():
+    """model.cache node over two nodes: the worker, on the other node, fetches into that node's
+    cache and mounts the same entry; vLLM's Ray worker reads the weights from the same path."""
+    ms = make_ms({
+        "model": {"uri": "hf://meta/llama-405b@0123abc", "format": "transformers",
+                  "task": "text-generation", "parameterCount": "405B", "cache": "node"},
+        "resources": {"gpu": {"count": 8, "nodes": 2}},
+        "variants": [{"name": "bf16", "quantization": "bf16"}]}, name="llm")
+    (cluster,) = clusters(ms)
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    (worker_group,) = cluster["spec"]["workerGroupSpecs"]
+    worker = worker_group["template"]["spec"]
+    for pod in (head, worker):
+        (fetch,) = [c for c in pod["initContainers"] if c["name"] == "fetch-model"]
+        assert "--cache" in fetch["args"]
+        assert any(v["name"] == "model-cache" and "persistentVolumeClaim" in v for v in pod["volumes"])
+    served = {m["mountPath"]: m for m in head["containers"][0]["volumeMounts"]}["/mnt/models"]
+    joined = {m["mountPath"]: m for m in worker["containers"][0]["volumeMounts"]}["/mnt/models"]
+    assert served == joined and served["readOnly"] and served["subPath"]
