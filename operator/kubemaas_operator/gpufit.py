@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kubemaas_operator import runtime_contract
 from kubemaas_operator.api import ModelService, Variant
 from kubemaas_operator.api.constants import MAX_GPU_NODES
 from kubemaas_operator.engine import tensor_parallel_size
@@ -35,7 +36,6 @@ GIB = 1024**3
 MIB = 1024**2
 OVERHEAD_GIB = 2
 DEFAULT_KV_CACHE_TOKENS = 4096
-RUNTIME_DEFAULT_MAX_NUM_SEQS = 16  # the runtime's --max-num-seqs default
 KV_BYTES_PER_VALUE = 2  # the runtime keeps K and V in 16 bits
 KV_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 FIT_REASON = "GPUMemoryInsufficient"
@@ -182,7 +182,7 @@ def kv_cache_tokens(ms: ModelService) -> int:
     if runtime.kv_cache_tokens is not None:
         return runtime.kv_cache_tokens
     if runtime.max_model_len is not None:
-        return (runtime.max_num_seqs or RUNTIME_DEFAULT_MAX_NUM_SEQS) * runtime.max_model_len
+        return (runtime.max_num_seqs or runtime_contract.MAX_NUM_SEQS) * runtime.max_model_len
     return DEFAULT_KV_CACHE_TOKENS
 
 
