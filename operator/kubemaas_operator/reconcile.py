@@ -151,7 +151,7 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedIma
     # fails at start); one that already runs an earlier revision is left as it is, serving.
     refused = refused_variants(ms, fits, settings.multi_node)
     if is_multi_node(ms, settings):
-        rollout = replace(rollout, variants=_group_layouts(ms, rollout.variants, refused, groups))
+        rollout = replace(rollout, variants=_group_layouts(ms, rollout.variants, refused, groups, observed))
     withheld = gpufit.withheld_deployments(refused, rollout.variants)
     children = tuple(c for c in build_children(ms, settings, runtime_image=image, layouts=rollout.variants)
                      if not (c["kind"] == "Deployment" and c["metadata"]["name"] in withheld))
@@ -172,10 +172,14 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedIma
 
 
 def _group_layouts(ms: ModelService, layouts: Sequence[VariantLayout], refused: dict[str, Problem],
-                   groups: Sequence[ObservedGroup]) -> tuple[VariantLayout, ...]:
+                   groups: Sequence[ObservedGroup],
+                   deployments: Sequence[ObservedDeployment] = ()) -> tuple[VariantLayout, ...]:
     """Each variant as groups (RayClusters) instead of Deployments; a refused variant writes
-    none and keeps the groups it has, serving."""
+    none and keeps the groups it has, serving. A variant that ran on one node (resources.gpu.nodes
+    raised from 1) keeps its Deployments, serving, until as many of its groups are ready as it
+    has replicas: surge-first, as a new revision rolls."""
     variants = {v.name: v for v in ms.spec.variants}
+    nodes = ms.spec.resources.gpu.nodes
     out = []
     for lay in layouts:
         stable = replace(lay.stable, replicas=lay.replicas, apply=True)
@@ -188,8 +192,12 @@ def _group_layouts(ms: ModelService, layouts: Sequence[VariantLayout], refused: 
         revision = lay.canary.revision if lay.canary else lay.stable.revision
         stable = replace(stable, revision=revision)
         plan = plan_groups(ms, variants[lay.name], lay.replicas, revision, groups)
-        out.append(replace(lay, stable=stable, canary=None, canary_weight=0, groups=plan.apply, keep=plan.keep,
-                           nodes=ms.spec.resources.gpu.nodes))
+        keep = plan.keep
+        ready = sum(1 for g in groups if g.name in plan.apply and g.ready(nodes))
+        if ready < lay.replicas:
+            keep += tuple(d.name for d in deployments if d.variant == lay.name)
+        out.append(replace(lay, stable=stable, canary=None, canary_weight=0, groups=plan.apply, keep=keep,
+                           nodes=nodes))
     return tuple(out)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from kubemaas_operator.builders import build_children
 from kubemaas_operator.builders.naming import MODELSERVICE_LABEL
 from kubemaas_operator.builders.raycluster import GROUP_LABEL, GROUP_NAME_LABEL, group_name
@@ -176,3 +178,23 @@ def test_with_the_node_cache_every_pod_of_a_group_fills_its_own_nodes_copy():
     served = {m["mountPath"]: m for m in head["containers"][0]["volumeMounts"]}["/mnt/models"]
     joined = {m["mountPath"]: m for m in worker["containers"][0]["volumeMounts"]}["/mnt/models"]
     assert served == joined and served["readOnly"] and served["subPath"]
+
+
+def test_raising_nodes_from_one_keeps_the_deployment_serving_until_the_groups_are_ready():
+    """resources.gpu.nodes 1 -> 2: surge-first, as a revision rolls. The variant's Deployment
+    (from when it ran on one node) is kept until as many groups are ready as it has replicas,
+    then it is no longer kept (the apply's prune deletes it)."""
+    from kubemaas_operator.rollout import ObservedDeployment
+
+    ms = big(replicas=2)
+    old = ObservedDeployment(name="llm-bf16", variant="bf16", revision="one", replicas=2, available=2,
+                             rolled_out=True)
+    plan = decide(ms, ON, None, observed=[old])
+    (layout,) = plan.variants
+    assert len(layout.groups) == 2 and "llm-bf16" in plan.keep
+    revision = layout.stable.revision
+    half = [ObservedGroup(layout.groups[0], "bf16", revision, 2, 2),
+            ObservedGroup(layout.groups[1], "bf16", revision, 2, 1)]
+    assert "llm-bf16" in decide(ms, ON, None, observed=[old], groups=half).keep
+    ready = [replace(g, ready_pods=2) for g in half]
+    assert "llm-bf16" not in decide(ms, ON, None, observed=[old], groups=ready).keep
