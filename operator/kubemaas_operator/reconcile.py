@@ -51,13 +51,12 @@ from kubemaas_operator.kube import (
 from kubemaas_operator.multinode import (
     CONTROLLER_MISSING_MESSAGE,
     CONTROLLER_MISSING_REASON,
-    ObservedGroup,
     is_multi_node,
-    observed_groups,
     plan_groups,
 )
 from kubemaas_operator.observe import Observation, Problem, compute_status
-from kubemaas_operator.rollout import ObservedDeployment, RolloutPlan, plan_rollout
+from kubemaas_operator.observed import ObservedDeployment, ObservedGroup, observed_groups
+from kubemaas_operator.rollout import RolloutPlan, plan_rollout
 from kubemaas_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)

@@ -10,11 +10,10 @@ from kubemaas_operator.builders.raycluster import GROUP_LABEL, GROUP_NAME_LABEL,
 from kubemaas_operator.builders.revision import REVISION_LABEL
 from kubemaas_operator.multinode import (
     CONTROLLER_MISSING_REASON,
-    ObservedGroup,
-    observed_groups,
     plan_groups,
     surge_groups,
 )
+from kubemaas_operator.observed import ObservedGroup, observed_groups
 from kubemaas_operator.reconcile import _NOT_INSTALLED_REASONS, decide
 from kubemaas_operator.settings import OperatorSettings
 from kubemaas_runtime.config import parse_serve_config
@@ -184,7 +183,7 @@ def test_raising_nodes_from_one_keeps_the_deployment_serving_until_the_groups_ar
     """resources.gpu.nodes 1 -> 2: surge-first, as a revision rolls. The variant's Deployment
     (from when it ran on one node) is kept until as many groups are ready as it has replicas,
     then it is no longer kept (the apply's prune deletes it)."""
-    from kubemaas_operator.rollout import ObservedDeployment
+    from kubemaas_operator.observed import ObservedDeployment
 
     ms = big(replicas=2)
     old = ObservedDeployment(name="llm-bf16", variant="bf16", revision="one", replicas=2, available=2,
