@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kubemaas_operator import gpufit
+from kubemaas_operator import gpufit, placement
 from kubemaas_operator.api import ModelService, Variant
 from kubemaas_operator.builders import model_cache
 from kubemaas_operator.builders.adapters import (
@@ -228,8 +228,8 @@ def scheduling_fields(ms: ModelService, settings: OperatorSettings, variant: Var
         fields["tolerations"] = tolerations
     need = gpufit.estimate(ms, variant) if variant is not None else None
     if need is not None:
-        fields["affinity"] = gpufit.with_memory_requirement(
-            sched.affinity, gpufit.memory_requirement(need, settings.gpu_memory_label))
+        fields["affinity"] = placement.with_memory_requirement(
+            sched.affinity, placement.memory_requirement(need, settings.gpu_memory_label))
     elif sched.affinity:
         fields["affinity"] = copy.deepcopy(sched.affinity)
     if sched.priority_class_name:
