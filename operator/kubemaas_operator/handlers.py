@@ -101,7 +101,10 @@ async def deployment_index(namespace, labels, body, **_):
 
 @kopf.index("", "v1", "pods", labels=CHILD)
 async def pod_index(namespace, labels, body, **_):
+    """Labels, node and status: the node and the fetch step's termination line are the
+    per-node cache status (cache_status.py)."""
     return {_owner_key(namespace, labels): {"metadata": {"labels": dict(labels)},
+                                            "spec": {"nodeName": (body.get("spec") or {}).get("nodeName")},
                                             "status": dict(body.get("status", {}))}}
 
 

@@ -13,7 +13,8 @@ that is renamed onto `--dest` in one step, so a reader sees all the files or non
 
 Either way the container's termination message is one JSON line
 `{"cache": "hit"|"filled", "key": ..., "uri": ..., "revision": ..., "bytes": ...}`, which the
-operator reads from the pod's status for the per-node cache status.
+operator reads from the pod's status for the per-node cache status
+(kubemaas_operator/cache_status.py).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ Pod Security Standard forbids):
   pods with the same key on the same node (topology `kubernetes.io/hostname`): they prefer nodes
   where the copy is in use, without the operator writing Node objects (docs/api.md says why).
 
-Not done yet (docs/api.md says so): eviction of entries no ModelService refers to, and the
-per-node cache status (the fetch step's KubemaasCache report is there for it to read).
+The per-node status is read from the fetch step's KubemaasCache report (cache_status.py).
+Not done yet (docs/api.md says so): eviction of entries no ModelService refers to.
 """
 
 from __future__ import annotations
