@@ -307,3 +307,24 @@ def test_cache_two_fills_at_once_download_once(hub, tmp_path):
     assert reports == ["filled", "hit"]
     assert cache_report(tmp_path / "tlog0")["revision"] == HUB_COMMIT
     assert (entry / "model.safetensors").read_bytes() == HUB_FILES["model.safetensors"]
+
+
+def test_cache_an_evicted_entry_is_fetched_again_and_its_neighbour_stays_a_hit(s3, tmp_path):
+    """fetch --cache fills two entries; cache-evict removes one; the next fetch of it fills
+    again, the other is still a hit."""
+    root = tmp_path / "cache"
+    root.mkdir()
+    tlog = str(tmp_path / "tlog")
+    for key, uri in (("minilm-0123abcd", "s3://models/minilm"), ("single-4567ef01", "s3://models/single/model.pt2")):
+        assert run_fetch(uri, root / key, "--cache", KUBEMAAS_TERMINATION_LOG=tlog, **s3).returncode == 0
+    evict = subprocess.run([PYTHON, "-m", "kubemaas_runtime", "cache-evict", "--root", str(root),
+                            "--key", "minilm-0123abcd"], env=runtime_env(KUBEMAAS_TERMINATION_LOG=tlog),
+                           capture_output=True, text=True, check=False, timeout=60)
+    assert evict.returncode == 0, evict.stderr
+    assert not (root / "minilm-0123abcd").exists() and (root / "single-4567ef01" / "model.pt2").exists()
+    assert run_fetch("s3://models/single/model.pt2", root / "single-4567ef01", "--cache",
+                     KUBEMAAS_TERMINATION_LOG=tlog, **s3).returncode == 0
+    assert cache_report(tmp_path / "tlog")["cache"] == "hit"
+    assert run_fetch("s3://models/minilm", root / "minilm-0123abcd", "--cache",
+                     KUBEMAAS_TERMINATION_LOG=tlog, **s3).returncode == 0
+    assert cache_report(tmp_path / "tlog")["cache"] == "filled"
