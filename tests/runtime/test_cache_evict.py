@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -113,3 +114,19 @@ def test_it_waits_for_a_fill_that_holds_the_entry_lock(cache: Path, tmp_path: Pa
         fcntl.flock(handle, fcntl.LOCK_UN)
     assert process.wait(timeout=60) == 0
     assert not (cache / KEY).exists()
+
+
+def test_an_entry_used_after_the_decision_is_kept(cache: Path, tmp_path: Path) -> None:
+    """--used-before: a pod that hit or filled the entry since (its marker's time) keeps it."""
+    marker = cache / KEY / ".kubemaas-cache.json"
+    decided = time.time()
+    os.utime(marker, (decided + 5, decided + 5))  # a hit after the decision
+    kept = subprocess.run([PYTHON, "-m", "kubemaas_runtime", "cache-evict", "--root", str(cache), "--key", KEY,
+                           "--used-before", str(decided)], env=runtime_env(KUBEMAAS_TERMINATION_LOG=str(tmp_path / "t")),
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert kept.returncode == 0 and (cache / KEY).is_dir() and '"removed": false' in (tmp_path / "t").read_text()
+    os.utime(marker, (decided - 60, decided - 60))  # last used before it
+    removed = subprocess.run([PYTHON, "-m", "kubemaas_runtime", "cache-evict", "--root", str(cache), "--key", KEY,
+                              "--used-before", str(decided)], env=runtime_env(KUBEMAAS_TERMINATION_LOG=str(tmp_path / "t")),
+                             capture_output=True, text=True, check=False, timeout=60)
+    assert removed.returncode == 0 and not (cache / KEY).exists()

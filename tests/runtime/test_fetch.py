@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -236,9 +237,12 @@ def test_cache_first_fetch_fills_the_entry_and_the_second_skips(s3, tmp_path):
     boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
                  aws_access_key_id="test", aws_secret_access_key="test").put_object(
         Bucket="models", Key="minilm/config.json", Body=b'{"a": 2}')
+    marker = entry / ".kubemaas-cache.json"
+    os.utime(marker, (1_000_000, 1_000_000))  # long ago: the hit marks the entry used now
     try:
         second = run_fetch("s3://models/minilm", entry, "--cache", KUBEMAAS_TERMINATION_LOG=str(tmp_path / "tlog"), **s3)
         assert second.returncode == 0, second.stderr
+        assert marker.stat().st_mtime > 1_000_000  # cache-evict --used-before reads it
         assert "cache hit" in second.stderr and "skipping the fetch" in second.stderr
         hit = cache_report(tmp_path / "tlog")
         assert hit == {**filled, "cache": "hit"}
