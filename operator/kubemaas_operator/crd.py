@@ -41,6 +41,8 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
      "description": "Pods ready in total."},
     {"name": "Variants", "type": "string", "jsonPath": ".status.variantSummary",
      "description": "Ready/desired pods per variant."},
+    {"name": "Cached", "type": "string", "jsonPath": ".status.cacheSummary",
+     "description": "model.cache node: nodes with the model's cache entry ready / nodes with its pods."},
     {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpu.count",
      "description": "GPUs per pod."},
     {"name": "URL", "type": "string", "jsonPath": ".status.url",

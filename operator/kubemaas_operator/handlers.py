@@ -21,10 +21,11 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from kubemaas_operator import metrics, placement, policy
+from kubemaas_operator import cache_eviction, metrics, placement, policy
 from kubemaas_operator.api import Condition, ModelService, ModelServiceStatus, describe_errors
 from kubemaas_operator.api.constants import GROUP, KIND, PLURAL, VERSION
 from kubemaas_operator.builders import PinnedImages
+from kubemaas_operator.builders.model_cache import CACHE_KEY_LABEL, cache_key, uses_node_cache
 from kubemaas_operator.builders.raycluster import GROUP_LABEL
 from kubemaas_operator.diffbase import LeanDiffBaseStorage
 from kubemaas_operator.events import post_event
@@ -101,7 +102,10 @@ async def deployment_index(namespace, labels, body, **_):
 
 @kopf.index("", "v1", "pods", labels=CHILD)
 async def pod_index(namespace, labels, body, **_):
+    """Labels, node and status: the node and the fetch step's termination line are the
+    per-node cache status (cache_status.py)."""
     return {_owner_key(namespace, labels): {"metadata": {"labels": dict(labels)},
+                                            "spec": {"nodeName": (body.get("spec") or {}).get("nodeName")},
                                             "status": dict(body.get("status", {}))}}
 
 
@@ -141,7 +145,8 @@ async def service_names(namespace, name, meta, **_):
 # cluster-scoped: this needs get/list/watch on nodes (the chart's ClusterRole, also with
 # watchNamespaces). Every node counts under NODES, so "no node seen" (nodes not readable) is
 # told apart from "no GPU node": the first places as without the check, the second refuses.
-NODES, GPU_NODES = "nodes", "gpus"
+# CACHE_NODES: the node group of the model cache (its label "true"), where eviction runs its Jobs.
+NODES, GPU_NODES, CACHE_NODES = "nodes", "gpus", "cache-nodes"
 
 
 @kopf.index("", "v1", "nodes")
@@ -150,7 +155,8 @@ async def node_index(name, labels, status, memo, **_) -> dict:
     allocatable = str(((status or {}).get("allocatable") or {}).get(settings.gpu_resource_name, ""))
     gpu = placement.GpuNode.from_labels(name, labels, settings.gpu_memory_label, settings.gpu_product_label,
                                      gpus=int(allocatable) if allocatable.isdigit() else None)
-    return {NODES: name, **({GPU_NODES: gpu} if gpu else {})}
+    cache = labels.get(settings.model_cache_node_label) == "true"
+    return {NODES: name, **({GPU_NODES: gpu} if gpu else {}), **({CACHE_NODES: name} if cache else {})}
 
 
 def _gpu_nodes(node_index) -> tuple[placement.GpuNode, ...] | None:
@@ -282,14 +288,28 @@ async def advance_canary(body, memo, **kw) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def modelservice_gone(event, namespace, name, uid, memo, **_) -> None:
+async def modelservice_gone(event, namespace, name, uid, body, memo, **kw) -> None:
     """Forget a deleted ModelService (its children go with the garbage collector). An event
-    handler, not ``on.delete``: without a finalizer of ours kopf calls no delete handler."""
+    handler, not ``on.delete``: without a finalizer of ours kopf calls no delete handler. With
+    the node cache, its PV (cluster-scoped: no owner collects it) is deleted, and the entry is
+    evicted if nothing refers to it any more (cache_eviction.py)."""
     if event.get("type") != "DELETED":
         return
     memo.refresher.forget((namespace, name))
     memo.reconciler.forget((namespace, name))
     memo.diffbase.forget(uid)
+    settings: OperatorSettings = memo.settings
+    if not cache_eviction.eviction_enabled(settings):
+        return
+    try:
+        ms = ModelService.from_body(body)
+    except ValidationError:
+        return  # never reconciled, so nothing of the cache was made for it
+    if uses_node_cache(ms):
+        kube = memo.reconciler.kube
+        await asyncio.get_running_loop().run_in_executor(
+            memo.pool, cache_eviction.release_volume, kube, namespace, name)
+        await _evict_if_unreferenced(memo, cache_key(ms.spec.model.uri), kw)
 
 
 # --- children: status and drift (both in the refresher) -------------------------------
@@ -303,6 +323,26 @@ async def child_event(namespace, labels, memo, **kw) -> None:
     key = _owner_key(namespace, labels)
     if indexes.parent(key) is not None:
         memo.refresher.touch(key, indexes)
+
+
+CACHED_POD = {**CHILD, CACHE_KEY_LABEL: kopf.PRESENT}
+
+
+@kopf.on.event("", "v1", "pods", labels=CACHED_POD)
+async def cached_pod_gone(event, labels, memo, **kw) -> None:
+    """The last pod of a cache key gone (a ModelService deleted, or an earlier revision rolled
+    away): evict the entry when nothing else refers to it."""
+    if event.get("type") == "DELETED" and cache_eviction.eviction_enabled(memo.settings):
+        await _evict_if_unreferenced(memo, labels[CACHE_KEY_LABEL], kw)
+
+
+async def _evict_if_unreferenced(memo: kopf.Memo, key: str, kw: dict) -> None:
+    pods = [pod for pods in _indexes(kw).pods.values() for pod in pods]
+    if cache_eviction.referenced(key, (), pods):
+        return  # a pod of the key is still indexed: no API call
+    nodes = sorted(kw["node_index"].get(CACHE_NODES, ()))
+    await asyncio.get_running_loop().run_in_executor(
+        memo.pool, cache_eviction.evict_if_unreferenced, memo.reconciler.kube, memo.settings, key, pods, nodes)
 
 
 @kopf.on.event("", "v1", "pods", labels=WORKER)

@@ -52,6 +52,7 @@ KINDS: dict[str, Kind] = {
         # spec.model.cache node (builders/model_cache.py): the local PV is cluster-scoped
         Kind("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),
         Kind("v1", "PersistentVolume", "persistentvolumes", namespaced=False),
+        Kind("batch/v1", "Job", "jobs"),  # the cache's eviction Jobs (builders/cache_eviction.py)
     )
 }
 

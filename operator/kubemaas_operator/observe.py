@@ -28,6 +28,7 @@ from kubemaas_operator.builders.image import RuntimeImages
 from kubemaas_operator.builders.layout import VariantLayout
 from kubemaas_operator.builders.naming import VARIANT_LABEL
 from kubemaas_operator.builders.revision import REVISION_LABEL
+from kubemaas_operator.cache_status import cache_summary, node_cache_statuses
 from kubemaas_operator.observed import ObservedGroup, deployment_rolled_out, observed_groups
 from kubemaas_operator.redact import safe_termination_line
 
@@ -62,6 +63,7 @@ class Observation:
     rollout: RolloutStatus | None = None  # status.rollout as the plan has it
     refused: bool = False  # `blocking` is the reconcile's refusal of variants (they get no pods)
     adapters: tuple[str, ...] | None = None  # spec.adapters' names (the pods' ConfigMap)
+    cache_key: str | None = None  # model.cache node: the entry the pods use (cache_status.py)
 
 
 def pod_problem(pod: dict) -> Problem | None:
@@ -322,6 +324,7 @@ def compute_status(obs: Observation, previous: ModelServiceStatus | None = None,
         rollout = rollout.model_copy(update={"phase": "Refused", "message": obs.blocking.message[:4096]})
     elif rollout is not None and rollout.phase == "Complete" and not available:
         rollout = rollout.model_copy(update={"phase": "Progressing"})
+    cache = None if obs.cache_key is None else node_cache_statuses(obs.pods, obs.cache_key)
     conditions = _Conditions(obs.generation, {c.type: c for c in previous.conditions} if previous else {},
                              (now or datetime.now(UTC)).replace(microsecond=0))
     return ModelServiceStatus(
@@ -333,4 +336,5 @@ def compute_status(obs: Observation, previous: ModelServiceStatus | None = None,
                     conditions.degraded(problem)],
         variants=variants, variant_summary=format_variant_summary(variants), rollout=rollout,
         adapters=None if obs.adapters is None else list(obs.adapters),
+        cache=cache, cache_summary=None if cache is None else cache_summary(cache),
     )

@@ -33,6 +33,7 @@ from kubemaas_operator.builders import (
     service_url,
 )
 from kubemaas_operator.builders.layout import VariantLayout
+from kubemaas_operator.builders.model_cache import cache_key, uses_node_cache
 from kubemaas_operator.builders.raycluster import GROUP_LABEL
 from kubemaas_operator.engine import (
     ENGINE_REASON,
@@ -103,6 +104,7 @@ class Plan:
     refused: Problem | None = None  # EngineCannotShard, GPUMemoryInsufficient: variants that get no pods
     refusal: Problem | None = None  # nothing is written: InferenceRoutingDisabled
     adapters: tuple[str, ...] | None = None  # spec.adapters' names, as the ConfigMap tells the pods
+    cache_key: str | None = None  # model.cache node: the node-cache entry its pods use
 
 
 # Why a variant gets no pods: reasons of the spec against the runtime or the cluster, which a
@@ -161,6 +163,7 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedIma
         variants=rollout.variants,
         selector=selector_string(ms.name), url=service_url(ms, settings), rollout=rollout,
         adapters=None if ms.spec.adapters is None else tuple(a.name for a in ms.spec.adapters),
+        cache_key=cache_key(ms.spec.model.uri) if uses_node_cache(ms) else None,
         scales=tuple((lay.stable.deployment, lay.stable.replicas) for lay in rollout.variants
                      if not lay.stable.apply and lay.stable.deployment not in withheld),
         keep=frozenset(name for lay in rollout.variants for name in lay.keep)
@@ -412,7 +415,7 @@ class Reconciler:
             deployments={d["metadata"]["name"]: d for d in deployments}, pods=tuple(pods),
             blocking=applied.problem,
             applied_generations={n: applied.generations.get(n, 0) for n in names},
-            gateway=plan.gateway, rollout=rollout_status(plan), adapters=plan.adapters,
+            gateway=plan.gateway, rollout=rollout_status(plan), adapters=plan.adapters, cache_key=plan.cache_key,
             refused=applied.problem is not None and applied.problem == plan.refused,
         )
         status = placement.with_fit_status(compute_status(obs, _parsed(previous)), plan.fits).to_wire()

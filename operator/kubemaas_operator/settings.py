@@ -115,6 +115,14 @@ class OperatorSettings(BaseModel):
     model_cache_capacity: Annotated[str, Field(pattern=QUANTITY)] = Field(
         default="500Gi", description="Capacity the node-local cache's PersistentVolumes and claims declare."
     )
+    model_cache_eviction_namespace: str = Field(
+        default="",
+        description=(
+            "Namespace (the operator's own; the chart sets it with modelCache.enabled) of the Jobs "
+            "that remove a node-cache entry no ModelService refers to any more, one per node of the "
+            "node group, and of their claim on the cache folder. Empty: entries are never evicted."
+        ),
+    )
     fetch_timeout_seconds: Annotated[int, Field(ge=60)] = Field(
         default=3600, description="Longest a model fetch (the init container) may take."
     )

@@ -1,4 +1,5 @@
-"""`kubemaas-runtime` / `python -m kubemaas_runtime`: `serve`, `fetch` and `fetch-adapters`."""
+"""`kubemaas-runtime` / `python -m kubemaas_runtime`: `serve`, `fetch`, `fetch-adapters` and
+`cache-evict`."""
 
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="The adapter-fetch sidecar: follows the adapter list (JSON) and fetches each "
                     "adapter into --dest/<name>, with the same credentials as fetch.")
     add_fetch_adapters_arguments(fetch_adapters)
+    from kubemaas_runtime.cache_evict import add_cache_evict_arguments
+
+    cache_evict = commands.add_parser(
+        "cache-evict", help="remove one entry of the node-local model cache",
+        description="Remove <root>/<key> (and a killed fill's staging folders) under the entry's "
+                    "lock; the operator's eviction Job runs it once no ModelService refers to the key.")
+    add_cache_evict_arguments(cache_evict)
     return parser
 
 
@@ -58,6 +66,10 @@ def main(argv: list[str] | None = None) -> None:
         from kubemaas_runtime.adapter_fetch import fetch_adapters_command
 
         raise SystemExit(fetch_adapters_command(parser.parse_args(argv), os.environ))
+    if command == "cache-evict":
+        from kubemaas_runtime.cache_evict import cache_evict_command
+
+        raise SystemExit(cache_evict_command(parser.parse_args(argv), os.environ))
     parser.parse_args(argv)  # reports the unknown command
 
 

@@ -5,15 +5,19 @@ of the model URI with its pinned revision, chosen by the operator). The entry is
 its marker `.kubemaas-cache.json` exists; the marker is written last, inside a staging folder
 that is renamed onto `--dest` in one step, so a reader sees all the files or none.
 
-- a complete entry: the fetch is skipped ("cache hit"), nothing is downloaded;
+- a complete entry: the fetch is skipped ("cache hit"), nothing is downloaded; the marker's
+  modification time is set to now (the entry's last use, which eviction reads);
 - no entry: the files are fetched into `<cache root>/.partial-<key>-<pid>`, the marker written,
   and the folder renamed to the entry ("cache filled");
 - two pods on one node at once: an exclusive `flock` on `<cache root>/.lock-<key>` makes the
-  second wait for the first and then find the entry complete, so a node downloads once.
+  second wait for the first and then find the entry complete, so a node downloads once (a hit
+  takes the lock too, for as long as it reads the marker: `cache-evict` holds it while it
+  removes the entry, so a pod never finds an entry half removed).
 
 Either way the container's termination message is one JSON line
 `{"cache": "hit"|"filled", "key": ..., "uri": ..., "revision": ..., "bytes": ...}`, which the
-operator reads from the pod's status for the per-node cache status.
+operator reads from the pod's status for the per-node cache status
+(kubemaas_operator/cache_status.py).
 """
 
 from __future__ import annotations
@@ -97,12 +101,12 @@ def fetch_through_cache(uri: str, entry: Path, fill: Callable[[Path], object]) -
     """The entry for `uri` at `entry`: found complete, or filled by `fill(staging_dir)`."""
     if not entry.parent.is_dir():
         raise OSError(f"the node cache {entry.parent} is not mounted")
-    found = read_marker(entry, uri)
-    if found is not None:
-        return found
     with entry_lock(entry):
-        found = read_marker(entry, uri)  # filled by the pod we waited for
+        found = read_marker(entry, uri)  # complete, or filled by the pod we waited for
         if found is not None:
+            # the marker's time is the entry's last use: an eviction decided before it leaves
+            # the entry (cache_evict --used-before), so a pod that just found it keeps it
+            os.utime(entry / MARKER)
             return found
         staging = entry.parent / f".partial-{entry.name}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)

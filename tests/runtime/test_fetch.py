@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -236,9 +237,12 @@ def test_cache_first_fetch_fills_the_entry_and_the_second_skips(s3, tmp_path):
     boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
                  aws_access_key_id="test", aws_secret_access_key="test").put_object(
         Bucket="models", Key="minilm/config.json", Body=b'{"a": 2}')
+    marker = entry / ".kubemaas-cache.json"
+    os.utime(marker, (1_000_000, 1_000_000))  # long ago: the hit marks the entry used now
     try:
         second = run_fetch("s3://models/minilm", entry, "--cache", KUBEMAAS_TERMINATION_LOG=str(tmp_path / "tlog"), **s3)
         assert second.returncode == 0, second.stderr
+        assert marker.stat().st_mtime > 1_000_000  # cache-evict --used-before reads it
         assert "cache hit" in second.stderr and "skipping the fetch" in second.stderr
         hit = cache_report(tmp_path / "tlog")
         assert hit == {**filled, "cache": "hit"}
@@ -307,3 +311,24 @@ def test_cache_two_fills_at_once_download_once(hub, tmp_path):
     assert reports == ["filled", "hit"]
     assert cache_report(tmp_path / "tlog0")["revision"] == HUB_COMMIT
     assert (entry / "model.safetensors").read_bytes() == HUB_FILES["model.safetensors"]
+
+
+def test_cache_an_evicted_entry_is_fetched_again_and_its_neighbour_stays_a_hit(s3, tmp_path):
+    """fetch --cache fills two entries; cache-evict removes one; the next fetch of it fills
+    again, the other is still a hit."""
+    root = tmp_path / "cache"
+    root.mkdir()
+    tlog = str(tmp_path / "tlog")
+    for key, uri in (("minilm-0123abcd", "s3://models/minilm"), ("single-4567ef01", "s3://models/single/model.pt2")):
+        assert run_fetch(uri, root / key, "--cache", KUBEMAAS_TERMINATION_LOG=tlog, **s3).returncode == 0
+    evict = subprocess.run([PYTHON, "-m", "kubemaas_runtime", "cache-evict", "--root", str(root),
+                            "--key", "minilm-0123abcd"], env=runtime_env(KUBEMAAS_TERMINATION_LOG=tlog),
+                           capture_output=True, text=True, check=False, timeout=60)
+    assert evict.returncode == 0, evict.stderr
+    assert not (root / "minilm-0123abcd").exists() and (root / "single-4567ef01" / "model.pt2").exists()
+    assert run_fetch("s3://models/single/model.pt2", root / "single-4567ef01", "--cache",
+                     KUBEMAAS_TERMINATION_LOG=tlog, **s3).returncode == 0
+    assert cache_report(tmp_path / "tlog")["cache"] == "hit"
+    assert run_fetch("s3://models/minilm", root / "minilm-0123abcd", "--cache",
+                     KUBEMAAS_TERMINATION_LOG=tlog, **s3).returncode == 0
+    assert cache_report(tmp_path / "tlog")["cache"] == "filled"

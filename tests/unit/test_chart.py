@@ -386,7 +386,10 @@ ROUTING_RULES = {
 MULTI_NODE_RULES = {("ray.io", "rayclusters"): OWN}
 # With modelCache.enabled: the local PV (cluster-scoped, so with the discovery rules) and its claim.
 MODEL_CACHE_RULES = {("", "persistentvolumeclaims"): {"get", "list", "create", "patch"}}
-MODEL_CACHE_CLUSTER_RULES = {("", "persistentvolumes"): {"get", "list", "create", "patch"}}
+MODEL_CACHE_CLUSTER_RULES = {("", "persistentvolumes"): {"get", "list", "create", "patch", "delete"}}
+# ... and, in the release namespace only, the eviction Jobs and their claim (builders/cache_eviction.py).
+MODEL_CACHE_EVICT_RULES = {("batch", "jobs"): {"get", "create", "patch"},
+                           ("", "persistentvolumeclaims"): {"get", "create", "patch"}}
 # Cluster-scoped reads, a ClusterRole in every mode: CRDs (is KEDA/Gateway API installed?) and
 # nodes (their GPU feature discovery labels: the GPU-fit check).
 DISCOVERY_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): READ, ("", "nodes"): READ}
@@ -422,8 +425,11 @@ def test_rules_cover_every_kind_the_operator_client_touches():
     (the routing kinds only with inferenceRouting.enabled)."""
     for k in kube.KINDS.values():
         group = k.api_version.rpartition("/")[0]
-        verbs = (OPERATOR_RULES | ROUTING_RULES | MULTI_NODE_RULES | MODEL_CACHE_RULES
+        verbs = (OPERATOR_RULES | ROUTING_RULES | MULTI_NODE_RULES | MODEL_CACHE_EVICT_RULES | MODEL_CACHE_RULES
                  | MODEL_CACHE_CLUSTER_RULES).get((group, k.plural))
+        if k.kind == "Job":  # the cache's eviction Jobs are only applied, never listed
+            assert verbs == {"get", "create", "patch"}, verbs
+            continue
         assert verbs and READ - {"watch"} <= verbs, f"{k.kind}: no read access in the chart"
         if k.kind in kube.OWNED_KINDS + kube.ROUTING_KINDS:
             assert {"create", "patch", "delete"} <= verbs, f"{k.kind}: cannot be applied"
@@ -518,3 +524,21 @@ def test_model_cache_grants_volumes_and_claims_only_when_on(rendered):
     settings = OperatorSettings.from_env(container_env(one(rendered["model-cache"], "Deployment")))
     assert settings.model_cache and settings.model_cache_path == "/data/cache"
     assert settings.model_cache_node_label == "example.com/cache" and settings.model_cache_capacity == "2Ti"
+    assert settings.model_cache_eviction_namespace == "kubemaas-system"
+    assert OperatorSettings.from_env(container_env(one(rendered["defaults"], "Deployment"))
+                                     ).model_cache_eviction_namespace == ""
+
+
+def test_model_cache_eviction_gets_jobs_only_in_the_release_namespace_and_only_when_on(rendered):
+    evict = [o for o in rendered["model-cache"] if o["kind"] in ("Role", "RoleBinding")
+             and o["metadata"]["name"].endswith("-model-cache-evict")]
+    assert not [o for o in rendered["defaults"] if o["metadata"]["name"].endswith("-model-cache-evict")]
+    role = next(o for o in evict if o["kind"] == "Role")
+    binding = next(o for o in evict if o["kind"] == "RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "kubemaas-system"
+    assert rules_of(role) == MODEL_CACHE_EVICT_RULES
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubemaas", "namespace": "kubemaas-system"}]
+    # nothing else anywhere grants jobs
+    assert not [r for o in rendered["model-cache"] if o["kind"] in ("ClusterRole", "Role") and o is not role
+                for r in o.get("rules", []) if "jobs" in r["resources"]]

@@ -210,3 +210,34 @@ def test_then_runs_under_the_lock_with_only_the_deployments_the_apply_moved() ->
     assert set(seen[0][1]) == names and all(b["metadata"]["generation"] == 1 for b in seen[0][1].values())
     assert seen[1][1] == {}  # nothing changed: nothing moved
     assert set(seen[2][1]) == names and all(b["metadata"]["generation"] == 2 for b in seen[2][1].values())
+
+
+def test_status_of_a_node_cached_model_reports_each_node_and_the_plain_one_none() -> None:
+    """spec.model.cache node: status.cache and cacheSummary from the pods' fetch reports
+    (cache_status.py holds the cases); without the cache neither is written."""
+    import json
+
+    from kubemaas_operator.builders.model_cache import CACHE_KEY_LABEL, cache_key
+    from kubemaas_operator.builders.naming import FETCH_CONTAINER
+
+    uri = "hf://org/m@abc123"
+    body = _ms().model_dump(mode="json", by_alias=True, exclude_none=True)
+    body["spec"]["model"] = {"uri": uri, "format": "transformers", "task": "feature-extraction", "cache": "node"}
+    cached = ModelService.from_body(body)
+    reconciler = Reconciler(_Kube(), SETTINGS)
+    plan, _ = reconciler.reconcile(cached, None, prune=False)
+    assert plan.cache_key == cache_key(uri)
+    line = "KubemaasCache: " + json.dumps({"bytes": 12, "cache": "filled", "key": plan.cache_key,
+                                           "revision": "abc123", "uri": uri})
+    pod = {"metadata": {"labels": {CACHE_KEY_LABEL: plan.cache_key}}, "spec": {"nodeName": "n1"},
+           "status": {"initContainerStatuses": [{"name": FETCH_CONTAINER, "state": {"terminated": {
+               "exitCode": 0, "message": line, "finishedAt": "2026-01-01T00:00:00Z"}}}]}}
+    waiting = {**pod, "spec": {"nodeName": "n2"}, "status": {}}
+    status = reconciler.status_for(("ns", "m"), [], [pod, waiting], None)
+    assert status is not None and status["cacheSummary"] == "1/2 nodes"
+    assert [(n["node"], n["ready"], n["bytes"]) for n in status["cache"]] == [("n1", True, 12), ("n2", False, 0)]
+
+    plain = Reconciler(_Kube(), SETTINGS)
+    plain.reconcile(_ms(), None, prune=False)
+    status = plain.status_for(("ns", "m"), [], [pod], None)
+    assert status is not None and "cache" not in status and "cacheSummary" not in status

@@ -146,10 +146,11 @@ without a restart), and, when watching listed namespaces, namespace names.
   resources: [nodes]
   verbs: [get, list, watch]
 {{- if .Values.modelCache.enabled }}
-# spec.model.cache node: the local PersistentVolume over the cache folder (cluster-scoped)
+# spec.model.cache node: the local PersistentVolume over the cache folder (cluster-scoped);
+# delete: a deleted ModelService's own PV (it has no owner to be collected with)
 - apiGroups: [""]
   resources: [persistentvolumes]
-  verbs: [get, list, create, patch]
+  verbs: [get, list, create, patch, delete]
 {{- end }}
 {{- if .Values.watchNamespaces }}
 - apiGroups: [""]

@@ -18,6 +18,7 @@ from kubemaas_operator.api.status import (
     Condition,
     GroupStatus,
     ModelServiceStatus,
+    NodeCacheStatus,
     VariantStatus,
     format_variant_summary,
 )
@@ -25,7 +26,7 @@ from kubemaas_operator.api.status import (
 __all__ = [
     "API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION", "Adapter",
     "Autoscaling", "CanaryStep", "Condition", "GatewayRef", "GpuResources", "GroupStatus", "ModelService",
-    "ModelServiceSpec", "ModelServiceStatus", "ModelSource", "ObjectMeta", "Resources", "Rollout",
+    "ModelServiceSpec", "ModelServiceStatus", "ModelSource", "NodeCacheStatus", "ObjectMeta", "Resources", "Rollout",
     "RuntimeSpec", "Scheduling", "SecretReference", "Toleration", "Variant", "VariantStatus",
     "describe_errors", "field_path", "format_variant_summary",
 ]

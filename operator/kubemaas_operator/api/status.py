@@ -107,6 +107,31 @@ class VariantStatus(ApiModel):
     )
 
 
+MAX_CACHE_NODES = 256  # status.cache entries (nodes by name; the summary counts those listed)
+
+
+class NodeCacheStatus(ApiModel):
+    """The node-local model cache (model.cache node) on one node, from the fetch step's report."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    node: Annotated[str, StringConstraints(max_length=253)] = Field(description="The node.")
+    key: Annotated[str, StringConstraints(max_length=63)] = Field(
+        description="The cache entry (a hash of the model URI with its revision).")
+    revision: Annotated[str, StringConstraints(max_length=256)] = Field(
+        default="", description="The revision the entry holds (hf:// @revision; empty for s3://).")
+    bytes: Annotated[int, Field(ge=0)] = Field(default=0, description="Size of the entry's files.")
+    ready: bool = Field(
+        default=False,
+        description="A pod on this node found the entry complete or filled it (its fetch step reported so).")
+    pods: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="This ModelService's pods on the node that use the entry.")
+    last_result: Literal["Hit", "Filled"] | None = Field(
+        default=None, description="The latest report: Hit (found complete, nothing fetched) or Filled (fetched).")
+    last_result_time: datetime | None = Field(
+        default=None, description="When the fetch step that made the latest report finished.")
+
+
 RolloutPhase = Literal["Complete", "Progressing", "Held", "Refused"]
 
 
@@ -206,6 +231,14 @@ class ModelServiceStatus(ApiModel):
     rollout: RolloutStatus | None = Field(
         default=None, description="The rollout of the current spec: strategy, phase, canary step and weight."
     )
+    cache: Annotated[list[NodeCacheStatus], Field(max_length=MAX_CACHE_NODES)] | None = Field(
+        default=None,
+        description=("model.cache node: the cache entry on each node where this ModelService's pods "
+                     "run (bytes, revision, ready), from their fetch steps' reports."),
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["node"]},
+    )
+    cache_summary: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        default=None, description="model.cache node: nodes with the entry ready / nodes with pods, e.g. \"1/2 nodes\".")
     adapters: Annotated[list[Annotated[str, StringConstraints(max_length=63)]], Field(max_length=MAX_ADAPTERS)] | None = (
         Field(default=None, description=(
             "The LoRA adapters the pods are told to serve (spec.adapters' names, written to the ConfigMap "

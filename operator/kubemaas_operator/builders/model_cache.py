@@ -15,8 +15,8 @@ Pod Security Standard forbids):
   pods with the same key on the same node (topology `kubernetes.io/hostname`): they prefer nodes
   where the copy is in use, without the operator writing Node objects (docs/api.md says why).
 
-Not done yet (docs/api.md says so): eviction of entries no ModelService refers to, and the
-per-node cache status (the fetch step's KubemaasCache report is there for it to read).
+The per-node status is read from the fetch step's KubemaasCache report (cache_status.py); an
+entry no ModelService refers to is evicted by Jobs (cache_eviction.py, builders/cache_eviction.py).
 """
 
 from __future__ import annotations
@@ -62,9 +62,11 @@ def cache_volume_name(namespace: str, ms_name: str) -> str:
     return f"kubemaas-cache-{namespace}-{ms_name}"
 
 
-def cache_labels(key: str) -> dict[str, str]:
-    return {"app.kubernetes.io/part-of": "kubemaas", "app.kubernetes.io/managed-by": "kubemaas-operator",
-            CACHE_KEY_LABEL: key}
+def cache_labels(key: str | None) -> dict[str, str]:
+    """The labels of the cache's volumes and claims; `key` (the entry a ModelService uses) is
+    what eviction counts as a reference, so the eviction Jobs' own volume carries none."""
+    labels = {"app.kubernetes.io/part-of": "kubemaas", "app.kubernetes.io/managed-by": "kubemaas-operator"}
+    return labels if key is None else {**labels, CACHE_KEY_LABEL: key}
 
 
 def node_group_affinity(settings: OperatorSettings) -> dict[str, Any]:
@@ -73,12 +75,13 @@ def node_group_affinity(settings: OperatorSettings) -> dict[str, Any]:
         {"key": settings.model_cache_node_label, "operator": "In", "values": ["true"]}]}]}}
 
 
-def _local_volume(name: str, claim_namespace: str, claim: str, key: str, settings: OperatorSettings,
-                  node_affinity: dict[str, Any]) -> dict[str, Any]:
+def local_cache_volume(name: str, claim_namespace: str, claim: str, labels: dict[str, str],
+                       settings: OperatorSettings) -> dict[str, Any]:
+    """A local PV over the cache folder on the node group, pre-bound to `claim_namespace/claim`."""
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolume",
-        "metadata": {"name": name, "labels": cache_labels(key)},
+        "metadata": {"name": name, "labels": labels},
         "spec": {
             "capacity": {"storage": settings.model_cache_capacity},
             "accessModes": ["ReadWriteOnce"],  # per node: each node mounts its own folder
@@ -86,16 +89,17 @@ def _local_volume(name: str, claim_namespace: str, claim: str, key: str, setting
             "storageClassName": CACHE_STORAGE_CLASS,
             "volumeMode": "Filesystem",
             "local": {"path": settings.model_cache_path},
-            "nodeAffinity": node_affinity,
+            "nodeAffinity": node_group_affinity(settings),
             "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                          "namespace": claim_namespace, "name": claim},
         },
     }
 
 
-def _claim(name: str, namespace: str, volume: str, key: str, settings: OperatorSettings,
-           owner: dict[str, Any] | None) -> dict[str, Any]:
-    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": cache_labels(key)}
+def cache_volume_claim(name: str, namespace: str, volume: str, labels: dict[str, str],
+                       settings: OperatorSettings, owner: dict[str, Any] | None) -> dict[str, Any]:
+    """The claim bound to local_cache_volume's PV `volume`."""
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
     if owner is not None:
         metadata["ownerReferences"] = [owner]
     return {
@@ -115,8 +119,8 @@ def build_cache_volume(ms: ModelService, settings: OperatorSettings) -> dict[str
     """The cluster-scoped local PV of a ModelService's cache (no owner: a cluster-scoped object
     cannot be owned by a namespaced one; eviction deletes it)."""
     key = cache_key(ms.spec.model.uri)
-    volume = _local_volume(cache_volume_name(ms.namespace, ms.name), ms.namespace, cache_claim_name(ms.name),
-                           key, settings, node_group_affinity(settings))
+    volume = local_cache_volume(cache_volume_name(ms.namespace, ms.name), ms.namespace,
+                                cache_claim_name(ms.name), cache_labels(key), settings)
     volume["metadata"]["labels"][MODELSERVICE_NAMESPACE_LABEL] = ms.namespace
     volume["metadata"]["labels"]["kubemaas.io/modelservice"] = ms.name
     return volume
@@ -124,8 +128,8 @@ def build_cache_volume(ms: ModelService, settings: OperatorSettings) -> dict[str
 
 def build_cache_claim(ms: ModelService, settings: OperatorSettings) -> dict[str, Any]:
     """The claim the pods mount, bound to build_cache_volume's PV, owned by the ModelService."""
-    claim = _claim(cache_claim_name(ms.name), ms.namespace, cache_volume_name(ms.namespace, ms.name),
-                   cache_key(ms.spec.model.uri), settings, owner_reference(ms))
+    claim = cache_volume_claim(cache_claim_name(ms.name), ms.namespace, cache_volume_name(ms.namespace, ms.name),
+                               cache_labels(cache_key(ms.spec.model.uri)), settings, owner_reference(ms))
     claim["metadata"]["labels"] = {**common_labels(ms.name, "model-cache"), **claim["metadata"]["labels"]}
     return claim
 
