@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,5 +117,60 @@ def test_a_group_is_a_raycluster_that_kuberay_runs_on_gpu_nodes(cluster, ray_ope
         groups = cluster.wait_until(group_ready, timeout=90, what="status.variants[].groups ready")
         assert [g["name"] for g in groups] == [name]
         assert groups[0]["nodes"] == 2 and groups[0]["readyNodes"] == 2
+    finally:
+        proc.stop()
+
+
+def test_raising_nodes_from_one_keeps_the_deployment_until_the_groups_are_ready(cluster, ray_operator,
+                                                                                namespace, crd):
+    """resources.gpu.nodes 1 -> 2 rolls surge-first: the one-node Deployment serves until the
+    variant's group is ready, and only then is deleted. KWOK readies pods within a second, so a
+    group that cannot become ready (a crash-looping image) holds the Deployment first."""
+    body = big_model("grow")
+    spec = body["spec"]
+    # 2 GPUs a pod (no fit estimate to refuse it): the Deployment, the crash-looping group and
+    # the group that replaces it all fit on the two 8-GPU nodes at once, as surge-first needs
+    del spec["model"]["parameterCount"]
+    spec["resources"]["gpu"] = {"count": 2, "nodes": 1, "product": H100}
+    proc = OperatorProcess(cluster.kubeconfig, extra_env={"KUBEMAAS_OPERATOR_MULTI_NODE": "true"}).start()
+
+    def deployments():
+        return cluster.get_json("deployments", "-n", namespace)["items"]
+
+    def group_pods():
+        pods = cluster.get_json("pods", "-n", namespace, "-l", "kubemaas.io/group-of=grow")["items"]
+        ready = [p for p in pods if any(c["type"] == "Ready" and c["status"] == "True"
+                                        for c in p.get("status", {}).get("conditions", []))]
+        return pods, ready
+
+    try:
+        apply(cluster, namespace, body)
+        cluster.wait_until(lambda: [d for d in deployments() if d.get("status", {}).get("availableReplicas") == 1],
+                           timeout=90, what="the one-node Deployment available")
+        spec["resources"]["gpu"]["nodes"] = 2
+        spec["runtime"]["image"] = "kubemaas.test/crashloop:1"
+        apply(cluster, namespace, body)
+        cluster.wait_until(lambda: len([p for p in group_pods()[0] if p.get("status", {}).get("containerStatuses")]) == 2,
+                           timeout=90, what="the group's two pods started (crash-looping)")
+        time.sleep(3)  # a few rollout ticks: the Deployment must still be there, not deleted
+        kept = [d for d in deployments() if not d["metadata"].get("deletionTimestamp")]
+        assert len(kept) == 1, "the Deployment stays while no group is ready"
+        assert group_pods()[1] == []
+
+        spec["runtime"]["image"] = "kubemaas.test/runtime:1"  # a group that becomes ready
+        apply(cluster, namespace, body)
+
+        def deployment_retired():
+            deps = deployments()
+            if deps and not deps[0]["metadata"].get("deletionTimestamp"):
+                return None
+            return len(group_pods()[1]) or -1  # ready pods when the Deployment went
+
+        ready = cluster.wait_until(deployment_retired, timeout=180, what="the Deployment retired", interval=0.2)
+        # readiness never goes back: the new group was ready before the Deployment was deleted
+        assert ready >= 2
+        cluster.wait_until(lambda: [g for v in get(cluster, namespace, "grow")["status"].get("variants", [])
+                                    for g in v.get("groups") or [] if g.get("ready")],
+                           timeout=90, what="status: the group ready")
     finally:
         proc.stop()
