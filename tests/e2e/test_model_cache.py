@@ -177,3 +177,36 @@ def test_cache_status_per_node_and_eviction_when_no_modelservice_refers(
         for name in (f"kubemaas-cache-{namespace}-m", f"kubemaas-cache-{other_ns}-m2"):
             cluster.kubectl("delete", "pv", name, "--wait=false", check=False)
         cluster.kubectl("label", "node", node, f"{LABEL}-", check=False)
+
+
+def test_a_changed_revision_evicts_the_old_entry_once_its_pods_are_gone(
+        cluster: Cluster, namespace: str, cache_operator: tuple[OperatorProcess, str]) -> None:
+    """A URI change moves the PV's key label at once, but the old entry is evicted only after
+    the rollout removed the last pod of the old key; the new key is left alone."""
+    _, evict_ns = cache_operator
+    node = _kwok_node(cluster)
+    stem = f"hf://org/r-{uuid.uuid4().hex[:6]}"
+    old, new = cache_key(f"{stem}@aaa111"), cache_key(f"{stem}@bbb222")
+    cluster.kubectl("label", "node", node, f"{LABEL}=true", "--overwrite")
+
+    def pods(key: str) -> list[dict]:
+        return cluster.get_json("pods", "-n", namespace, "-l", f"{CACHE_KEY_LABEL}={key}")["items"]
+
+    def jobs(key: str) -> list[dict]:
+        return cluster.get_json("jobs", "-n", evict_ns, "-l", f"{CACHE_KEY_LABEL}={key}")["items"]
+
+    try:
+        apply(cluster, namespace, _cached("r", f"{stem}@aaa111"))
+        cluster.wait_until(lambda: len(pods(old)) == 2, timeout=90, what="2 pods of the first revision")
+        apply(cluster, namespace, _cached("r", f"{stem}@bbb222"))
+        cluster.wait_until(lambda: len(pods(new)) == 2 and not pods(old), timeout=120,
+                           what="the rollout to the new revision")
+        (job,) = cluster.wait_until(lambda: jobs(old), timeout=60, what="the old entry's eviction Job")
+        assert job["spec"]["template"]["spec"]["containers"][0]["args"][4] == old
+        assert jobs(new) == []  # in use
+        volume = cluster.get_json("pv", f"kubemaas-cache-{namespace}-r")
+        assert volume["metadata"]["labels"][CACHE_KEY_LABEL] == new
+    finally:
+        cluster.kubectl("delete", "msvc", "r", "-n", namespace, "--wait=false", check=False)
+        cluster.kubectl("delete", "pv", f"kubemaas-cache-{namespace}-r", "--wait=false", check=False)
+        cluster.kubectl("label", "node", node, f"{LABEL}-", check=False)
