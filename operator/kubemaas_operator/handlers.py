@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from kubemaas_operator import cache_eviction, gpufit, metrics, policy
+from kubemaas_operator import cache_eviction, metrics, placement, policy
 from kubemaas_operator.api import Condition, ModelService, ModelServiceStatus, describe_errors
 from kubemaas_operator.api.constants import GROUP, KIND, PLURAL, VERSION
 from kubemaas_operator.builders import PinnedImages
@@ -153,13 +153,13 @@ NODES, GPU_NODES, CACHE_NODES = "nodes", "gpus", "cache-nodes"
 async def node_index(name, labels, status, memo, **_) -> dict:
     settings: OperatorSettings = memo.settings
     allocatable = str(((status or {}).get("allocatable") or {}).get(settings.gpu_resource_name, ""))
-    gpu = gpufit.GpuNode.from_labels(name, labels, settings.gpu_memory_label, settings.gpu_product_label,
+    gpu = placement.GpuNode.from_labels(name, labels, settings.gpu_memory_label, settings.gpu_product_label,
                                      gpus=int(allocatable) if allocatable.isdigit() else None)
     cache = labels.get(settings.model_cache_node_label) == "true"
     return {NODES: name, **({GPU_NODES: gpu} if gpu else {}), **({CACHE_NODES: name} if cache else {})}
 
 
-def _gpu_nodes(node_index) -> tuple[gpufit.GpuNode, ...] | None:
+def _gpu_nodes(node_index) -> tuple[placement.GpuNode, ...] | None:
     if not node_index.get(NODES):
         return None
     return tuple(sorted(node_index.get(GPU_NODES, ()), key=lambda n: n.name))

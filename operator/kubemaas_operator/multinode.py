@@ -15,13 +15,12 @@ Pure planning, level-based, from what is observed (the RayClusters and their pod
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kubemaas_operator.api import ModelService, Variant
-from kubemaas_operator.builders.naming import VARIANT_LABEL
-from kubemaas_operator.builders.raycluster import GROUP_NAME_LABEL, group_name
-from kubemaas_operator.builders.revision import REVISION_LABEL
+from kubemaas_operator.builders.raycluster import group_name
+from kubemaas_operator.observed import ObservedGroup
 from kubemaas_operator.settings import OperatorSettings
 
 CONTROLLER_MISSING_REASON = "MultiNodeControllerMissing"
@@ -34,50 +33,6 @@ CONTROLLER_MISSING_MESSAGE = (
 def is_multi_node(ms: ModelService, settings: OperatorSettings) -> bool:
     """Its variants run as groups (RayClusters), not Deployments."""
     return settings.multi_node and ms.spec.resources.gpu.nodes > 1
-
-
-@dataclass(frozen=True)
-class ObservedGroup:
-    """One RayCluster of a ModelService as observed: from its labels and its pods."""
-
-    name: str
-    variant: str
-    revision: str
-    pods: int = 0
-    ready_pods: int = 0
-
-    def ready(self, nodes: int) -> bool:
-        return self.ready_pods >= nodes
-
-
-def _pod_ready(pod: dict) -> bool:
-    conditions = (pod.get("status") or {}).get("conditions") or ()
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-
-
-def observed_groups(clusters: Iterable[dict], pods: Iterable[dict]) -> tuple[ObservedGroup, ...]:
-    """Groups by name: every RayCluster listed, and every group whose pods are seen (status,
-    which follows pods, may see a group's pods without its RayCluster)."""
-    counts: dict[str, list[int]] = {}
-    labels_of: dict[str, dict] = {}
-    for pod in pods:
-        labels = (pod.get("metadata") or {}).get("labels") or {}
-        name = labels.get(GROUP_NAME_LABEL)
-        if not name:
-            continue
-        seen = counts.setdefault(name, [0, 0])
-        seen[0] += 1
-        seen[1] += _pod_ready(pod)
-        labels_of.setdefault(name, labels)
-    for cluster in clusters:
-        labels = (cluster.get("metadata") or {}).get("labels") or {}
-        labels_of[cluster["metadata"]["name"]] = labels
-    out = []
-    for name, labels in sorted(labels_of.items()):
-        pods_seen, ready = counts.get(name, [0, 0])
-        out.append(ObservedGroup(name, labels.get(VARIANT_LABEL, ""), labels.get(REVISION_LABEL, ""),
-                                 pods_seen, ready))
-    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from kubemaas_operator.builders.layout import VariantLayout
 from kubemaas_operator.builders.naming import VARIANT_LABEL
 from kubemaas_operator.builders.revision import REVISION_LABEL
 from kubemaas_operator.cache_status import cache_summary, node_cache_statuses
-from kubemaas_operator.multinode import ObservedGroup, observed_groups
+from kubemaas_operator.observed import ObservedGroup, deployment_rolled_out, observed_groups
 from kubemaas_operator.redact import safe_termination_line
 
 _CAMEL_REASON = re.compile(r"^([A-Z][A-Za-z0-9]+):\s*(.*)$", re.DOTALL)
@@ -98,21 +98,6 @@ def _crash_problem(container_status: dict, terminated: dict) -> Problem:
     return Problem("CrashLoopBackOff",
                    f"container {container_status.get('name')} keeps exiting "
                    f"(exit code {terminated.get('exitCode', '?')}): {detail}")
-
-
-def deployment_rolled_out(dep: dict, applied_generation: int = 0) -> bool:
-    """Whether the Deployment controller reports every pod updated to the current template and
-    available; a copy older than our last apply (a watch event in flight) is not."""
-    spec_replicas = dep.get("spec", {}).get("replicas", 1)
-    st = dep.get("status", {})
-    generation = dep["metadata"].get("generation", 0)
-    return (
-        generation >= applied_generation
-        and st.get("observedGeneration", 0) >= generation
-        and st.get("updatedReplicas", 0) >= spec_replicas
-        and st.get("replicas", 0) == spec_replicas
-        and st.get("availableReplicas", 0) >= spec_replicas
-    )
 
 
 def _deployment_counts(dep: dict | None, applied_generation: int = 0) -> tuple[int, int, bool]:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
-from kubemaas_operator import gpufit
+from kubemaas_operator import placement
 from kubemaas_operator.api import ModelService, ModelServiceStatus
 from kubemaas_operator.api.status import RolloutStatus
 from kubemaas_operator.builders import (
@@ -52,13 +52,12 @@ from kubemaas_operator.kube import (
 from kubemaas_operator.multinode import (
     CONTROLLER_MISSING_MESSAGE,
     CONTROLLER_MISSING_REASON,
-    ObservedGroup,
     is_multi_node,
-    observed_groups,
     plan_groups,
 )
 from kubemaas_operator.observe import Observation, Problem, compute_status
-from kubemaas_operator.rollout import ObservedDeployment, RolloutPlan, plan_rollout
+from kubemaas_operator.observed import ObservedDeployment, ObservedGroup, observed_groups
+from kubemaas_operator.rollout import RolloutPlan, plan_rollout
 from kubemaas_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ class Plan:
     scales: tuple[tuple[str, int], ...] = ()  # Deployments only scaled: (name, replicas)
     keep: frozenset[str] = frozenset()  # Deployments not desired but not to be deleted yet
     gateway: bool = False
-    fits: tuple[gpufit.VariantFit, ...] = ()  # the GPU-fit estimate of each variant with one
+    fits: tuple[placement.VariantFit, ...] = ()  # the GPU-fit estimate of each variant with one
     refused: Problem | None = None  # EngineCannotShard, GPUMemoryInsufficient: variants that get no pods
     refusal: Problem | None = None  # nothing is written: InferenceRoutingDisabled
     adapters: tuple[str, ...] | None = None  # spec.adapters' names, as the ConfigMap tells the pods
@@ -110,10 +109,10 @@ class Plan:
 
 # Why a variant gets no pods: reasons of the spec against the runtime or the cluster, which a
 # spec change or a node change re-plans (no retry).
-VARIANT_REFUSAL_REASONS = frozenset({MULTI_NODE_REASON, ENGINE_REASON, gpufit.FIT_REASON})
+VARIANT_REFUSAL_REASONS = frozenset({MULTI_NODE_REASON, ENGINE_REASON, placement.FIT_REASON})
 
 
-def refused_variants(ms: ModelService, fits: Sequence[gpufit.VariantFit],
+def refused_variants(ms: ModelService, fits: Sequence[placement.VariantFit],
                      multi_node: bool = False) -> dict[str, Problem]:
     """The variants that get no pods, each with why: a replica over several nodes first, then an
     engine that cannot use the pod's GPUs, then a memory estimate no GPU holds."""
@@ -125,7 +124,7 @@ def refused_variants(ms: ModelService, fits: Sequence[gpufit.VariantFit],
             out[variant.name] = Problem(ENGINE_REASON, why)
     for fit in fits:
         if fit.refusal and fit.variant not in out:
-            out[fit.variant] = Problem(gpufit.FIT_REASON, fit.refusal)
+            out[fit.variant] = Problem(placement.FIT_REASON, fit.refusal)
     return out
 
 
@@ -139,7 +138,7 @@ def _one_problem(refused: dict[str, Problem]) -> Problem | None:
 
 def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedImages | None,
            observed: Sequence[ObservedDeployment] = (), record: ModelServiceStatus | None = None,
-           now: datetime | None = None, gpu_nodes: Sequence[gpufit.GpuNode] | None = None,
+           now: datetime | None = None, gpu_nodes: Sequence[placement.GpuNode] | None = None,
            groups: Sequence[ObservedGroup] = ()) -> Plan:
     """The children to write for ``ms`` now. ``observed`` (its Deployments as watched) and
     ``record`` (the rollout as status last recorded it) decide a canary's progress;
@@ -148,13 +147,13 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedIma
     groups have rolled (multinode.py)."""
     image = choose_runtime_images(ms, pinned_image or PinnedImages(), operator_images(settings))
     rollout = plan_rollout(ms, image, observed, record, now or datetime.now(UTC))
-    fits = gpufit.plan_fit(ms, gpu_nodes, settings.gpu_memory_label)
+    fits = placement.plan_fit(ms, gpu_nodes, settings.gpu_memory_label)
     # A refused variant gets no Deployment written (none created: no Pending pod, no pod that
     # fails at start); one that already runs an earlier revision is left as it is, serving.
     refused = refused_variants(ms, fits, settings.multi_node)
     if is_multi_node(ms, settings):
-        rollout = replace(rollout, variants=_group_layouts(ms, rollout.variants, refused, groups))
-    withheld = gpufit.withheld_deployments(refused, rollout.variants)
+        rollout = replace(rollout, variants=_group_layouts(ms, rollout.variants, refused, groups, observed))
+    withheld = placement.withheld_deployments(refused, rollout.variants)
     children = tuple(c for c in build_children(ms, settings, runtime_image=image, layouts=rollout.variants)
                      if not (c["kind"] == "Deployment" and c["metadata"]["name"] in withheld))
     return Plan(
@@ -175,10 +174,14 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedIma
 
 
 def _group_layouts(ms: ModelService, layouts: Sequence[VariantLayout], refused: dict[str, Problem],
-                   groups: Sequence[ObservedGroup]) -> tuple[VariantLayout, ...]:
+                   groups: Sequence[ObservedGroup],
+                   deployments: Sequence[ObservedDeployment] = ()) -> tuple[VariantLayout, ...]:
     """Each variant as groups (RayClusters) instead of Deployments; a refused variant writes
-    none and keeps the groups it has, serving."""
+    none and keeps the groups it has, serving. A variant that ran on one node (resources.gpu.nodes
+    raised from 1) keeps its Deployments, serving, until as many of its groups are ready as it
+    has replicas: surge-first, as a new revision rolls."""
     variants = {v.name: v for v in ms.spec.variants}
+    nodes = ms.spec.resources.gpu.nodes
     out = []
     for lay in layouts:
         stable = replace(lay.stable, replicas=lay.replicas, apply=True)
@@ -191,8 +194,12 @@ def _group_layouts(ms: ModelService, layouts: Sequence[VariantLayout], refused: 
         revision = lay.canary.revision if lay.canary else lay.stable.revision
         stable = replace(stable, revision=revision)
         plan = plan_groups(ms, variants[lay.name], lay.replicas, revision, groups)
-        out.append(replace(lay, stable=stable, canary=None, canary_weight=0, groups=plan.apply, keep=plan.keep,
-                           nodes=ms.spec.resources.gpu.nodes))
+        keep = plan.keep
+        ready = sum(1 for g in groups if g.name in plan.apply and g.ready(nodes))
+        if ready < lay.replicas:
+            keep += tuple(d.name for d in deployments if d.variant == lay.name)
+        out.append(replace(lay, stable=stable, canary=None, canary_weight=0, groups=plan.apply, keep=keep,
+                           nodes=nodes))
     return tuple(out)
 
 
@@ -265,7 +272,7 @@ class Reconciler:
     applied: dict[Key, Applied] = field(default_factory=dict)
     # the status last written, until the watch delivers it (then the object is the record again)
     written: dict[Key, dict] = field(default_factory=dict)
-    gpu_nodes: tuple[gpufit.GpuNode, ...] | None = None  # the GPUs node_changed last saw
+    gpu_nodes: tuple[placement.GpuNode, ...] | None = None  # the GPUs node_changed last saw
     _locks: dict[Key, threading.Lock] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -282,7 +289,7 @@ class Reconciler:
     def reconcile(self, ms: ModelService, pinned_image: PinnedImages | None, prune: bool = True,
                   observed: Sequence[ObservedDeployment] = (), status: dict | None = None,
                   only_changes: bool = False, owners: Owners = no_owners,
-                  gpu_nodes: Sequence[gpufit.GpuNode] | None = None,
+                  gpu_nodes: Sequence[placement.GpuNode] | None = None,
                   then: Callable[[dict[str, dict]], None] | None = None) -> tuple[Plan, Problem | None]:
         """Apply the desired children; ``prune=False`` (a first create, which cannot have stale
         children of its own uid) skips listing every owned kind. ``status`` is the status the
@@ -411,7 +418,7 @@ class Reconciler:
             gateway=plan.gateway, rollout=rollout_status(plan), adapters=plan.adapters, cache_key=plan.cache_key,
             refused=applied.problem is not None and applied.problem == plan.refused,
         )
-        status = gpufit.with_fit_status(compute_status(obs, _parsed(previous)).to_wire(), plan.fits)
+        status = placement.with_fit_status(compute_status(obs, _parsed(previous)), plan.fits).to_wire()
         if previous is not None and _same_status(status, previous):
             return None
         return status

@@ -26,8 +26,8 @@ from typing import Any
 
 from kubemaas_operator.events import post_event
 from kubemaas_operator.kube import KubeClient
+from kubemaas_operator.observed import ObservedDeployment
 from kubemaas_operator.reconcile import Key, Owners, Reconciler
-from kubemaas_operator.rollout import ObservedDeployment
 
 log = logging.getLogger(__name__)
 WINDOW_SECONDS = 0.5

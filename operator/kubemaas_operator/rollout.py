@@ -31,40 +31,14 @@ from kubemaas_operator.api import ModelService, ModelServiceStatus, Variant, Var
 from kubemaas_operator.builders.deployment import canary_deployment_name
 from kubemaas_operator.builders.image import RuntimeImages
 from kubemaas_operator.builders.layout import Track, VariantLayout
-from kubemaas_operator.builders.naming import VARIANT_LABEL, variant_child_name
+from kubemaas_operator.builders.naming import variant_child_name
 from kubemaas_operator.builders.replicas import replicas_by_variant
 from kubemaas_operator.builders.revision import (
-    REVISION_LABEL,
     STABLE,
-    TRACK_LABEL,
     combined_revision,
     variant_revisions,
 )
-from kubemaas_operator.observe import deployment_rolled_out
-
-
-@dataclass(frozen=True)
-class ObservedDeployment:
-    """A Deployment of the ModelService as the watch last saw it."""
-
-    name: str
-    variant: str
-    revision: str | None = None  # None: made before revisions were labelled
-    track: str | None = None
-    replicas: int = 0  # spec.replicas
-    available: int = 0
-    rolled_out: bool = False  # every pod updated to its template and available
-
-    @classmethod
-    def from_object(cls, obj: dict) -> ObservedDeployment | None:
-        meta = obj.get("metadata", {})
-        labels = meta.get("labels") or {}
-        if VARIANT_LABEL not in labels:
-            return None
-        return cls(name=meta["name"], variant=labels[VARIANT_LABEL], revision=labels.get(REVISION_LABEL),
-                   track=labels.get(TRACK_LABEL), replicas=(obj.get("spec") or {}).get("replicas", 1),
-                   available=(obj.get("status") or {}).get("availableReplicas", 0),
-                   rolled_out=deployment_rolled_out(obj))
+from kubemaas_operator.observed import ObservedDeployment
 
 
 @dataclass(frozen=True)

@@ -186,38 +186,38 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--architecture", metavar="MODULE:FACTORY",
         help="for --format safetensors: importable factory returning the torch.nn.Module")
     add("--name", help="model name in /v2/models/{name} (default: last segment of the URI)")
-    add("--variant", default="default", help="variant label for metrics and metadata")
-    add("--quantization", choices=QUANTIZATIONS, default="none",
+    add("--variant", default=ServeConfig.variant, help="variant label for metrics and metadata")
+    add("--quantization", choices=QUANTIZATIONS, default=ServeConfig.quantization,
         help="quantization applied after loading")
-    add("--device", choices=DEVICES, default="auto", help="auto picks cuda when available")
-    add("--max-batch-size", type=_positive_int, default=32,
+    add("--device", choices=DEVICES, default=ServeConfig.device, help="auto picks cuda when available")
+    add("--max-batch-size", type=_positive_int, default=ServeConfig.max_batch_size,
         help="most rows one forward pass takes")
-    add("--batch-timeout-ms", type=_non_negative_float, default=0.0,
+    add("--batch-timeout-ms", type=_non_negative_float, default=ServeConfig.batch_timeout_ms,
         help="extra wait for a batch to fill; 0 runs at once when the model is idle")
-    add("--max-queue", type=_positive_int, default=256,
+    add("--max-queue", type=_positive_int, default=ServeConfig.max_queue,
         help="most requests waiting for the model; beyond it requests get 503 + Retry-After")
-    add("--max-request-bytes", type=_positive_int, default=64 * 1024 * 1024,
+    add("--max-request-bytes", type=_positive_int, default=ServeConfig.max_request_bytes,
         help="largest request body; larger ones get 413")
     add_limit_arguments(parser)
-    add("--host", default="0.0.0.0", help="address to listen on")
-    add("--port", type=_positive_int, default=8080, help="HTTP port")
-    add("--model-dir", default=DEFAULT_MODEL_DIR,
+    add("--host", default=ServeConfig.host, help="address to listen on")
+    add("--port", type=_positive_int, default=ServeConfig.port, help="HTTP port")
+    add("--model-dir", default=ServeConfig.model_dir,
         help="local directory holding the files of pvc://, s3:// and hf:// models")
-    add("--termination-log", default="/dev/termination-log",
+    add("--termination-log", default=ServeConfig.termination_log,
         help="file receiving the one-line reason when the model fails to start")
     add("--max-drift", type=_non_negative_float,
         help="largest accepted drift of a quantized variant from full precision on the probes (1 - min cosine, or share of changed labels); above it the process exits with QuantizationDriftExceeded")
-    add("--drain-seconds", type=_non_negative_float, default=25.0,
+    add("--drain-seconds", type=_non_negative_float, default=ServeConfig.drain_seconds,
         help="after SIGTERM, the longest the server waits for in-flight and queued requests "
              "before it exits; requests still queued 1 s before the end get 503 + Retry-After "
              "(the operator sets it from its drainSeconds, which also sizes the pod's grace period)")
-    add("--unready-delay-seconds", type=_non_negative_float, default=0.0,
+    add("--unready-delay-seconds", type=_non_negative_float, default=ServeConfig.unready_delay_seconds,
         help="after SIGTERM keep accepting this long with readiness false before closing (in "
              "Kubernetes the pod's preStop pause does this)")
     add("--max-model-len", type=_positive_int,
         help="text-generation: longest context (prompt + generated tokens) of one sequence; "
              "default: the model's max_position_embeddings")
-    add("--max-num-seqs", type=_positive_int, default=16,
+    add("--max-num-seqs", type=_positive_int, default=ServeConfig.max_num_seqs,
         help="text-generation: most sequences decoded together in the running batch")
     add("--kv-cache-tokens", type=_positive_int,
         help="text-generation: KV-cache token budget over all running sequences (each reserves "
@@ -228,10 +228,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
              "token budget is what fits. With --kv-cache-tokens too, the smaller budget wins. "
              "Default: the --kv-cache-tokens default, capped at half the free memory of the "
              "device")
-    add("--max-num-batched-tokens", type=_positive_int, default=512,
+    add("--max-num-batched-tokens", type=_positive_int, default=ServeConfig.max_num_batched_tokens,
         help="text-generation: most tokens in one engine step (each decoding sequence's next "
              "token first, then prompt chunks in arrival order)")
-    add("--engine", choices=ENGINES, default="auto",
+    add("--engine", choices=ENGINES, default=ServeConfig.engine,
         help="the engine that runs a text-generation model: vllm (vLLM in this process; needs "
              "vLLM installed, --format transformers and an architecture in vLLM's registry, "
              "else the start fails with ModelLoadFailed), builtin (the project's PyTorch "
@@ -241,10 +241,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="GPUs one model is split over (tensor parallel), passed to vLLM; default: every "
              "visible GPU (1 on CPU). The builtin engine splits over none: above 1 (or with "
              "several GPUs visible) it fails at start with ModelLoadFailed, for every task")
-    add("--max-loras", type=_non_negative_int, default=0,
+    add("--max-loras", type=_non_negative_int, default=ServeConfig.max_loras,
         help="text-generation: most LoRA adapters loaded at once (vLLM's --max-loras); 0 "
              "turns adapters off (and /v1/load_lora_adapter with them)")
-    add("--max-lora-rank", type=_positive_int, default=16,
+    add("--max-lora-rank", type=_positive_int, default=ServeConfig.max_lora_rank,
         help="text-generation: largest LoRA rank an adapter may have (vLLM's "
              "--max-lora-rank); a larger one is refused with 400 naming 'r'")
     add("--adapters", type=_static_adapters, metavar="NAME=PATH[,NAME=PATH...]",
@@ -254,17 +254,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="text-generation: a JSON list of {name, uri} watched while serving: adapters it "
              "adds are loaded, those it drops unloaded, without a restart (the operator's "
              "ConfigMap)")
-    add("--adapter-dir", default="/mnt/adapters",
+    add("--adapter-dir", default=ServeConfig.adapter_dir,
         help="text-generation: where s3:// and hf:// adapters of --adapters-config are "
              "fetched to, one directory per name (the pod's adapter-fetch container)")
-    add("--pipeline-parallel-size", type=_positive_int, default=1,
+    add("--pipeline-parallel-size", type=_positive_int, default=ServeConfig.pipeline_parallel_size,
         help="nodes one model is split over (pipeline parallel, one stage per node), passed to "
              "vLLM; above 1 needs --engine vllm and --distributed-executor-backend ray (the "
              "operator sets both for resources.gpu.nodes > 1)")
     add("--distributed-executor-backend", choices=DISTRIBUTED_EXECUTOR_BACKENDS,
         help="how vLLM reaches GPUs beyond this process: ray (a Ray cluster this pod joined, "
              "its head started by KubeRay) or mp (processes on this node); default: vLLM's choice")
-    add("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+    add("--log-level", choices=("debug", "info", "warning", "error"), default=ServeConfig.log_level,
         help="log verbosity")
     _mention_env_vars(parser)
 
@@ -272,25 +272,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     """What one request, and all of them together, may cost (docs/runtime.md)."""
     add = parser.add_argument
-    add("--max-json-bytes", type=_positive_int, default=8 * 1024 * 1024,
+    add("--max-json-bytes", type=_positive_int, default=ServeConfig.max_json_bytes,
         help="largest JSON part of a request (all of a JSON request, the header of a binary "
              "one); larger gets 413")
-    add("--max-tensor-rank", type=_positive_int, default=8,
+    add("--max-tensor-rank", type=_positive_int, default=ServeConfig.max_tensor_rank,
         help="most dimensions an input may declare; more gets 400")
-    add("--max-tensor-elements", type=_positive_int, default=1 << 24,
+    add("--max-tensor-elements", type=_positive_int, default=ServeConfig.max_tensor_elements,
         help="most elements one input may declare; more gets 400")
-    add("--max-string-bytes", type=_positive_int, default=64 * 1024,
+    add("--max-string-bytes", type=_positive_int, default=ServeConfig.max_string_bytes,
         help="longest BYTES element (one text), refused with 400 before tokenizing")
-    add("--max-buffered-bytes", type=_positive_int, default=512 * 1024 * 1024,
+    add("--max-buffered-bytes", type=_positive_int, default=ServeConfig.max_buffered_bytes,
         help="memory budget of every request's body and decoded tensors together; a request "
              "that would pass it gets 503 + Retry-After")
-    add("--body-timeout-seconds", type=_positive_float, default=30.0,
+    add("--body-timeout-seconds", type=_positive_float, default=ServeConfig.body_timeout_seconds,
         help="a request's headers, and then its body, must arrive within this; else 408 / "
              "closed")
-    add("--max-connections", type=_positive_int, default=1024,
+    add("--max-connections", type=_positive_int, default=ServeConfig.max_connections,
         help="most open connections and requests at once (uvicorn limit_concurrency); "
              "beyond, 503")
-    add("--max-header-bytes", type=_positive_int, default=64 * 1024,
+    add("--max-header-bytes", type=_positive_int, default=ServeConfig.max_header_bytes,
         help="largest request line plus headers; larger gets 400 and the connection closed")
     add("--auth-token-file",
         help="file holding a bearer token; when set, /v2/models/* and /v1/* need "

@@ -65,6 +65,9 @@ MODEL_VERSION = "1"
 # Bodies and responses larger than this are decoded / encoded on a codec thread, so the event
 # loop (and with it /v2/health/live) keeps answering.
 OFFLOAD_BYTES = 1 << 20
+# the probes the operator renders (its runtime_contract.py, pinned by tests/unit/test_contract.py)
+LIVE_PATH = "/v2/health/live"
+READY_PATH = "/v2/health/ready"
 
 
 class ServingState:
@@ -351,8 +354,8 @@ def create_app(state: ServingState) -> Starlette:
 
     routes = [
         Route("/v2", server_metadata),
-        Route("/v2/health/live", live),
-        Route("/v2/health/ready", ready),
+        Route(LIVE_PATH, live),
+        Route(READY_PATH, ready),
         Route("/v2/models/{name}", model_metadata),
         Route("/v2/models/{name}/versions/{version}", model_metadata),
         Route("/v2/models/{name}/ready", model_ready),

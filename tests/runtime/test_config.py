@@ -60,6 +60,35 @@ def test_every_flag_has_an_env_var():
         assert flag in flags
 
 
+
+def test_every_flag_default_is_the_serve_configs_and_the_models_options_follow():
+    """One default per setting: each flag's is ServeConfig's field default (argparse reads it
+    from there), and what the model kinds and the vLLM engine take shares it."""
+    import dataclasses
+
+    from kubemaas_runtime.config import ServeConfig
+    from kubemaas_runtime.generation.vllm_engine import VllmSettings
+    from kubemaas_runtime.models.base import ModelOptions
+
+    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    checked = 0
+    for action in build_serve_parser()._actions:
+        if action.dest == "help" or action.dest not in fields:
+            continue
+        default = fields[action.dest].default
+        if action.default is None:  # derived later (name from the URI) or truly optional
+            assert default in (None, dataclasses.MISSING) or action.dest == "name", action.dest
+            continue
+        assert action.default == default, action.dest
+        checked += 1
+    assert checked >= 25
+    options = ModelOptions(path=Path("/m"), name="m")
+    for name in ("max_batch_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "variant",
+                 "quantization"):
+        assert getattr(options, name) == fields[name].default, name
+    for name in ("max_num_seqs", "max_queue"):
+        assert getattr(VllmSettings(), name) == fields[name].default, name
+
 @pytest.mark.parametrize("argv, env", [
     (["--format", "torchscript"], {}),                                       # no URI
     (["--model-uri", "ftp://x/y", "--format", "torchscript"], {}),            # bad scheme

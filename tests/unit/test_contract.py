@@ -100,11 +100,34 @@ def test_the_runtime_reads_the_kv_budget_the_fit_estimate_assumed():
     assert config.kv_cache_tokens == DEFAULT_KV_CACHE_TOKENS and config.max_model_len is None
 
 
-def test_the_fit_estimate_assumes_the_runtimes_default_running_sequences():
-    from kubemaas_operator.gpufit import RUNTIME_DEFAULT_MAX_NUM_SEQS
+def test_the_operators_copy_of_the_runtime_contract_is_the_runtimes():
+    """runtime_contract.py: the defaults the operator assumes and the paths it probes are the
+    runtime's own, and its env rule is the runtime's for every serve flag."""
+    from kubemaas_operator import runtime_contract
+    from kubemaas_runtime import server
+    from kubemaas_runtime.config import build_serve_parser, env_var_for
 
     config = parse_serve_config([], {"KUBEMAAS_MODEL_URI": "pvc://m/llm", "KUBEMAAS_FORMAT": "gguf"})
-    assert config.max_num_seqs == RUNTIME_DEFAULT_MAX_NUM_SEQS and config.kv_cache_tokens is None
+    assert config.max_num_seqs == runtime_contract.MAX_NUM_SEQS and config.kv_cache_tokens is None
+    assert (runtime_contract.READY_PATH, runtime_contract.LIVE_PATH) == (server.READY_PATH, server.LIVE_PATH)
+    flags = [s for action in build_serve_parser()._actions for s in action.option_strings if s.startswith("--")]
+    assert "--max-num-seqs" in flags
+    for flag in flags:
+        assert runtime_contract.env_name(flag) == env_var_for(flag), flag
+
+
+def test_the_probes_and_paths_the_operator_writes_are_the_contracts():
+    from kubemaas_operator import runtime_contract
+
+    for _, deployment in DEPLOYMENTS:
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["readinessProbe"]["httpGet"]["path"] == runtime_contract.READY_PATH
+        assert container["startupProbe"]["httpGet"]["path"] == runtime_contract.READY_PATH
+        assert container["livenessProbe"]["httpGet"]["path"] == runtime_contract.LIVE_PATH
+        config = parse_serve_config(container["args"][1:], {e["name"]: e["value"] for e in container["env"]})
+        assert (config.port, config.model_dir) == (runtime_contract.HTTP_PORT, runtime_contract.MODEL_DIR)
+        if config.max_loras:
+            assert config.adapter_dir == runtime_contract.ADAPTER_DIR
 
 
 def test_every_generative_metric_is_named_by_an_autoscaler():

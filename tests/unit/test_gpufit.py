@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from kubemaas_operator import gpufit
+from kubemaas_operator import gpufit, placement
 from kubemaas_operator.builders import build_children
 from kubemaas_operator.observe import Observation, compute_status
 from kubemaas_operator.reconcile import decide, rollout_status
@@ -18,8 +18,8 @@ GIB = 1024**3
 H100 = "NVIDIA-H100-80GB-HBM3"
 L4 = "NVIDIA-L4"
 # What GPU feature discovery publishes for those GPUs (MiB), as the local cluster's nodes carry it.
-NODES = (gpufit.GpuNode("gpu-h100-0", 81559, H100, gpus=8), gpufit.GpuNode("gpu-h100-1", 81559, H100, gpus=8),
-         gpufit.GpuNode("gpu-l4-0", 23034, L4, gpus=1))
+NODES = (placement.GpuNode("gpu-h100-0", 81559, H100, gpus=8), placement.GpuNode("gpu-h100-1", 81559, H100, gpus=8),
+         placement.GpuNode("gpu-l4-0", 23034, L4, gpus=1))
 MEMORY = "nvidia.com/gpu.memory"
 
 
@@ -107,8 +107,8 @@ def test_an_encoder_has_no_kv_cache():
 
 
 def test_no_estimate_without_parameter_count_or_gpus():
-    assert gpufit.plan_fit(llm(parameters=None), NODES, MEMORY) == ()
-    assert gpufit.plan_fit(llm(gpus=0, quantizations=("none",)), NODES, MEMORY) == ()
+    assert placement.plan_fit(llm(parameters=None), NODES, MEMORY) == ()
+    assert placement.plan_fit(llm(gpus=0, quantizations=("none",)), NODES, MEMORY) == ()
 
 
 def test_description_gives_the_parts_in_gib():
@@ -124,7 +124,7 @@ def test_description_gives_the_parts_in_gib():
 
 def test_13b_bf16_on_one_gpu_goes_to_an_h100_never_an_l4():
     ms = llm(parameters="13B", quantizations=("bf16",))
-    (fit,) = gpufit.plan_fit(ms, NODES, MEMORY)
+    (fit,) = placement.plan_fit(ms, NODES, MEMORY)
     assert fit.refusal is None and fit.verdict == "Fits"
     assert 23034 < fit.estimate.per_gpu_mib <= 81559  # more than an L4, less than an H100
     dep = deployment_of(build_children(ms, SETTINGS), "m-bf16")
@@ -136,7 +136,7 @@ def test_13b_bf16_on_one_gpu_goes_to_an_h100_never_an_l4():
 
 def test_70b_int4_on_one_gpu_fits_an_h100_with_the_default_limits():
     ms = llm(quantizations=("int4-weight-only",))
-    (fit,) = gpufit.plan_fit(ms, NODES, MEMORY)
+    (fit,) = placement.plan_fit(ms, NODES, MEMORY)
     assert fit.refusal is None
     assert fit.estimate.weights == 35_000_000_000
     assert fit.estimate.per_gpu_mib <= 81559
@@ -144,24 +144,24 @@ def test_70b_int4_on_one_gpu_fits_an_h100_with_the_default_limits():
 
 def test_70b_full_precision_pinned_to_an_l4_is_refused_with_the_numbers():
     ms = llm(quantizations=("none",), product=L4)
-    (fit,) = gpufit.plan_fit(ms, NODES, MEMORY)
+    (fit,) = placement.plan_fit(ms, NODES, MEMORY)
     assert fit.verdict == "Insufficient"
     assert fit.refusal == (
         "Variant none needs ~273 GiB per GPU (70B parameters at fp32: 261 GiB, KV cache 10 GiB for "
         "4096 tokens (dense upper bound), overhead 2 GiB); the largest NVIDIA-L4 has 22 GiB; the smallest configuration of "
         "NVIDIA-L4 that holds it: resources.gpu.count 1 x gpu.nodes 14 (~21.3 GiB per GPU), which spans "
-        "nodes (MultiNodeNotSupported in this operator version): use more GPUs "
+        "nodes (the operator's multiNode switch, with KubeRay): use more GPUs "
         "(resources.gpu.count), an int4-weight-only variant (~45 GiB per GPU), or GPUs with more memory.")
 
 
 def test_a_too_small_named_product_points_at_gpus_that_would_hold_it():
-    fit, = gpufit.plan_fit(llm(parameters="13B", product=L4), NODES, MEMORY)
+    fit, = placement.plan_fit(llm(parameters="13B", product=L4), NODES, MEMORY)
     assert "the largest NVIDIA-L4 has 22 GiB" in fit.refusal
     assert "NVIDIA-H100-80GB-HBM3 GPUs in the cluster would hold it (resources.gpu.product)" in fit.refusal
 
 
 def test_70b_fp16_on_one_gpu_fits_no_gpu_of_the_cluster():
-    fit, = gpufit.plan_fit(llm(quantizations=("fp16",)), NODES, MEMORY)
+    fit, = placement.plan_fit(llm(quantizations=("fp16",)), NODES, MEMORY)
     assert "the largest NVIDIA-H100-80GB-HBM3 has 79 GiB" in fit.refusal
 
 
@@ -170,25 +170,25 @@ def test_70b_fp16_on_one_gpu_fits_no_gpu_of_the_cluster():
     (NODES, "NVIDIA-A100-SXM4-40GB", "no node has nvidia.com/gpu.product=NVIDIA-A100-SXM4-40GB and a"),
 ])
 def test_no_such_gpus_in_the_cluster(nodes, product, says):
-    fit, = gpufit.plan_fit(llm(parameters="7B", product=product), nodes, MEMORY)
+    fit, = placement.plan_fit(llm(parameters="7B", product=product), nodes, MEMORY)
     assert says in fit.refusal and fit.refusal.startswith("Variant bf16 needs ~")
 
 
 def test_offline_nothing_is_refused():
-    fit, = gpufit.plan_fit(llm(quantizations=("none",), product=L4), None, MEMORY)
+    fit, = placement.plan_fit(llm(quantizations=("none",), product=L4), None, MEMORY)
     assert fit.refusal is None and fit.verdict == "Unknown"
 
 
 def test_gpu_node_from_labels():
     labels = {MEMORY: "81559", "nvidia.com/gpu.product": H100}
-    assert gpufit.GpuNode.from_labels("n", labels, MEMORY, "nvidia.com/gpu.product") == NODES[0].__class__(
+    assert placement.GpuNode.from_labels("n", labels, MEMORY, "nvidia.com/gpu.product") == NODES[0].__class__(
         "n", 81559, H100, labels=tuple(sorted(labels.items())))
     # GPU feature discovery's count label, unless the node's allocatable GPUs say
     counted = {**labels, "nvidia.com/gpu.count": "8"}
-    assert gpufit.GpuNode.from_labels("n", counted, MEMORY, "nvidia.com/gpu.product").gpus == 8
-    assert gpufit.GpuNode.from_labels("n", counted, MEMORY, "nvidia.com/gpu.product", gpus=4).gpus == 4
+    assert placement.GpuNode.from_labels("n", counted, MEMORY, "nvidia.com/gpu.product").gpus == 8
+    assert placement.GpuNode.from_labels("n", counted, MEMORY, "nvidia.com/gpu.product", gpus=4).gpus == 4
     for bad in ({}, {MEMORY: ""}, {MEMORY: "0"}, {MEMORY: "80GB"}, {MEMORY: "-1"}):
-        assert gpufit.GpuNode.from_labels("n", bad, MEMORY, "nvidia.com/gpu.product") is None
+        assert placement.GpuNode.from_labels("n", bad, MEMORY, "nvidia.com/gpu.product") is None
 
 
 # --- placement --------------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def test_memory_requirement_joins_every_term_of_the_users_affinity():
 def test_each_variant_gets_its_own_requirement_and_the_product_stays_a_selector():
     ms = llm(quantizations=("int4-weight-only", "bf16"), gpus=2, product=H100)
     children = build_children(ms, SETTINGS)
-    needs = {f.variant: f.estimate.per_gpu_mib for f in gpufit.plan_fit(ms, None, MEMORY)}
+    needs = {f.variant: f.estimate.per_gpu_mib for f in placement.plan_fit(ms, None, MEMORY)}
     for variant in ("int4", "bf16"):
         pod = deployment_of(children, f"m-{variant}")["spec"]["template"]["spec"]
         (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
@@ -291,7 +291,7 @@ def test_status_shows_the_estimate_and_the_refusal():
     obs = Observation(name="m", namespace="ns", generation=3, selector=plan.selector, url=plan.url,
                       runtime_image=plan.runtime_image, variants=plan.variants, blocking=plan.refused,
                       refused=True, rollout=rollout_status(plan))
-    status = gpufit.with_fit_status(compute_status(obs).to_wire(), plan.fits)
+    status = placement.with_fit_status(compute_status(obs), plan.fits).to_wire()
     ready = status["conditions"][0]
     assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "GPUMemoryInsufficient")
     assert "the largest NVIDIA-H100-80GB-HBM3 has 79 GiB" in ready["message"]
@@ -311,7 +311,7 @@ def test_status_without_an_estimate_is_unchanged():
     obs = Observation(name="m", namespace="ns", generation=1, selector=plan.selector, url=plan.url,
                       runtime_image=plan.runtime_image, variants=plan.variants)
     status = compute_status(obs).to_wire()
-    assert gpufit.with_fit_status(status, plan.fits) == status
+    assert placement.with_fit_status(status, plan.fits) == status
 
 
 
@@ -338,8 +338,8 @@ def test_the_operator_tells_no_node_seen_from_no_gpu_node():
 
     assert _gpu_nodes({}) is None  # nodes not readable: place without refusing
     assert _gpu_nodes({NODES: ["cpu-0"]}) == ()  # nodes, none with GPUs: refuse
-    index = {NODES: ["a", "b"], GPU_NODES: [gpufit.GpuNode("b", 1, None), gpufit.GpuNode("a", 2, None)]}
-    assert _gpu_nodes(index) == (gpufit.GpuNode("a", 2, None), gpufit.GpuNode("b", 1, None))  # by name
+    index = {NODES: ["a", "b"], GPU_NODES: [placement.GpuNode("b", 1, None), placement.GpuNode("a", 2, None)]}
+    assert _gpu_nodes(index) == (placement.GpuNode("a", 2, None), placement.GpuNode("b", 1, None))  # by name
 
 
 # --- across nodes: count x nodes, the smallest configuration, the user's selector -----------------
@@ -374,7 +374,7 @@ def test_the_estimate_divides_by_count_times_nodes(gpus, nodes, total):
 def test_the_smallest_configuration_that_holds_a_model(parameters, quantization, node, expected):
     ms = across(parameters=parameters, quantization=quantization, gpus=1)
     (variant,) = ms.spec.variants
-    count, nodes, need = gpufit.smallest_fit(ms, variant, node)
+    count, nodes, need = placement.smallest_fit(ms, variant, node)
     assert (count, nodes) == expected and need.per_gpu_mib <= node.memory_mib
     fewer = []  # one node fewer (each full), or half the GPUs on as many nodes: neither holds it
     if nodes > 1:
@@ -385,7 +385,7 @@ def test_the_smallest_configuration_that_holds_a_model(parameters, quantization,
 
 
 def test_405b_on_l4s_only_is_refused_naming_the_smallest_configuration():
-    (fit,) = gpufit.plan_fit(across(product=L4, gpus=1), NODES, MEMORY)
+    (fit,) = placement.plan_fit(across(product=L4, gpus=1), NODES, MEMORY)
     assert fit.verdict == "Insufficient"
     assert ("the smallest configuration of NVIDIA-L4 that holds it: resources.gpu.count 1 x gpu.nodes 39 "
             "(~22.2 GiB per GPU), which spans nodes") in fit.refusal
@@ -393,7 +393,7 @@ def test_405b_on_l4s_only_is_refused_naming_the_smallest_configuration():
 
 def test_405b_over_two_h100_nodes_fits_the_estimate_and_is_refused_as_multi_node():
     ms = across(gpus=8, nodes=2, product=H100)
-    (fit,) = gpufit.plan_fit(ms, NODES, MEMORY)
+    (fit,) = placement.plan_fit(ms, NODES, MEMORY)
     assert fit.refusal is None  # ~52 GiB per GPU over 16 H100s
     plan = decide(ms, SETTINGS, None, gpu_nodes=NODES)
     assert plan.refused.reason == "MultiNodeNotSupported"
@@ -402,7 +402,7 @@ def test_405b_over_two_h100_nodes_fits_the_estimate_and_is_refused_as_multi_node
 
 
 def test_the_refusal_looks_only_at_nodes_the_users_selector_allows():
-    labelled = tuple(gpufit.GpuNode(n.name, n.memory_mib, n.product, n.gpus,
+    labelled = tuple(placement.GpuNode(n.name, n.memory_mib, n.product, n.gpus,
                                     labels=(("pool", "h100" if n.product == H100 else "l4"),))
                      for n in NODES)
     # 13B bf16 (~30 GiB) fits an H100, but the user's selector allows only the L4 pool
@@ -411,13 +411,13 @@ def test_the_refusal_looks_only_at_nodes_the_users_selector_allows():
                            "nodeSelectorTerms": [{"matchExpressions": [
                                {"key": "pool", "operator": "NotIn", "values": ["h100"]}]}]}}}}):
         ms = across(parameters="13B", gpus=1, scheduling=scheduling)
-        (fit,) = gpufit.plan_fit(ms, labelled, MEMORY)
+        (fit,) = placement.plan_fit(ms, labelled, MEMORY)
         assert fit.refusal is not None
         assert "the largest NVIDIA-L4 among the nodes scheduling.nodeSelector and affinity allow" in fit.refusal
     allowed = across(parameters="13B", gpus=1, scheduling={"nodeSelector": {"pool": "h100"}})
-    assert gpufit.plan_fit(allowed, labelled, MEMORY)[0].refusal is None
+    assert placement.plan_fit(allowed, labelled, MEMORY)[0].refusal is None
     nowhere = across(parameters="13B", gpus=1, scheduling={"nodeSelector": {"pool": "tpu"}})
-    assert "no node that scheduling.nodeSelector and affinity allow" in gpufit.plan_fit(nowhere, labelled, MEMORY)[0].refusal
+    assert "no node that scheduling.nodeSelector and affinity allow" in placement.plan_fit(nowhere, labelled, MEMORY)[0].refusal
 
 
 @pytest.mark.parametrize(("op", "values", "value", "ok"), [
@@ -426,10 +426,10 @@ def test_the_refusal_looks_only_at_nodes_the_users_selector_allows():
     ("Gt", ["10"], "11", True), ("Gt", ["10"], "10", False), ("Lt", ["10"], "9", True), ("Gt", ["10"], "x", False),
 ])
 def test_node_selector_operators_as_the_scheduler_reads_them(op, values, value, ok):
-    node = gpufit.GpuNode("n", 81559, H100, labels=(("k", value),) if value is not None else ())
+    node = placement.GpuNode("n", 81559, H100, labels=(("k", value),) if value is not None else ())
     affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": [{"key": "k", "operator": op, "values": values}]}]}}}
-    assert gpufit.allowed_by_scheduling(across(scheduling={"affinity": affinity}), node) is ok
+    assert placement.allowed_by_scheduling(across(scheduling={"affinity": affinity}), node) is ok
 
 
 def test_model_shape_sharpens_the_kv_estimate():

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from kubemaas_operator.builders import build_children
 from kubemaas_operator.builders.naming import MODELSERVICE_LABEL
 from kubemaas_operator.builders.raycluster import GROUP_LABEL, GROUP_NAME_LABEL, group_name
 from kubemaas_operator.builders.revision import REVISION_LABEL
 from kubemaas_operator.multinode import (
     CONTROLLER_MISSING_REASON,
-    ObservedGroup,
-    observed_groups,
     plan_groups,
     surge_groups,
 )
+from kubemaas_operator.observed import ObservedGroup, observed_groups
 from kubemaas_operator.reconcile import _NOT_INSTALLED_REASONS, decide
 from kubemaas_operator.settings import OperatorSettings
 from kubemaas_runtime.config import parse_serve_config
@@ -155,3 +156,44 @@ def test_builtin_over_nodes_cannot_shard():
 
 def test_build_children_alone_stays_a_deployment_without_groups():
     assert [c["kind"] for c in build_children(big(), OFF) if c["kind"] in ("Deployment", "RayCluster")] == ["Deployment"]
+
+
+def test_with_the_node_cache_every_pod_of_a_group_fills_its_own_nodes_copy():
+    """model.cache node over two nodes: the worker, on the other node, fetches into that node's
+    cache and mounts the same entry; vLLM's Ray worker reads the weights from the same path."""
+    ms = make_ms({
+        "model": {"uri": "hf://meta/llama-405b@0123abc", "format": "transformers",
+                  "task": "text-generation", "parameterCount": "405B", "cache": "node"},
+        "resources": {"gpu": {"count": 8, "nodes": 2}},
+        "variants": [{"name": "bf16", "quantization": "bf16"}]}, name="llm")
+    (cluster,) = clusters(ms)
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    (worker_group,) = cluster["spec"]["workerGroupSpecs"]
+    worker = worker_group["template"]["spec"]
+    for pod in (head, worker):
+        (fetch,) = [c for c in pod["initContainers"] if c["name"] == "fetch-model"]
+        assert "--cache" in fetch["args"]
+        assert any(v["name"] == "model-cache" and "persistentVolumeClaim" in v for v in pod["volumes"])
+    served = {m["mountPath"]: m for m in head["containers"][0]["volumeMounts"]}["/mnt/models"]
+    joined = {m["mountPath"]: m for m in worker["containers"][0]["volumeMounts"]}["/mnt/models"]
+    assert served == joined and served["readOnly"] and served["subPath"]
+
+
+def test_raising_nodes_from_one_keeps_the_deployment_serving_until_the_groups_are_ready():
+    """resources.gpu.nodes 1 -> 2: surge-first, as a revision rolls. The variant's Deployment
+    (from when it ran on one node) is kept until as many groups are ready as it has replicas,
+    then it is no longer kept (the apply's prune deletes it)."""
+    from kubemaas_operator.observed import ObservedDeployment
+
+    ms = big(replicas=2)
+    old = ObservedDeployment(name="llm-bf16", variant="bf16", revision="one", replicas=2, available=2,
+                             rolled_out=True)
+    plan = decide(ms, ON, None, observed=[old])
+    (layout,) = plan.variants
+    assert len(layout.groups) == 2 and "llm-bf16" in plan.keep
+    revision = layout.stable.revision
+    half = [ObservedGroup(layout.groups[0], "bf16", revision, 2, 2),
+            ObservedGroup(layout.groups[1], "bf16", revision, 2, 1)]
+    assert "llm-bf16" in decide(ms, ON, None, observed=[old], groups=half).keep
+    ready = [replace(g, ready_pods=2) for g in half]
+    assert "llm-bf16" not in decide(ms, ON, None, observed=[old], groups=ready).keep

@@ -9,12 +9,9 @@ from kubemaas_operator.api import ModelServiceStatus
 from kubemaas_operator.api.status import RolloutStatus
 from kubemaas_operator.builders import build_children, variant_revisions
 from kubemaas_operator.builders.image import PinnedImages
+from kubemaas_operator.observed import ObservedDeployment
 from kubemaas_operator.reconcile import decide, rollout_status
-from kubemaas_operator.rollout import (
-    ObservedDeployment,
-    canary_replicas,
-    plan_rollout,
-)
+from kubemaas_operator.rollout import canary_replicas, plan_rollout
 from kubemaas_operator.settings import OperatorSettings
 
 from tests.unit.support import make_ms

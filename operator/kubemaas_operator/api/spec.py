@@ -481,6 +481,8 @@ class ModelServiceSpec(ApiModel):
                 raise rules.refusal(rules.ADAPTERS_NEED_TEXT_GENERATION)
             if any(v.quantization not in ADAPTER_QUANTIZATIONS for v in self.variants):
                 raise rules.refusal(rules.ADAPTERS_NEED_FLOAT_WEIGHTS)
+            if self.resources.gpu.nodes > 1:
+                raise rules.refusal(rules.ADAPTERS_ON_ONE_NODE)
         if not self.model.generative:
             runtime = self.runtime
             limits = (runtime.max_model_len, runtime.max_num_seqs, runtime.kv_cache_tokens)

@@ -23,13 +23,13 @@ from kubemaas_operator.api import ModelService
 from kubemaas_operator.api.constants import MAX_ADAPTERS
 from kubemaas_operator.builders.model_source import TMP_VOLUME, quantity_bytes
 from kubemaas_operator.builders.naming import child_metadata, common_labels
+from kubemaas_operator.runtime_contract import ADAPTER_DIR
 from kubemaas_operator.settings import OperatorSettings
 
 ADAPTER_CONFIG_VOLUME = "adapter-config"
 ADAPTER_VOLUME = "adapters"
 ADAPTER_CONFIG_DIR = "/etc/kubemaas/adapters"
 ADAPTER_CONFIG_FILE = "adapters.json"
-ADAPTER_DIR = "/mnt/adapters"
 ADAPTER_FETCH_CONTAINER = "fetch-adapters"
 
 

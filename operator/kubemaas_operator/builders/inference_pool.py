@@ -19,11 +19,11 @@ from kubemaas_operator.api import ModelService
 from kubemaas_operator.api.constants import PICKER_SUFFIX
 from kubemaas_operator.builders.gateway import GATEWAY_GROUP, gateway_parent, route_matches
 from kubemaas_operator.builders.naming import (
-    HTTP_PORT,
     MODELSERVICE_LABEL,
     child_metadata,
     common_labels,
 )
+from kubemaas_operator.runtime_contract import HTTP_PORT
 from kubemaas_operator.settings import OperatorSettings
 
 INFERENCE_GROUP = "inference.networking.k8s.io"

@@ -26,7 +26,8 @@ import re
 from typing import Any
 
 from kubemaas_operator.api import ModelService
-from kubemaas_operator.builders.naming import MODEL_DIR, common_labels, owner_reference
+from kubemaas_operator.builders.naming import common_labels, owner_reference
+from kubemaas_operator.runtime_contract import MODEL_DIR
 from kubemaas_operator.settings import OperatorSettings
 
 CACHE_VOLUME = "model-cache"

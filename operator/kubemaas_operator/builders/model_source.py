@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubemaas_operator.api import ModelSource
-from kubemaas_operator.builders.naming import FETCH_CONTAINER, MODEL_DIR
+from kubemaas_operator.builders.naming import FETCH_CONTAINER
+from kubemaas_operator.runtime_contract import MODEL_DIR
 from kubemaas_operator.settings import OperatorSettings
 
 MODEL_VOLUME = "model"

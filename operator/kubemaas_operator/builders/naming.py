@@ -11,9 +11,7 @@ MODELSERVICE_LABEL = "kubemaas.io/modelservice"
 VARIANT_LABEL = "kubemaas.io/variant"
 RUNTIME_CONTAINER = "runtime"
 FETCH_CONTAINER = "fetch-model"
-HTTP_PORT = 8080
 SERVICE_PORT = 80
-MODEL_DIR = "/mnt/models"
 # Offline (`render`) there is no uid yet; the API server assigns one at create.
 PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
 

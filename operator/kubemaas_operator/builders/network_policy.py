@@ -14,11 +14,11 @@ from typing import Any
 
 from kubemaas_operator.api import ModelService
 from kubemaas_operator.builders.naming import (
-    HTTP_PORT,
     child_metadata,
     common_labels,
     selector_labels,
 )
+from kubemaas_operator.runtime_contract import HTTP_PORT
 from kubemaas_operator.settings import OperatorSettings
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by the API server on every namespace

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kubemaas_operator import gpufit
+from kubemaas_operator import gpufit, placement
 from kubemaas_operator.api import ModelService, Variant
 from kubemaas_operator.builders import model_cache
 from kubemaas_operator.builders.adapters import (
@@ -25,12 +25,11 @@ from kubemaas_operator.builders.model_source import (
 )
 from kubemaas_operator.builders.naming import (
     FETCH_CONTAINER,
-    HTTP_PORT,
-    MODEL_DIR,
     RUNTIME_CONTAINER,
     variant_labels,
 )
 from kubemaas_operator.engine import resolved_engine, tensor_parallel_size
+from kubemaas_operator.runtime_contract import HTTP_PORT, LIVE_PATH, MODEL_DIR, READY_PATH
 from kubemaas_operator.settings import OperatorSettings
 
 PRE_STOP_SLEEP_SECONDS = 5  # lets endpoints drop the pod before it stops taking requests
@@ -195,9 +194,9 @@ def runtime_container(
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
         "resources": container_resources(ms, settings, with_gpu=True),
         # A slow model load holds off the liveness probe until the model is ready.
-        "startupProbe": _http_probe("/v2/health/ready", PROBE_PERIOD_SECONDS, startup_failures),
-        "readinessProbe": _http_probe("/v2/health/ready", PROBE_PERIOD_SECONDS, 2),
-        "livenessProbe": _http_probe("/v2/health/live", 10, 3),
+        "startupProbe": _http_probe(READY_PATH, PROBE_PERIOD_SECONDS, startup_failures),
+        "readinessProbe": _http_probe(READY_PATH, PROBE_PERIOD_SECONDS, 2),
+        "livenessProbe": _http_probe(LIVE_PATH, 10, 3),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_SECONDS}}},
         "securityContext": container_security_context(),
         "volumeMounts": [*mounts, {"name": TMP_VOLUME, "mountPath": "/tmp"},
@@ -229,8 +228,8 @@ def scheduling_fields(ms: ModelService, settings: OperatorSettings, variant: Var
         fields["tolerations"] = tolerations
     need = gpufit.estimate(ms, variant) if variant is not None else None
     if need is not None:
-        fields["affinity"] = gpufit.with_memory_requirement(
-            sched.affinity, gpufit.memory_requirement(need, settings.gpu_memory_label))
+        fields["affinity"] = placement.with_memory_requirement(
+            sched.affinity, placement.memory_requirement(need, settings.gpu_memory_label))
     elif sched.affinity:
         fields["affinity"] = copy.deepcopy(sched.affinity)
     if sched.priority_class_name:

@@ -6,7 +6,6 @@ from typing import Any
 
 from kubemaas_operator.api import ModelService, Variant
 from kubemaas_operator.builders.naming import (
-    HTTP_PORT,
     SERVICE_PORT,
     child_metadata,
     common_labels,
@@ -16,6 +15,7 @@ from kubemaas_operator.builders.naming import (
     variant_selector_labels,
 )
 from kubemaas_operator.builders.revision import REVISION_LABEL
+from kubemaas_operator.runtime_contract import HTTP_PORT
 
 
 def _service(ms: ModelService, name: str, labels: dict[str, str], selector: dict[str, str]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from kubemaas_runtime.config import ServeConfig
 from kubemaas_runtime.errors import (
     DeviceLost,
     ModelLoadFailed,
@@ -60,8 +61,8 @@ class VllmSettings:
     pipeline_parallel_size: int = 1  # nodes, one stage each (resources.gpu.nodes)
     distributed_executor_backend: str | None = None  # ray across nodes; None: vLLM's choice
     max_model_len: int | None = None
-    max_num_seqs: int = 16
-    max_queue: int = 256
+    max_num_seqs: int = ServeConfig.max_num_seqs
+    max_queue: int = ServeConfig.max_queue
     kv_cache_tokens: int | None = None
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from kubemaas_runtime.config import ServeConfig
 from kubemaas_runtime.errors import InvalidInput
 from kubemaas_runtime.gate import AccuracyGate
 from kubemaas_runtime.protocol import InferHeader, InferRequest, InputHeader, Tensor
@@ -61,20 +62,20 @@ class ModelOptions:
 
     path: Path
     name: str
-    variant: str = "default"
+    variant: str = ServeConfig.variant
     task: str | None = None
     architecture: str | None = None
-    quantization: str = "none"
+    quantization: str = ServeConfig.quantization
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-    max_batch_size: int = 32
+    max_batch_size: int = ServeConfig.max_batch_size
     max_drift: float | None = None
-    # text-generation limits (config.py; None: from the model)
+    # text-generation limits (config.py; None: from the model); the defaults are the flags'
     max_model_len: int | None = None
-    max_num_seqs: int = 16
+    max_num_seqs: int = ServeConfig.max_num_seqs
     kv_cache_tokens: int | None = None
     kv_cache_memory: int | None = None
-    max_num_batched_tokens: int = 512
-    max_queue: int = 256
+    max_num_batched_tokens: int = ServeConfig.max_num_batched_tokens
+    max_queue: int = ServeConfig.max_queue
     adapters: Any = None  # generation.adapter_sync.AdapterOptions (LoRA), None: off
 
 
