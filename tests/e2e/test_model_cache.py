@@ -134,7 +134,7 @@ def test_cache_status_per_node_and_eviction_when_no_modelservice_refers(
         (ready,) = cluster.wait_until(lambda: cache_status("1/1 nodes"), timeout=60, what="cacheSummary 1/1 nodes")
         assert ready == {"node": node, "key": key, "revision": "abc123", "bytes": 4096, "ready": True, "pods": 2,
                          "lastResult": "Filled", "lastResultTime": "2026-01-01T00:01:00Z"}
-        table = cluster.kubectl("get", "msvc", "m", "-n", namespace).stdout
+        table = cluster.kubectl("get", "msvc", "m", "-n", namespace, "-o", "wide").stdout  # a wide column
         assert "CACHED" in table.splitlines()[0] and "1/1 nodes" in table
 
         # another ModelService of the same model elsewhere: deleting the first evicts nothing
