@@ -291,6 +291,58 @@ def test_watch_namespaces_mode_reconciles_with_roles_only(release: Release, name
         scoped.helm("uninstall", scoped.name, "--wait", check=False)
 
 
+def test_model_cache_eviction_runs_with_the_charts_rules_only(release: Release, namespace: str,
+                                                             cluster: Cluster) -> None:
+    """modelCache.enabled: with nothing but its ServiceAccount token, the operator deletes a
+    deleted ModelService's PV and runs the eviction Job in the release namespace, and may create
+    Jobs nowhere else."""
+    cached = Release(name=f"{release.name}mc", namespace=release.namespace, cluster=cluster, tmp=release.tmp)
+    settings = ("--set", "crds.install=false", "--set", "rbac.aggregateToDefaultRoles=false",
+                "--set", "modelCache.enabled=true")
+    cached.helm("install", cached.name, str(CHART), *settings)
+    nodes = [n for n in cluster.get_json("nodes")["items"] if not n["spec"].get("taints")
+             and (n["metadata"].get("annotations") or {}).get("kwok.x-k8s.io/node") == "fake"]
+    node = min(n["metadata"]["name"] for n in nodes)
+    cluster.kubectl("label", "node", node, "kubemaas.io/model-cache=true", "--overwrite")
+    uri = f"hf://org/helm-{uuid.uuid4().hex[:6]}@abc123"
+    proc = None
+    try:
+        user = cached.user
+        assert can_i(cluster, user, "create", "jobs.batch", "-n", cached.namespace)
+        assert not can_i(cluster, user, "create", "jobs.batch", "-n", namespace)
+        assert not can_i(cluster, user, "delete", "jobs.batch", "-n", cached.namespace)
+        assert can_i(cluster, user, "delete", "persistentvolumes")
+        kubeconfig = service_account_kubeconfig(cluster, cached.namespace, cached.service_account,
+                                                cached.tmp / f"mc-{uuid.uuid4().hex[:6]}.kubeconfig")
+        proc = OperatorProcess(kubeconfig, chart_operator_env(cached.rendered_deployment(*settings))).start()
+        ms = yaml.safe_load(EXAMPLE.read_text())
+        ms["metadata"]["name"] = "cached"
+        ms["spec"]["model"] = {"uri": uri, "format": "transformers", "task": "feature-extraction", "cache": "node"}
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(ms))
+        cluster.wait_until(lambda: cluster.get_json("modelservice", "cached", "-n", namespace)
+                           .get("status", {}).get("cacheSummary"), timeout=120, what="status.cacheSummary")
+        cluster.kubectl("delete", "modelservice", "cached", "-n", namespace)
+        jobs = cluster.wait_until(lambda: cluster.get_json("jobs", "-n", cached.namespace)["items"], timeout=120,
+                                  what="the eviction Job in the release namespace")
+        assert [j["metadata"]["annotations"]["kubemaas.io/node"] for j in jobs] == [node]
+        cluster.wait_until(lambda: cluster.kubectl("get", "pv", f"kubemaas-cache-{namespace}-cached",
+                                                   check=False).returncode != 0,
+                           timeout=60, what="the deleted ModelService's PV gone")
+    finally:
+        log = proc.log_path.read_text(errors="replace") if proc else ""
+        if proc:
+            proc.stop()
+        cluster.kubectl("label", "node", node, "kubemaas.io/model-cache-", check=False)
+        cluster.kubectl("delete", "pv", f"kubemaas-cache-{namespace}-cached",
+                        f"kubemaas-cache-evict-{cached.namespace}", "--wait=false", check=False)
+        cached.helm("uninstall", cached.name, "--wait", check=False)
+    lines = log.splitlines()
+    terminating = ("NamespaceTerminating", "is being terminated")  # another test's namespace going
+    denied = [line for i, line in enumerate(lines) if any(p in line for p in PERMISSION_ERRORS)
+              and not any(t in " ".join(lines[i:i + 2]) for t in terminating)]
+    assert not denied, "the operator was refused something:\n" + "\n".join(denied[:20])
+
+
 # --- RBAC: no more than needed ---------------------------------------------------------------------
 
 NEEDED = [

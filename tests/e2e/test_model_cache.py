@@ -1,16 +1,25 @@
 """spec.model.cache node on the local control plane: the operator's local PV and claim bind, and
 its pods land only on the cache's node group (the PV's required node affinity, through the real
-scheduler). The fetch skip on a second pod is the runtime's (tests/runtime/test_fetch.py)."""
+scheduler); status.cache follows the fetch containers' termination messages, and an entry no
+ModelService refers to gets its eviction Job. The fetch skip on a second pod, and what
+cache-evict removes, are the runtime's (tests/runtime/test_fetch.py, test_cache_evict.py)."""
 
 from __future__ import annotations
 
 import json
+import time
+import uuid
+from collections.abc import Iterator
 
 import pytest
 from kubemaas_operator.builders import build_children
+from kubemaas_operator.builders.model_cache import CACHE_KEY_LABEL, cache_key
+from kubemaas_operator.builders.naming import FETCH_CONTAINER
 from kubemaas_operator.settings import OperatorSettings
 
 from tests.e2e.cluster import Cluster
+from tests.e2e.msvc import apply, get, modelservice
+from tests.e2e.operator_process import OperatorProcess
 from tests.unit.support import make_ms
 
 pytestmark = pytest.mark.e2e
@@ -48,4 +57,156 @@ def test_cached_pods_bind_the_local_volume_and_land_on_the_cache_nodes(cluster: 
         assert set(scheduled()) == {node}  # the only node of the group: both replicas share its copy
     finally:
         cluster.kubectl("delete", "pv", volume["metadata"]["name"], "--wait=false", check=False)
+        cluster.kubectl("label", "node", node, f"{LABEL}-", check=False)
+
+
+def _kwok_node(cluster: Cluster) -> str:
+    """An untainted simulated node (KWOK), never the real one: these pods only need scheduling."""
+    nodes = [n for n in cluster.get_json("nodes")["items"] if not n["spec"].get("taints")
+             and (n["metadata"].get("annotations") or {}).get("kwok.x-k8s.io/node") == "fake"]
+    assert nodes, "the local cluster has an untainted KWOK node"
+    return min(n["metadata"]["name"] for n in nodes)
+
+
+@pytest.fixture
+def cache_operator(cluster: Cluster, crd: str) -> Iterator[tuple[OperatorProcess, str]]:
+    """The operator with its model cache on, evicting into a namespace of its own."""
+    evict_ns = f"evict-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", evict_ns)
+    proc = OperatorProcess(cluster.kubeconfig, extra_env={
+        "KUBEMAAS_OPERATOR_MODEL_CACHE": "true", "KUBEMAAS_OPERATOR_MODEL_CACHE_EVICTION_NAMESPACE": evict_ns,
+        "KUBEMAAS_OPERATOR_NETWORK_POLICY": "false"}).start()
+    try:
+        yield proc, evict_ns
+    finally:
+        proc.stop()
+        cluster.kubectl("delete", "namespace", evict_ns, "--wait=false", check=False)
+        cluster.kubectl("delete", "pv", f"kubemaas-cache-evict-{evict_ns}", "--wait=false", check=False)
+
+
+def _cached(name: str, uri: str) -> dict:
+    ms = modelservice(name, replicas=2, uri=uri, image="registry.invalid/pause:1")
+    ms["spec"]["model"]["cache"] = "node"
+    return ms
+
+
+def _report_fetch(cluster: Cluster, namespace: str, pod: str, line: str) -> None:
+    """What the kubelet writes when the fetch init container exits (KWOK's simulated pods run no
+    container, so no termination message of their own): the pod's status, through the API."""
+    status = {"status": {"initContainerStatuses": [{
+        "name": FETCH_CONTAINER, "image": "registry.invalid/pause:1", "imageID": "", "ready": True,
+        "restartCount": 0, "started": False,
+        "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": line,
+                                 "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:01:00Z"}}}]}}
+    cluster.kubectl("patch", "pod", pod, "-n", namespace, "--subresource=status", "--type=merge",
+                    "-p", json.dumps(status))
+
+
+def test_cache_status_per_node_and_eviction_when_no_modelservice_refers(
+        cluster: Cluster, namespace: str, cache_operator: tuple[OperatorProcess, str]) -> None:
+    _, evict_ns = cache_operator
+    node = _kwok_node(cluster)
+    uri = f"hf://org/m-{uuid.uuid4().hex[:6]}@abc123"  # a key of this test alone
+    key = cache_key(uri)
+    other_ns = f"t-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("label", "node", node, f"{LABEL}=true", "--overwrite")
+    cluster.kubectl("create", "namespace", other_ns)
+    try:
+        apply(cluster, namespace, _cached("m", uri))
+
+        def pods_on_node() -> list[dict]:
+            pods = cluster.get_json("pods", "-n", namespace, "-l", "kubemaas.io/modelservice=m")["items"]
+            return pods if len(pods) == 2 and all(p["spec"].get("nodeName") == node for p in pods) else []
+
+        pods = cluster.wait_until(pods_on_node, timeout=90, what="2 cached pods on the cache node")
+
+        def cache_status(summary: str) -> list[dict] | None:
+            status = get(cluster, namespace, "m").get("status", {})
+            return status.get("cache") if status.get("cacheSummary") == summary else None
+
+        # no report yet (KWOK writes no termination message): the node is listed, not ready
+        (listed,) = cluster.wait_until(lambda: cache_status("0/1 nodes"), timeout=60, what="cacheSummary 0/1 nodes")
+        assert (listed["node"], listed["key"], listed["ready"], listed["pods"]) == (node, key, False, 2)
+
+        line = "KubemaasCache: " + json.dumps({"bytes": 4096, "cache": "filled", "key": key,
+                                               "revision": "abc123", "uri": uri})
+        _report_fetch(cluster, namespace, pods[0]["metadata"]["name"], line)
+        (ready,) = cluster.wait_until(lambda: cache_status("1/1 nodes"), timeout=60, what="cacheSummary 1/1 nodes")
+        assert ready == {"node": node, "key": key, "revision": "abc123", "bytes": 4096, "ready": True, "pods": 2,
+                         "lastResult": "Filled", "lastResultTime": "2026-01-01T00:01:00Z"}
+        table = cluster.kubectl("get", "msvc", "m", "-n", namespace, "-o", "wide").stdout  # a wide column
+        assert "CACHED" in table.splitlines()[0] and "1/1 nodes" in table
+
+        # another ModelService of the same model elsewhere: deleting the first evicts nothing
+        apply(cluster, other_ns, _cached("m2", uri))
+        cluster.wait_until(lambda: get(cluster, other_ns, "m2").get("status", {}).get("cacheSummary"),
+                           timeout=60, what="the second ModelService reconciled")
+        cluster.kubectl("delete", "msvc", "m", "-n", namespace)
+        cluster.wait_until(lambda: not cluster.get_json("pods", "-n", namespace)["items"], timeout=90,
+                           what="the first ModelService's pods gone")
+        cluster.wait_until(lambda: cluster.kubectl("get", "pv", f"kubemaas-cache-{namespace}-m",
+                                                   check=False).returncode != 0,
+                           timeout=60, what="its PV deleted with it")
+        def jobs() -> list[dict]:  # of this test's key (other tests' pods may leave theirs)
+            return cluster.get_json("jobs", "-n", evict_ns, "-l", f"{CACHE_KEY_LABEL}={key}")["items"]
+
+        time.sleep(3)  # the last pod's DELETED event has been handled by now
+        assert jobs() == [], "a key another ModelService still refers to is not evicted"
+
+        # the last one gone: one Job on the cache node removes the entry
+        cluster.kubectl("delete", "msvc", "m2", "-n", other_ns)
+
+        (job,) = cluster.wait_until(jobs, timeout=120, what="the eviction Job")
+        pod = job["spec"]["template"]["spec"]
+        assert pod["containers"][0]["args"][:5] == ["cache-evict", "--root", "/cache", "--key", key]
+        (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"]
+        assert term["matchFields"] == [{"key": "metadata.name", "operator": "In", "values": [node]}]
+        claim = cluster.wait_until(
+            lambda: cluster.get_json("pvc", "kubemaas-cache-evict", "-n", evict_ns)["status"].get("phase") == "Bound",
+            timeout=60, what="the eviction claim bound to its local PV")
+        assert claim
+        job_pod = cluster.wait_until(
+            lambda: next(iter(cluster.get_json("pods", "-n", evict_ns, "-l",
+                                               f"job-name={job['metadata']['name']}")["items"]), None),
+            timeout=60, what="the eviction Job's pod")
+        cluster.wait_until(lambda: cluster.get_json("pod", job_pod["metadata"]["name"], "-n", evict_ns)
+                           ["spec"].get("nodeName") == node, timeout=60, what="the Job's pod on the cache node")
+    finally:
+        cluster.kubectl("delete", "namespace", other_ns, "--wait=false", check=False)
+        for name in (f"kubemaas-cache-{namespace}-m", f"kubemaas-cache-{other_ns}-m2"):
+            cluster.kubectl("delete", "pv", name, "--wait=false", check=False)
+        cluster.kubectl("label", "node", node, f"{LABEL}-", check=False)
+
+
+def test_a_changed_revision_evicts_the_old_entry_once_its_pods_are_gone(
+        cluster: Cluster, namespace: str, cache_operator: tuple[OperatorProcess, str]) -> None:
+    """A URI change moves the PV's key label at once, but the old entry is evicted only after
+    the rollout removed the last pod of the old key; the new key is left alone."""
+    _, evict_ns = cache_operator
+    node = _kwok_node(cluster)
+    stem = f"hf://org/r-{uuid.uuid4().hex[:6]}"
+    old, new = cache_key(f"{stem}@aaa111"), cache_key(f"{stem}@bbb222")
+    cluster.kubectl("label", "node", node, f"{LABEL}=true", "--overwrite")
+
+    def pods(key: str) -> list[dict]:
+        return cluster.get_json("pods", "-n", namespace, "-l", f"{CACHE_KEY_LABEL}={key}")["items"]
+
+    def jobs(key: str) -> list[dict]:
+        return cluster.get_json("jobs", "-n", evict_ns, "-l", f"{CACHE_KEY_LABEL}={key}")["items"]
+
+    try:
+        apply(cluster, namespace, _cached("r", f"{stem}@aaa111"))
+        cluster.wait_until(lambda: len(pods(old)) == 2, timeout=90, what="2 pods of the first revision")
+        apply(cluster, namespace, _cached("r", f"{stem}@bbb222"))
+        cluster.wait_until(lambda: len(pods(new)) == 2 and not pods(old), timeout=120,
+                           what="the rollout to the new revision")
+        (job,) = cluster.wait_until(lambda: jobs(old), timeout=60, what="the old entry's eviction Job")
+        assert job["spec"]["template"]["spec"]["containers"][0]["args"][4] == old
+        assert jobs(new) == []  # in use
+        volume = cluster.get_json("pv", f"kubemaas-cache-{namespace}-r")
+        assert volume["metadata"]["labels"][CACHE_KEY_LABEL] == new
+    finally:
+        cluster.kubectl("delete", "msvc", "r", "-n", namespace, "--wait=false", check=False)
+        cluster.kubectl("delete", "pv", f"kubemaas-cache-{namespace}-r", "--wait=false", check=False)
         cluster.kubectl("label", "node", node, f"{LABEL}-", check=False)

@@ -73,6 +73,9 @@ def test_one_job_per_node_pinned_to_it_running_cache_evict_with_least_privilege(
     job = jobs[0]
     assert job["metadata"]["namespace"] == "kubemaas-system" and job["metadata"]["labels"][CACHE_KEY_LABEL] == KEY
     pod = job["spec"]["template"]["spec"]
+    # its pod is no cached pod: the cached pods' affinity (to the key label) does not draw to it
+    assert CACHE_KEY_LABEL not in job["spec"]["template"]["metadata"]["labels"]
+    assert job["spec"]["template"]["metadata"]["labels"]["kubemaas.io/model-cache-evict-key"] == KEY
     (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert term == {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-a"]}]}
     (container,) = pod["containers"]

@@ -33,6 +33,9 @@ EVICT_CLAIM = "kubemaas-cache-evict"
 EVICT_COMPONENT_LABEL = "app.kubernetes.io/component"
 EVICT_COMPONENT = "model-cache-evict"
 NODE_ANNOTATION = "kubemaas.io/node"
+# The Job's pods name the key under their own label: a pod labelled kubemaas.io/model-cache-key is
+# what the cached pods' preferred pod affinity is drawn to, and an eviction is no copy in use.
+EVICT_KEY_LABEL = "kubemaas.io/model-cache-evict-key"
 JOB_DEADLINE_SECONDS = 600
 JOB_TTL_SECONDS = 3600  # a finished Job (and its pod's termination line) stays an hour to be read
 
@@ -65,6 +68,7 @@ def build_evict_claim(settings: OperatorSettings) -> dict[str, Any]:
 def build_evict_job(key: str, node: str, decided_at: float, settings: OperatorSettings) -> dict[str, Any]:
     """The Job that removes `key` from `node`'s cache folder."""
     labels = {**_labels(), CACHE_KEY_LABEL: key}
+    pod_labels = {**_labels(), EVICT_KEY_LABEL: key}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -94,6 +98,7 @@ def build_evict_job(key: str, node: str, decided_at: float, settings: OperatorSe
             "backoffLimit": 3,
             "activeDeadlineSeconds": JOB_DEADLINE_SECONDS,
             "ttlSecondsAfterFinished": JOB_TTL_SECONDS,
-            "template": {"metadata": {"labels": labels, "annotations": {NODE_ANNOTATION: node}}, "spec": pod_spec},
+            "template": {"metadata": {"labels": pod_labels, "annotations": {NODE_ANNOTATION: node}},
+                         "spec": pod_spec},
         },
     }
