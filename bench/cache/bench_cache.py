@@ -108,28 +108,28 @@ def one_round(cluster: Cluster, namespace: str, s3: S3StandIn, preset: Preset, n
     return size, by_cache["filled"], by_cache["hit"]
 
 
+COLUMNS = (("scheduled", "scheduled_s"), ("fetch start", "fetch_started_s"), ("fetch", "fetch_s"),
+           ("load", "load_s"), ("created->Ready", "ready_s"))
+
+
 def table(model: str, size: int, rounds: list[tuple[PodStartup, PodStartup]]) -> str:
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    header = (f"model {model}: {size} bytes ({size / 2**20:.1f} MiB), s3:// from moto on the node's "
-              f"address; {len(rounds)} round(s); load average {load}")
-    columns = (f"{'round':>5}  {'pod':<5} {'cache':<7} {'created->Ready s':>16} {'fetch s':>8} "
-               f"{'fetch done->Ready s':>20}")
-    lines = [header, columns]
+    lines = [(f"model {model}: {size} bytes ({size / 2**20:.1f} MiB), s3:// from moto on the node's "
+             f"address; {len(rounds)} round(s); load average {load}"),
+             ("seconds from the pod's creation (API server timestamps, whole seconds); fetch = the "
+             "fetch container's run, load = its end -> Ready"),
+             f"{'round':>6}  {'pod':<5} {'cache':<7}" + "".join(f" {h:>14}" for h, _ in COLUMNS)]
     for i, pair in enumerate(rounds):
         for label, s in zip(("cold", "warm"), pair, strict=True):
-            lines.append(f"{i:>5}  {label:<5} {s.cache:<7} {s.created_to_ready_s:>16.0f} "
-                         f"{s.fetch_s:>8.0f} {s.fetch_done_to_ready_s:>20.0f}")
-
-    def median(index: int, attr: str) -> float:
-        return statistics.median(getattr(pair[index], attr) for pair in rounds)
-
-    cold_start, warm_start = median(0, "created_to_ready_s"), median(1, "created_to_ready_s")
-    cold_fetch, warm_fetch = median(0, "fetch_s"), median(1, "fetch_s")
-    lines.append(f"median  cold: created->Ready {cold_start:.0f} s, fetch {cold_fetch:.0f} s; "
-                 f"warm: created->Ready {warm_start:.0f} s, fetch {warm_fetch:.0f} s")
-    ratio = f"{cold_start / warm_start:.2f}x" if warm_start else "n/a (warm 0 s)"
-    fetch_ratio = f"{cold_fetch / warm_fetch:.1f}x" if warm_fetch else "n/a (warm fetch under 1 s)"
-    lines.append(f"ratio cold/warm: created->Ready {ratio}, fetch {fetch_ratio}")
+            lines.append(f"{i:>6}  {label:<5} {s.cache:<7}"
+                         + "".join(f" {getattr(s, a):>14.0f}" for _, a in COLUMNS))
+    medians = [[statistics.median(getattr(pair[side], a) for pair in rounds) for _, a in COLUMNS]
+               for side in (0, 1)]
+    for label, values in zip(("cold", "warm"), medians, strict=True):
+        lines.append(f"{'median':>6}  {label:<5} {'':<7}" + "".join(f" {v:>14.1f}" for v in values))
+    ratios = [f"{h} {c / w:.2f}x" if w else f"{h} n/a (warm under 1 s)"
+              for (h, _), c, w in zip(COLUMNS, *medians, strict=True) if h in ("fetch", "created->Ready")]
+    lines.append("ratio cold/warm (medians): " + ", ".join(ratios))
     return "\n".join(lines)
 
 

@@ -157,24 +157,35 @@ def _time(stamp: str) -> datetime:
 
 @dataclass(frozen=True)
 class PodStartup:
-    """One pod's start, from the API server's timestamps (whole seconds)."""
+    """One pod's start, from the API server's timestamps (whole seconds), each from the pod's
+    metadata.creationTimestamp."""
 
     pod: str
     cache: str  # the fetch step's report: "filled" or "hit"
     bytes: int
-    created_to_ready_s: float  # metadata.creationTimestamp -> the Ready condition's transition
+    scheduled_s: float  # -> the PodScheduled condition (a new claim's binding is waited for here)
+    fetch_started_s: float  # -> the fetch container's startedAt (volumes mounted, sandbox up)
     fetch_s: float  # the fetch container's startedAt -> finishedAt
-    fetch_done_to_ready_s: float  # the fetch's finishedAt -> Ready: the runtime's load and warm-up
+    ready_s: float  # -> the Ready condition's transition: the whole start-up
+
+    @property
+    def load_s(self) -> float:
+        """The fetch's end -> Ready: the runtime's model load and warm-up."""
+        return self.ready_s - self.fetch_started_s - self.fetch_s
 
     @classmethod
     def of(cls, pod: dict[str, Any]) -> PodStartup:
         report = fetch_report(pod)
         assert report is not None, f"{pod['metadata']['name']}: no KubemaasCache report"
         done = (fetch_status(pod) or {})["state"]["terminated"]
-        ready = next(c for c in pod["status"]["conditions"] if c["type"] == "Ready")
-        assert ready["status"] == "True", ready
-        created, ready_at = _time(pod["metadata"]["creationTimestamp"]), _time(ready["lastTransitionTime"])
-        started, finished = _time(done["startedAt"]), _time(done["finishedAt"])
+        conditions = {c["type"]: c for c in pod["status"]["conditions"]}
+        assert conditions["Ready"]["status"] == "True", conditions["Ready"]
+        created = _time(pod["metadata"]["creationTimestamp"])
+
+        def since(stamp: str) -> float:
+            return (_time(stamp) - created).total_seconds()
+
         return cls(pod["metadata"]["name"], report["cache"], int(report["bytes"]),
-                   (ready_at - created).total_seconds(), (finished - started).total_seconds(),
-                   (ready_at - finished).total_seconds())
+                   since(conditions["PodScheduled"]["lastTransitionTime"]), since(done["startedAt"]),
+                   since(done["finishedAt"]) - since(done["startedAt"]),
+                   since(conditions["Ready"]["lastTransitionTime"]))
