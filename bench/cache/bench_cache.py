@@ -4,7 +4,8 @@ Per round, one ModelService with `spec.model.cache: node` and a fresh s3:// URI 
 entry), from moto's S3 server on the real node's address (tests/e2e/realpods/node_cache.py, as the
 real-node cache test uses it); the operator runs as a pod, installed by the chart with the cache on:
 
-- replicas 1: the cold pod, whose fetch step downloads the model and fills the node's copy;
+- replicas 0 until the cache's claim is bound (a new claim's binding is not the cache's cost),
+  then replicas 1: the cold pod, whose fetch step downloads the model and fills the node's copy;
 - then replicas 2: the warm pod on the same node, whose fetch step finds the copy.
 
 Which pod is which is read from each fetch step's `KubemaasCache:` report, never assumed. For
@@ -28,7 +29,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from kubemaas_operator.builders.model_cache import cache_volume_name
+from kubemaas_operator.builders.model_cache import cache_claim_name, cache_volume_name
 
 from tests.e2e.cluster import Cluster, reachable, start_local_cluster, wait_for
 from tests.e2e.msvc import condition, get
@@ -84,8 +85,19 @@ def real_node(cluster: Cluster) -> str:
 def one_round(cluster: Cluster, namespace: str, s3: S3StandIn, preset: Preset, name: str,
               report: Callable[[], str]) -> tuple[int, PodStartup, PodStartup]:
     uri, size = s3.upload(unique_bucket("bench-cache"), "model", preset.folder())
+    # at 0 replicas until the claim is bound: a new claim's binding (seconds, the PV controller's
+    # pace) would otherwise count in the cold pod's scheduling and not in the warm one's
     apply(cluster, namespace, cached_modelservice(name, uri, SECRET, preset.model, preset.resources,
-                                                  runtime=preset.runtime))
+                                                  replicas=0, runtime=preset.runtime))
+
+    def bound() -> bool:
+        phase = cluster.kubectl("get", "pvc", cache_claim_name(name), "-n", namespace, "-o",
+                                "jsonpath={.status.phase}", check=False)
+        return phase.stdout == "Bound"
+
+    wait_for(bound, 120, f"{name}: the cache claim bound", report, interval=1)
+    cluster.kubectl("patch", "msvc", name, "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"spec": {"replicas": 1}}))
 
     def ready(count: int) -> Callable[[], bool]:
         def check() -> bool:
