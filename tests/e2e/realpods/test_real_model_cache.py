@@ -98,9 +98,9 @@ def test_a_second_pod_on_the_node_starts_from_the_cache_without_a_fetch(
         real_node: str):
     namespace = restricted_namespace(cluster, "rp-cache")
     diagnostics = report(cluster, namespace, cache_release)
-    uri, size = s3.upload(unique_bucket("cache-e2e"), "minilm", minilm_dir())
-    key = cache_key(uri)
     try:
+        uri, size = s3.upload(unique_bucket("cache-e2e"), "minilm", minilm_dir())
+        key = cache_key(uri)
         create_secret(cluster, namespace, SECRET, s3.secret_env())
         apply(cluster, namespace, cached_modelservice(NAME, uri, SECRET, MINILM, RESOURCES))
         wait_ready(cluster, namespace, NAME, cache_release)
