@@ -63,6 +63,10 @@ class Images:
 
 @pytest.fixture(scope="session")
 def images(real_node: str) -> Images:
+    return build_and_load_images()
+
+
+def build_and_load_images() -> Images:
     """The operator's full image (its dependencies are small) and the runtime's light one (torch
     stays in .venv, mounted by the node), built by hack/images and imported into the node."""
     images_cli("build", "operator", timeout=IMAGE_TIMEOUT)
