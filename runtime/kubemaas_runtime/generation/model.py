@@ -166,6 +166,12 @@ class GenerativeModel(GenerativeBase):
             max_model_len=self.max_model_len, metrics=metrics)
         if limits.adapters is not None:  # after the gate: it measured the base model
             self._enable_adapters(engine, limits.adapters, metrics)
+        if limits.compile == "decode":
+            if limits.adapters is not None:
+                log.warning("--compile decode is off with LoRA adapters (--max-loras): every "
+                            "step runs eager")
+            else:  # before start(), so before the server is ready: no request pays a compile
+                engine.compile_decode()
         engine.start()
         self.engine = engine
         if self.adapters is not None:  # loading an adapter runs between the engine's steps

@@ -74,6 +74,7 @@ class ModelOptions:
     kv_cache_tokens: int | None = None
     kv_cache_memory: int | None = None
     max_num_batched_tokens: int = 512
+    compile: str = "off"  # --compile (generation/compiled_decode.py)
     max_queue: int = 256
     adapters: Any = None  # generation.adapter_sync.AdapterOptions (LoRA), None: off
 
