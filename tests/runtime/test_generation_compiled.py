@@ -222,3 +222,39 @@ def test_smollm2_compiled_greedy_equals_eager():
         check_same(smol, prompt, tokens, reference)
     check_same(smol, batch[0], solo, want[0])
     assert compiled.enabled and compiled.eager_steps == 0 and compiled.compiled_steps >= 46
+
+
+def test_a_server_with_compile_decode_is_ready_compiled_and_runs_the_graphs(tmp_path):
+    """`serve --compile decode`: ready only once the graphs are compiled (the metadata says so
+    before any request), then its decode steps run them."""
+    import httpx
+    import openai
+
+    from tests.runtime.conftest import RuntimeServer
+
+    directory = build_tiny_llm(tmp_path / "tiny-llm", layers=2)
+    server = RuntimeServer(["--model-uri", f"file://{directory}", "--format", "transformers",
+                            "--task", "text-generation", "--name", "tiny", "--compile", "decode",
+                            "--max-num-seqs", "2", "--max-model-len", "200"], tmp_path)
+    server.start(timeout=900)
+    try:
+        def compiled() -> dict:
+            parameters = httpx.get(f"{server.url}/v2/models/tiny", timeout=10).json()["parameters"]
+            assert parameters["compile"] == "decode"
+            return parameters["compiled_decode"]
+
+        at_ready = compiled()
+        assert at_ready["enabled"] and at_ready["buckets"] == [1, 2]
+        assert at_ready["compile_seconds"] > 0 and at_ready["compiled_steps"] == 0
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+                               timeout=120)
+        for prompt in ("the quick brown fox", "hello world"):
+            out = client.completions.create(model="tiny", prompt=prompt, max_tokens=12,
+                                            temperature=0, extra_body={"ignore_eos": True})
+            assert out.usage.completion_tokens == 12
+        after = compiled()
+        assert after["enabled"] and after["eager_steps"] == 0
+        assert after["compiled_steps"] == 2 * 11  # every token after each prompt's first
+    finally:
+        server.stop()
+    assert "compiled decode: 2 graphs (batch buckets 1,2)" in server.logs()

@@ -266,6 +266,13 @@ class GenerativeModel(GenerativeBase):
                                       self.options.max_num_batched_tokens})
         if self.logit_cosine is not None:
             doc["parameters"]["quantization_logit_cosine"] = self.logit_cosine
+        compiled = getattr(self.engine, "compiled", None)
+        doc["parameters"]["compile"] = self.options.compile
+        if compiled is not None:  # whether it still runs, and how often it did
+            doc["parameters"]["compiled_decode"] = {
+                "enabled": compiled.enabled, "buckets": list(compiled.buckets),
+                "compile_seconds": round(compiled.compile_seconds, 1),
+                "compiled_steps": compiled.compiled_steps, "eager_steps": compiled.eager_steps}
         return doc
 
 
