@@ -191,8 +191,10 @@ def vllm_python() -> str:
     return out.stdout.strip()
 
 
-def start_runtime_on_dir(engine: str, log) -> tuple[subprocess.Popen, str, str]:
-    """This runtime on the transformers directory: --engine vllm (the vLLM venv) or builtin."""
+def start_runtime_on_dir(engine: str, log, extra: tuple[str, ...] = ()
+                         ) -> tuple[subprocess.Popen, str, str]:
+    """This runtime on the transformers directory: --engine vllm (the vLLM venv) or builtin,
+    with `extra` flags (--compile decode)."""
     python = vllm_python() if engine == "vllm" else sys.executable
     port = free_port()
     env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(REPO / "runtime")}
@@ -201,7 +203,7 @@ def start_runtime_on_dir(engine: str, log) -> tuple[subprocess.Popen, str, str]:
          "--format", "transformers", "--task", "text-generation", "--engine", engine,
          "--name", "smollm2", "--max-num-seqs", "32", "--max-model-len", "2048",
          "--host", "127.0.0.1", "--port", str(port), "--termination-log", os.devnull,
-         "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)
+         "--log-level", "warning", *extra], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/v2/health/ready", process)
     return process, url, "smollm2"
@@ -323,6 +325,7 @@ QUICK_STREAMS = (1, 8)
 QUICK_TOKENS = (16,)
 COMPARE_SERVERS = (("vllm-engine", "kubemaas --engine vllm"),
                    ("builtin", "kubemaas --engine builtin"),
+                   ("builtin-compiled", "kubemaas --engine builtin --compile decode"),
                    ("vllm-server", "vllm serve (vLLM's own OpenAI server)"))
 
 
@@ -390,7 +393,7 @@ def compare_table(results: dict, streams: tuple, tokens: tuple,
                              f"{r['ttft99']:.0f} | {r['itl50']:.1f} | {r['itl99']:.1f} |")
     lines += ["", ("| ratio to vllm serve | streams | new tokens | tok/s | TTFT p50 | TTFT p99 | "
               "ITL p50 | ITL p99 |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for key, name in COMPARE_SERVERS[:2]:
+    for key, name in COMPARE_SERVERS[:3]:
         if key not in servers:
             continue
         for n in tokens:
@@ -413,6 +416,8 @@ def vllm_compare(args) -> int:
     tokens = QUICK_TOKENS if args.quick else COMPARE_TOKENS
     starts = {"vllm-engine": lambda log: start_runtime_on_dir("vllm", log),
               "builtin": lambda log: start_runtime_on_dir("builtin", log),
+              "builtin-compiled": lambda log: start_runtime_on_dir(
+                  "builtin", log, ("--compile", "decode")),
               "vllm-server": start_vllm_server}
     wanted = args.servers.split(",")
     results: dict = {}
@@ -443,6 +448,10 @@ def vllm_compare(args) -> int:
                         print(f"{name} streams={c} tokens={n}: {r['tps']:.1f} tok/s, TTFT p50 "
                               f"{r['ttft50']:.0f} ms p99 {r['ttft99']:.0f} ms, ITL p50 "
                               f"{r['itl50']:.1f} ms p99 {r['itl99']:.1f} ms", flush=True)
+                if key.startswith("builtin"):  # did compiled decode run (and stay on)?
+                    parameters = httpx.get(f"{url}/v2/models/{model}").json()["parameters"]
+                    print(f"{name}: compile {parameters.get('compile')}, "
+                          f"{parameters.get('compiled_decode')}", flush=True)
             finally:
                 process.terminate()
                 try:
@@ -489,7 +498,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="with --vllm-compare: 1 and 8 streams of 16 new tokens")
     parser.add_argument("--servers", default=",".join(k for k, _ in COMPARE_SERVERS),
-                        help="with --vllm-compare: which of vllm-engine, builtin, vllm-server")
+                        help="with --vllm-compare: which of vllm-engine, builtin, "
+                             "builtin-compiled (--compile decode), vllm-server")
     args = parser.parse_args()
     if args.vllm_compare:
         torch.set_num_threads(len(os.sched_getaffinity(0)))

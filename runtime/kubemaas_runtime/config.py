@@ -19,6 +19,7 @@ DISTRIBUTED_EXECUTOR_BACKENDS = ("ray", "mp")
 QUANTIZATIONS = ("none", "fp16", "bf16", "int8-dynamic", "int8-weight-only", "int4-weight-only")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("auto", "builtin", "vllm")
+COMPILE_MODES = ("off", "decode")  # generation/compiled_decode.py (not imported: it loads torch)
 URI_SCHEMES = ("pvc", "file", "s3", "hf")
 ENV_PREFIX = "KUBEMAAS_"
 DEFAULT_MODEL_DIR = "/mnt/models"
@@ -62,6 +63,7 @@ class ServeConfig:
     kv_cache_tokens: int | None = None
     kv_cache_memory: int | None = None  # bytes
     max_num_batched_tokens: int = 512
+    compile: str = "off"  # the builtin engine's compiled decode (docs/runtime.md)
     # which engine serves the model (docs/runtime.md "Engines and GPUs"), and the GPUs one
     # model is split over (None: every visible GPU)
     engine: str = "auto"
@@ -231,6 +233,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-num-batched-tokens", type=_positive_int, default=ServeConfig.max_num_batched_tokens,
         help="text-generation: most tokens in one engine step (each decoding sequence's next "
              "token first, then prompt chunks in arrival order)")
+    add("--compile", choices=COMPILE_MODES, default=ServeConfig.compile,
+        help="text-generation, builtin engine: decode runs the pure-decode steps through "
+             "torch.compile (inductor) at batch buckets 1, 2, 4, ... up to --max-num-seqs, "
+             "compiled before the server is ready (tens of seconds per bucket on a small CPU); "
+             "other steps, and LoRA, stay eager. off: eager only")
     add("--engine", choices=ENGINES, default=ServeConfig.engine,
         help="the engine that runs a text-generation model: vllm (vLLM in this process; needs "
              "vLLM installed, --format transformers and an architecture in vLLM's registry, "

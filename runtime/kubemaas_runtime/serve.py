@@ -157,6 +157,7 @@ def _build_state(config: ServeConfig):
         max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
         kv_cache_tokens=config.kv_cache_tokens, kv_cache_memory=config.kv_cache_memory,
         max_num_batched_tokens=config.max_num_batched_tokens, max_queue=config.max_queue,
+        compile=config.compile,
         adapters=adapter_options(config))
     if config.pipeline_parallel_size > 1 and choice.engine != "vllm":
         raise ModelLoadFailed(f"--pipeline-parallel-size {config.pipeline_parallel_size} splits the "

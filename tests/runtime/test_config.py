@@ -56,7 +56,7 @@ def test_every_flag_has_an_env_var():
                  "--termination-log", "--max-drift", "--max-json-bytes", "--max-tensor-rank",
                  "--max-tensor-elements", "--max-string-bytes", "--max-buffered-bytes",
                  "--body-timeout-seconds", "--max-connections", "--max-header-bytes",
-                 "--auth-token-file", "--engine", "--tensor-parallel-size"):
+                 "--auth-token-file", "--engine", "--tensor-parallel-size", "--compile"):
         assert flag in flags
 
 
@@ -84,7 +84,7 @@ def test_every_flag_default_is_the_serve_configs_and_the_models_options_follow()
     assert checked >= 25
     options = ModelOptions(path=Path("/m"), name="m")
     for name in ("max_batch_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "variant",
-                 "quantization"):
+                 "quantization", "compile"):
         assert getattr(options, name) == fields[name].default, name
     for name in ("max_num_seqs", "max_queue"):
         assert getattr(VllmSettings(), name) == fields[name].default, name
@@ -104,6 +104,7 @@ def test_every_flag_default_is_the_serve_configs_and_the_models_options_follow()
     (["--model-uri", "pvc://a/b", "--format", "gguf"], {"KUBEMAAS_MAX_NUM_SEQS": "0"}),
     (["--model-uri", "pvc://a/b", "--format", "gguf"], {"KUBEMAAS_KV_CACHE_TOKENS": "-5"}),
     (["--model-uri", "pvc://a/b", "--format", "gguf", "--max-model-len", "x"], {}),
+    (["--model-uri", "pvc://a/b", "--format", "gguf"], {"KUBEMAAS_COMPILE": "full"}),
     (["--model-uri", "pvc://a/b", "--format", "torchscript", "--max-request-bytes", "100",
       "--max-buffered-bytes", "10"], {}),                                    # budget < one body
     (["--model-uri", "pvc://a/b", "--format", "torchscript", "--body-timeout-seconds", "0"], {}),
@@ -124,6 +125,9 @@ def test_generation_flags_and_env():
     cfg = parse_serve_config(["--max-num-seqs", "4"], env)
     assert (cfg.task, cfg.max_model_len, cfg.max_num_seqs, cfg.kv_cache_tokens) == (
         "text-generation", 2048, 4, 8192)
+    assert cfg.compile == "off"
+    cfg = parse_serve_config([], {**env, "KUBEMAAS_COMPILE": "decode"})
+    assert cfg.compile == "decode"
 
 
 def test_uri_mapping():

@@ -69,10 +69,12 @@ def test_gpu_ratios_divide_the_named_pairs():
 
 def test_the_vllm_compare_table_gives_each_engine_over_vllms_own_server():
     results = {("vllm-engine", 32, 64): level(95, 110, 10), ("vllm-server", 32, 64): level(100, 100, 10),
-               ("builtin", 32, 64): level(40, 200, 30)}
+               ("builtin", 32, 64): level(40, 200, 30), ("builtin-compiled", 32, 64): level(60, 150, 20)}
     lines = bench_llm.compare_table(results, (32,), (64,))
     assert "| kubemaas --engine vllm | 32 | 64 | 0.95x | 1.10x | 1.10x | 1.00x | 1.00x |" in lines
     assert "| kubemaas --engine builtin | 32 | 64 | 0.40x | 2.00x | 2.00x | 3.00x | 3.00x |" in lines
+    assert ("| kubemaas --engine builtin --compile decode | 32 | 64 | 0.60x | 1.50x | 1.50x | 2.00x | 2.00x |"
+            in lines)
     assert "| kubemaas --engine vllm | 32 | 64 | 95.0 | 110 | 220 | 10.0 | 20.0 |" in lines
     results.pop(("vllm-server", 32, 64))
     lines = bench_llm.compare_table(results, (32,), (64,))

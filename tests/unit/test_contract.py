@@ -253,6 +253,16 @@ def test_runtime_reads_the_generation_limits_from_env():
         assert name[len("KUBEMAAS_"):].lower() in vars(config), name
 
 
+def test_runtime_reads_the_compile_mode_from_env():
+    """--compile / KUBEMAAS_COMPILE (the builtin engine's compiled decode): off unless set."""
+    assert parse_serve_config([], GENERATION_ENV).compile == "off"
+    assert parse_serve_config([], {**GENERATION_ENV, "KUBEMAAS_COMPILE": "decode"}).compile == "decode"
+    assert parse_serve_config(["--compile", "off"],
+                              {**GENERATION_ENV, "KUBEMAAS_COMPILE": "decode"}).compile == "off"
+    with pytest.raises(SystemExit):
+        parse_serve_config([], {**GENERATION_ENV, "KUBEMAAS_COMPILE": "prefill"})
+
+
 def test_generation_metrics_are_runtime_series_with_model_and_variant():
     registry = CollectorRegistry()
     create_metrics(registry).bind("llm", "bf16")

@@ -34,6 +34,7 @@ import torch
 
 from kubemaas_runtime.errors import ModelNotReady
 from kubemaas_runtime.generation.causal_lm import CausalLM
+from kubemaas_runtime.generation.compiled_decode import CompiledDecode, batch_buckets
 from kubemaas_runtime.generation.detokenize import IncrementalText
 from kubemaas_runtime.generation.kv_cache import (
     BlockAllocator,
@@ -148,6 +149,7 @@ class GenerationEngine:
         self.lora: Any = None
         self.lora_registry: Any = None  # AdapterRegistry: the per-adapter gauges
         self._between_steps: list[tuple[Callable[[], bool], concurrent.futures.Future]] = []
+        self.compiled: CompiledDecode | None = None  # --compile decode (compile_decode())
 
     # -- the event-loop side -------------------------------------------------------------
     def start(self) -> None:
@@ -314,13 +316,11 @@ class GenerationEngine:
             positions += range(start, start + n)
             if start + n >= sequence.prompt_tokens:  # its next token comes out of this step
                 ending.append((sequence, len(ids) - 1))
-        batch = self.kv.step(decodes, prefills)
-        keep = torch.tensor([index for _, index in ending], dtype=torch.long, device=self.device)
-        with self.lora.step(rows) if self.lora is not None else contextlib.nullcontext():
-            logits = self.lm.model(
-                input_ids=torch.tensor([ids], device=self.device),
-                position_ids=torch.tensor([positions], device=self.device),
-                cache=PagedCache(self.kv, batch), use_cache=True, logits_to_keep=keep).logits[0]
+        logits = None
+        if self.compiled is not None and not prefills and self.lora is None:
+            logits = self.compiled.decode(ids, decodes)  # None: eager (compiled_decode.py)
+        if logits is None:
+            logits = self._forward(ids, positions, decodes, prefills, ending, rows)
         for sequence, n in step:
             if sequence.prefilling and self.metrics is not None:
                 self.metrics.prompt_tokens.inc(n)
@@ -335,6 +335,29 @@ class GenerationEngine:
             logits, [sequence.payload.sampling for sequence, _ in ending])
         for row, (sequence, _) in enumerate(ending):
             self._emit(sequence, tokens[row], logprobs[row] if logprobs is not None else None)
+
+    def _forward(self, ids: list[int], positions: list[int],
+                 decodes: list[tuple[list[int], int]], prefills: list[tuple[list[int], int, int]],
+                 ending: list[tuple[ScheduledSequence, int]], rows: list[str | None]
+                 ) -> torch.Tensor:
+        """The eager forward of a step: the logits of the rows in `ending`."""
+        batch = self.kv.step(decodes, prefills)
+        keep = torch.tensor([index for _, index in ending], dtype=torch.long, device=self.device)
+        with self.lora.step(rows) if self.lora is not None else contextlib.nullcontext():
+            return self.lm.model(
+                input_ids=torch.tensor([ids], device=self.device),
+                position_ids=torch.tensor([positions], device=self.device),
+                cache=PagedCache(self.kv, batch), use_cache=True, logits_to_keep=keep).logits[0]
+
+    def compile_decode(self, buckets: tuple[int, ...] | None = None) -> CompiledDecode:
+        """`--compile decode`: compile the pure-decode steps now (before `start()`), at the
+        batch buckets up to max-num-seqs unless `buckets` is given."""
+        compiled = CompiledDecode(self.lm.model, self.kv,
+                                  buckets or batch_buckets(self.scheduler.max_num_seqs))
+        with torch.inference_mode():
+            compiled.compile_all()
+        self.compiled = compiled
+        return compiled
 
     def _emit(self, sequence: ScheduledSequence, token: int,
               logprobs: TokenLogprobs | None = None) -> None:

@@ -169,10 +169,13 @@ class StepBatch:
 
 
 class PagedKVCache:
-    """The pool, one key and one value tensor per layer."""
+    """The pool, one key and one value tensor per layer: `num_blocks` blocks for sequences and
+    one more, `scratch` (zeroed, in no block table), that compiled decode's padding rows write
+    to and read (compiled_decode.py)."""
 
     def __init__(self, num_blocks: int, block_size: int, device: torch.device) -> None:
         self.num_blocks = num_blocks
+        self.scratch = num_blocks
         self.block_size = block_size
         self.device = device
         self.keys: dict[int, torch.Tensor] = {}
@@ -199,12 +202,21 @@ class PagedKVCache:
         """The layer's pools; `like` is a [batch, kv_heads, tokens, head_dim] tensor the model
         writes (gives the shape and dtype on the first write)."""
         if layer_idx not in self.keys:
-            shape = (self.num_blocks, self.block_size, like.shape[1], like.shape[3])
+            shape = (self.num_blocks + 1, self.block_size, like.shape[1], like.shape[3])
             # empty, not zeros: memory is committed as blocks are first used (ensure_clean)
             for pools in (self.keys, self.values):
                 pools[layer_idx] = torch.empty(shape, dtype=like.dtype, device=self.device)
                 pools[layer_idx][:self.clean].zero_()
+                pools[layer_idx][self.scratch].zero_()
         return self.keys[layer_idx], self.values[layer_idx]
+
+    def allocate(self, model: torch.nn.Module) -> None:
+        """Allocate every layer's pools now (they are otherwise allocated at the first write):
+        one eager decode row of token 0 at position 0 into the scratch block."""
+        batch = self.step([([self.scratch], 0)], [])
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device),
+              position_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device),
+              cache=PagedCache(self, batch), use_cache=True)
 
     def gather(self, pool: torch.Tensor, blocks: torch.Tensor, which: int) -> torch.Tensor:
         """[rows, blocks] block ids -> [rows, kv_heads, blocks * block_size, head_dim] (a
@@ -212,7 +224,7 @@ class PagedKVCache:
         valid until the next gather into the same one)."""
         rows, width = blocks.shape
         flat = blocks.reshape(-1)
-        if self.reuse_buffers:
+        if self.reuse_buffers and not torch.compiler.is_compiling():  # inductor plans its own
             buffer = self._buffers.get(which)
             count = flat.shape[0]
             if (buffer is None or buffer.shape[0] < count or buffer.dtype != pool.dtype

@@ -166,6 +166,12 @@ class GenerativeModel(GenerativeBase):
             max_model_len=self.max_model_len, metrics=metrics)
         if limits.adapters is not None:  # after the gate: it measured the base model
             self._enable_adapters(engine, limits.adapters, metrics)
+        if limits.compile == "decode":
+            if limits.adapters is not None:
+                log.warning("--compile decode is off with LoRA adapters (--max-loras): every "
+                            "step runs eager")
+            else:  # before start(), so before the server is ready: no request pays a compile
+                engine.compile_decode()
         engine.start()
         self.engine = engine
         if self.adapters is not None:  # loading an adapter runs between the engine's steps
@@ -260,6 +266,13 @@ class GenerativeModel(GenerativeBase):
                                       self.options.max_num_batched_tokens})
         if self.logit_cosine is not None:
             doc["parameters"]["quantization_logit_cosine"] = self.logit_cosine
+        compiled = getattr(self.engine, "compiled", None)
+        doc["parameters"]["compile"] = self.options.compile
+        if compiled is not None:  # whether it still runs, and how often it did
+            doc["parameters"]["compiled_decode"] = {
+                "enabled": compiled.enabled, "buckets": list(compiled.buckets),
+                "compile_seconds": round(compiled.compile_seconds, 1),
+                "compiled_steps": compiled.compiled_steps, "eager_steps": compiled.eager_steps}
         return doc
 
 

@@ -75,6 +75,7 @@ class ModelOptions:
     kv_cache_tokens: int | None = None
     kv_cache_memory: int | None = None
     max_num_batched_tokens: int = ServeConfig.max_num_batched_tokens
+    compile: str = ServeConfig.compile  # --compile (generation/compiled_decode.py)
     max_queue: int = ServeConfig.max_queue
     adapters: Any = None  # generation.adapter_sync.AdapterOptions (LoRA), None: off
 
