@@ -21,9 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-import tritonclient.http as triton
 from kubemaas_operator.builders.model_cache import cache_key, cache_volume_name
 from kubemaas_operator.builders.naming import FETCH_CONTAINER
 from kubemaas_runtime.fetch_cache import MARKER
@@ -48,13 +46,11 @@ from tests.e2e.realpods.node_cache import (
 )
 from tests.e2e.realpods.test_real_pods import (
     READY_TIMEOUT,
-    SENTENCES,
     apply,
-    cosine,
+    assert_serves_minilm_embeddings,
     minilm_dir,
     report,
     runtime_pods,
-    service_ip,
     wait_ready,
 )
 
@@ -144,21 +140,7 @@ def test_a_second_pod_on_the_node_starts_from_the_cache_without_a_fetch(
         # only pods started from the cache behind the Service: they serve
         cluster.kubectl("delete", "pod", "-n", namespace, first["metadata"]["name"], "--wait=true",
                         "--timeout=180s", timeout=200)
-        from sentence_transformers import SentenceTransformer
-
-        reference = SentenceTransformer(str(source), device="cpu").encode(SENTENCES)
-        client = triton.InferenceServerClient(f"{service_ip(cluster, namespace, NAME)}:80",
-                                              network_timeout=60)
-        try:
-            text = triton.InferInput("text", [len(SENTENCES)], "BYTES")
-            text.set_data_from_numpy(np.array([s.encode() for s in SENTENCES], dtype=object))
-            result = client.infer(NAME, [text], outputs=[triton.InferRequestedOutput("embedding")])
-        finally:
-            client.close()
-        embeddings = result.as_numpy("embedding")
-        assert embeddings.shape == (len(SENTENCES), 384)
-        for got, want in zip(embeddings, reference, strict=True):
-            assert cosine(got, want) >= 0.999
+        assert_serves_minilm_embeddings(cluster, namespace, NAME, source)
         reports = [fetch_report(p) for p in runtime_pods(cluster, namespace, NAME)]
         assert all(r is None or r["cache"] == "hit" for r in reports), reports  # the replacement too
     finally:

@@ -200,9 +200,15 @@ def test_minilm_from_a_pvc_serves_sentence_transformers_embeddings(cluster: Clus
     ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
     assert ready["Ready"] == "True" and ready["ContainersReady"] == "True"
 
+    assert_serves_minilm_embeddings(cluster, namespace, name, minilm_dir())
+
+
+def assert_serves_minilm_embeddings(cluster: Cluster, namespace: str, name: str, model_dir) -> None:
+    """Through the ModelService's Service, with NVIDIA's client: the embeddings of SENTENCES
+    equal sentence-transformers' on the same files (cosine >= 0.999)."""
     from sentence_transformers import SentenceTransformer
 
-    reference = SentenceTransformer(str(minilm_dir()), device="cpu").encode(SENTENCES)
+    reference = SentenceTransformer(str(model_dir), device="cpu").encode(SENTENCES)
     client = triton.InferenceServerClient(f"{service_ip(cluster, namespace, name)}:80",
                                           network_timeout=60)
     try:
@@ -214,7 +220,7 @@ def test_minilm_from_a_pvc_serves_sentence_transformers_embeddings(cluster: Clus
         client.close()
     embeddings = result.as_numpy("embedding")
     assert embeddings.shape == (len(SENTENCES), 384)
-    for got, want in zip(embeddings, reference):
+    for got, want in zip(embeddings, reference, strict=True):
         assert cosine(got, want) >= 0.999
 
 
