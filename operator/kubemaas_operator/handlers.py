@@ -30,7 +30,7 @@ from kubemaas_operator.builders.raycluster import GROUP_LABEL
 from kubemaas_operator.diffbase import LeanDiffBaseStorage
 from kubemaas_operator.events import post_event
 from kubemaas_operator.kube import KubeClient, load_api_client
-from kubemaas_operator.observe import Problem
+from kubemaas_operator.problem import Problem
 from kubemaas_operator.reconcile import MODELSERVICE_LABEL, VARIANT_REFUSAL_REASONS, Key, Reconciler
 from kubemaas_operator.refresh import Indexes, StatusRefresher, deployment_view
 from kubemaas_operator.settings import OperatorSettings
@@ -212,7 +212,7 @@ async def _reconcile(memo: kopf.Memo, body, indexes: Indexes, *, prune: bool = T
         key = (ms.namespace, ms.name)
         status = dict(body.get("status") or {})
         pinned = PinnedImages.from_status(status)
-        refused = policy.refusal(ms, reconciler.settings, pinned)
+        refused = policy.policy_problem(ms, reconciler.settings, pinned)
         if refused is not None:
             result = "refused"
             memo.refresher.forget(key)

@@ -30,18 +30,11 @@ from kubemaas_operator.builders.naming import VARIANT_LABEL
 from kubemaas_operator.builders.revision import REVISION_LABEL
 from kubemaas_operator.cache_status import cache_summary, node_cache_statuses
 from kubemaas_operator.observed import ObservedGroup, deployment_rolled_out, observed_groups
+from kubemaas_operator.problem import Problem
 from kubemaas_operator.redact import safe_termination_line
 
 _CAMEL_REASON = re.compile(r"^([A-Z][A-Za-z0-9]+):\s*(.*)$", re.DOTALL)
 _PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A reason that blocks readiness, already phrased for a person."""
-
-    reason: str
-    message: str
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 from kubemaas_operator.api import ModelService, ModelServiceStatus, Variant
 from kubemaas_operator.api.constants import MAX_GPU_NODES
 from kubemaas_operator.gpufit import GIB, PRECISION, GpuEstimate, estimate
+from kubemaas_operator.problem import Problem
 
 FIT_REASON = "GPUMemoryInsufficient"
 
@@ -49,18 +50,19 @@ class GpuNode:
 
 @dataclass(frozen=True)
 class VariantFit:
-    """A variant's estimate and, when no GPU in the cluster holds it, why it gets no pods."""
+    """A variant's estimate and, when no GPU in the cluster holds it, why it gets no pods
+    (a GPUMemoryInsufficient problem)."""
 
     variant: str
     estimate: GpuEstimate
-    refusal: str | None = None
+    problem: Problem | None = None
     checked: bool = False  # against the cluster's GPUs (offline, as in `render`, it is not)
 
     @property
     def verdict(self) -> str:
         if not self.checked:
             return "Unknown"
-        return "Insufficient" if self.refusal else "Fits"
+        return "Insufficient" if self.problem else "Fits"
 
 
 GPUS_PER_NODE_STEPS = (1, 2, 4, 8, 16)
@@ -154,7 +156,7 @@ def _advice(ms: ModelService, variant: Variant) -> str:
     return ", ".join(tips)
 
 
-def refusal(ms: ModelService, variant: Variant, need: GpuEstimate, nodes: Iterable[GpuNode],
+def no_fit_message(ms: ModelService, variant: Variant, need: GpuEstimate, nodes: Iterable[GpuNode],
             memory_label: str) -> str | None:
     """Why no node's GPUs hold `need`, phrased for a person, or None when one does."""
     nodes = tuple(nodes)
@@ -193,8 +195,9 @@ def plan_fit(ms: ModelService, nodes: Iterable[GpuNode] | None, memory_label: st
         need = estimate(ms, variant)
         if need is None:
             continue
-        why = None if nodes is None else refusal(ms, variant, need, nodes, memory_label)
-        fits.append(VariantFit(variant.name, need, why, checked=nodes is not None))
+        why = None if nodes is None else no_fit_message(ms, variant, need, nodes, memory_label)
+        problem = None if why is None else Problem(FIT_REASON, why)
+        fits.append(VariantFit(variant.name, need, problem, checked=nodes is not None))
     return tuple(fits)
 
 
@@ -230,4 +233,4 @@ def with_fit_status(status: ModelServiceStatus, fits: Iterable[VariantFit]) -> M
 
 def gpu_memory_summary(fits: Iterable[VariantFit]) -> str:
     """The printer column: `int4 ~44GiB/GPU, bf16 ~142GiB/GPU (no fit)`."""
-    return ", ".join(f"{f.variant} {f.estimate.short()}" + (" (no fit)" if f.refusal else "") for f in fits)
+    return ", ".join(f"{f.variant} {f.estimate.short()}" + (" (no fit)" if f.problem else "") for f in fits)

@@ -55,8 +55,9 @@ from kubemaas_operator.multinode import (
     is_multi_node,
     plan_groups,
 )
-from kubemaas_operator.observe import Observation, Problem, compute_status
+from kubemaas_operator.observe import Observation, compute_status
 from kubemaas_operator.observed import ObservedDeployment, ObservedGroup, observed_groups
+from kubemaas_operator.problem import Problem
 from kubemaas_operator.rollout import RolloutPlan, plan_rollout
 from kubemaas_operator.settings import OperatorSettings
 
@@ -102,7 +103,7 @@ class Plan:
     gateway: bool = False
     fits: tuple[placement.VariantFit, ...] = ()  # the GPU-fit estimate of each variant with one
     refused: Problem | None = None  # EngineCannotShard, GPUMemoryInsufficient: variants that get no pods
-    refusal: Problem | None = None  # nothing is written: InferenceRoutingDisabled
+    blocked: Problem | None = None  # nothing is written: InferenceRoutingDisabled
     adapters: tuple[str, ...] | None = None  # spec.adapters' names, as the ConfigMap tells the pods
     cache_key: str | None = None  # model.cache node: the node-cache entry its pods use
 
@@ -123,8 +124,8 @@ def refused_variants(ms: ModelService, fits: Sequence[placement.VariantFit],
         elif why := engine_refusal(ms, variant):
             out[variant.name] = Problem(ENGINE_REASON, why)
     for fit in fits:
-        if fit.refusal and fit.variant not in out:
-            out[fit.variant] = Problem(placement.FIT_REASON, fit.refusal)
+        if fit.problem and fit.variant not in out:
+            out[fit.variant] = fit.problem
     return out
 
 
@@ -169,7 +170,7 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedIma
         keep=frozenset(name for lay in rollout.variants for name in lay.keep)
         | {lay.stable.deployment for lay in rollout.variants if not lay.stable.apply} | withheld,
         gateway=ms.spec.gateway is not None,
-        refusal=ROUTING_DISABLED if ms.spec.routing and not settings.endpoint_picker_image else None,
+        blocked=ROUTING_DISABLED if ms.spec.routing and not settings.endpoint_picker_image else None,
     )
 
 
@@ -337,8 +338,8 @@ class Reconciler:
                prune: bool, previous: Applied | None, owners: Owners, moved: dict[str, dict]) -> None:
         """Write the plan; ``moved`` gets the Deployments whose generation the apply moved."""
         ns, _ = plan.key
-        if plan.refusal is not None:
-            raise Blocked(plan.refusal)
+        if plan.blocked is not None:
+            raise Blocked(plan.blocked)
         for child in plan.children:
             kind, name = child["kind"], child["metadata"]["name"]
             if previous is not None and previous.digests.get((kind, name)) == digests[(kind, name)]:

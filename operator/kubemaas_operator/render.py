@@ -66,7 +66,7 @@ def render_document(document: Any, where: str, settings: OperatorSettings, names
     if not ms.metadata.namespace:
         ms = ms.model_copy(update={"metadata": ms.metadata.model_copy(update={"namespace": namespace})})
     note = f"{where}: ModelService {ms.namespace}/{ms.name}"
-    refused = policy.refusal(ms, settings, None)
+    refused = policy.policy_problem(ms, settings, None)
     if refused is not None:  # the operator would create nothing for it
         result.errors.append(f'{where}: ModelService "{name}": {refused.reason}: {refused.message}')
         return

@@ -8,7 +8,7 @@ import json
 import pytest
 from kubemaas_operator.builders import build_children
 from kubemaas_operator.builders.revision import variant_revisions
-from kubemaas_operator.policy import refusal
+from kubemaas_operator.policy import policy_problem
 from kubemaas_operator.settings import OperatorSettings
 
 from tests.unit.support import make_ms
@@ -88,11 +88,11 @@ def test_setting_the_field_is_a_new_pod_shape():
 
 def test_unpinned_hub_adapter_is_refused():
     ms = make_ms({"model": GENERATIVE, "adapters": [{"name": "sql", "uri": "hf://org/sql-lora"}]})
-    found = refusal(ms, SETTINGS, None)
+    found = policy_problem(ms, SETTINGS, None)
     assert found is not None and found.reason == "UnpinnedModelRevision"
     assert "spec.adapters[0].uri" in found.message
     pinned = make_ms({"model": GENERATIVE, "adapters": [{"name": "sql", "uri": "hf://org/sql-lora@1"}]})
-    assert refusal(pinned, SETTINGS, None) is None
+    assert policy_problem(pinned, SETTINGS, None) is None
 
 
 def test_status_lists_the_adapters_the_pods_are_told():

@@ -12,7 +12,8 @@ import pytest
 import yaml
 from kubemaas_operator.builders.image import RuntimeImages
 from kubemaas_operator.builders.layout import Track, VariantLayout
-from kubemaas_operator.observe import Observation, Problem, compute_status
+from kubemaas_operator.observe import Observation, compute_status
+from kubemaas_operator.problem import Problem
 from lupa import LuaRuntime
 
 from tests.unit.chart import CHART, REPO

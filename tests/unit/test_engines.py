@@ -8,7 +8,7 @@ import io
 import pytest
 from kubemaas_operator import engine, gpufit
 from kubemaas_operator.builders import PinnedImages, build_children
-from kubemaas_operator.policy import refusal
+from kubemaas_operator.policy import policy_problem
 from kubemaas_operator.reconcile import decide
 from kubemaas_operator.render import run_render
 from kubemaas_operator.settings import OperatorSettings
@@ -107,13 +107,13 @@ def test_a_variant_without_an_engine_keeps_its_revision():
 
 def test_the_allowlist_applies_to_both_flavours():
     ms = make_ms(spec(LLM, 1))  # auto: the vLLM flavour
-    assert refusal(ms, SETTINGS, None) is None  # the operator's own images are allowed
+    assert policy_problem(ms, SETTINGS, None) is None  # the operator's own images are allowed
     pinned = PinnedImages(vllm="docker.io/someone/vllm:latest")
-    refused = refusal(ms, SETTINGS, pinned)
+    refused = policy_problem(ms, SETTINGS, pinned)
     assert refused is not None and refused.reason == "ImageNotAllowed"
     assert "docker.io/someone/vllm:latest" in refused.message
     # the vllm repository's other tags are allowed by default, as the builtin one's are
-    assert refusal(ms, SETTINGS, PinnedImages(vllm="registry.example/kubemaas-runtime-vllm:1.9")) is None
+    assert policy_problem(ms, SETTINGS, PinnedImages(vllm="registry.example/kubemaas-runtime-vllm:1.9")) is None
 
 
 # --- the rule with two enforcers (the API server checks it too: tests/e2e/test_crd_validation.py) ---

@@ -125,7 +125,7 @@ def test_description_gives_the_parts_in_gib():
 def test_13b_bf16_on_one_gpu_goes_to_an_h100_never_an_l4():
     ms = llm(parameters="13B", quantizations=("bf16",))
     (fit,) = placement.plan_fit(ms, NODES, MEMORY)
-    assert fit.refusal is None and fit.verdict == "Fits"
+    assert fit.problem is None and fit.verdict == "Fits"
     assert 23034 < fit.estimate.per_gpu_mib <= 81559  # more than an L4, less than an H100
     dep = deployment_of(build_children(ms, SETTINGS), "m-bf16")
     terms = dep["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
@@ -137,7 +137,7 @@ def test_13b_bf16_on_one_gpu_goes_to_an_h100_never_an_l4():
 def test_70b_int4_on_one_gpu_fits_an_h100_with_the_default_limits():
     ms = llm(quantizations=("int4-weight-only",))
     (fit,) = placement.plan_fit(ms, NODES, MEMORY)
-    assert fit.refusal is None
+    assert fit.problem is None
     assert fit.estimate.weights == 35_000_000_000
     assert fit.estimate.per_gpu_mib <= 81559
 
@@ -146,7 +146,7 @@ def test_70b_full_precision_pinned_to_an_l4_is_refused_with_the_numbers():
     ms = llm(quantizations=("none",), product=L4)
     (fit,) = placement.plan_fit(ms, NODES, MEMORY)
     assert fit.verdict == "Insufficient"
-    assert fit.refusal == (
+    assert fit.problem.message == (
         "Variant none needs ~273 GiB per GPU (70B parameters at fp32: 261 GiB, KV cache 10 GiB for "
         "4096 tokens (dense upper bound), overhead 2 GiB); the largest NVIDIA-L4 has 22 GiB; the smallest configuration of "
         "NVIDIA-L4 that holds it: resources.gpu.count 1 x gpu.nodes 14 (~21.3 GiB per GPU), which spans "
@@ -156,13 +156,13 @@ def test_70b_full_precision_pinned_to_an_l4_is_refused_with_the_numbers():
 
 def test_a_too_small_named_product_points_at_gpus_that_would_hold_it():
     fit, = placement.plan_fit(llm(parameters="13B", product=L4), NODES, MEMORY)
-    assert "the largest NVIDIA-L4 has 22 GiB" in fit.refusal
-    assert "NVIDIA-H100-80GB-HBM3 GPUs in the cluster would hold it (resources.gpu.product)" in fit.refusal
+    assert "the largest NVIDIA-L4 has 22 GiB" in fit.problem.message
+    assert "NVIDIA-H100-80GB-HBM3 GPUs in the cluster would hold it (resources.gpu.product)" in fit.problem.message
 
 
 def test_70b_fp16_on_one_gpu_fits_no_gpu_of_the_cluster():
     fit, = placement.plan_fit(llm(quantizations=("fp16",)), NODES, MEMORY)
-    assert "the largest NVIDIA-H100-80GB-HBM3 has 79 GiB" in fit.refusal
+    assert "the largest NVIDIA-H100-80GB-HBM3 has 79 GiB" in fit.problem.message
 
 
 @pytest.mark.parametrize(("nodes", "product", "says"), [
@@ -171,12 +171,12 @@ def test_70b_fp16_on_one_gpu_fits_no_gpu_of_the_cluster():
 ])
 def test_no_such_gpus_in_the_cluster(nodes, product, says):
     fit, = placement.plan_fit(llm(parameters="7B", product=product), nodes, MEMORY)
-    assert says in fit.refusal and fit.refusal.startswith("Variant bf16 needs ~")
+    assert says in fit.problem.message and fit.problem.message.startswith("Variant bf16 needs ~")
 
 
 def test_offline_nothing_is_refused():
     fit, = placement.plan_fit(llm(quantizations=("none",), product=L4), None, MEMORY)
-    assert fit.refusal is None and fit.verdict == "Unknown"
+    assert fit.problem is None and fit.verdict == "Unknown"
 
 
 def test_gpu_node_from_labels():
@@ -388,13 +388,13 @@ def test_405b_on_l4s_only_is_refused_naming_the_smallest_configuration():
     (fit,) = placement.plan_fit(across(product=L4, gpus=1), NODES, MEMORY)
     assert fit.verdict == "Insufficient"
     assert ("the smallest configuration of NVIDIA-L4 that holds it: resources.gpu.count 1 x gpu.nodes 39 "
-            "(~22.2 GiB per GPU), which spans nodes") in fit.refusal
+            "(~22.2 GiB per GPU), which spans nodes") in fit.problem.message
 
 
 def test_405b_over_two_h100_nodes_fits_the_estimate_and_is_refused_as_multi_node():
     ms = across(gpus=8, nodes=2, product=H100)
     (fit,) = placement.plan_fit(ms, NODES, MEMORY)
-    assert fit.refusal is None  # ~52 GiB per GPU over 16 H100s
+    assert fit.problem is None  # ~52 GiB per GPU over 16 H100s
     plan = decide(ms, SETTINGS, None, gpu_nodes=NODES)
     assert plan.refused.reason == "MultiNodeNotSupported"
     assert "resources.gpu.nodes 2" in plan.refused.message and "use gpu.nodes 1" in plan.refused.message
@@ -412,12 +412,12 @@ def test_the_refusal_looks_only_at_nodes_the_users_selector_allows():
                                {"key": "pool", "operator": "NotIn", "values": ["h100"]}]}]}}}}):
         ms = across(parameters="13B", gpus=1, scheduling=scheduling)
         (fit,) = placement.plan_fit(ms, labelled, MEMORY)
-        assert fit.refusal is not None
-        assert "the largest NVIDIA-L4 among the nodes scheduling.nodeSelector and affinity allow" in fit.refusal
+        assert fit.problem is not None
+        assert "the largest NVIDIA-L4 among the nodes scheduling.nodeSelector and affinity allow" in fit.problem.message
     allowed = across(parameters="13B", gpus=1, scheduling={"nodeSelector": {"pool": "h100"}})
-    assert placement.plan_fit(allowed, labelled, MEMORY)[0].refusal is None
+    assert placement.plan_fit(allowed, labelled, MEMORY)[0].problem is None
     nowhere = across(parameters="13B", gpus=1, scheduling={"nodeSelector": {"pool": "tpu"}})
-    assert "no node that scheduling.nodeSelector and affinity allow" in placement.plan_fit(nowhere, labelled, MEMORY)[0].refusal
+    assert "no node that scheduling.nodeSelector and affinity allow" in placement.plan_fit(nowhere, labelled, MEMORY)[0].problem.message
 
 
 @pytest.mark.parametrize(("op", "values", "value", "ok"), [

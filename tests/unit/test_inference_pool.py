@@ -93,4 +93,4 @@ def test_routing_off_renders_the_weighted_route():
 @pytest.mark.parametrize(("image", "refusal"), [("", ROUTING_DISABLED), (PICKER, None)])
 def test_routing_needs_the_operators_switch(image, refusal):
     plan = decide(make_ms(ROUTED), OperatorSettings(endpoint_picker_image=image), None)
-    assert plan.refusal == refusal
+    assert plan.blocked == refusal

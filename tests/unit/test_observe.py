@@ -10,7 +10,8 @@ from kubemaas_operator.api import ModelServiceStatus
 from kubemaas_operator.api.status import RolloutStatus
 from kubemaas_operator.builders.image import RuntimeImages
 from kubemaas_operator.builders.layout import Track, VariantLayout
-from kubemaas_operator.observe import Observation, Problem, compute_status, pod_problem
+from kubemaas_operator.observe import Observation, compute_status, pod_problem
+from kubemaas_operator.problem import Problem
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from kubemaas_operator.builders.image import PinnedImages
 from kubemaas_operator.builders.network_policy import admitted_namespaces
-from kubemaas_operator.policy import image_repository, refusal
+from kubemaas_operator.policy import image_repository, policy_problem
 from kubemaas_operator.redact import MAX_MESSAGE_CHARS, safe_termination_line
 from kubemaas_operator.settings import OperatorSettings
 
@@ -27,7 +27,7 @@ def ms_with(**spec) -> object:
     ("docker.io/attacker/runtime:1.0", "ImageNotAllowed"),
 ])
 def test_images_default_to_the_runtime_repository(image, reason):
-    result = refusal(ms_with(runtime={"image": image}), DEFAULT, None)
+    result = policy_problem(ms_with(runtime={"image": image}), DEFAULT, None)
     assert (result.reason if result else None) == reason
     if result:
         assert image in result.message and "allowedRuntimeImages" in result.message
@@ -35,14 +35,14 @@ def test_images_default_to_the_runtime_repository(image, reason):
 
 def test_an_explicit_allowlist_replaces_the_repository_default():
     settings = DEFAULT.model_copy(update={"allowed_runtime_images": ("mirror.corp/kubemaas/*",)})
-    assert refusal(ms_with(runtime={"image": "mirror.corp/kubemaas/runtime:1"}), settings, None) is None
-    assert refusal(ms_with(runtime={"image": "registry.example/ml/kubemaas-runtime:2.0"}), settings,
+    assert policy_problem(ms_with(runtime={"image": "mirror.corp/kubemaas/runtime:1"}), settings, None) is None
+    assert policy_problem(ms_with(runtime={"image": "registry.example/ml/kubemaas-runtime:2.0"}), settings,
                    None).reason == "ImageNotAllowed"
-    assert refusal(ms_with(), settings, None) is None  # the configured runtime image itself
+    assert policy_problem(ms_with(), settings, None) is None  # the configured runtime image itself
 
 
 def test_an_image_pinned_in_status_is_checked_too():
-    assert refusal(ms_with(), DEFAULT, PinnedImages(builtin="docker.io/old/runtime:0.1")).reason == "ImageNotAllowed"
+    assert policy_problem(ms_with(), DEFAULT, PinnedImages(builtin="docker.io/old/runtime:0.1")).reason == "ImageNotAllowed"
 
 
 @pytest.mark.parametrize(("model", "reason"), [
@@ -53,7 +53,7 @@ def test_an_image_pinned_in_status_is_checked_too():
     ({"uri": "hf://org/net", "format": "transformers", "task": "feature-extraction"}, "UnpinnedModelRevision"),
 ])
 def test_code_formats_come_from_trusted_sources_and_hub_models_pin_a_revision(model, reason):
-    result = refusal(ms_with(model=model), DEFAULT, None)
+    result = policy_problem(ms_with(model=model), DEFAULT, None)
     assert (result.reason if result else None) == reason
 
 
@@ -91,6 +91,6 @@ def test_network_policy_admits_own_gateway_listed_and_metrics_namespaces():
 def test_node_cache_is_refused_while_the_operators_switch_is_off():
     cached = ms_with(model={"uri": "hf://org/m@abc123", "format": "transformers", "task": "feature-extraction",
                             "cache": "node"})
-    off = refusal(cached, DEFAULT, None)
+    off = policy_problem(cached, DEFAULT, None)
     assert off is not None and off.reason == "ModelCacheDisabled" and "spec.model.cache" in off.message
-    assert refusal(cached, DEFAULT.model_copy(update={"model_cache": True}), None) is None
+    assert policy_problem(cached, DEFAULT.model_copy(update={"model_cache": True}), None) is None

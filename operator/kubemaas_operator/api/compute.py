@@ -47,9 +47,9 @@ class GpuResources(ApiModel):
     @model_validator(mode="after")
     def _check_rules(self) -> GpuResources:
         if self.product is not None and self.count == 0:
-            raise rules.refusal(rules.GPU_PRODUCT_NEEDS_COUNT)
+            raise rules.violation(rules.GPU_PRODUCT_NEEDS_COUNT)
         if self.nodes > 1 and self.count == 0:
-            raise rules.refusal(rules.GPU_NODES_NEED_COUNT)
+            raise rules.violation(rules.GPU_NODES_NEED_COUNT)
         return self
 
 

@@ -76,15 +76,15 @@ class Autoscaling(ApiModel):
     @model_validator(mode="after")
     def _check_rules(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
-            raise rules.refusal(rules.MIN_NOT_ABOVE_MAX)
+            raise rules.violation(rules.MIN_NOT_ABOVE_MAX)
         if self.min_replicas == 0 and self.engine != "keda":
-            raise rules.refusal(rules.SCALE_TO_ZERO_NEEDS_KEDA)
+            raise rules.violation(rules.SCALE_TO_ZERO_NEEDS_KEDA)
         if self.min_replicas == 0 and self.metric == "cpu":
-            raise rules.refusal(rules.SCALE_TO_ZERO_NEEDS_REQUEST_METRIC)
+            raise rules.violation(rules.SCALE_TO_ZERO_NEEDS_REQUEST_METRIC)
         if self.activation_query is not None and not (self.engine == "keda" and self.min_replicas == 0):
-            raise rules.refusal(rules.ACTIVATION_QUERY_ONLY_AT_ZERO)
+            raise rules.violation(rules.ACTIVATION_QUERY_ONLY_AT_ZERO)
         if self.metric == "kv-cache-usage" and self.target > 100:
-            raise rules.refusal(rules.KV_CACHE_USAGE_IS_A_PERCENT)
+            raise rules.violation(rules.KV_CACHE_USAGE_IS_A_PERCENT)
         return self
 
     @property
@@ -151,9 +151,9 @@ class Rollout(ApiModel):
     @model_validator(mode="after")
     def _check_rules(self) -> Rollout:
         if str(self.max_surge) in ("0", "0%") and str(self.max_unavailable) in ("0", "0%"):
-            raise rules.refusal(rules.ROLLOUT_CAN_PROGRESS)
+            raise rules.violation(rules.ROLLOUT_CAN_PROGRESS)
         if self.strategy != "Canary" and self.steps:
-            raise rules.refusal(rules.STEPS_ONLY_FOR_CANARY)
+            raise rules.violation(rules.STEPS_ONLY_FOR_CANARY)
         return self
 
     @property

@@ -48,15 +48,15 @@ class ModelService(ApiModel):
     @model_validator(mode="after")
     def _check_name(self) -> ModelService:
         if len(self.metadata.name) > MAX_NAME_LENGTH:
-            raise rules.refusal(rules.NAME_LENGTH)
+            raise rules.violation(rules.NAME_LENGTH)
         if not _NAME_RE.search(self.metadata.name):
-            raise rules.refusal(rules.NAME_FORMAT)
+            raise rules.violation(rules.NAME_FORMAT)
         spec = self.spec
         if spec.gateway is not None and spec.rollout.strategy == "Canary" and any(
                 len(self.metadata.name) + len(v.name) > MAX_CANARY_NAME_LENGTH for v in spec.variants):
-            raise rules.refusal(rules.CANARY_SERVICE_NAME_LENGTH)
+            raise rules.violation(rules.CANARY_SERVICE_NAME_LENGTH)
         if any(adapter.name == self.metadata.name for adapter in spec.adapters or ()):
-            raise rules.refusal(rules.ADAPTER_NOT_THE_MODEL_NAME)
+            raise rules.violation(rules.ADAPTER_NOT_THE_MODEL_NAME)
         return self
 
     @property

@@ -48,7 +48,7 @@ class CelRule:
         return entry
 
 
-def refusal(rule: CelRule) -> PydanticCustomError:
+def violation(rule: CelRule) -> PydanticCustomError:
     """The pydantic error for a broken rule; `api.errors` appends `field_path` to the location."""
     return PydanticCustomError(
         CROSS_FIELD_ERROR, "{message}", {"message": rule.message, "field_path": rule.field_path or ""}

@@ -169,23 +169,23 @@ class ModelSource(ApiModel):
     @model_validator(mode="after")
     def _check_rules(self) -> ModelSource:
         if not _SCHEME_RE.search(self.uri):
-            raise rules.refusal(rules.URI_SCHEME)
+            raise rules.violation(rules.URI_SCHEME)
         if not _SHAPE_RE.search(self.uri) or "\n" in self.uri:
-            raise rules.refusal(rules.URI_SHAPE)
+            raise rules.violation(rules.URI_SHAPE)
         if self.format == "safetensors" and self.architecture is None:
-            raise rules.refusal(rules.ARCHITECTURE_FOR_SAFETENSORS)
+            raise rules.violation(rules.ARCHITECTURE_FOR_SAFETENSORS)
         if self.format == "transformers" and self.task is None:
-            raise rules.refusal(rules.TASK_FOR_TRANSFORMERS)
+            raise rules.violation(rules.TASK_FOR_TRANSFORMERS)
         if self.task is not None and self.format not in TASKED_FORMATS:
-            raise rules.refusal(rules.TASK_ONLY_FOR_TRANSFORMERS)
+            raise rules.violation(rules.TASK_ONLY_FOR_TRANSFORMERS)
         if self.format == "gguf" and self.task not in (None, "text-generation"):
-            raise rules.refusal(rules.GGUF_IS_TEXT_GENERATION)
+            raise rules.violation(rules.GGUF_IS_TEXT_GENERATION)
         if self.format == "gguf" and self.scheme == "hf" and not _HF_GGUF_FILE_RE.search(self.uri):
-            raise rules.refusal(rules.HF_GGUF_NAMES_A_FILE)
+            raise rules.violation(rules.HF_GGUF_NAMES_A_FILE)
         if self.format != "gguf" and _HF_WITH_PATH_RE.search(self.uri):
-            raise rules.refusal(rules.HF_PATH_ONLY_FOR_GGUF)
+            raise rules.violation(rules.HF_PATH_ONLY_FOR_GGUF)
         if self.cache == "node" and self.scheme not in ("s3", "hf"):
-            raise rules.refusal(rules.CACHE_ONLY_FOR_DOWNLOADS)
+            raise rules.violation(rules.CACHE_ONLY_FOR_DOWNLOADS)
         return self
 
     @property
@@ -287,7 +287,7 @@ class RuntimeSpec(ApiModel):
     def _check_rules(self) -> RuntimeSpec:
         if (self.kv_cache_tokens is not None and self.max_model_len is not None
                 and self.kv_cache_tokens < self.max_model_len):
-            raise rules.refusal(rules.KV_CACHE_HOLDS_ONE_SEQUENCE)
+            raise rules.violation(rules.KV_CACHE_HOLDS_ONE_SEQUENCE)
         return self
 
 
@@ -342,7 +342,7 @@ class Adapter(ApiModel):
     def _check_rules(self) -> Adapter:
         if not (self.uri.startswith(tuple(f"{s}://" for s in ADAPTER_SCHEMES))
                 and _SHAPE_RE.search(self.uri)):
-            raise rules.refusal(rules.ADAPTER_URI_SCHEME)
+            raise rules.violation(rules.ADAPTER_URI_SCHEME)
         return self
 
 
@@ -461,42 +461,42 @@ class ModelServiceSpec(ApiModel):
                 )
             seen.add(variant.name)
         if sum(variant.weight for variant in variants) != 100:
-            raise rules.refusal(rules.WEIGHTS_SUM_TO_100)
+            raise rules.violation(rules.WEIGHTS_SUM_TO_100)
         return variants
 
     @model_validator(mode="after")
     def _check_rules(self) -> ModelServiceSpec:
         device = "gpu" if self.resources.gpu.count > 0 else "cpu"
         if any(device not in QUANTIZATION_DEVICES[v.quantization] for v in self.variants):
-            raise rules.refusal(rules.QUANTIZATION_ON_GPU if device == "gpu" else rules.QUANTIZATION_ON_CPU)
+            raise rules.violation(rules.QUANTIZATION_ON_GPU if device == "gpu" else rules.QUANTIZATION_ON_CPU)
         if self.autoscaling and self.autoscaling.metric == "cpu" and self.resources.cpu is None:
-            raise rules.refusal(rules.CPU_METRIC_NEEDS_CPU_REQUEST)
+            raise rules.violation(rules.CPU_METRIC_NEEDS_CPU_REQUEST)
         if (self.autoscaling and self.autoscaling.scales_to_zero and self.gateway is None
                 and self.autoscaling.activation_query is None):
-            raise rules.refusal(rules.SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL)
+            raise rules.violation(rules.SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL)
         if self.routing is not None:
             self._check_routing()
         if self.adapters:
             if not self.model.generative:
-                raise rules.refusal(rules.ADAPTERS_NEED_TEXT_GENERATION)
+                raise rules.violation(rules.ADAPTERS_NEED_TEXT_GENERATION)
             if any(v.quantization not in ADAPTER_QUANTIZATIONS for v in self.variants):
-                raise rules.refusal(rules.ADAPTERS_NEED_FLOAT_WEIGHTS)
+                raise rules.violation(rules.ADAPTERS_NEED_FLOAT_WEIGHTS)
             if self.resources.gpu.nodes > 1:
-                raise rules.refusal(rules.ADAPTERS_ON_ONE_NODE)
+                raise rules.violation(rules.ADAPTERS_ON_ONE_NODE)
         if not self.model.generative:
             runtime = self.runtime
             limits = (runtime.max_model_len, runtime.max_num_seqs, runtime.kv_cache_tokens)
             for rule, value in zip(rules.GENERATION_LIMITS_NEED_TEXT_GENERATION, limits, strict=True):
                 if value is not None:
-                    raise rules.refusal(rule)
+                    raise rules.violation(rule)
             if self.autoscaling and self.autoscaling.metric in GENERATIVE_METRICS:
-                raise rules.refusal(rules.GENERATIVE_METRIC_NEEDS_TEXT_GENERATION)
+                raise rules.violation(rules.GENERATIVE_METRIC_NEEDS_TEXT_GENERATION)
         wants_vllm = self.runtime.engine == "vllm" or any(v.engine == "vllm" for v in self.variants)
         if wants_vllm and not (self.model.format == "transformers" and self.model.task == "text-generation"):
-            raise rules.refusal(rules.ENGINE_VLLM_NEEDS_TRANSFORMERS_GENERATION)
+            raise rules.violation(rules.ENGINE_VLLM_NEEDS_TRANSFORMERS_GENERATION)
         split = self.runtime.tensor_parallel_size
         if split is not None and (self.resources.gpu.count == 0 or self.resources.gpu.count % split):
-            raise rules.refusal(rules.TENSOR_PARALLEL_WITHIN_GPUS)
+            raise rules.violation(rules.TENSOR_PARALLEL_WITHIN_GPUS)
         return self
 
     def engine_of(self, variant: Variant) -> Engine:
@@ -510,7 +510,7 @@ class ModelServiceSpec(ApiModel):
                             (rules.ROUTING_KEEPS_PICKER_NAME,
                              all(v.name != PICKER_SUFFIX for v in self.variants))):
             if not holds:
-                raise rules.refusal(rule)
+                raise rules.violation(rule)
 
     @property
     def uses_gpu(self) -> bool:
