@@ -70,9 +70,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     memo.pool = ThreadPoolExecutor(op_settings.workers, thread_name_prefix="kubemaas")
     kube = KubeClient(load_api_client(op_settings.workers), op_settings.field_manager)
     memo.reconciler = Reconciler(kube, op_settings)
-    metrics.MANAGED.set_function(lambda: len(memo.reconciler.applied))  # read at each scrape
-    memo.refresher = StatusRefresher(memo.reconciler, memo.pool,
+    memo.refresher = StatusRefresher(kube, memo.pool,
                                      repair=lambda parent, indexes: _reconcile(memo, parent, indexes))
+    metrics.MANAGED.set_function(lambda: len(memo.refresher.store.managed()))  # read at each scrape
     metrics.serve(op_settings.metrics_port)
 
 
@@ -215,8 +215,7 @@ async def _reconcile(memo: kopf.Memo, body, indexes: Indexes, *, prune: bool = T
         refused = policy.policy_problem(ms, reconciler.settings, pinned)
         if refused is not None:
             result = "refused"
-            memo.refresher.forget(key)
-            reconciler.forget(key)  # events of earlier children must not overwrite the refusal
+            memo.refresher.forget(key)  # events of earlier children must not overwrite the refusal
             if not report:
                 return
             await asyncio.get_running_loop().run_in_executor(
@@ -231,7 +230,7 @@ async def _reconcile(memo: kopf.Memo, body, indexes: Indexes, *, prune: bool = T
         def run() -> tuple[Problem | None, float]:  # in the pool: timed there, not while queued
             started = time.perf_counter()
             _, problem = reconciler.reconcile(
-                ms, pinned_image=pinned, prune=prune, status=status,
+                memo.refresher.store, ms, pinned_image=pinned, prune=prune, status=status,
                 observed=indexes.observed(key), only_changes=only_changes,
                 owners=indexes.owners(key[0], ms.metadata.uid or ""), gpu_nodes=indexes.gpus, then=then)
             return problem, time.perf_counter() - started
@@ -296,7 +295,6 @@ async def modelservice_gone(event, namespace, name, uid, body, memo, **kw) -> No
     if event.get("type") != "DELETED":
         return
     memo.refresher.forget((namespace, name))
-    memo.reconciler.forget((namespace, name))
     memo.diffbase.forget(uid)
     settings: OperatorSettings = memo.settings
     if not cache_eviction.eviction_enabled(settings):
@@ -357,12 +355,12 @@ async def worker_event(namespace, labels, memo, **kw) -> None:
 async def node_changed(memo, **kw) -> None:
     """When the cluster's GPUs change (a node added, removed or relabelled), re-plan every
     ModelService with a GPU-fit estimate: a refused variant may fit now, or no longer."""
-    reconciler: Reconciler = memo.reconciler
+    store = memo.refresher.store
     indexes = _indexes(kw)
-    if indexes.gpus == reconciler.gpu_nodes:
+    if indexes.gpus == store.gpus_seen:
         return  # a heartbeat or a status change: the GPUs are the same
-    reconciler.gpu_nodes = indexes.gpus
-    for key, applied in list(reconciler.applied.items()):
+    store.gpus_seen = indexes.gpus
+    for key, applied in store.managed():
         parent = indexes.parent(key)
         if applied.plan.fits and parent is not None:
             await _reconcile(memo, parent, indexes)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -60,6 +59,7 @@ from kubemaas_operator.observed import ObservedDeployment, ObservedGroup, observ
 from kubemaas_operator.problem import Problem
 from kubemaas_operator.rollout import RolloutPlan, plan_rollout
 from kubemaas_operator.settings import OperatorSettings
+from kubemaas_operator.store import Key, Store
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,6 @@ ROUTING_DISABLED = Problem("InferenceRoutingDisabled", (
     "spec.routing is inferencePool but this operator runs no endpoint picker (its "
     "endpoint_picker_image is unset): enable inferenceRouting in the chart or remove spec.routing."))
 
-Key = tuple[str, str]  # (namespace, name)
 # Who else holds a child's name, from the watches: (kind, name) -> a description, or None.
 Owners = Callable[[str, str], "str | None"]
 
@@ -266,28 +265,15 @@ def _digest(child: dict) -> str:
     return hashlib.blake2b(json.dumps(child, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Reconciler:
+    """The applier: writes a plan's children and keeps nothing itself. What it did goes into
+    the ModelService's entry of the store it is handed (store.py, owned by the refresher)."""
+
     kube: KubeClient
     settings: OperatorSettings
-    applied: dict[Key, Applied] = field(default_factory=dict)
-    # the status last written, until the watch delivers it (then the object is the record again)
-    written: dict[Key, dict] = field(default_factory=dict)
-    gpu_nodes: tuple[placement.GpuNode, ...] | None = None  # the GPUs node_changed last saw
-    _locks: dict[Key, threading.Lock] = field(default_factory=dict)
-    _locks_guard: threading.Lock = field(default_factory=threading.Lock)
 
-    def lock(self, key: Key) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(key, threading.Lock())
-
-    def forget(self, key: Key) -> None:
-        self.applied.pop(key, None)
-        self.written.pop(key, None)
-        with self._locks_guard:
-            self._locks.pop(key, None)
-
-    def reconcile(self, ms: ModelService, pinned_image: PinnedImages | None, prune: bool = True,
+    def reconcile(self, store: Store, ms: ModelService, pinned_image: PinnedImages | None, prune: bool = True,
                   observed: Sequence[ObservedDeployment] = (), status: dict | None = None,
                   only_changes: bool = False, owners: Owners = no_owners,
                   gpu_nodes: Sequence[placement.GpuNode] | None = None,
@@ -301,12 +287,13 @@ class Reconciler:
         whose generation this apply moved (name -> the API server's answer): the spec change's
         own status write (refresh.py), before any refresh can write one from the watches."""
         key = (ms.namespace, ms.name)
-        with self.lock(key):
-            record = _parsed(self.last_status(key, status))
+        entry = store.entry(key)
+        with entry.lock:
+            record = _parsed(store.last_status(key, status))
             plan = decide(ms, self.settings, pinned_image, observed, record, gpu_nodes=gpu_nodes,
                           groups=self._groups(ms))
-            previous = self.applied.get(key) if only_changes else None
-            last = self.applied.get(key)
+            last = entry.applied
+            previous = last if only_changes else None
             generations = dict(last.generations) if last else {}
             digests = {(c["kind"], c["metadata"]["name"]): _digest(c) for c in plan.children}
             problem = None
@@ -318,8 +305,8 @@ class Reconciler:
             except NamespaceTerminating:
                 log.info("namespace %s is being deleted: not creating the children of %s", key[0], key[1])
             # a blocked apply wrote only some children: the next one compares against none
-            self.applied[key] = Applied(replace(plan, children=()), {} if problem else digests,
-                                        problem or plan.refused, generations)
+            entry.applied = Applied(replace(plan, children=()), {} if problem else digests,
+                                    problem or plan.refused, generations)
             if then is not None:
                 then(moved)
         return plan, problem or plan.refused
@@ -390,55 +377,39 @@ class Reconciler:
         raise Blocked(Problem("NameConflict", f"{kind} {name} already exists and belongs to {holder}; "
                                               "rename this ModelService or its variant."))
 
-    def drifted(self, key: Key, deployments: Sequence[dict]) -> list[tuple[str, int]]:
-        """Those of ``deployments`` (as indexed) whose spec changed since our last apply, as
-        (name, generation): a generation above the one our apply got is a hand edit. Call
-        under the lock."""
-        applied = self.applied.get(key)
-        if applied is None:
-            return []
-        found = ((d["metadata"]["name"], d["metadata"].get("generation", 0)) for d in deployments)
-        return [(name, gen) for name, gen in found
-                if (ours := applied.generations.get(name)) is not None and gen > ours]
 
-    def status_for(self, key: Key, deployments: list[dict], pods: list[dict],
-                   previous: dict | None) -> dict | None:
-        """The status to write, or None when it equals ``previous`` (the status last written,
-        else the object's)."""
-        applied = self.applied.get(key)
-        if applied is None:
-            return None
-        plan = applied.plan
-        names = [n for v in plan.variants for n in (v.deployment, v.canary_deployment) if n]
-        obs = Observation(
-            name=key[1], namespace=key[0], generation=plan.generation, selector=plan.selector,
-            url=plan.url, runtime_image=plan.runtime_image, variants=plan.variants,
-            deployments={d["metadata"]["name"]: d for d in deployments}, pods=tuple(pods),
-            blocking=applied.problem,
-            applied_generations={n: applied.generations.get(n, 0) for n in names},
-            gateway=plan.gateway, rollout=rollout_status(plan), adapters=plan.adapters, cache_key=plan.cache_key,
-            refused=applied.problem is not None and applied.problem == plan.refused,
-        )
-        status = placement.with_fit_status(compute_status(obs, _parsed(previous)), plan.fits).to_wire()
-        if previous is not None and _same_status(status, previous):
-            return None
-        return status
+def drifted(applied: Applied | None, deployments: Sequence[dict]) -> list[tuple[str, int]]:
+    """Those of ``deployments`` (as indexed) whose spec changed since the last apply
+    (``applied``), as (name, generation): a generation above the one our apply got is a hand
+    edit."""
+    if applied is None:
+        return []
+    found = ((d["metadata"]["name"], d["metadata"].get("generation", 0)) for d in deployments)
+    return [(name, gen) for name, gen in found
+            if (ours := applied.generations.get(name)) is not None and gen > ours]
 
-    def last_status(self, key: Key, carried: dict | None) -> dict | None:
-        """The ModelService's latest status: the one it ``carried`` as watched, or the one this
-        process wrote while the watch has not delivered it yet. Once the object carries what was
-        written, the object is the record again and the copy is dropped. Call under the lock."""
-        written = self.written.get(key)
-        if written is None:
-            return carried or None
-        if carried == written:
-            del self.written[key]
-            return carried
-        return written
 
-    def write_status(self, key: Key, status: dict) -> None:
-        self.kube.patch_status(key[0], key[1], status)
-        self.written[key] = status
+def status_for(applied: Applied | None, key: Key, deployments: list[dict], pods: list[dict],
+               previous: dict | None) -> dict | None:
+    """The status to write after the apply ``applied``, or None when it equals ``previous``
+    (the status last written, else the object's) or nothing was applied yet."""
+    if applied is None:
+        return None
+    plan = applied.plan
+    names = [n for v in plan.variants for n in (v.deployment, v.canary_deployment) if n]
+    obs = Observation(
+        name=key[1], namespace=key[0], generation=plan.generation, selector=plan.selector,
+        url=plan.url, runtime_image=plan.runtime_image, variants=plan.variants,
+        deployments={d["metadata"]["name"]: d for d in deployments}, pods=tuple(pods),
+        blocking=applied.problem,
+        applied_generations={n: applied.generations.get(n, 0) for n in names},
+        gateway=plan.gateway, rollout=rollout_status(plan), adapters=plan.adapters, cache_key=plan.cache_key,
+        refused=applied.problem is not None and applied.problem == plan.refused,
+    )
+    status = placement.with_fit_status(compute_status(obs, _parsed(previous)), plan.fits).to_wire()
+    if previous is not None and _same_status(status, previous):
+        return None
+    return status
 
 
 def _parsed(status: dict | None) -> ModelServiceStatus | None:

@@ -27,7 +27,8 @@ from typing import Any
 from kubemaas_operator.events import post_event
 from kubemaas_operator.kube import KubeClient
 from kubemaas_operator.observed import ObservedDeployment
-from kubemaas_operator.reconcile import Key, Owners, Reconciler
+from kubemaas_operator.reconcile import Applied, Owners, drifted, status_for
+from kubemaas_operator.store import Key, Store
 
 log = logging.getLogger(__name__)
 WINDOW_SECONDS = 0.5
@@ -74,14 +75,25 @@ class Indexes:
         return holder
 
 
+StatusOf = Callable[[Applied | None, Key, list[dict], list[dict], dict | None], dict | None]
+DriftOf = Callable[[Applied | None, list[dict]], list[tuple[str, int]]]
+
+
 class StatusRefresher:
-    def __init__(self, reconciler: Reconciler, pool: Executor, window: float = WINDOW_SECONDS,
+    """Owns the store (store.py): each ModelService's lock, its last apply and the status last
+    written. ``status`` and ``drift`` compute from an entry (reconcile.py's, unless a test gives
+    its own)."""
+
+    def __init__(self, kube: KubeClient, pool: Executor, window: float = WINDOW_SECONDS,
                  post: Callable[[Any, list[dict], list[dict]], None] | None = None,
-                 repair: Callable[[Any, Indexes], Awaitable[None]] | None = None) -> None:
-        self._reconciler = reconciler
+                 repair: Callable[[Any, Indexes], Awaitable[None]] | None = None,
+                 status: StatusOf = status_for, drift: DriftOf = drifted) -> None:
+        self.store = Store()
+        self._kube = kube
+        self._status = status
+        self._drift = drift
         self._repair = repair  # reconcile a ModelService (its parent body) whose child was edited by hand
-        self._post = post or (lambda parent, before, after:
-                              post_transition(reconciler.kube, parent, before, after))
+        self._post = post or (lambda parent, before, after: post_transition(kube, parent, before, after))
         self._pool = pool
         self._window = window
         self._running: dict[Key, asyncio.Task] = {}
@@ -104,11 +116,13 @@ class StatusRefresher:
         self._running[key] = asyncio.create_task(self._run(key, indexes))
 
     def forget(self, key: Key) -> None:
+        """Stop refreshing ``key`` and drop everything this process kept of it."""
         task = self._running.pop(key, None)
         if task is not None:
             task.cancel()
         self._again.discard(key)
         self._urgent.discard(key)
+        self.store.forget(key)
 
     async def _wait(self, key: Key, seconds: float) -> None:
         """The window, ended early by a reconcile's touch."""
@@ -160,13 +174,12 @@ class StatusRefresher:
         """In the pool: the Deployments edited by hand, as (name, generation), other than those
         this run already repaired (then nothing is written: the repair comes first); else
         compute and write the status, and its Event."""
-        reconciler = self._reconciler
-        with reconciler.lock(key):
+        with self.store.lock(key):
             deployments = list(indexes.deployments.get(key, ()))
-            drifted = [d for d in reconciler.drifted(key, deployments) if d not in repaired] \
+            edited = [d for d in self._drift(self.store.applied(key), deployments) if d not in repaired] \
                 if self._repair is not None else []
-            if drifted:
-                return drifted
+            if edited:
+                return edited
             self._write(key, parent, deployments, list(indexes.pods.get(key, ())))
         return []
 
@@ -183,12 +196,12 @@ class StatusRefresher:
     def _write(self, key: Key, parent: Any, deployments: list[dict], pods: list[dict]) -> None:
         """Compute, and write when it changed, with the Event of a Ready transition. Under the
         lock: the next write, and its Event, wait for this one's."""
-        reconciler = self._reconciler
-        previous = reconciler.last_status(key, parent.get("status"))
-        status = reconciler.status_for(key, deployments, pods, previous)
+        previous = self.store.last_status(key, parent.get("status"))
+        status = self._status(self.store.applied(key), key, deployments, pods, previous)
         if status is None:
             return
-        reconciler.write_status(key, status)
+        self._kube.patch_status(key[0], key[1], status)
+        self.store.wrote(key, status)
         self._post(parent, (previous or {}).get("conditions") or [], status["conditions"])
 
 

@@ -14,10 +14,13 @@ from kubemaas_operator.kube import Conflict
 from kubemaas_operator.reconcile import (
     Reconciler,
     decide,
+    drifted,
     foreign_owner,
     stale_children,
+    status_for,
 )
 from kubemaas_operator.settings import OperatorSettings
+from kubemaas_operator.store import Store
 
 SETTINGS = OperatorSettings(runtime_image="registry.example/runtime:2.0")
 UID = "11111111-2222-3333-4444-555555555555"
@@ -120,7 +123,7 @@ class _Kube:
 
 def test_a_reconcile_reads_no_child_when_nothing_conflicts() -> None:
     kube = _Kube()
-    plan, problem = Reconciler(kube, SETTINGS).reconcile(_ms(), None, prune=False)
+    plan, problem = Reconciler(kube, SETTINGS).reconcile(Store(), _ms(), None, prune=False)
     assert problem is None
     assert [c[0] for c in kube.calls] == ["apply"] * len(plan.children)
     assert not any(force for *_, force in kube.calls)
@@ -129,7 +132,7 @@ def test_a_reconcile_reads_no_child_when_nothing_conflicts() -> None:
 def test_a_hand_edited_child_is_read_once_then_applied_with_force() -> None:
     kube = _Kube(existing={("Deployment", "m-a"): _obj("Deployment", "m-a", UID)},
                  conflicts={("Deployment", "m-a")})
-    _, problem = Reconciler(kube, SETTINGS).reconcile(_ms(), None, prune=False)
+    _, problem = Reconciler(kube, SETTINGS).reconcile(Store(), _ms(), None, prune=False)
     assert problem is None
     calls = [c for c in kube.calls if c[1:3] == ("Deployment", "m-a")]
     assert calls == [("apply", "Deployment", "m-a", False), ("get", "Deployment", "m-a"),
@@ -140,7 +143,7 @@ def test_a_hand_edited_child_is_read_once_then_applied_with_force() -> None:
 def test_an_object_of_another_manager_is_a_name_conflict_and_is_not_overwritten() -> None:
     kube = _Kube(existing={("Service", "m"): _obj("Service", "m", None, labelled=False)},
                  conflicts={("Service", "m")})
-    _, problem = Reconciler(kube, SETTINGS).reconcile(_ms(), None, prune=False)
+    _, problem = Reconciler(kube, SETTINGS).reconcile(Store(), _ms(), None, prune=False)
     assert problem is not None and problem.reason == "NameConflict" and "Service m" in problem.message
     assert ("apply", "Service", "m", True) not in kube.calls
 
@@ -148,37 +151,53 @@ def test_an_object_of_another_manager_is_a_name_conflict_and_is_not_overwritten(
 def test_a_name_another_modelservice_holds_is_a_conflict_without_a_write() -> None:
     kube = _Kube()
     owners = lambda kind, name: "ModelService x" if (kind, name) == ("Deployment", "m-a") else None
-    _, problem = Reconciler(kube, SETTINGS).reconcile(_ms(), None, prune=False, owners=owners)
+    _, problem = Reconciler(kube, SETTINGS).reconcile(Store(), _ms(), None, prune=False, owners=owners)
     assert problem is not None and problem.reason == "NameConflict" and "ModelService x" in problem.message
     assert ("apply", "Deployment", "m-a", False) not in kube.calls
 
 
 def test_the_status_written_is_the_record_only_until_the_watch_delivers_it() -> None:
-    reconciler = Reconciler(_Kube(), SETTINGS)
+    store = Store()
     key, old, new = ("ns", "m"), {"replicas": 0}, {"replicas": 1}
-    assert reconciler.last_status(key, old) == old  # nothing written: the object's
-    reconciler.write_status(key, new)
-    assert reconciler.last_status(key, old) == new  # the watch lags: ours
-    assert reconciler.last_status(key, new) == new  # delivered: the object's again
-    assert key not in reconciler.written
-    assert reconciler.last_status(key, {"replicas": 2}) == {"replicas": 2}  # a later writer wins
-    assert reconciler.last_status(key, None) is None
+    assert store.last_status(key, old) == old  # nothing written: the object's
+    store.wrote(key, new)
+    assert store.last_status(key, old) == new  # the watch lags: ours
+    assert store.last_status(key, new) == new  # delivered: the object's again
+    assert store.entry(key).written is None
+    assert store.last_status(key, {"replicas": 2}) == {"replicas": 2}  # a later writer wins
+    assert store.last_status(key, None) is None
+
+
+def test_the_applier_keeps_nothing_and_forgetting_a_key_drops_all_of_its_state() -> None:
+    """The reconciler holds no state of its own: what an apply did goes into the store it is
+    handed, and one forget drops the apply, the status written and the lock together."""
+    reconciler, store, other = Reconciler(_Kube(), SETTINGS), Store(), Store()
+    ms = _ms()
+    key = (ms.namespace, ms.name)
+    reconciler.reconcile(store, ms, None, prune=False)
+    store.wrote(key, {"replicas": 1})
+    assert store.applied(key) is not None and [k for k, _ in store.managed()] == [key]
+    assert other.applied(key) is None and other.managed() == []  # nothing leaked into the applier
+    lock = store.lock(key)
+    store.forget(key)
+    assert store.applied(key) is None and store.managed() == [] and store.last_status(key, None) is None
+    assert store.lock(key) is not lock
 
 
 def test_a_deployment_is_drifted_only_past_the_generation_our_apply_got() -> None:
-    reconciler = Reconciler(_Kube(), SETTINGS)
+    reconciler, store = Reconciler(_Kube(), SETTINGS), Store()
     ms = _ms()
-    plan, _ = reconciler.reconcile(ms, None, prune=False)
-    key = (ms.namespace, ms.name)
+    plan, _ = reconciler.reconcile(store, ms, None, prune=False)
+    applied = store.applied((ms.namespace, ms.name))
     name = next(c["metadata"]["name"] for c in plan.children if c["kind"] == "Deployment")
 
     def indexed(dep: str, generation: int) -> dict:
         return {"metadata": {"name": dep, "generation": generation}}
 
-    assert reconciler.drifted(key, [indexed(name, 1)]) == []  # the generation our apply got (the fake's 1)
-    assert reconciler.drifted(key, [indexed(name, 2)]) == [(name, 2)]  # someone changed the spec since
-    assert reconciler.drifted(key, [indexed("not-ours", 9)]) == []
-    assert reconciler.drifted(("ns", "unknown"), [indexed(name, 9)]) == []
+    assert drifted(applied, [indexed(name, 1)]) == []  # the generation our apply got (the fake's 1)
+    assert drifted(applied, [indexed(name, 2)]) == [(name, 2)]  # someone changed the spec since
+    assert drifted(applied, [indexed("not-ours", 9)]) == []
+    assert drifted(store.applied(("ns", "unknown")), [indexed(name, 9)]) == []
 
 
 class _VersionedKube(_Kube):
@@ -197,14 +216,14 @@ class _VersionedKube(_Kube):
 
 
 def test_then_runs_under_the_lock_with_only_the_deployments_the_apply_moved() -> None:
-    reconciler = Reconciler(_VersionedKube(), SETTINGS)
+    reconciler, store = Reconciler(_VersionedKube(), SETTINGS), Store()
     seen: list[tuple[bool, dict]] = []
-    then = lambda moved: seen.append((reconciler.lock(("ns", "m")).locked(), moved))
+    then = lambda moved: seen.append((store.lock(("ns", "m")).locked(), moved))
 
-    plan, _ = reconciler.reconcile(_ms(replicas=2), None, prune=False, then=then)
+    plan, _ = reconciler.reconcile(store, _ms(replicas=2), None, prune=False, then=then)
     names = {c["metadata"]["name"] for c in plan.children if c["kind"] == "Deployment"}
-    reconciler.reconcile(_ms(replicas=2), None, prune=False, then=then)  # the same spec again
-    reconciler.reconcile(_ms(image="example.com/other:2", replicas=2), None, prune=False, then=then)
+    reconciler.reconcile(store, _ms(replicas=2), None, prune=False, then=then)  # the same spec again
+    reconciler.reconcile(store, _ms(image="example.com/other:2", replicas=2), None, prune=False, then=then)
 
     assert all(locked for locked, _ in seen)
     assert set(seen[0][1]) == names and all(b["metadata"]["generation"] == 1 for b in seen[0][1].values())
@@ -224,8 +243,8 @@ def test_status_of_a_node_cached_model_reports_each_node_and_the_plain_one_none(
     body = _ms().model_dump(mode="json", by_alias=True, exclude_none=True)
     body["spec"]["model"] = {"uri": uri, "format": "transformers", "task": "feature-extraction", "cache": "node"}
     cached = ModelService.from_body(body)
-    reconciler = Reconciler(_Kube(), SETTINGS)
-    plan, _ = reconciler.reconcile(cached, None, prune=False)
+    store = Store()
+    plan, _ = Reconciler(_Kube(), SETTINGS).reconcile(store, cached, None, prune=False)
     assert plan.cache_key == cache_key(uri)
     line = "KubemaasCache: " + json.dumps({"bytes": 12, "cache": "filled", "key": plan.cache_key,
                                            "revision": "abc123", "uri": uri})
@@ -233,11 +252,11 @@ def test_status_of_a_node_cached_model_reports_each_node_and_the_plain_one_none(
            "status": {"initContainerStatuses": [{"name": FETCH_CONTAINER, "state": {"terminated": {
                "exitCode": 0, "message": line, "finishedAt": "2026-01-01T00:00:00Z"}}}]}}
     waiting = {**pod, "spec": {"nodeName": "n2"}, "status": {}}
-    status = reconciler.status_for(("ns", "m"), [], [pod, waiting], None)
+    status = status_for(store.applied(("ns", "m")), ("ns", "m"), [], [pod, waiting], None)
     assert status is not None and status["cacheSummary"] == "1/2 nodes"
     assert [(n["node"], n["ready"], n["bytes"]) for n in status["cache"]] == [("n1", True, 12), ("n2", False, 0)]
 
-    plain = Reconciler(_Kube(), SETTINGS)
-    plain.reconcile(_ms(), None, prune=False)
-    status = plain.status_for(("ns", "m"), [], [pod], None)
+    plain = Store()
+    Reconciler(_Kube(), SETTINGS).reconcile(plain, _ms(), None, prune=False)
+    status = status_for(plain.applied(("ns", "m")), ("ns", "m"), [], [pod], None)
     assert status is not None and "cache" not in status and "cacheSummary" not in status

@@ -12,25 +12,18 @@ KEY = ("ns", "m")
 
 
 class _Reconciler:
-    """Counts status computations; the status is whatever `ready` says now."""
+    """The refresher's kube (patch_status) and its status and drift functions: counts status
+    computations; the status is whatever `ready` says now."""
 
     def __init__(self) -> None:
-        self.written: dict = {}
         self.computed = 0
         self.writes: list[dict] = []
         self.ready = 0
         self.gate = threading.Event()
         self.gate.set()
-        self._lock = threading.Lock()
         self.drift: list = []  # what drifted() reports, until a repair clears it (when it can)
 
-    def lock(self, key):
-        return self._lock
-
-    def last_status(self, key, carried):
-        return self.written.get(key) or carried or None
-
-    def status_for(self, key, deployments, pods, previous):
+    def status_for(self, applied, key, deployments, pods, previous):
         ready = self.ready  # what the indexes said when the refresh began
         self.gate.wait(5)
         self.computed += 1
@@ -39,11 +32,10 @@ class _Reconciler:
                                   "reason": "R", "message": ""}]}
         return None if previous == status else status
 
-    def write_status(self, key, status):
+    def patch_status(self, namespace, name, status):
         self.writes.append(status)
-        self.written[key] = status
 
-    def drifted(self, key, deployments):
+    def drifted(self, applied, deployments):
         return list(self.drift)
 
 
@@ -56,7 +48,7 @@ def _run(scenario, repair=None) -> tuple[_Reconciler, list]:
     with ThreadPoolExecutor(2) as pool:
         refresher = StatusRefresher(reconciler, pool, window=0.05,  # type: ignore[arg-type]
                                     post=lambda parent, before, after: posted.append((before, after)),
-                                    repair=repair)
+                                    repair=repair, status=reconciler.status_for, drift=reconciler.drifted)
         asyncio.run(scenario(refresher, reconciler))
     return reconciler, posted
 
@@ -182,13 +174,14 @@ def test_after_apply_computes_from_the_apply_answer_and_posts_before_the_lock_is
     seen: dict = {}
 
     class Recording(_Reconciler):
-        def status_for(self, key, deployments, pods, previous):
+        def status_for(self, applied, key, deployments, pods, previous):
             seen["deployments"] = {d["metadata"]["name"]: d for d in deployments}
-            return super().status_for(key, deployments, pods, previous)
+            return super().status_for(applied, key, deployments, pods, previous)
 
     reconciler, posted = Recording(), []
     refresher = StatusRefresher(reconciler, None,  # type: ignore[arg-type]
-                                post=lambda parent, before, after: posted.append(reconciler._lock.locked()))
+                                post=lambda parent, before, after: posted.append(refresher.store.lock(KEY).locked()),
+                                status=reconciler.status_for)
     rolled = {"metadata": {"name": "m-a", "generation": 2, "labels": {}}, "spec": {"replicas": 1},
               "status": {"observedGeneration": 2, "updatedReplicas": 1, "replicas": 1}}
     untouched = {"metadata": {"name": "m-b", "generation": 1, "labels": {}}, "spec": {"replicas": 1},
@@ -198,7 +191,7 @@ def test_after_apply_computes_from_the_apply_answer_and_posts_before_the_lock_is
               "spec": {"replicas": 1, "template": {}}, "status": {"observedGeneration": 1}}
     indexes = Indexes({KEY: [{"metadata": {"name": "m"}, "status": {}}]}, {KEY: [rolled, untouched]}, {}, {})
 
-    with reconciler.lock(KEY):
+    with refresher.store.lock(KEY):
         refresher.after_apply(KEY, indexes.parent(KEY), indexes, {"m-a": answer})
 
     assert seen["deployments"]["m-a"] == {"metadata": {"name": "m-a", "generation": 2, "labels": {"x": "y"}},

@@ -382,17 +382,18 @@ class _RecordingKube:
 
 def test_the_canary_timer_writes_only_what_changed_since_the_last_plan() -> None:
     from kubemaas_operator.reconcile import Reconciler
+    from kubemaas_operator.store import Store
 
     _, new, observed = _canary_start()
     kube = _RecordingKube()
-    reconciler = Reconciler(kube, SETTINGS)
-    reconciler.reconcile(new, PINNED, observed=observed)
+    reconciler, store = Reconciler(kube, SETTINGS), Store()
+    reconciler.reconcile(store, new, PINNED, observed=observed)
     assert ("scale", "m-a=4") in kube.writes and ("apply", "HTTPRoute/m") not in kube.writes
     kube.writes.clear()
-    reconciler.reconcile(new, PINNED, observed=observed, only_changes=True)
+    reconciler.reconcile(store, new, PINNED, observed=observed, only_changes=True)
     assert kube.writes == []   # nothing moved: no apply, no scale, no listing for stale children
     rev = _revisions(new)
     up = observed + [_dep(f"m-a-{rev['a']}", "a", rev["a"], 1, track="canary"),
                      _dep(f"m-b-{rev['b']}", "b", rev["b"], 1, track="canary")]
-    reconciler.reconcile(new, PINNED, observed=up, only_changes=True)
+    reconciler.reconcile(store, new, PINNED, observed=up, only_changes=True)
     assert kube.writes == [("scale", "m-a=3")]   # the canary pod is up: the stable gives one back
