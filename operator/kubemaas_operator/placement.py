@@ -186,7 +186,7 @@ def no_fit_message(ms: ModelService, variant: Variant, need: GpuEstimate, nodes:
     return text
 
 
-def plan_fit(ms: ModelService, nodes: Iterable[GpuNode] | None, memory_label: str) -> tuple[VariantFit, ...]:
+def fit_variants(ms: ModelService, nodes: Iterable[GpuNode] | None, memory_label: str) -> tuple[VariantFit, ...]:
     """Every variant's estimate; with `nodes` (the cluster's GPU nodes; None offline) also
     whether any holds it."""
     nodes = None if nodes is None else tuple(nodes)

@@ -147,7 +147,7 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedIma
     groups have rolled (multinode.py)."""
     image = choose_runtime_images(ms, pinned_image or PinnedImages(), operator_images(settings))
     rollout = plan_rollout(ms, image, observed, record, now or datetime.now(UTC))
-    fits = placement.plan_fit(ms, gpu_nodes, settings.gpu_memory_label)
+    fits = placement.fit_variants(ms, gpu_nodes, settings.gpu_memory_label)
     # A refused variant gets no Deployment written (none created: no Pending pod, no pod that
     # fails at start); one that already runs an earlier revision is left as it is, serving.
     refused = refused_variants(ms, fits, settings.multi_node)

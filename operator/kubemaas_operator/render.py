@@ -79,7 +79,7 @@ def render_document(document: Any, where: str, settings: OperatorSettings, names
         result.errors.extend(f'{where}: ModelService "{name}": {reason}: {why}' for reason, why in cannot_run)
         return
     # The GPU-fit estimate (offline: against no cluster, so nothing is refused here)
-    fits = {f.variant: f.estimate for f in placement.plan_fit(ms, None, settings.gpu_memory_label)}
+    fits = {f.variant: f.estimate for f in placement.fit_variants(ms, None, settings.gpu_memory_label)}
     if is_multi_node(ms, settings):  # groups: the RayClusters the operator would write
         from kubemaas_operator.reconcile import decide
 

@@ -86,7 +86,11 @@ def _find_stable(observed: list[ObservedDeployment], record: VariantStatus | Non
 
 
 @dataclass
-class _Variant:
+class _VariantRollout:
+    """One variant mid-decision: its stable Deployment (observed, or the name it gets), the
+    canary's, and every other Deployment it still has. Private to the rollout: the plan that
+    leaves this module is a VariantLayout."""
+
     spec: Variant
     replicas: int
     desired: str
@@ -103,15 +107,15 @@ class _Variant:
 
 
 def _variant_state(ms: ModelService, variant: Variant, replicas: int, desired: str, canary_strategy: bool,
-                   observed: list[ObservedDeployment], record: VariantStatus | None) -> _Variant:
+                   observed: list[ObservedDeployment], record: VariantStatus | None) -> _VariantRollout:
     stable = _find_stable(observed, record, desired)
     if stable is None:
         name = variant_child_name(ms.name, variant.name)
-        return _Variant(variant, replicas, desired, None, name, desired, [d for d in observed if d.name != name])
+        return _VariantRollout(variant, replicas, desired, None, name, desired, [d for d in observed if d.name != name])
     # A Deployment made before revisions were labelled counts as running the spec.
     revision = stable.revision or desired
     others = [d for d in observed if d.name != stable.name]
-    state = _Variant(variant, replicas, desired, stable, stable.name, revision, others)
+    state = _VariantRollout(variant, replicas, desired, stable, stable.name, revision, others)
     if canary_strategy and revision != desired and replicas > 0:
         existing = [d for d in others if d.revision == desired]
         if existing:
@@ -134,7 +138,7 @@ def _at_strength(stable: ObservedDeployment | None, replicas: int, revision: str
             and stable.available >= replicas)
 
 
-def _steady_layout(v: _Variant, canary_strategy: bool) -> VariantLayout:
+def _steady_layout(v: _VariantRollout, canary_strategy: bool) -> VariantLayout:
     """The variant runs the spec in its stable Deployment. Under Canary an earlier revision
     (a reverted canary) stays until the stable one has its pods back; switching to
     RollingUpdate during a canary ends it at once."""
@@ -179,7 +183,7 @@ def plan_rollout(ms: ModelService, runtime_image: RuntimeImages | str, observed:
 
 
 def _variant_states(ms: ModelService, runtime_image: RuntimeImages | str, observed: Sequence[ObservedDeployment],
-                    record: ModelServiceStatus) -> list[_Variant]:
+                    record: ModelServiceStatus) -> list[_VariantRollout]:
     split = replicas_by_variant(ms.spec.replicas, ms.spec.variants)
     desired = variant_revisions(ms, runtime_image)
     canary = ms.spec.rollout.strategy == "Canary"
@@ -189,7 +193,7 @@ def _variant_states(ms: ModelService, runtime_image: RuntimeImages | str, observ
             for v in ms.spec.variants]
 
 
-def _steady_plan(strategy: str, states: list[_Variant], revision: str) -> RolloutPlan:
+def _steady_plan(strategy: str, states: list[_VariantRollout], revision: str) -> RolloutPlan:
     """No variant changing: each runs the spec in its stable Deployment; earlier revisions
     kept (a reverted canary) keep the rollout Progressing until they are gone."""
     layouts = tuple(_steady_layout(s, strategy == "Canary") for s in states)
@@ -207,7 +211,7 @@ def _resumed_step(record: ModelServiceStatus, revision: str, steps: Sequence) ->
     return 1, None
 
 
-def _reached(changing: list[_Variant], steps: Sequence, step: int) -> bool:
+def _reached(changing: list[_VariantRollout], steps: Sequence, step: int) -> bool:
     """Every changing variant's canary runs the spec with the step's pods all available."""
     return all(
         s.canary is not None and s.canary.revision == s.desired and s.canary.rolled_out
@@ -216,7 +220,7 @@ def _reached(changing: list[_Variant], steps: Sequence, step: int) -> bool:
     )
 
 
-def _alive(changing: list[_Variant]) -> bool:
+def _alive(changing: list[_VariantRollout]) -> bool:
     return all(s.canary is not None and s.canary.revision == s.desired and s.canary.available > 0
                for s in changing)
 
@@ -230,7 +234,7 @@ class _Progress:
     message: str = ""
 
 
-def _progress(changing: list[_Variant], steps: Sequence, revision: str, step: int,
+def _progress(changing: list[_VariantRollout], steps: Sequence, revision: str, step: int,
               started: datetime | None, now: datetime) -> _Progress:
     """Where the canary is now: a reached step holds, pauses, or (its pause over) gives way to
     the next one."""
@@ -255,7 +259,7 @@ def _progress(changing: list[_Variant], steps: Sequence, revision: str, step: in
         f"pausing {int(pause - elapsed)} s more before the next step."))
 
 
-def _waiting_message(changing: list[_Variant], steps: Sequence, step: int, revision: str, weight: int) -> str:
+def _waiting_message(changing: list[_VariantRollout], steps: Sequence, step: int, revision: str, weight: int) -> str:
     waiting = ", ".join(
         f"{s.spec.name} {min(s.canary.available, s.canary.replicas) if s.canary else 0}/"
         f"{canary_replicas(s.replicas, _step_weight(steps, step))}" for s in changing)
@@ -264,7 +268,7 @@ def _waiting_message(changing: list[_Variant], steps: Sequence, step: int, revis
             f"available ({waiting}); {weight}% of the changed variants' traffic is on it.")
 
 
-def _canary_layout(s: _Variant, steps: Sequence, step: int, weight: int) -> VariantLayout:
+def _canary_layout(s: _VariantRollout, steps: Sequence, step: int, weight: int) -> VariantLayout:
     """The stable Deployment (only scaled) gives up as many pods as the canary has available
     for the step, keeping at least one; the canary's Deployment is applied at the step's size."""
     pods = canary_replicas(s.replicas, _step_weight(steps, step))
@@ -279,7 +283,7 @@ def _canary_layout(s: _Variant, steps: Sequence, step: int, weight: int) -> Vari
     )
 
 
-def _promoted(strategy: str, states: list[_Variant], revision: str) -> RolloutPlan:
+def _promoted(strategy: str, states: list[_VariantRollout], revision: str) -> RolloutPlan:
     """The canary's Deployments become the stable ones (relabelled, not replaced); the old
     stable ones go, their replacements being at full strength already."""
     layouts = []

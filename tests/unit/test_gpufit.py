@@ -107,8 +107,8 @@ def test_an_encoder_has_no_kv_cache():
 
 
 def test_no_estimate_without_parameter_count_or_gpus():
-    assert placement.plan_fit(llm(parameters=None), NODES, MEMORY) == ()
-    assert placement.plan_fit(llm(gpus=0, quantizations=("none",)), NODES, MEMORY) == ()
+    assert placement.fit_variants(llm(parameters=None), NODES, MEMORY) == ()
+    assert placement.fit_variants(llm(gpus=0, quantizations=("none",)), NODES, MEMORY) == ()
 
 
 def test_description_gives_the_parts_in_gib():
@@ -124,7 +124,7 @@ def test_description_gives_the_parts_in_gib():
 
 def test_13b_bf16_on_one_gpu_goes_to_an_h100_never_an_l4():
     ms = llm(parameters="13B", quantizations=("bf16",))
-    (fit,) = placement.plan_fit(ms, NODES, MEMORY)
+    (fit,) = placement.fit_variants(ms, NODES, MEMORY)
     assert fit.problem is None and fit.verdict == "Fits"
     assert 23034 < fit.estimate.per_gpu_mib <= 81559  # more than an L4, less than an H100
     dep = deployment_of(build_children(ms, SETTINGS), "m-bf16")
@@ -136,7 +136,7 @@ def test_13b_bf16_on_one_gpu_goes_to_an_h100_never_an_l4():
 
 def test_70b_int4_on_one_gpu_fits_an_h100_with_the_default_limits():
     ms = llm(quantizations=("int4-weight-only",))
-    (fit,) = placement.plan_fit(ms, NODES, MEMORY)
+    (fit,) = placement.fit_variants(ms, NODES, MEMORY)
     assert fit.problem is None
     assert fit.estimate.weights == 35_000_000_000
     assert fit.estimate.per_gpu_mib <= 81559
@@ -144,7 +144,7 @@ def test_70b_int4_on_one_gpu_fits_an_h100_with_the_default_limits():
 
 def test_70b_full_precision_pinned_to_an_l4_is_refused_with_the_numbers():
     ms = llm(quantizations=("none",), product=L4)
-    (fit,) = placement.plan_fit(ms, NODES, MEMORY)
+    (fit,) = placement.fit_variants(ms, NODES, MEMORY)
     assert fit.verdict == "Insufficient"
     assert fit.problem.message == (
         "Variant none needs ~273 GiB per GPU (70B parameters at fp32: 261 GiB, KV cache 10 GiB for "
@@ -155,13 +155,13 @@ def test_70b_full_precision_pinned_to_an_l4_is_refused_with_the_numbers():
 
 
 def test_a_too_small_named_product_points_at_gpus_that_would_hold_it():
-    fit, = placement.plan_fit(llm(parameters="13B", product=L4), NODES, MEMORY)
+    fit, = placement.fit_variants(llm(parameters="13B", product=L4), NODES, MEMORY)
     assert "the largest NVIDIA-L4 has 22 GiB" in fit.problem.message
     assert "NVIDIA-H100-80GB-HBM3 GPUs in the cluster would hold it (resources.gpu.product)" in fit.problem.message
 
 
 def test_70b_fp16_on_one_gpu_fits_no_gpu_of_the_cluster():
-    fit, = placement.plan_fit(llm(quantizations=("fp16",)), NODES, MEMORY)
+    fit, = placement.fit_variants(llm(quantizations=("fp16",)), NODES, MEMORY)
     assert "the largest NVIDIA-H100-80GB-HBM3 has 79 GiB" in fit.problem.message
 
 
@@ -170,12 +170,12 @@ def test_70b_fp16_on_one_gpu_fits_no_gpu_of_the_cluster():
     (NODES, "NVIDIA-A100-SXM4-40GB", "no node has nvidia.com/gpu.product=NVIDIA-A100-SXM4-40GB and a"),
 ])
 def test_no_such_gpus_in_the_cluster(nodes, product, says):
-    fit, = placement.plan_fit(llm(parameters="7B", product=product), nodes, MEMORY)
+    fit, = placement.fit_variants(llm(parameters="7B", product=product), nodes, MEMORY)
     assert says in fit.problem.message and fit.problem.message.startswith("Variant bf16 needs ~")
 
 
 def test_offline_nothing_is_refused():
-    fit, = placement.plan_fit(llm(quantizations=("none",), product=L4), None, MEMORY)
+    fit, = placement.fit_variants(llm(quantizations=("none",), product=L4), None, MEMORY)
     assert fit.problem is None and fit.verdict == "Unknown"
 
 
@@ -224,7 +224,7 @@ def test_memory_requirement_joins_every_term_of_the_users_affinity():
 def test_each_variant_gets_its_own_requirement_and_the_product_stays_a_selector():
     ms = llm(quantizations=("int4-weight-only", "bf16"), gpus=2, product=H100)
     children = build_children(ms, SETTINGS)
-    needs = {f.variant: f.estimate.per_gpu_mib for f in placement.plan_fit(ms, None, MEMORY)}
+    needs = {f.variant: f.estimate.per_gpu_mib for f in placement.fit_variants(ms, None, MEMORY)}
     for variant in ("int4", "bf16"):
         pod = deployment_of(children, f"m-{variant}")["spec"]["template"]["spec"]
         (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
@@ -385,7 +385,7 @@ def test_the_smallest_configuration_that_holds_a_model(parameters, quantization,
 
 
 def test_405b_on_l4s_only_is_refused_naming_the_smallest_configuration():
-    (fit,) = placement.plan_fit(across(product=L4, gpus=1), NODES, MEMORY)
+    (fit,) = placement.fit_variants(across(product=L4, gpus=1), NODES, MEMORY)
     assert fit.verdict == "Insufficient"
     assert ("the smallest configuration of NVIDIA-L4 that holds it: resources.gpu.count 1 x gpu.nodes 39 "
             "(~22.2 GiB per GPU), which spans nodes") in fit.problem.message
@@ -393,7 +393,7 @@ def test_405b_on_l4s_only_is_refused_naming_the_smallest_configuration():
 
 def test_405b_over_two_h100_nodes_fits_the_estimate_and_is_refused_as_multi_node():
     ms = across(gpus=8, nodes=2, product=H100)
-    (fit,) = placement.plan_fit(ms, NODES, MEMORY)
+    (fit,) = placement.fit_variants(ms, NODES, MEMORY)
     assert fit.problem is None  # ~52 GiB per GPU over 16 H100s
     plan = decide(ms, SETTINGS, None, gpu_nodes=NODES)
     assert plan.refused.reason == "MultiNodeNotSupported"
@@ -411,13 +411,13 @@ def test_the_refusal_looks_only_at_nodes_the_users_selector_allows():
                            "nodeSelectorTerms": [{"matchExpressions": [
                                {"key": "pool", "operator": "NotIn", "values": ["h100"]}]}]}}}}):
         ms = across(parameters="13B", gpus=1, scheduling=scheduling)
-        (fit,) = placement.plan_fit(ms, labelled, MEMORY)
+        (fit,) = placement.fit_variants(ms, labelled, MEMORY)
         assert fit.problem is not None
         assert "the largest NVIDIA-L4 among the nodes scheduling.nodeSelector and affinity allow" in fit.problem.message
     allowed = across(parameters="13B", gpus=1, scheduling={"nodeSelector": {"pool": "h100"}})
-    assert placement.plan_fit(allowed, labelled, MEMORY)[0].problem is None
+    assert placement.fit_variants(allowed, labelled, MEMORY)[0].problem is None
     nowhere = across(parameters="13B", gpus=1, scheduling={"nodeSelector": {"pool": "tpu"}})
-    assert "no node that scheduling.nodeSelector and affinity allow" in placement.plan_fit(nowhere, labelled, MEMORY)[0].problem.message
+    assert "no node that scheduling.nodeSelector and affinity allow" in placement.fit_variants(nowhere, labelled, MEMORY)[0].problem.message
 
 
 @pytest.mark.parametrize(("op", "values", "value", "ok"), [
