@@ -25,14 +25,15 @@ MULTI_NODE_REASON = "MultiNodeNotSupported"
 
 
 def resolved_engine(ms: ModelService, variant: Variant) -> ResolvedEngine:
-    """builtin or vllm: the variant's engine with ``auto`` decided."""
-    asked = ms.spec.engine_of(variant)
-    if asked != "auto":
-        return asked
-    model = ms.spec.model
-    if model.format == "transformers" and model.task == "text-generation" and ms.spec.uses_gpu:
-        return "vllm"
-    return "builtin"
+    """builtin or vllm: the variant's engine with ``auto`` decided (the spec decides it, so the
+    API's compile rule and the builders resolve alike)."""
+    return ms.spec.resolved_engine(variant)
+
+
+def compiles_decode(ms: ModelService, variant: Variant) -> bool:
+    """Whether the variant's pods run ``--compile decode``: it asks for decode (the API admits
+    that only on the builtin engine, for text generation, without adapters)."""
+    return ms.spec.compile_of(variant) == "decode" and resolved_engine(ms, variant) == "builtin"
 
 
 def tensor_parallel_size(ms: ModelService) -> int:

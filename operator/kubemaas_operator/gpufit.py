@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from kubemaas_operator import runtime_contract
 from kubemaas_operator.api import ModelService, Variant
-from kubemaas_operator.engine import tensor_parallel_size
+from kubemaas_operator.engine import compiles_decode, resolved_engine, tensor_parallel_size
 
 GIB = 1024**3
 MIB = 1024**2
@@ -49,6 +49,14 @@ LOAD_BASE_SECONDS = 600
 # vLLM then compiles the model, captures CUDA graphs and allocates its KV cache before it is
 # ready (issue 24 measured ~150 s for a 135M model on 2 CPU cores): more time on top.
 VLLM_EXTRA_SECONDS = 600
+# The builtin engine with --compile decode compiles one inductor graph per batch bucket before
+# it is ready (runtime_contract.compile_graphs: 5 at the default maxNumSeqs 16, 6 at 32, 13 at
+# 4096). Measured on the project's shared 2-core machine with SmolLM2-135M (30 layers) at
+# maxNumSeqs 32, 6 graphs: ready in 301 s with a cold inductor cache against 13-17 s eager, so
+# ~48 s a graph; 121 s with a warm cache; in-process, 3 graphs took 228 s (76 s a graph)
+# (docs/runtime.md, "Compiled decode"). A new pod's cache is always cold (it lives in the pod's
+# /tmp emptyDir): allow 120 s a graph, ~1.6x the slowest measured, on top of the load budget.
+COMPILE_SECONDS_PER_GRAPH = 120
 
 
 @dataclass(frozen=True)
@@ -161,10 +169,21 @@ def estimate(ms: ModelService, variant: Variant, gpus: int | None = None,
     )
 
 
-def startup_seconds(ms: ModelService, configured: int, engine: str = "builtin") -> int:
-    """How long a pod may take to load its model: the operator setting, or more for a model so
-    large that reading its 16-bit weights at LOAD_BYTES_PER_SECOND takes longer; the vLLM
-    engine gets VLLM_EXTRA_SECONDS more on top (docs/api.md, "Startup probe")."""
+def compile_seconds(ms: ModelService, variant: Variant) -> int:
+    """The start-up allowance for the variant's compiled decode: COMPILE_SECONDS_PER_GRAPH for
+    each graph the runtime compiles before it is ready, 0 when it does not compile."""
+    if not compiles_decode(ms, variant):
+        return 0
+    seqs = ms.spec.runtime.max_num_seqs or runtime_contract.MAX_NUM_SEQS
+    return COMPILE_SECONDS_PER_GRAPH * runtime_contract.compile_graphs(seqs)
+
+
+def startup_seconds(ms: ModelService, variant: Variant, configured: int) -> int:
+    """How long a pod of the variant may take to load its model: the operator setting, or more
+    for a model so large that reading its 16-bit weights at LOAD_BYTES_PER_SECOND takes longer;
+    on top, VLLM_EXTRA_SECONDS for the vLLM engine, or the compiled decode's allowance for the
+    builtin engine with compile decode (docs/api.md, "Startup probe")."""
     parameters = ms.spec.model.parameters
     load = LOAD_BASE_SECONDS + math.ceil(parameters * 2 / LOAD_BYTES_PER_SECOND) if parameters else 0
-    return max(configured, load) + (VLLM_EXTRA_SECONDS if engine == "vllm" else 0)
+    extra = VLLM_EXTRA_SECONDS if resolved_engine(ms, variant) == "vllm" else compile_seconds(ms, variant)
+    return max(configured, load) + extra

@@ -18,6 +18,18 @@ LIVE_PATH = "/v2/health/live"  # liveness probe
 # --max-num-seqs when spec.runtime.maxNumSeqs is empty (the operator then writes none): the
 # GPU-fit estimate's KV budget assumes this many sequences of maxModelLen.
 MAX_NUM_SEQS = 16
+# --compile (KUBEMAAS_COMPILE): the builtin engine's compiled decode. The operator writes
+# COMPILE_DECODE for a variant that asks for it and nothing otherwise: off is the runtime's
+# default, so no existing pod's env changes.
+COMPILE_FLAG = "--compile"
+COMPILE_DECODE = "decode"
+COMPILE_DEFAULT = "off"
+
+
+def compile_graphs(max_num_seqs: int) -> int:
+    """Decode graphs `--compile decode` compiles before readiness: one per batch bucket, 1, 2,
+    4, ... below max_num_seqs and max_num_seqs itself (compiled_decode.batch_buckets): 5 at 16."""
+    return (max_num_seqs - 1).bit_length() + 1
 
 
 def env_name(flag: str) -> str:

@@ -147,6 +147,35 @@ def test_two_gpus_split_on_vllm_and_builtin_refused_before_any_pod(cluster: Clus
     assert (env["KUBEMAAS_ENGINE"], env["KUBEMAAS_TENSOR_PARALLEL_SIZE"]) == ("vllm", "2")
 
 
+def test_compiled_decode_gets_its_env_and_a_longer_startup_probe_and_not_on_vllm(cluster: Cluster, operator,
+                                                                              namespace: str) -> None:
+    """runtime.compile decode on the builtin engine: the pod is told KUBEMAAS_COMPILE=decode and
+    its startup probe and progress deadline allow 120 s a graph more than the eager twin's (6
+    graphs at maxNumSeqs 32); with engine vllm the API server refuses it, naming the field."""
+    runtime = {"engine": "builtin", "maxNumSeqs": 32}
+    apply(cluster, namespace, llm("eager", "135M", "bf16", runtime=runtime))
+    apply(cluster, namespace, llm("compiled", "135M", "bf16", runtime={**runtime, "compile": "decode"}))
+    budgets = {}
+    for name in ("eager", "compiled"):
+        ms = wait_ready(cluster, namespace, name, timeout=120)
+        assert ms["spec"]["runtime"]["compile"] == ("decode" if name == "compiled" else "off")  # defaulted
+        (dep,) = deployments(cluster, namespace, name).values()
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env.get("KUBEMAAS_COMPILE") == ("decode" if name == "compiled" else None), env
+        probe = container["startupProbe"]
+        budgets[name] = (probe["periodSeconds"] * probe["failureThreshold"], dep["spec"]["progressDeadlineSeconds"])
+    assert budgets["compiled"][0] - budgets["eager"][0] == 6 * 120, budgets
+    assert budgets["compiled"][1] - budgets["eager"][1] == 6 * 120, budgets
+
+    refused = llm("compilevllm", "135M", "bf16", runtime={"engine": "vllm", "compile": "decode"})
+    proc = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(refused), check=False)
+    assert proc.returncode != 0, proc.stdout
+    assert "spec.runtime.compile" in proc.stderr, proc.stderr
+    assert "is the builtin engine's compiled decode" in proc.stderr, proc.stderr
+    assert cluster.kubectl("get", "msvc", "compilevllm", "-n", namespace, check=False).returncode != 0
+
+
 def test_larger_than_a_node_refused_naming_what_would_hold_it(cluster: Cluster, operator, namespace: str) -> None:
     """405B bf16 with only L4s allowed: refused with the smallest configuration that holds it;
     over 2 nodes of 8 H100s it fits the estimate but is refused, there being no multi-node child;

@@ -67,6 +67,10 @@ GENERATIVE_CASES = {
     "gguf-keda-kv-cache": make_ms({
         "model": _GGUF, "runtime": {"maxModelLen": 4096},
         "autoscaling": {"engine": "keda", "maxReplicas": 4, "metric": "kv-cache-usage", "target": 80}}),
+    # compiled decode on the builtin engine: on the spec, and off again on one variant
+    "gguf-compile-decode": make_ms({
+        "model": _GGUF, "runtime": {"compile": "decode", "maxNumSeqs": 8},
+        "variants": [{"name": "compiled", "weight": 50}, {"name": "eager", "compile": "off", "weight": 50}]}),
 }
 
 
@@ -89,6 +93,39 @@ def test_the_runtime_reads_the_engine_and_the_split(label, engine, split):
     (container,) = dep["spec"]["template"]["spec"]["containers"]
     config = parse_serve_config(container["args"][1:], {e["name"]: e["value"] for e in container["env"]})
     assert (config.engine, config.tensor_parallel_size) == (engine, split)
+
+
+def test_the_runtime_reads_the_compile_mode_the_operator_writes():
+    """KUBEMAAS_COMPILE: decode where a variant compiles, left out (the runtime's off) elsewhere."""
+    compiled = {}
+    for label, dep in DEPLOYMENTS:
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        config = parse_serve_config(container["args"][1:], {e["name"]: e["value"] for e in container["env"]})
+        compiled[(label, dep["metadata"]["name"])] = config.compile
+    assert compiled.pop(("gguf-compile-decode", "m-compiled")) == "decode"
+    assert set(compiled.values()) == {"off"}
+
+
+def test_the_operators_compile_values_are_the_runtimes():
+    """Every value spec.runtime.compile takes is one the runtime's --compile accepts; the one
+    the operator leaves out is the runtime's default; the graphs the startup probe allows for
+    are the buckets the runtime compiles."""
+    from typing import get_args
+
+    from kubemaas_operator import runtime_contract
+    from kubemaas_operator.api.constants import CompileMode
+    from kubemaas_operator.api.spec import RuntimeSpec
+    from kubemaas_runtime.config import COMPILE_MODES, ServeConfig, env_var_for
+    from kubemaas_runtime.generation.compiled_decode import batch_buckets
+
+    assert set(get_args(CompileMode)) == set(COMPILE_MODES)
+    assert runtime_contract.COMPILE_DECODE in COMPILE_MODES
+    assert runtime_contract.COMPILE_DEFAULT == ServeConfig.compile == RuntimeSpec().compile
+    assert runtime_contract.env_name(runtime_contract.COMPILE_FLAG) == env_var_for("--compile") == "KUBEMAAS_COMPILE"
+    for mode in get_args(CompileMode):
+        assert parse_serve_config([], {**GENERATION_ENV, "KUBEMAAS_COMPILE": mode}).compile == mode
+    for seqs in [*range(1, 300), 1000, 1024, 1025, 4096]:
+        assert runtime_contract.compile_graphs(seqs) == len(batch_buckets(seqs)), seqs
 
 
 def test_the_runtime_reads_the_kv_budget_the_fit_estimate_assumed():

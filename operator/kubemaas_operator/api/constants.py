@@ -59,6 +59,8 @@ Quantization = Literal[
 ]
 # The runtime's engines (its --engine): auto lets the operator pick (docs/api.md, "Engines").
 Engine = Literal["auto", "builtin", "vllm"]
+# The builtin engine's compiled decode (the runtime's --compile): off, or decode compiled at start.
+CompileMode = Literal["off", "decode"]
 AutoscalingEngine = Literal["hpa", "keda"]
 AutoscalingMetric = Literal[
     "cpu", "concurrency", "rps", "running-sequences", "waiting-sequences", "kv-cache-usage"

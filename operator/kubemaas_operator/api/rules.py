@@ -311,6 +311,52 @@ TENSOR_PARALLEL_WITHIN_GPUS = CelRule(
 _GENERATES = "(self.model.format == 'gguf' || (has(self.model.task) && self.model.task == 'text-generation'))"
 
 
+# spec.runtime.compile decode (or a variant's compile): the builtin engine compiles its
+# text-generation decode step at start. Each rule looks at every variant's own value, else the
+# runtime's, as `ModelServiceSpec.compile_of` and `engine_of` do.
+def _of_variant(field: str, default: str) -> str:
+    return (f"(has(v.{field}) ? v.{field} : (has(self.runtime) && has(self.runtime.{field}) ? "
+            f"self.runtime.{field} : '{default}'))")
+
+
+_COMPILES = f"{_of_variant('compile', 'off')} == 'decode'"
+_NONE_COMPILES = f"self.variants.all(v, !({_COMPILES}))"
+# auto takes vllm for a transformers text-generation model with GPUs (engine.py)
+_AUTO_TAKES_VLLM = ("(self.model.format == 'transformers' && has(self.model.task) && "
+                    "self.model.task == 'text-generation' && self.resources.gpu.count > 0)")
+COMPILE_NEEDS_TEXT_GENERATION = CelRule(
+    rule=f"{_GENERATES} || {_NONE_COMPILES}",
+    message=(
+        "runtime.compile (or a variant's compile) decode compiles the decode step of text "
+        "generation: it applies only to model.task text-generation (or model.format gguf)"
+    ),
+    field_path=".runtime.compile",
+)
+COMPILE_NEEDS_BUILTIN_ENGINE = CelRule(
+    rule=(
+        f"self.variants.all(v, !({_COMPILES}) || {_of_variant('engine', 'auto')} == 'builtin' || "
+        f"({_of_variant('engine', 'auto')} == 'auto' && !{_AUTO_TAKES_VLLM}))"
+    ),
+    message=(
+        "runtime.compile (or a variant's compile) decode is the builtin engine's compiled decode: "
+        "a variant whose engine is vllm, or auto taking vllm (a transformers text-generation model "
+        "with GPUs), cannot use it (vLLM compiles its own); set that variant's engine builtin or its compile off"
+    ),
+    field_path=".runtime.compile",
+)
+# The runtime turns compiled decode off whenever LoRA is on (--max-loras, which spec.adapters
+# sets even when empty): adapter steps change the modules per step. Refused, not silently eager.
+COMPILE_NOT_WITH_ADAPTERS = CelRule(
+    rule=f"!has(self.adapters) || {_NONE_COMPILES}",
+    message=(
+        "runtime.compile (or a variant's compile) decode does not run with LoRA adapters (the "
+        "runtime decodes eager whenever spec.adapters is set): remove spec.adapters or set compile off"
+    ),
+    field_path=".runtime.compile",
+)
+COMPILE_RULES = (COMPILE_NEEDS_TEXT_GENERATION, COMPILE_NEEDS_BUILTIN_ENGINE, COMPILE_NOT_WITH_ADAPTERS)
+
+
 def _generation_limit_rule(field: str) -> CelRule:
     return CelRule(
         rule=f"!has(self.runtime) || !has(self.runtime.{field}) || {_GENERATES}",

@@ -40,6 +40,7 @@ from kubemaas_operator.api.constants import (
     TASKED_FORMATS,
     URI_SCHEMES,
     URI_SHAPE_PATTERN,
+    CompileMode,
     Engine,
     ModelCacheMode,
     ModelFormat,
@@ -282,6 +283,16 @@ class RuntimeSpec(ApiModel):
             "must divide resources.gpu.count. Empty: resources.gpu.count."
         ),
     )
+    compile: CompileMode = Field(
+        default="off",
+        description=(
+            "text-generation, builtin engine: decode compiles the decode step with torch.compile "
+            "(inductor) at batch buckets 1, 2, 4, ... up to maxNumSeqs before the pod is ready, "
+            "KUBEMAAS_COMPILE; off (default) runs eager. The startup probe allows for the compile. "
+            "Refused with engine vllm (or auto taking vllm) and with adapters; a variant's compile "
+            "overrides it (docs/api.md, Compiled decode)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_rules(self) -> RuntimeSpec:
@@ -311,6 +322,9 @@ class Variant(ApiModel):
     )
     engine: Engine | None = Field(
         default=None, description="This variant's engine (auto, builtin or vllm); empty: runtime.engine."
+    )
+    compile: CompileMode | None = Field(
+        default=None, description="This variant's compiled decode (off or decode); empty: runtime.compile."
     )
 
 
@@ -354,7 +368,7 @@ _SPEC_RULES = [
     rules.QUANTIZATION_ON_GPU, rules.CPU_METRIC_NEEDS_CPU_REQUEST, rules.SCALE_TO_ZERO_NEEDS_DEMAND_SIGNAL,
     *rules.GENERATION_LIMITS_NEED_TEXT_GENERATION, rules.GENERATIVE_METRIC_NEEDS_TEXT_GENERATION,
     rules.ENGINE_VLLM_NEEDS_TRANSFORMERS_GENERATION, rules.TENSOR_PARALLEL_WITHIN_GPUS,
-    *rules.ROUTING_RULES, *rules.ADAPTER_RULES,
+    *rules.ROUTING_RULES, *rules.ADAPTER_RULES, *rules.COMPILE_RULES,
 ]
 if rules.GPU_ONLY_QUANTIZATIONS:
     _SPEC_RULES.append(rules.QUANTIZATION_ON_CPU)
@@ -497,11 +511,37 @@ class ModelServiceSpec(ApiModel):
         split = self.runtime.tensor_parallel_size
         if split is not None and (self.resources.gpu.count == 0 or self.resources.gpu.count % split):
             raise rules.violation(rules.TENSOR_PARALLEL_WITHIN_GPUS)
+        compiling = [v for v in self.variants if self.compile_of(v) == "decode"]
+        if compiling:
+            self._check_compile(compiling)
         return self
+
+    def _check_compile(self, compiling: list[Variant]) -> None:
+        if not self.model.generative:
+            raise rules.violation(rules.COMPILE_NEEDS_TEXT_GENERATION)
+        if any(self.resolved_engine(v) != "builtin" for v in compiling):
+            raise rules.violation(rules.COMPILE_NEEDS_BUILTIN_ENGINE)
+        if self.adapters is not None:
+            raise rules.violation(rules.COMPILE_NOT_WITH_ADAPTERS)
 
     def engine_of(self, variant: Variant) -> Engine:
         """The engine a variant asks for: its own, else runtime.engine (auto, builtin or vllm)."""
         return variant.engine or self.runtime.engine
+
+    def resolved_engine(self, variant: Variant) -> Literal["builtin", "vllm"]:
+        """builtin or vllm: the variant's engine with auto decided (vllm for a transformers
+        text-generation model with GPUs, builtin otherwise; docs/api.md, Engines)."""
+        asked = self.engine_of(variant)
+        if asked != "auto":
+            return asked
+        model = self.model
+        if model.format == "transformers" and model.task == "text-generation" and self.uses_gpu:
+            return "vllm"
+        return "builtin"
+
+    def compile_of(self, variant: Variant) -> CompileMode:
+        """The compiled decode a variant asks for: its own, else runtime.compile (off or decode)."""
+        return variant.compile or self.runtime.compile
 
     def _check_routing(self) -> None:
         for rule, holds in ((rules.ROUTING_NEEDS_TEXT_GENERATION, self.model.generative),

@@ -20,7 +20,6 @@ from kubemaas_operator.builders.revision import (
     STABLE,
     TRACK_LABEL,
 )
-from kubemaas_operator.engine import resolved_engine
 from kubemaas_operator.settings import OperatorSettings
 
 
@@ -57,8 +56,7 @@ def build_variant_deployment(
             },
             "revisionHistoryLimit": 5,
             # A model may take its startup probe's budget to load; report no progress only after that.
-            "progressDeadlineSeconds": gpufit.startup_seconds(
-                ms, settings.startup_timeout_seconds, resolved_engine(ms, variant)) + 300,
+            "progressDeadlineSeconds": gpufit.startup_seconds(ms, variant, settings.startup_timeout_seconds) + 300,
             "template": template,
         },
     }

@@ -28,8 +28,16 @@ from kubemaas_operator.builders.naming import (
     RUNTIME_CONTAINER,
     variant_labels,
 )
-from kubemaas_operator.engine import resolved_engine, tensor_parallel_size
-from kubemaas_operator.runtime_contract import HTTP_PORT, LIVE_PATH, MODEL_DIR, READY_PATH
+from kubemaas_operator.engine import compiles_decode, resolved_engine, tensor_parallel_size
+from kubemaas_operator.runtime_contract import (
+    COMPILE_DECODE,
+    COMPILE_FLAG,
+    HTTP_PORT,
+    LIVE_PATH,
+    MODEL_DIR,
+    READY_PATH,
+    env_name,
+)
 from kubemaas_operator.settings import OperatorSettings
 
 PRE_STOP_SLEEP_SECONDS = 5  # lets endpoints drop the pod before it stops taking requests
@@ -125,8 +133,9 @@ def runtime_env(ms: ModelService, variant: Variant, settings: OperatorSettings) 
 
 
 def engine_env(ms: ModelService, variant: Variant) -> dict[str, str | None]:
-    """The engine as the spec asks for it (auto, the runtime's default, is not written) and the
-    GPUs one copy of the model is split over, when that is more than one or set in the spec."""
+    """The engine as the spec asks for it (auto, the runtime's default, is not written), the
+    GPUs one copy of the model is split over, when that is more than one or set in the spec, and
+    compiled decode when the variant asks for it (off, the runtime's default, is not written)."""
     spec = ms.spec
     engine = spec.engine_of(variant)
     split = spec.runtime.tensor_parallel_size
@@ -135,6 +144,7 @@ def engine_env(ms: ModelService, variant: Variant) -> dict[str, str | None]:
     return {
         "KUBEMAAS_ENGINE": None if engine == "auto" else engine,
         "KUBEMAAS_TENSOR_PARALLEL_SIZE": None if split is None else str(split),
+        env_name(COMPILE_FLAG): COMPILE_DECODE if compiles_decode(ms, variant) else None,
     }
 
 
@@ -183,7 +193,7 @@ def _http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
 def runtime_container(
     ms: ModelService, variant: Variant, settings: OperatorSettings, image: str, mounts: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    startup_seconds = gpufit.startup_seconds(ms, settings.startup_timeout_seconds, resolved_engine(ms, variant))
+    startup_seconds = gpufit.startup_seconds(ms, variant, settings.startup_timeout_seconds)
     startup_failures = max(1, startup_seconds // PROBE_PERIOD_SECONDS)
     return {
         "name": RUNTIME_CONTAINER,

@@ -4,7 +4,7 @@ Two specs with the same revision run the same pods, so a change that keeps the r
 weight, replica count, autoscaling or rollout setting) never starts new pods, and a canary
 starts only when a revision changes. The hash covers the model, resources, scheduling, runtime
 settings (with the runtime image the operator resolved for the variant's engine), and the
-variant's name, quantization and engine. Fields at their defaults are left out, so a field added to the API later, at its
+variant's name, quantization, engine and compile. Fields at their defaults are left out, so a field added to the API later, at its
 default, does not change any existing revision (an operator upgrade starts no canary).
 """
 
@@ -41,6 +41,8 @@ def _hash(shape: str, variant: Variant) -> str:
     text = f"{shape}|{variant.name}|{variant.quantization}"
     if variant.engine is not None:  # left out unset, so existing revisions stay as they were
         text += f"|{variant.engine}"
+    if variant.compile is not None:
+        text += f"|compile={variant.compile}"
     return hashlib.sha256(text.encode()).hexdigest()[:REVISION_LENGTH]
 
 
