@@ -2,7 +2,7 @@
 
 Every rule is a CEL expression the API server evaluates (`x-kubernetes-validations` in the
 generated CRD) and a message; the pydantic validators in `spec.py` implement the same check
-in Python and raise :func:`refusal` with the same message and field path, so `render` and
+in Python and raise :func:`violation` with the same message and field path, so `render` and
 `kubectl apply` refuse the same specs with the same words.
 """
 
