@@ -271,8 +271,8 @@ async def reconcile_modelservice(body, reason, memo, **kw) -> None:
 
 
 def _rollout_moving(status, **_) -> bool:
-    """A canary moving, or groups (RayClusters) rolling: each step waits on pods, not on a
-    controller of its own."""
+    """A canary moving, or groups (RayClusters) rolling or retiring (gpu.nodes lowered to 1):
+    each step waits on pods, not on a controller of its own."""
     rollout = (status or {}).get("rollout") or {}
     grouped = any(v.get("groups") is not None for v in (status or {}).get("variants") or ())
     return (rollout.get("strategy") == "Canary" or grouped) and rollout.get("phase") == "Progressing"

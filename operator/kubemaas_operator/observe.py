@@ -181,14 +181,26 @@ def _count_groups(counts: _Counts, obs: Observation, plan: VariantLayout) -> Non
     counts.rolled_out &= current >= plan.replicas and all(g.name in wanted for g in groups)
 
 
+def _retiring_groups(obs: Observation, plan: VariantLayout) -> list[ObservedGroup]:
+    """A variant on one node: the groups left from when it ran over several nodes, kept serving
+    until its Deployment is ready (reconcile.py). Their node count is no longer in the spec: a
+    group counts as ready when every pod of it that is seen is."""
+    return [] if plan.groups is not None else _groups_of(obs, plan.name)
+
+
 def _group_statuses(obs: Observation, plan: VariantLayout) -> list[GroupStatus] | None:
+    """The variant's groups: those it runs over several nodes, or on one node those retiring."""
     if plan.groups is None:
-        return None
-    seen = {g.name: g for g in _groups_of(obs, plan.name)}
-    for name in plan.groups:
-        seen.setdefault(name, ObservedGroup(name, plan.name, plan.revision))
+        groups = _retiring_groups(obs, plan)
+        if not groups:
+            return None
+    else:
+        seen = {g.name: g for g in _groups_of(obs, plan.name)}
+        for name in plan.groups:
+            seen.setdefault(name, ObservedGroup(name, plan.name, plan.revision))
+        groups = sorted(seen.values(), key=lambda g: g.name)
     return [GroupStatus(name=g.name, revision=g.revision, nodes=g.pods, ready_nodes=g.ready_pods,
-                        ready=g.ready(plan.nodes)) for g in sorted(seen.values(), key=lambda g: g.name)]
+                        ready=g.ready(plan.nodes if plan.groups is not None else g.pods)) for g in groups]
 
 
 def _count(obs: Observation) -> _Counts:
@@ -206,6 +218,10 @@ def _count(obs: Observation) -> _Counts:
         counts.ready[plan.name] = ready
         counts.canary_ready[plan.name] = 0
         counts.desired += plan.replicas
+        if retiring := _retiring_groups(obs, plan):  # they still serve, as retiring Deployments do
+            counts.replicas += len(retiring)
+            counts.ready[plan.name] += sum(g.ready(g.pods) for g in retiring)
+            counts.rolled_out = False
         if plan.canary_deployment:
             c_replicas, c_ready, c_rolled_out = _deployment_counts(
                 obs.deployments.get(plan.canary_deployment),

@@ -144,7 +144,8 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedIma
     ``record`` (the rollout as status last recorded it) decide a canary's progress;
     ``gpu_nodes`` (the cluster's GPUs; None: unknown) which variants no GPU can hold;
     ``groups`` (the RayClusters of a variant over several nodes, with their pods) how far its
-    groups have rolled (multinode.py)."""
+    groups have rolled (multinode.py); on one node, those left from when it ran over several,
+    kept until its Deployment is ready."""
     image = choose_runtime_images(ms, pinned_image or PinnedImages(), operator_images(settings))
     rollout = plan_rollout(ms, image, observed, record, now or datetime.now(UTC))
     fits = placement.fit_variants(ms, gpu_nodes, settings.gpu_memory_label)
@@ -152,7 +153,12 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedIma
     # fails at start); one that already runs an earlier revision is left as it is, serving.
     refused = refused_variants(ms, fits, settings.multi_node)
     if is_multi_node(ms, settings):
-        rollout = replace(rollout, variants=_group_layouts(ms, rollout.variants, refused, groups, observed))
+        layouts, waiting = _group_layouts(ms, rollout.variants, refused, groups, observed)
+    else:
+        layouts, waiting = _retiring_groups(rollout.variants, refused, groups, observed)
+    rollout = replace(rollout, variants=layouts)
+    if waiting and not rollout.in_canary:
+        rollout = replace(rollout, phase="Progressing", message=" ".join(waiting)[:4096])
     withheld = placement.withheld_deployments(refused, rollout.variants)
     children = tuple(c for c in build_children(ms, settings, runtime_image=image, layouts=rollout.variants)
                      if not (c["kind"] == "Deployment" and c["metadata"]["name"] in withheld))
@@ -174,15 +180,17 @@ def decide(ms: ModelService, settings: OperatorSettings, pinned_image: PinnedIma
 
 
 def _group_layouts(ms: ModelService, layouts: Sequence[VariantLayout], refused: dict[str, Problem],
-                   groups: Sequence[ObservedGroup],
-                   deployments: Sequence[ObservedDeployment] = ()) -> tuple[VariantLayout, ...]:
+                   groups: Sequence[ObservedGroup], deployments: Sequence[ObservedDeployment] = (),
+                   ) -> tuple[tuple[VariantLayout, ...], list[str]]:
     """Each variant as groups (RayClusters) instead of Deployments; a refused variant writes
     none and keeps the groups it has, serving. A variant that ran on one node (resources.gpu.nodes
     raised from 1) keeps its Deployments, serving, until as many of its groups are ready as it
-    has replicas: surge-first, as a new revision rolls."""
+    has replicas: surge-first, as a new revision rolls. Also returns, per variant kept waiting
+    so, what it waits for (the rollout's message)."""
     variants = {v.name: v for v in ms.spec.variants}
     nodes = ms.spec.resources.gpu.nodes
     out = []
+    waiting = []
     for lay in layouts:
         stable = replace(lay.stable, replicas=lay.replicas, apply=True)
         if lay.name in refused:
@@ -196,11 +204,51 @@ def _group_layouts(ms: ModelService, layouts: Sequence[VariantLayout], refused: 
         plan = plan_groups(ms, variants[lay.name], lay.replicas, revision, groups)
         keep = plan.keep
         ready = sum(1 for g in groups if g.name in plan.apply and g.ready(nodes))
-        if ready < lay.replicas:
-            keep += tuple(d.name for d in deployments if d.variant == lay.name)
+        one_node = tuple(d.name for d in deployments if d.variant == lay.name)
+        if one_node and ready < lay.replicas:
+            keep += one_node
+            waiting.append(f"Variant {lay.name} now spans {nodes} nodes: its Deployment "
+                           f"{', '.join(one_node)} keeps serving until {lay.replicas} of its groups "
+                           f"(RayClusters) are ready ({ready} now).")
         out.append(replace(lay, stable=stable, canary=None, canary_weight=0, groups=plan.apply, keep=keep,
                            nodes=nodes))
-    return tuple(out)
+    return tuple(out), waiting
+
+
+def _retiring_groups(layouts: Sequence[VariantLayout], refused: dict[str, Problem],
+                     groups: Sequence[ObservedGroup], deployments: Sequence[ObservedDeployment],
+                     ) -> tuple[tuple[VariantLayout, ...], list[str]]:
+    """A variant on one node that ran over several (resources.gpu.nodes lowered to 1) keeps its
+    groups, serving, until its Deployment runs the spec rolled out with the variant's replicas
+    available: surge-first, the reverse of raising nodes. A refused variant, which gets no
+    Deployment, keeps them as it keeps an earlier Deployment: serving, until the spec changes."""
+    out = []
+    waiting = []
+    for lay in layouts:
+        kept = tuple(g.name for g in groups if g.variant == lay.name)
+        if not kept:
+            out.append(lay)
+            continue
+        deployment = next((d for d in deployments if d.name == lay.deployment), None)
+        if lay.name not in refused and _rolled_out(deployment, lay):
+            out.append(lay)  # not kept: the apply's prune deletes the groups
+            continue
+        out.append(replace(lay, keep=lay.keep + kept))
+        if lay.name not in refused:
+            available = deployment.available if deployment and deployment.revision == lay.revision else 0
+            waiting.append(f"Variant {lay.name} now runs on one node: its {len(kept)} group(s) "
+                           f"(RayClusters) keep serving until Deployment {lay.deployment} has rolled "
+                           f"out with {lay.replicas} ready replicas ({available} now).")
+    return tuple(out), waiting
+
+
+def _rolled_out(deployment: ObservedDeployment | None, lay: VariantLayout) -> bool:
+    """The variant's Deployment runs its revision, rolled out (observed.py: every pod updated and
+    available) at the variant's replicas; a watched copy of an earlier template does not count."""
+    if lay.replicas == 0:
+        return True
+    return (deployment is not None and deployment.revision == lay.revision and deployment.rolled_out
+            and deployment.replicas >= lay.replicas)
 
 
 def rollout_status(plan: Plan) -> RolloutStatus:
@@ -312,12 +360,15 @@ class Reconciler:
         return plan, problem or plan.refused
 
     def _groups(self, ms: ModelService) -> tuple[ObservedGroup, ...]:
-        """The RayClusters of a ModelService over several nodes, with their pods (two LISTs,
-        only for such a ModelService; none where KubeRay is not installed)."""
-        if not is_multi_node(ms, self.settings):
+        """The RayClusters of a ModelService, with the multiNode switch on (none where KubeRay
+        is not installed): over several nodes with their pods (two labelled LISTs); on one node
+        without them (one: the groups left from when it ran over several, kept until its
+        Deployment is ready, need no readiness)."""
+        if not self.settings.multi_node:
             return ()
-        selector = selector_string(ms.name)
-        clusters = self.kube.list("RayCluster", ms.namespace, selector)
+        clusters = self.kube.list("RayCluster", ms.namespace, selector_string(ms.name))
+        if not is_multi_node(ms, self.settings):
+            return observed_groups(clusters, ())
         pods = self.kube.list("Pod", ms.namespace, f"{GROUP_LABEL}={ms.name}")
         return observed_groups(clusters, pods)
 

@@ -174,3 +174,68 @@ def test_raising_nodes_from_one_keeps_the_deployment_until_the_groups_are_ready(
                            timeout=90, what="status: the group ready")
     finally:
         proc.stop()
+
+
+def test_lowering_nodes_to_one_keeps_the_groups_until_the_deployment_is_ready(cluster, ray_operator,
+                                                                               namespace, crd):
+    """resources.gpu.nodes 2 -> 1 rolls surge-first too: the variant's group serves until its
+    one-node Deployment is rolled out with its replicas ready, and only then is deleted. KWOK
+    readies pods within a second, so a Deployment that cannot become ready (a crash-looping
+    image) holds the group first."""
+    body = big_model("shrink")
+    spec = body["spec"]
+    # 2 GPUs a pod (no fit estimate): the group, the crash-looping Deployment pod and the pod that
+    # replaces it all fit on the two 8-GPU nodes at once, as surge-first needs
+    del spec["model"]["parameterCount"]
+    spec["resources"]["gpu"] = {"count": 2, "nodes": 2, "product": H100}
+    proc = OperatorProcess(cluster.kubeconfig, extra_env={"KUBEMAAS_OPERATOR_MULTI_NODE": "true"}).start()
+
+    def live_clusters():
+        return [rc for rc in cluster.get_json("rayclusters", "-n", namespace)["items"]
+                if not rc["metadata"].get("deletionTimestamp")]
+
+    def deployment_available() -> int:
+        deps = cluster.get_json("deployments", "-n", namespace)["items"]
+        return sum(d.get("status", {}).get("availableReplicas", 0) for d in deps)
+
+    def one_node_pods():
+        return cluster.get_json("pods", "-n", namespace, "-l",
+                                "kubemaas.io/modelservice=shrink,!kubemaas.io/group")["items"]
+
+    def variant_status() -> dict:
+        return (get(cluster, namespace, "shrink").get("status", {}).get("variants") or [{}])[0]
+
+    try:
+        apply(cluster, namespace, body)
+        cluster.wait_until(lambda: [g for g in variant_status().get("groups") or [] if g.get("ready")],
+                           timeout=120, what="status: the group over two nodes ready")
+        (group,) = live_clusters()
+        spec["resources"]["gpu"]["nodes"] = 1
+        spec["runtime"]["image"] = "kubemaas.test/crashloop:1"
+        apply(cluster, namespace, body)
+        cluster.wait_until(lambda: [p for p in one_node_pods() if p.get("status", {}).get("containerStatuses")],
+                           timeout=90, what="the one-node Deployment's pod started (crash-looping)")
+        time.sleep(3)  # a few rollout ticks: the group must still be there, not deleted
+        assert [rc["metadata"]["name"] for rc in live_clusters()] == [group["metadata"]["name"]], \
+            "the RayCluster stays while the Deployment has no ready replica"
+        assert deployment_available() == 0
+        rollout = get(cluster, namespace, "shrink")["status"]["rollout"]
+        assert rollout["phase"] == "Progressing" and "keep serving until Deployment shrink-bf16" in rollout["message"]
+        assert [g["name"] for g in variant_status().get("groups") or []] == [group["metadata"]["name"]]
+
+        spec["runtime"]["image"] = "kubemaas.test/runtime:1"  # a Deployment that becomes ready
+        apply(cluster, namespace, body)
+
+        def group_retired():
+            if live_clusters():
+                return None
+            return deployment_available() or -1  # available replicas when the group went
+
+        available = cluster.wait_until(group_retired, timeout=180, what="the RayCluster retired", interval=0.2)
+        # availability never goes back here: the Deployment was ready before the group was deleted
+        assert available >= 1
+        cluster.wait_until(lambda: get(cluster, namespace, "shrink")["status"].get("rollout", {}).get("phase")
+                           == "Complete" and not variant_status().get("groups"),
+                           timeout=90, what="status: rollout Complete, no group left")
+    finally:
+        proc.stop()

@@ -195,5 +195,106 @@ def test_raising_nodes_from_one_keeps_the_deployment_serving_until_the_groups_ar
     half = [ObservedGroup(layout.groups[0], "bf16", revision, 2, 2),
             ObservedGroup(layout.groups[1], "bf16", revision, 2, 1)]
     assert "llm-bf16" in decide(ms, ON, None, observed=[old], groups=half).keep
+    waiting = decide(ms, ON, None, observed=[old], groups=half).rollout
+    assert waiting.phase == "Progressing" and "llm-bf16 keeps serving until 2 of its groups" in waiting.message
     ready = [replace(g, ready_pods=2) for g in half]
     assert "llm-bf16" not in decide(ms, ON, None, observed=[old], groups=ready).keep
+
+
+def one_node(replicas: int = 2, **spec) -> object:
+    """big() lowered to resources.gpu.nodes 1."""
+    return big(replicas, resources={"gpu": {"count": 8, "nodes": 1, "product": "NVIDIA-H100-80GB-HBM3"}}, **spec)
+
+
+def _left_groups(ms, ready=(True, True)):
+    """The groups a variant ran over two nodes, as the one-node LIST sees them: no pods."""
+    return [ObservedGroup(group_name(ms.name, "bf16", "twonode", i), "bf16", "twonode") for i in range(len(ready))]
+
+
+def test_lowering_nodes_to_one_keeps_the_groups_serving_until_the_deployment_is_ready():
+    """resources.gpu.nodes 2 -> 1: surge-first, the reverse of raising it. The variant's
+    groups are kept until its new Deployment has rolled out with the variant's replicas
+    ready, then they are no longer kept (the apply's prune deletes them)."""
+    from kubemaas_operator.observed import ObservedDeployment
+
+    ms = one_node(replicas=2)
+    groups = _left_groups(ms)
+    names = {g.name for g in groups}
+    plan = decide(ms, ON, None, groups=groups)  # the Deployment not created yet
+    (layout,) = plan.variants
+    assert layout.groups is None and [c["metadata"]["name"] for c in plan.children
+                                      if c["kind"] == "Deployment"] == ["llm-bf16"]
+    assert names <= plan.keep
+    assert plan.rollout.phase == "Progressing"
+    assert "2 group(s) (RayClusters) keep serving until Deployment llm-bf16" in plan.rollout.message
+    new = ObservedDeployment(name="llm-bf16", variant="bf16", revision=layout.revision, replicas=2, available=1)
+    assert names <= decide(ms, ON, None, observed=[new], groups=groups).keep  # one of two ready
+    earlier = replace(new, revision="crashed", available=2, rolled_out=True)  # a copy of an earlier template
+    assert names <= decide(ms, ON, None, observed=[earlier], groups=groups).keep
+    ready = replace(new, available=2, rolled_out=True)
+    plan = decide(ms, ON, None, observed=[ready], groups=groups)
+    assert not names & plan.keep and plan.rollout.message == ""
+
+
+def test_a_refused_variant_on_one_node_keeps_its_groups():
+    """No Deployment is written for a refused variant, so nothing replaces its groups: they keep
+    serving, as a refused variant's earlier Deployment does, until the spec changes."""
+    ms = one_node(variants=[{"name": "bf16", "quantization": "bf16", "engine": "builtin"}])
+    groups = _left_groups(ms)
+    plan = decide(ms, ON, None, groups=groups)
+    assert plan.refused is not None and plan.refused.reason == "EngineCannotShard"
+    assert {g.name for g in groups} <= plan.keep
+    assert not [c for c in plan.children if c["kind"] == "Deployment"]
+
+
+class _Kube:
+    """RayClusters to LIST; records LISTs and deletes."""
+
+    def __init__(self, clusters):
+        self.clusters = clusters
+        self.lists: list[tuple[str, str]] = []
+        self.deleted: list[tuple[str, str]] = []
+
+    def apply(self, obj, force=False):
+        return {**obj, "metadata": {**obj["metadata"], "generation": 1}}
+
+    def list(self, kind, namespace, selector):
+        self.lists.append((kind, selector))
+        return list(self.clusters) if kind == "RayCluster" else []
+
+    def delete(self, kind, namespace, name, uid=None):
+        self.deleted.append((kind, name))
+
+
+def test_the_reconcile_prunes_the_groups_only_once_the_deployment_is_ready():
+    """Against a recording client: the one-node ModelService's RayClusters are listed (one
+    labelled LIST, no pods) and deleted only once its Deployment is ready."""
+    from kubemaas_operator.observed import ObservedDeployment
+    from kubemaas_operator.reconcile import Reconciler
+
+    ms = one_node(replicas=1)
+    uid = ms.metadata.uid
+    name = group_name("llm", "bf16", "twonode", 0)
+    cluster = {"metadata": {"name": name, "uid": "rc-uid",
+                            "labels": {MODELSERVICE_LABEL: "llm", "kubemaas.io/variant": "bf16",
+                                       REVISION_LABEL: "twonode", GROUP_NAME_LABEL: name},
+                            "ownerReferences": [{"uid": uid, "controller": True, "kind": "ModelService"}]}}
+    kube = _Kube([cluster])
+    reconciler = Reconciler(kube, ON)
+    plan, _ = reconciler.reconcile(ms, None)
+    assert ("RayCluster", name) not in kube.deleted
+    assert ("RayCluster", f"{MODELSERVICE_LABEL}=llm") in kube.lists
+    assert not [k for k, _ in kube.lists if k == "Pod"]  # a one-node spec needs no group pods
+    revision = plan.variants[0].revision
+    ready = ObservedDeployment(name="llm-bf16", variant="bf16", revision=revision, replicas=1, available=1,
+                               rolled_out=True)
+    reconciler.reconcile(ms, None, observed=[ready])
+    assert ("RayCluster", name) in kube.deleted
+
+
+def test_with_the_switch_off_a_one_node_modelservice_lists_no_rayclusters():
+    kube = _Kube([])
+    from kubemaas_operator.reconcile import Reconciler
+
+    Reconciler(kube, OFF).reconcile(one_node(), None)
+    assert not [k for k, _ in kube.lists if k == "RayCluster"]

@@ -219,3 +219,24 @@ def test_an_earlier_revision_still_serving_counts_and_keeps_the_rollout_open() -
     st = _status(Observation(**{**_obs(deps).__dict__, "rollout": {"strategy": "Canary", "phase": "Complete"}}))
     assert st["readyReplicas"] == 6 and st["rollout"]["phase"] == "Progressing"
     assert _cond(st, "Ready")["status"] == "False"
+
+
+def test_groups_left_from_several_nodes_serve_until_pruned_and_hold_the_rollout() -> None:
+    """A variant on one node again (resources.gpu.nodes lowered to 1) whose groups are kept
+    while its Deployment rolls out: their ready heads count, status lists them, and the
+    ModelService is not rolled out until they are gone."""
+    from kubemaas_operator.builders.naming import VARIANT_LABEL
+    from kubemaas_operator.builders.raycluster import GROUP_NAME_LABEL
+    from kubemaas_operator.builders.revision import REVISION_LABEL
+
+    labels = {GROUP_NAME_LABEL: "m-a-old-0", VARIANT_LABEL: "a", REVISION_LABEL: "old"}
+    ready = {"type": "Ready", "status": "True"}
+    pods = tuple({"metadata": {"labels": labels}, "status": {"conditions": [ready]}} for _ in range(2))
+    st = _status(_obs({"m-a": _dep("m-a", 4, 4), "m-b": _dep("m-b", 1, 1)}, pods=pods))
+    a, b = st["variants"]
+    assert (a["replicas"], a["readyReplicas"]) == (4, 5)  # 4 pods of the Deployment + the group
+    assert a["groups"] == [{"name": "m-a-old-0", "revision": "old", "nodes": 2, "readyNodes": 2, "ready": True}]
+    assert "groups" not in b
+    assert _cond(st, "Ready")["status"] == "False" and _cond(st, "Progressing")["status"] == "True"
+    gone = _status(_obs({"m-a": _dep("m-a", 4, 4), "m-b": _dep("m-b", 1, 1)}))
+    assert _cond(gone, "Ready")["status"] == "True" and "groups" not in gone["variants"][0]

@@ -89,7 +89,9 @@ class VariantStatus(ApiModel):
     groups: Annotated[list[GroupStatus], Field(max_length=256)] | None = Field(
         default=None,
         description=("resources.gpu.nodes > 1: its groups (RayClusters), one per replica, with "
-                     "their revision and readiness; replicas and readyReplicas count groups."),
+                     "their revision and readiness; replicas and readyReplicas count groups. "
+                     "After gpu.nodes is lowered to 1: the groups still serving until the "
+                     "variant's Deployment is ready, then deleted."),
     )
     gpu_memory_mib: Annotated[int, Field(ge=0)] | None = Field(
         default=None, alias="gpuMemoryMiB",
