@@ -271,6 +271,7 @@ def test_the_reconcile_prunes_the_groups_only_once_the_deployment_is_ready():
     labelled LIST, no pods) and deleted only once its Deployment is ready."""
     from kubemaas_operator.observed import ObservedDeployment
     from kubemaas_operator.reconcile import Reconciler
+    from kubemaas_operator.store import Store
 
     ms = one_node(replicas=1)
     uid = ms.metadata.uid
@@ -280,21 +281,22 @@ def test_the_reconcile_prunes_the_groups_only_once_the_deployment_is_ready():
                                        REVISION_LABEL: "twonode", GROUP_NAME_LABEL: name},
                             "ownerReferences": [{"uid": uid, "controller": True, "kind": "ModelService"}]}}
     kube = _Kube([cluster])
-    reconciler = Reconciler(kube, ON)
-    plan, _ = reconciler.reconcile(ms, None)
+    reconciler, store = Reconciler(kube, ON), Store()
+    plan, _ = reconciler.reconcile(store, ms, None)
     assert ("RayCluster", name) not in kube.deleted
     assert ("RayCluster", f"{MODELSERVICE_LABEL}=llm") in kube.lists
     assert not [k for k, _ in kube.lists if k == "Pod"]  # a one-node spec needs no group pods
     revision = plan.variants[0].revision
     ready = ObservedDeployment(name="llm-bf16", variant="bf16", revision=revision, replicas=1, available=1,
                                rolled_out=True)
-    reconciler.reconcile(ms, None, observed=[ready])
+    reconciler.reconcile(store, ms, None, observed=[ready])
     assert ("RayCluster", name) in kube.deleted
 
 
 def test_with_the_switch_off_a_one_node_modelservice_lists_no_rayclusters():
     kube = _Kube([])
     from kubemaas_operator.reconcile import Reconciler
+    from kubemaas_operator.store import Store
 
-    Reconciler(kube, OFF).reconcile(one_node(), None)
+    Reconciler(kube, OFF).reconcile(Store(), one_node(), None)
     assert not [k for k, _ in kube.lists if k == "RayCluster"]
