@@ -76,6 +76,34 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     metrics.serve(op_settings.metrics_port)
 
 
+@kopf.on.startup()
+async def start_cache_sweep(memo: kopf.Memo, **_) -> None:
+    """The node cache's sweep (cache_eviction.sweep), at start and then periodically: evictions
+    whose watch event came while the operator was stopped. Registered after ``configure``, whose
+    pool and client it uses (kopf runs startup handlers in order)."""
+    if cache_eviction.eviction_enabled(memo.settings):
+        memo.cache_sweep = asyncio.create_task(_sweep_cache(memo))
+
+
+async def _sweep_cache(memo: kopf.Memo) -> None:
+    settings: OperatorSettings = memo.settings
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            await loop.run_in_executor(memo.pool, cache_eviction.sweep, memo.reconciler.kube, settings)
+        except Exception:  # a background loop, not a handler: one failed pass must not end the sweep
+            log.exception("the node cache's sweep failed (a failed read evicts nothing); next pass in %d s",
+                          settings.model_cache_sweep_seconds)
+        await asyncio.sleep(settings.model_cache_sweep_seconds)
+
+
+@kopf.on.cleanup()
+async def stop_cache_sweep(memo: kopf.Memo, **_) -> None:
+    sweep = memo.get("cache_sweep")
+    if sweep is not None:
+        sweep.cancel()
+
+
 @kopf.on.cleanup()
 def stop_pool(memo: kopf.Memo, **_) -> None:
     memo.pool.shutdown(wait=False, cancel_futures=True)

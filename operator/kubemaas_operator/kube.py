@@ -53,6 +53,7 @@ KINDS: dict[str, Kind] = {
         Kind("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),
         Kind("v1", "PersistentVolume", "persistentvolumes", namespaced=False),
         Kind("batch/v1", "Job", "jobs"),  # the cache's eviction Jobs (builders/cache_eviction.py)
+        Kind("v1", "Node", "nodes", namespaced=False),  # read only: the cache's node group (its sweep)
     )
 }
 

@@ -123,6 +123,14 @@ class OperatorSettings(BaseModel):
             "node group, and of their claim on the cache folder. Empty: entries are never evicted."
         ),
     )
+    model_cache_sweep_seconds: Annotated[int, Field(ge=30)] = Field(
+        default=600,
+        description=(
+            "How often (and once at start) the operator sweeps for node-cache entries no "
+            "ModelService refers to whose last reference went while it was stopped (a ModelService "
+            "deleted meanwhile leaves its PersistentVolume Released), and runs their eviction Jobs."
+        ),
+    )
     fetch_timeout_seconds: Annotated[int, Field(ge=60)] = Field(
         default=3600, description="Longest a model fetch (the init container) may take."
     )

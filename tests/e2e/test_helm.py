@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubemaas_operator.builders.model_cache import cache_key
 
 from tests.e2e.cluster import Cluster
 from tests.e2e.operator_process import OperatorProcess
@@ -322,8 +323,10 @@ def test_model_cache_eviction_runs_with_the_charts_rules_only(release: Release, 
         cluster.wait_until(lambda: cluster.get_json("modelservice", "cached", "-n", namespace)
                            .get("status", {}).get("cacheSummary"), timeout=120, what="status.cacheSummary")
         cluster.kubectl("delete", "modelservice", "cached", "-n", namespace)
-        jobs = cluster.wait_until(lambda: cluster.get_json("jobs", "-n", cached.namespace)["items"], timeout=120,
-                                  what="the eviction Job in the release namespace")
+        # of this test's key: the sweep at start may evict entries other tests' runs left
+        jobs = cluster.wait_until(lambda: cluster.get_json("jobs", "-n", cached.namespace, "-l",
+                                                           f"kubemaas.io/model-cache-key={cache_key(uri)}")["items"],
+                                  timeout=120, what="the eviction Job in the release namespace")
         assert [j["metadata"]["annotations"]["kubemaas.io/node"] for j in jobs] == [node]
         cluster.wait_until(lambda: cluster.kubectl("get", "pv", f"kubemaas-cache-{namespace}-cached",
                                                    check=False).returncode != 0,

@@ -210,3 +210,47 @@ def test_a_changed_revision_evicts_the_old_entry_once_its_pods_are_gone(
         cluster.kubectl("delete", "msvc", "r", "-n", namespace, "--wait=false", check=False)
         cluster.kubectl("delete", "pv", f"kubemaas-cache-{namespace}-r", "--wait=false", check=False)
         cluster.kubectl("label", "node", node, f"{LABEL}-", check=False)
+
+
+def test_a_modelservice_deleted_while_the_operator_is_stopped_is_evicted_at_its_start(
+        cluster: Cluster, namespace: str, cache_operator: tuple[OperatorProcess, str]) -> None:
+    """No watch event tells the operator of a deletion while it is stopped: what remains is the
+    ModelService's PV, Released (its claim went with the garbage collector once its pods were
+    gone). The sweep at start finds the key, runs the eviction Job and deletes the PV."""
+    proc, evict_ns = cache_operator
+    node = _kwok_node(cluster)
+    uri = f"hf://org/s-{uuid.uuid4().hex[:6]}@abc123"
+    key = cache_key(uri)
+    volume = f"kubemaas-cache-{namespace}-s"
+    cluster.kubectl("label", "node", node, f"{LABEL}=true", "--overwrite")
+
+    def jobs() -> list[dict]:
+        return cluster.get_json("jobs", "-n", evict_ns, "-l", f"{CACHE_KEY_LABEL}={key}")["items"]
+
+    def phase() -> str | None:
+        out = cluster.kubectl("get", "pv", volume, "-o", "json", check=False)
+        return json.loads(out.stdout)["status"].get("phase") if out.returncode == 0 else None
+
+    try:
+        apply(cluster, namespace, _cached("s", uri))
+        cluster.wait_until(lambda: len(cluster.get_json("pods", "-n", namespace, "-l",
+                                                        f"{CACHE_KEY_LABEL}={key}")["items"]) == 2,
+                           timeout=90, what="2 cached pods")
+        cluster.wait_until(lambda: phase() == "Bound", timeout=60, what="the cache PV bound")
+        proc.stop()
+        cluster.kubectl("delete", "msvc", "s", "-n", namespace)
+        cluster.wait_until(lambda: not cluster.get_json("pods", "-n", namespace)["items"], timeout=90,
+                           what="the pods gone with the garbage collector")
+        cluster.wait_until(lambda: phase() == "Released", timeout=60, what="the PV Released, its claim gone")
+        assert jobs() == []  # nobody evicted it
+
+        proc.start()
+        (job,) = cluster.wait_until(jobs, timeout=60, what="the sweep's eviction Job")
+        assert job["metadata"]["annotations"]["kubemaas.io/node"] == node
+        assert job["spec"]["template"]["spec"]["containers"][0]["args"][:5] == [
+            "cache-evict", "--root", "/cache", "--key", key]
+        cluster.wait_until(lambda: phase() is None, timeout=60, what="the Released PV deleted")
+    finally:
+        cluster.kubectl("delete", "msvc", "s", "-n", namespace, "--wait=false", check=False)
+        cluster.kubectl("delete", "pv", volume, "--wait=false", check=False)
+        cluster.kubectl("label", "node", node, f"{LABEL}-", check=False)

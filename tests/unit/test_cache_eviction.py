@@ -11,12 +11,17 @@ from kubemaas_operator.builders.cache_eviction import (
 )
 from kubemaas_operator.builders.model_cache import CACHE_KEY_LABEL, cache_key
 from kubemaas_operator.cache_eviction import (
+    Eviction,
     evict_if_unreferenced,
     eviction_enabled,
     eviction_objects,
+    plan_evictions,
     referenced,
+    sweep,
+    sweep_keys,
     volume_refers,
 )
+from kubemaas_operator.kube import ApiError
 from kubemaas_operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(model_cache=True, model_cache_eviction_namespace="kubemaas-system",
@@ -25,8 +30,9 @@ KEY = cache_key("hf://org/m@abc123")
 OTHER = cache_key("hf://org/m@def456")
 
 
-def _pv(key: str, phase: str = "Bound", deleting: bool = False) -> dict:
-    meta: dict = {"name": f"kubemaas-cache-ns-{key}", "labels": {CACHE_KEY_LABEL: key}}
+def _pv(key: str, phase: str = "Bound", deleting: bool = False, namespace: str = "ns") -> dict:
+    meta: dict = {"name": f"kubemaas-cache-{namespace}-{key}",
+                  "labels": {CACHE_KEY_LABEL: key, "kubemaas.io/modelservice-namespace": namespace}}
     if deleting:
         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     return {"metadata": meta, "status": {"phase": phase}}
@@ -135,3 +141,112 @@ def test_evict_writes_the_jobs_only_when_no_volume_or_pod_refers() -> None:
     pods = _Kube([])
     assert evict_if_unreferenced(pods, SETTINGS, KEY, [_pod(KEY)], ["n1"]) == []
     assert pods.calls == []  # the pod index answers: no API call
+
+
+def _job(key: str, node: str) -> dict:
+    return build_evict_job(key, node, 1000.0, SETTINGS)
+
+
+RELEASED = _pv(KEY, phase="Released")
+R = RELEASED["metadata"]["name"]
+
+
+@pytest.mark.parametrize(("keys", "volumes", "pods", "jobs", "expected"), [
+    # a ModelService deleted while the operator was stopped: its PV Released, its pods gone
+    ([KEY], [RELEASED], [], [], [Eviction(KEY, ("n1", "n2"), (R,))]),
+    # a Bound PV of the key (another ModelService of the model, any namespace) keeps it
+    ([KEY], [RELEASED, _pv(KEY, namespace="other")], [], [], []),
+    ([KEY], [_pv(KEY, phase="Available")], [], [], []),          # a claim not bound yet
+    ([KEY], [RELEASED], [_pod(KEY)], [], []),                     # a pod still mounts it
+    ([KEY], [_pv(KEY, phase="Failed")], [], [], []),              # a phase it does not know: kept
+    # idempotent: a node with an eviction Job of the key (running or done) gets no second one
+    ([KEY], [RELEASED], [], [_job(KEY, "n1")], [Eviction(KEY, ("n2",), (R,))]),
+    ([KEY], [], [], [_job(KEY, "n1"), _job(KEY, "n2")], []),     # evicted, its PV gone: nothing
+    ([KEY], [RELEASED], [], [_job(OTHER, "n1")], [Eviction(KEY, ("n1", "n2"), (R,))]),  # another key's Job
+    # the watch path: the deleted ModelService's PV being deleted, no Jobs read
+    ([KEY], [_pv(KEY, deleting=True)], [], [], [Eviction(KEY, ("n1", "n2"))]),
+    ([KEY, OTHER], [RELEASED, _pv(OTHER)], [], [], [Eviction(KEY, ("n1", "n2"), (R,))]),  # per key
+    ([], [RELEASED], [], [], []),                                 # only the keys asked about
+], ids=["missed-deletion", "other-pv-bound", "pv-unbound", "pod-mounts", "pv-failed", "one-node-done",
+        "all-done", "other-keys-job", "watch-path", "two-keys", "no-keys"])
+def test_plan_evictions(keys, volumes, pods, jobs, expected) -> None:
+    assert plan_evictions(keys, volumes, pods, jobs, ["n2", "n1"]) == expected
+
+
+def test_with_no_cache_node_the_released_volume_stays_as_the_keys_record() -> None:
+    assert plan_evictions([KEY], [RELEASED], [], [], []) == []
+
+
+def test_the_sweep_considers_only_the_watched_namespaces_keys() -> None:
+    volumes = [_pv(KEY, namespace="ml"), _pv(OTHER, namespace="elsewhere"), {"metadata": {"name": "x"}}]
+    assert sweep_keys(volumes, ()) == {KEY, OTHER}
+    assert sweep_keys(volumes, ("ml",)) == {KEY}
+
+
+class _Cluster:
+    """The API as the sweep reads it: one LIST per kind (pods per watched namespace); a kind in
+    ``failing`` answers with an error, as a LIST refused (403) or timed out would."""
+
+    def __init__(self, volumes=(), pods=(), nodes=("n1",), jobs=(), failing=()) -> None:
+        self.objects = {"PersistentVolume": list(volumes), "Pod": list(pods), "Job": list(jobs),
+                        "Node": [{"metadata": {"name": n}} for n in nodes]}
+        self.failing = set(failing)
+        self.calls: list[tuple] = []
+
+    def list(self, kind, namespace, selector):
+        self.calls.append(("list", kind, namespace, selector))
+        if kind in self.failing:
+            raise ApiError(403, f"{kind} is forbidden")
+        return self.objects[kind]
+
+    def apply(self, obj, force=False):
+        self.calls.append(("apply", obj["kind"], obj["metadata"]["name"]))
+        return obj
+
+    def delete(self, kind, namespace, name, uid=None):
+        self.calls.append(("delete", kind, name))
+
+    def writes(self) -> list[tuple]:
+        return [c for c in self.calls if c[0] != "list"]
+
+
+def test_the_sweep_evicts_a_missed_deletion_and_deletes_its_released_volume() -> None:
+    kube = _Cluster(volumes=[RELEASED, _pv(OTHER)], pods=[_pod(OTHER)], nodes=("n1", "n2"))
+    jobs = sweep(kube, SETTINGS)
+    assert len(jobs) == 2
+    assert [c[:2] for c in kube.writes()] == [("apply", "PersistentVolume"), ("apply", "PersistentVolumeClaim"),
+                                              ("apply", "Job"), ("apply", "Job"), ("delete", "PersistentVolume")]
+    assert kube.writes()[-1] == ("delete", "PersistentVolume", R)  # after the Jobs: a failed write leaves it
+    lists = {c[1]: c[2:] for c in kube.calls if c[0] == "list"}
+    assert lists["Node"] == ("", f"{SETTINGS.model_cache_node_label}=true")
+    assert lists["Job"] == ("kubemaas-system", "app.kubernetes.io/component=model-cache-evict")
+    assert lists["Pod"] == ("", CACHE_KEY_LABEL)  # cluster-wide, by the key label
+
+
+def test_the_sweep_reads_pods_in_each_watched_namespace() -> None:
+    kube = _Cluster(volumes=[_pv(KEY, phase="Released", namespace="ml")])
+    sweep(kube, SETTINGS.model_copy(update={"namespaces": ("ml", "ml-staging")}))
+    assert [c[2] for c in kube.calls if c[:2] == ("list", "Pod")] == ["ml", "ml-staging"]
+
+
+@pytest.mark.parametrize("failing", ["PersistentVolume", "Pod", "Node", "Job"])
+def test_a_failed_list_evicts_nothing(failing: str) -> None:
+    """Fail closed: a view without the pods (or the PVs, the nodes, the Jobs there are) could
+    take an entry in use for unused, or run a second Job; the sweep writes nothing."""
+    kube = _Cluster(volumes=[RELEASED], failing={failing})
+    with pytest.raises(ApiError):
+        sweep(kube, SETTINGS)
+    assert kube.writes() == []
+
+
+def test_a_second_sweep_writes_nothing() -> None:
+    kube = _Cluster(volumes=[RELEASED], nodes=("n1",))
+    (name,) = sweep(kube, SETTINGS)
+    job = next(c for c in kube.writes() if c[1] == "Job")
+    assert job[2] == name
+    # what the cluster holds after the first pass: the Job, and the PV gone
+    again = _Cluster(volumes=[], jobs=[build_evict_job(KEY, "n1", 1.0, SETTINGS)], nodes=("n1",))
+    assert sweep(again, SETTINGS) == [] and again.writes() == []
+    # the PV delete not done yet (the operator stopped between the writes): only the delete
+    half = _Cluster(volumes=[RELEASED], jobs=[build_evict_job(KEY, "n1", 1.0, SETTINGS)], nodes=("n1",))
+    assert sweep(half, SETTINGS) == [] and half.writes() == [("delete", "PersistentVolume", R)]

@@ -48,7 +48,7 @@ CASES: dict[str, dict[str, Any]] = {
     "watch-namespaces": {"watchNamespaces": ["ml", "ml-staging"]},
     "multi-node": {"multiNode": {"enabled": True}},
     "model-cache": {"modelCache": {"enabled": True, "path": "/data/cache", "nodeLabel": "example.com/cache",
-                                   "capacity": "2Ti"}},
+                                   "capacity": "2Ti", "sweepSeconds": 120}},
     # the single image value of earlier charts still sets the builtin flavour's image
     "legacy-runtime-image": {"operator": {"runtimeImage": "registry.example.com/kubemaas-runtime:old"}},
     "operator-settings": {"operator": {
@@ -388,7 +388,7 @@ MULTI_NODE_RULES = {("ray.io", "rayclusters"): OWN}
 MODEL_CACHE_RULES = {("", "persistentvolumeclaims"): {"get", "list", "create", "patch"}}
 MODEL_CACHE_CLUSTER_RULES = {("", "persistentvolumes"): {"get", "list", "create", "patch", "delete"}}
 # ... and, in the release namespace only, the eviction Jobs and their claim (builders/cache_eviction.py).
-MODEL_CACHE_EVICT_RULES = {("batch", "jobs"): {"get", "create", "patch"},
+MODEL_CACHE_EVICT_RULES = {("batch", "jobs"): {"get", "list", "create", "patch"},
                            ("", "persistentvolumeclaims"): {"get", "create", "patch"}}
 # Cluster-scoped reads, a ClusterRole in every mode: CRDs (is KEDA/Gateway API installed?) and
 # nodes (their GPU feature discovery labels: the GPU-fit check).
@@ -426,9 +426,9 @@ def test_rules_cover_every_kind_the_operator_client_touches():
     for k in kube.KINDS.values():
         group = k.api_version.rpartition("/")[0]
         verbs = (OPERATOR_RULES | ROUTING_RULES | MULTI_NODE_RULES | MODEL_CACHE_EVICT_RULES | MODEL_CACHE_RULES
-                 | MODEL_CACHE_CLUSTER_RULES).get((group, k.plural))
-        if k.kind == "Job":  # the cache's eviction Jobs are only applied, never listed
-            assert verbs == {"get", "create", "patch"}, verbs
+                 | MODEL_CACHE_CLUSTER_RULES | DISCOVERY_RULES).get((group, k.plural))
+        if k.kind == "Job":  # the cache's eviction Jobs: applied, and listed by the sweep; never deleted
+            assert verbs == {"get", "list", "create", "patch"}, verbs
             continue
         assert verbs and READ - {"watch"} <= verbs, f"{k.kind}: no read access in the chart"
         if k.kind in kube.OWNED_KINDS + kube.ROUTING_KINDS:
@@ -525,6 +525,7 @@ def test_model_cache_grants_volumes_and_claims_only_when_on(rendered):
     assert settings.model_cache and settings.model_cache_path == "/data/cache"
     assert settings.model_cache_node_label == "example.com/cache" and settings.model_cache_capacity == "2Ti"
     assert settings.model_cache_eviction_namespace == "kubemaas-system"
+    assert settings.model_cache_sweep_seconds == 120
     assert OperatorSettings.from_env(container_env(one(rendered["defaults"], "Deployment"))
                                      ).model_cache_eviction_namespace == ""
 
