@@ -22,7 +22,7 @@ from tests.e2e.test_scaling_and_traffic import _crd
 
 pytestmark = pytest.mark.e2e
 
-PICKER_IMAGE = "registry.example/lwepp:v1.6.2"
+PICKER_IMAGE = "registry.example/gie-epp:v1.2.0"
 POOL_CRD = "inferencepools.inference.networking.k8s.io"
 ROUTE_CRD = "httproutes.gateway.networking.k8s.io"
 PICKER_KINDS = [("serviceaccount", "ServiceAccount"), ("role.rbac.authorization.k8s.io", "Role"),

@@ -374,9 +374,11 @@ OPERATOR_RULES = {
     ("", "events"): {"create"},
 }
 # With inferenceRouting.enabled: the pool and the endpoint picker's children (kube.ROUTING_KINDS);
-# watch on inferencepools only because the picker's Role grants it (no escalation).
+# watch on inferencepools and read on inferenceobjectives only because the picker's Role grants
+# them (no escalation).
 ROUTING_RULES = {
     ("inference.networking.k8s.io", "inferencepools"): OWN,
+    ("inference.networking.x-k8s.io", "inferenceobjectives"): READ,
     ("", "configmaps"): OWN - {"watch"},
     ("", "serviceaccounts"): OWN - {"watch"},
     ("rbac.authorization.k8s.io", "roles"): OWN - {"watch"},

@@ -13,7 +13,7 @@ from kubemaas_operator.settings import OperatorSettings
 from tests.unit.support import make_ms
 from tests.unit.test_contract import runtime_registry_names
 
-PICKER = "registry.example/lwepp:v1.6.2"
+PICKER = "registry.example/gie-epp:v1.2.0"
 SETTINGS = OperatorSettings(endpoint_picker_image=PICKER)
 GGUF = {"uri": "pvc://models/smollm2.gguf", "format": "gguf"}
 ROUTED = {"model": GGUF, "gateway": {"name": "public", "namespace": "gateways"}, "routing": "inferencePool",
@@ -63,24 +63,58 @@ def test_the_picker_runs_restricted_with_a_read_only_role():
     (container,) = pod["containers"]
     assert container["image"] == PICKER
     assert {"--pool-name=m", "--pool-namespace=ns", "--grpc-port=9002"} <= set(container["args"])
+    assert container["volumeMounts"] == [{"name": "config", "mountPath": "/config", "readOnly": True}]
     assert pod["serviceAccountName"] == "m-epp"
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                             "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
     rules = children[("Role", "m-epp")]["rules"]
     assert {(g, r) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]} == {
-        ("inference.networking.k8s.io", "inferencepools"), ("", "pods")}
+        ("inference.networking.k8s.io", "inferencepools"), ("inference.networking.x-k8s.io", "inferenceobjectives"),
+        ("", "pods")}
     assert all(rule["verbs"] == ["get", "list", "watch"] for rule in rules)
     binding = children[("RoleBinding", "m-epp")]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "m-epp", "namespace": "ns"}]
 
 
-def test_the_picker_config_names_the_runtimes_metrics():
+def picker_flags(spec: dict = ROUTED) -> dict[str, str]:
+    (container,) = by_kind(spec)[("Deployment", "m-epp")]["spec"]["template"]["spec"]["containers"]
+    flags = dict(arg.removeprefix("--").split("=", 1) for arg in container["args"])
+    assert len(flags) == len(container["args"]), container["args"]  # each flag once, as --name=value
+    return flags
+
+
+def test_the_picker_watches_the_v1_pool_and_reads_its_config_file():
+    flags = picker_flags()
+    assert (flags["pool-name"], flags["pool-namespace"], flags["pool-group"]) == (
+        "m", "ns", "inference.networking.k8s.io")
+    assert (flags["grpc-port"], flags["grpc-health-port"], flags["metrics-port"]) == ("9002", "9003", "9090")
+    assert flags["config-file"] == "/config/picker.yaml"  # the ConfigMap's key, where it is mounted
+    assert flags["secure-serving"] == "false"
+    assert "endpoint-selector" not in flags  # the pool, not a selector, names the pods
+
+
+def test_the_picker_scrapes_the_runtimes_own_metric_names():
+    flags = picker_flags()
+    assert flags["total-queued-requests-metric"] == "kubemaas_num_requests_waiting"
+    assert flags["kv-cache-usage-percentage-metric"] == "kubemaas_kv_cache_usage_ratio"
+    assert flags["lora-info-metric"] == "kubemaas_lora_requests_info"
+    for flag in ("total-queued-requests-metric", "kv-cache-usage-percentage-metric", "lora-info-metric"):
+        assert flags[flag] in runtime_registry_names(), flags[flag]
+
+
+def test_the_picker_config_weighs_queue_kv_cache_and_lora_affinity():
     config = yaml.safe_load(by_kind(ROUTED)[("ConfigMap", "m-epp")]["data"]["picker.yaml"])
-    assert config["pool"] == {"group": "inference.networking.k8s.io", "name": "m", "namespace": "ns"}
-    assert set(config["metrics"]) == {"queuedRequests", "runningRequests", "kvCacheUsage"}
-    for name in config["metrics"].values():
-        assert name in runtime_registry_names(), name
+    assert (config["apiVersion"], config["kind"]) == (
+        "inference.networking.x-k8s.io/v1alpha1", "EndpointPickerConfig")
+    types = [p["type"] for p in config["plugins"]]
+    assert types == ["queue-scorer", "kv-cache-utilization-scorer", "lora-affinity-scorer",
+                     "max-score-picker", "single-profile-handler"]
+    (profile,) = config["schedulingProfiles"]
+    weights = {ref["pluginRef"]: ref.get("weight") for ref in profile["plugins"]}
+    assert weights == {"queue-scorer": 2, "kv-cache-utilization-scorer": 2, "lora-affinity-scorer": 1,
+                       "max-score-picker": None}
+    assert set(weights) <= set(types)  # every reference names a declared plugin
 
 
 def test_routing_off_renders_the_weighted_route():

@@ -119,11 +119,14 @@ No Secrets: a ModelService's secretRef is passed by name to the runtime pod's fe
 {{- end }}
 {{- if .Values.inferenceRouting.enabled }}
 # spec.routing: inferencePool. The operator writes the pool and the endpoint picker's children;
-# it holds get/list/watch on inferencepools (and on pods, above) because the API server lets it
-# grant the picker's Role only what it holds itself.
+# it holds get/list/watch on inferencepools and inferenceobjectives (and on pods, above) because
+# the API server lets it grant the picker's Role only what it holds itself.
 - apiGroups: [inference.networking.k8s.io]
   resources: [inferencepools]
   verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [inference.networking.x-k8s.io]
+  resources: [inferenceobjectives]
+  verbs: [get, list, watch]
 - apiGroups: [""]
   resources: [configmaps, serviceaccounts]
   verbs: [get, list, create, patch, delete]

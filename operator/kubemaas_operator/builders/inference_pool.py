@@ -34,13 +34,20 @@ PICKER_HEALTH_PORT = 9003  # gRPC health, service "inference-extension"
 PICKER_METRICS_PORT = 9090
 PICKER_CONFIG_DIR = "/config"
 PICKER_CONFIG_FILE = "picker.yaml"
-# The runtime's metrics a metric-aware picker reads, by the role the picker gives each
-# (the runtime's own names; docs/runtime.md, "Metrics").
-PICKER_METRICS = {
-    "queuedRequests": "kubemaas_num_requests_waiting",
-    "runningRequests": "kubemaas_num_requests_running",
-    "kvCacheUsage": "kubemaas_kv_cache_usage_ratio",
+OBJECTIVE_GROUP = "inference.networking.x-k8s.io"  # InferenceObjective, which the EPP watches
+# The runtime's metrics the picker (the extension's EPP, v1.2.0) scrapes from each pod, by the
+# EPP flag that names each (the runtime's own names; docs/runtime.md, "Metrics"). The LoRA one is
+# in vLLM's `vllm:lora_requests_info` label shape, which the EPP's parser requires.
+PICKER_METRIC_FLAGS = {
+    "total-queued-requests-metric": "kubemaas_num_requests_waiting",
+    "kv-cache-usage-percentage-metric": "kubemaas_kv_cache_usage_ratio",
+    "lora-info-metric": "kubemaas_lora_requests_info",
 }
+# The scheduling profile: every scorer scores each ready pod 0..1, the weighted sum decides and
+# the max-score picker takes the best (ties at random). Queue depth and KV-cache use weigh as
+# the extension's own default profile does; LoRA affinity prefers a pod with the request's
+# adapter running, then one with room to load it.
+PICKER_SCORERS = (("queue-scorer", 2), ("kv-cache-utilization-scorer", 2), ("lora-affinity-scorer", 1))
 
 
 def picker_name(ms: ModelService) -> str:
@@ -100,13 +107,34 @@ def build_pool_route(ms: ModelService) -> dict[str, Any]:
 
 
 def picker_config(ms: ModelService) -> str:
-    """The picker's configuration file: the pool it serves and the runtime's metric names."""
+    """The EPP's EndpointPickerConfig (its --config-file): the scorers, the max-score picker
+    and one profile weighing them."""
     return yaml.safe_dump({
-        "pool": {"group": INFERENCE_GROUP, "name": ms.name, "namespace": ms.namespace},
-        "targetPort": HTTP_PORT,
-        "metricsPath": "/metrics",
-        "metrics": PICKER_METRICS,
+        "apiVersion": f"{OBJECTIVE_GROUP}/v1alpha1",
+        "kind": "EndpointPickerConfig",
+        "plugins": [*({"type": scorer} for scorer, _ in PICKER_SCORERS),
+                    {"type": "max-score-picker"}, {"type": "single-profile-handler"}],
+        "schedulingProfiles": [{
+            "name": "default",
+            "plugins": [*({"pluginRef": scorer, "weight": weight} for scorer, weight in PICKER_SCORERS),
+                        {"pluginRef": "max-score-picker"}],
+        }],
     }, sort_keys=False)
+
+
+def picker_args(ms: ModelService) -> list[str]:
+    """The EPP's flags: the pool it serves (the v1 group), its ports, the config file and the
+    runtime's metric names. Plain-text gRPC (--secure-serving=false), as lwepp and the
+    gateway's ext-proc cluster in docs/operator.md speak; its Prometheus port without the
+    TokenReview auth, which would need cluster-scoped RBAC."""
+    return [
+        f"--pool-name={ms.name}", f"--pool-namespace={ms.namespace}", f"--pool-group={INFERENCE_GROUP}",
+        f"--grpc-port={PICKER_GRPC_PORT}", f"--grpc-health-port={PICKER_HEALTH_PORT}",
+        f"--metrics-port={PICKER_METRICS_PORT}", "--metrics-endpoint-auth=false",
+        "--secure-serving=false", "--tracing=false",
+        f"--config-file={PICKER_CONFIG_DIR}/{PICKER_CONFIG_FILE}",
+        *(f"--{flag}={metric}" for flag, metric in PICKER_METRIC_FLAGS.items()),
+    ]
 
 
 def build_picker_children(ms: ModelService, settings: OperatorSettings) -> list[dict[str, Any]]:
@@ -117,10 +145,11 @@ def build_picker_children(ms: ModelService, settings: OperatorSettings) -> list[
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta,
          "automountServiceAccountToken": True},
-        # Least privilege: it watches the pool and the pods; it writes nothing.
+        # Least privilege: it watches the pool, the objectives and the pods; it writes nothing.
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
          "rules": [
              {"apiGroups": [INFERENCE_GROUP], "resources": ["inferencepools"], "verbs": ["get", "list", "watch"]},
+             {"apiGroups": [OBJECTIVE_GROUP], "resources": ["inferenceobjectives"], "verbs": ["get", "list", "watch"]},
              {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
          ]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
@@ -142,11 +171,7 @@ def _picker_deployment(ms: ModelService, settings: OperatorSettings, meta: dict[
     container = {
         "name": "endpoint-picker",
         "image": settings.endpoint_picker_image,
-        "args": [
-            f"--pool-name={ms.name}", f"--pool-namespace={ms.namespace}", f"--pool-group={INFERENCE_GROUP}",
-            f"--grpc-port={PICKER_GRPC_PORT}", f"--grpc-health-port={PICKER_HEALTH_PORT}",
-            f"--metrics-port={PICKER_METRICS_PORT}", f"--endpoint-target-ports={HTTP_PORT}",
-        ],
+        "args": picker_args(ms),
         "ports": [{"name": "grpc", "containerPort": PICKER_GRPC_PORT},
                   {"name": "grpc-health", "containerPort": PICKER_HEALTH_PORT},
                   {"name": "metrics", "containerPort": PICKER_METRICS_PORT}],
