@@ -52,3 +52,20 @@ def make_body(spec: dict[str, Any] | None = None, name: str = "m", namespace: st
 
 def make_ms(spec: dict[str, Any] | None = None, **kwargs: Any) -> ModelService:
     return ModelService.from_body(make_body(spec, **kwargs))
+
+
+# Models of the engine and compile rule tables (test_engines.py, test_compile.py)
+LLM = {"uri": "pvc://llm-weights/llama", "format": "transformers", "task": "text-generation"}
+GGUF = {"uri": "pvc://models/smollm2", "format": "gguf"}
+ENCODER = {"uri": "file:///models/m", "format": "transformers", "task": "feature-extraction"}
+
+
+def engine_spec(model: dict[str, Any] = LLM, gpus: int = 0, runtime: dict[str, Any] | None = None,
+                variants: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
+    """A ModelService spec with `model`, `gpus` GPUs and the given runtime and variants."""
+    out: dict[str, Any] = {"model": model, "resources": {"gpu": {"count": gpus}}, **extra}
+    if runtime:
+        out["runtime"] = runtime
+    if variants:
+        out["variants"] = variants
+    return out

@@ -11,21 +11,10 @@ from kubemaas_operator.builders.revision import variant_revisions
 from kubemaas_operator.settings import OperatorSettings
 from pydantic import ValidationError
 
-from tests.unit.support import make_ms
+from tests.unit.support import ENCODER, GGUF, LLM, make_ms
+from tests.unit.support import engine_spec as spec
 
 SETTINGS = OperatorSettings()  # startup_timeout_seconds 1800
-LLM = {"uri": "pvc://llm-weights/smollm2", "format": "transformers", "task": "text-generation"}
-GGUF = {"uri": "pvc://models/smollm2", "format": "gguf"}
-ENCODER = {"uri": "file:///models/m", "format": "transformers", "task": "feature-extraction"}
-
-
-def spec(model=LLM, gpus=0, runtime=None, variants=None, **extra):
-    out = {"model": model, "resources": {"gpu": {"count": gpus}}, **extra}
-    if runtime:
-        out["runtime"] = runtime
-    if variants:
-        out["variants"] = variants
-    return out
 
 
 def deployments(ms):

@@ -14,23 +14,12 @@ from kubemaas_operator.render import run_render
 from kubemaas_operator.settings import OperatorSettings
 from pydantic import ValidationError
 
-from tests.unit.support import make_body, make_ms
+from tests.unit.support import ENCODER, GGUF, LLM, make_body, make_ms
+from tests.unit.support import engine_spec as spec
 
 SETTINGS = OperatorSettings(runtime_image="registry.example/kubemaas-runtime:2.0",
                             runtime_image_vllm="registry.example/kubemaas-runtime-vllm:2.0")
 BUILTIN, VLLM = SETTINGS.runtime_image, SETTINGS.runtime_image_vllm
-LLM = {"uri": "pvc://llm-weights/llama", "format": "transformers", "task": "text-generation"}
-GGUF = {"uri": "pvc://models/smollm2", "format": "gguf"}
-ENCODER = {"uri": "file:///models/m", "format": "transformers", "task": "feature-extraction"}
-
-
-def spec(model=LLM, gpus=0, runtime=None, variants=None, **extra):
-    out = {"model": model, "resources": {"gpu": {"count": gpus}}, **extra}
-    if runtime:
-        out["runtime"] = runtime
-    if variants:
-        out["variants"] = variants
-    return out
 
 
 def deployments(ms, settings=SETTINGS):
