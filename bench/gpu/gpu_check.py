@@ -172,7 +172,34 @@ def load_levels(url: str, args) -> dict:
     return levels
 
 
+def cpu_without_native(quantization: str) -> bool:
+    """A CPU where the runtime refuses `quantization` at start (bf16 would be emulated)."""
+    sys.path.insert(0, str(REPO / "runtime"))
+    from kubemaas_runtime.quantization import CAST_DTYPES, cpu_half_support
+
+    return quantization in CAST_DTYPES and cpu_half_support(quantization) is None
+
+
+def check_refused_at_start(args, model: Path, quantization: str) -> dict:
+    """On a CPU without native bf16 the runtime must refuse it at start, with its reason,
+    rather than serve it emulated (quantization.py): that refusal is the check."""
+    with log_file(f"builtin-{quantization}") as log:
+        try:
+            process, _ = start_runtime(args.python, model, args.device, "builtin", quantization, log)
+        except CheckFailed:
+            text = Path(log.name).read_text(errors="replace")
+            if "QuantizationUnsupported" not in text:
+                raise
+            reason = next(line for line in text.splitlines() if line.startswith("QuantizationUnsupported"))
+            print(f"    refused at start, as it must be on this CPU: {reason}", flush=True)
+            return {"refused": reason}
+        stop(process)
+    raise CheckFailed(f"{quantization} served on a CPU without native {quantization}: it should be refused")
+
+
 def check_builtin(args, model: Path, quantization: str, results: dict) -> dict:
+    if args.device == "cpu" and cpu_without_native(quantization):
+        return check_refused_at_start(args, model, quantization)
     with log_file(f"builtin-{quantization}") as log:
         process, url = start_runtime(args.python, model, args.device, "builtin", quantization, log)
         try:
@@ -245,7 +272,7 @@ def check_vllm(args, model: Path) -> dict:
 def ratio_lines(results: dict, streams: tuple[int, ...]) -> list[str]:
     lines = []
     for mine, theirs in (("builtin-bf16", "builtin-fp32"), ("vllm", "builtin-bf16")):
-        if mine not in results or theirs not in results:
+        if "levels" not in results.get(mine, {}) or "levels" not in results.get(theirs, {}):
             continue
         for c in streams:
             a, b = results[mine]["levels"][c], results[theirs]["levels"][c]
