@@ -1,5 +1,5 @@
-"""What the real-node model cache test (test_real_model_cache.py) and its benchmark
-(bench/cache) share: an S3 stand-in the real node's pods can reach, the node's cache folder and
+"""What the real-node model cache test (test_real_model_cache.py), its benchmark (bench/cache)
+and the real part of `make demo` (hack/demo-real.py) share: an S3 stand-in the real node's pods can reach, the node's cache folder and
 label as docs/api.md asks the cluster admin for them, the ModelService, and what a pod's fetch
 step reported and when.
 
@@ -93,14 +93,22 @@ def create_secret(cluster: Cluster, namespace: str, name: str, data: dict[str, s
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(secret))
 
 
+def prepare_cache_node(cluster: Cluster, node: str, root: Path) -> None:
+    """What docs/api.md asks the cluster admin for: the cache folder ``root`` (made if missing)
+    owned by the runtime's uid, and ``node`` labelled as the cache's node group. `make demo`
+    uses it too (hack/demo-real.py), with the folder the operator it runs is told."""
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)
+    os.chown(root, APP_UID, APP_UID)
+    cluster.kubectl("label", "node", node, f"{CACHE_NODE_LABEL}=true", "--overwrite")
+
+
 @contextlib.contextmanager
 def cache_node(cluster: Cluster, node: str) -> Iterator[Path]:
     """A fresh cache folder owned by the runtime's uid, and ``node`` labelled as the cache's node
     group; the label and the folder removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix="kubemaas-model-cache-"))
-    root.chmod(0o755)
-    os.chown(root, APP_UID, APP_UID)  # what docs/api.md asks the admin for
-    cluster.kubectl("label", "node", node, f"{CACHE_NODE_LABEL}=true", "--overwrite")
+    prepare_cache_node(cluster, node, root)
     try:
         yield root
     finally:
