@@ -41,6 +41,8 @@ KINDS: dict[str, Kind] = {
         Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects"),
         Kind("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes"),
         Kind("inference.networking.k8s.io/v1", "InferencePool", "inferencepools"),
+        # read only: the endpoint picker (v1.2.0) watches it and does not start without its CRD
+        Kind("inference.networking.x-k8s.io/v1alpha2", "InferenceObjective", "inferenceobjectives"),
         Kind("v1", "ConfigMap", "configmaps"),
         Kind("v1", "ServiceAccount", "serviceaccounts"),
         Kind("rbac.authorization.k8s.io/v1", "Role", "roles"),
@@ -176,6 +178,17 @@ class KubeClient:
         except (KindNotInstalled, NotFound):
             return []  # kind not served (or namespace gone): nothing of it can exist
         return out.get("items", [])
+
+    def served(self, kind_name: str, namespace: str) -> bool:
+        """Whether the API server serves this kind (its CRD is installed): a LIST of at most one."""
+        kind = KINDS[kind_name]
+        try:
+            self._call("GET", kind, kind.path(namespace), query=[("limit", "1")])
+        except KindNotInstalled:
+            return False
+        except NotFound:
+            return True  # the kind is served; the namespace is gone
+        return True
 
     def delete(self, kind_name: str, namespace: str, name: str, uid: str | None = None) -> None:
         """Delete, with a uid precondition when given so a same-named newcomer survives."""

@@ -31,6 +31,7 @@ from kubemaas_operator.builders import (
     selector_string,
     service_url,
 )
+from kubemaas_operator.builders.inference_pool import PICKER_LABEL
 from kubemaas_operator.builders.layout import VariantLayout
 from kubemaas_operator.builders.model_cache import cache_key, uses_node_cache
 from kubemaas_operator.builders.raycluster import GROUP_LABEL
@@ -74,6 +75,10 @@ _NOT_INSTALLED_REASONS = {
                       "Inference Extension CRDs (inferencepools.inference.networking.k8s.io) are not "
                       "installed: install them (hack/inference-extension crds) or remove spec.routing.")),
 }
+OBJECTIVE_NOT_INSTALLED = Problem("InferenceObjectiveNotInstalled", (
+    "spec.routing is inferencePool but the endpoint picker's InferenceObjective CRD "
+    "(inferenceobjectives.inference.networking.x-k8s.io) is not installed, and the picker does "
+    "not start without it: install it (hack/inference-extension crds) or remove spec.routing."))
 ROUTING_DISABLED = Problem("InferenceRoutingDisabled", (
     "spec.routing is inferencePool but this operator runs no endpoint picker (its "
     "endpoint_picker_image is unset): enable inferenceRouting in the chart or remove spec.routing."))
@@ -378,10 +383,15 @@ class Reconciler:
         ns, _ = plan.key
         if plan.blocked is not None:
             raise Blocked(plan.blocked)
+        checked = False  # whether the picker's InferenceObjective CRD was found served
         for child in plan.children:
             kind, name = child["kind"], child["metadata"]["name"]
             if previous is not None and previous.digests.get((kind, name)) == digests[(kind, name)]:
                 continue
+            if not checked and _routing_child(child):  # the pod-facing children are written
+                if not self.kube.served("InferenceObjective", ns):
+                    raise Blocked(OBJECTIVE_NOT_INSTALLED)  # its picker would crash-loop
+                checked = True
             applied = self._write_child(child, plan.uid, owners)
             if kind == "Deployment":
                 generation = applied["metadata"].get("generation", 0)
@@ -427,6 +437,11 @@ class Reconciler:
             raise Blocked(Problem(reason, message)) from exc
         raise Blocked(Problem("NameConflict", f"{kind} {name} already exists and belongs to {holder}; "
                                               "rename this ModelService or its variant."))
+
+
+def _routing_child(child: dict) -> bool:
+    """The InferencePool or one of its endpoint picker's children."""
+    return child["kind"] == "InferencePool" or PICKER_LABEL in child["metadata"].get("labels", {})
 
 
 def drifted(applied: Applied | None, deployments: Sequence[dict]) -> list[tuple[str, int]]:

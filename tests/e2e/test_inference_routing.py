@@ -16,7 +16,7 @@ from kubemaas_operator.builders import build_children
 from kubemaas_operator.settings import OperatorSettings
 
 from tests.e2e.cluster import Cluster, unavailable
-from tests.e2e.msvc import REPO, apply, get, modelservice, wait_ready
+from tests.e2e.msvc import REPO, apply, get, modelservice, wait_ready, wait_reason
 from tests.e2e.operator_process import OperatorProcess
 from tests.e2e.test_scaling_and_traffic import _crd
 
@@ -24,14 +24,15 @@ pytestmark = pytest.mark.e2e
 
 PICKER_IMAGE = "registry.example/gie-epp:v1.2.0"
 POOL_CRD = "inferencepools.inference.networking.k8s.io"
+OBJECTIVE_CRD = "inferenceobjectives.inference.networking.x-k8s.io"
 ROUTE_CRD = "httproutes.gateway.networking.k8s.io"
 PICKER_KINDS = [("serviceaccount", "ServiceAccount"), ("role.rbac.authorization.k8s.io", "Role"),
                 ("rolebinding.rbac.authorization.k8s.io", "RoleBinding"), ("configmap", "ConfigMap"),
                 ("deployment.apps", "Deployment"), ("service", "Service")]
 
 
-@pytest.fixture(scope="module")
-def routing_crds(cluster: Cluster) -> Iterator[None]:
+def install_crds(cluster: Cluster) -> None:
+    """The module's InferencePool CRD and the picker's InferenceObjective CRD (hack/inference-extension)."""
     env = {**os.environ, "KUBECONFIG": cluster.kubeconfig}
     try:
         subprocess.run([str(REPO / "hack" / "inference-extension"), "crds"], check=True, env=env,
@@ -39,6 +40,11 @@ def routing_crds(cluster: Cluster) -> Iterator[None]:
     except (subprocess.CalledProcessError, FileNotFoundError) as exc:
         message = f"the InferencePool CRD could not be installed from the Go module: {exc}"
         unavailable(message)
+
+
+@pytest.fixture(scope="module")
+def routing_crds(cluster: Cluster) -> Iterator[None]:
+    install_crds(cluster)
     had_route_crd = cluster.kubectl("get", "crd", ROUTE_CRD, check=False).returncode == 0
     if not had_route_crd:
         cluster.kubectl("apply", "-f", "-", input=_crd("gateway.networking.k8s.io", "HTTPRoute", "httproutes", "v1"))
@@ -127,3 +133,24 @@ def test_the_real_crd_refuses_what_the_v1_schema_forbids(cluster: Cluster, routi
            "spec": {"selector": {"matchLabels": {"a": "b"}}, "endpointPickerRef": {"name": "x", "port": {"number": 9002}}}}
     result = cluster.kubectl("apply", "-f", "-", input=json.dumps(bad), check=False)
     assert result.returncode != 0 and "targetPorts" in result.stderr, result.stderr
+
+
+def test_a_missing_objective_crd_is_reported_and_the_picker_waits_for_it(
+        cluster: Cluster, routing_operator, namespace: str) -> None:
+    """v1.2.0's picker does not start without the InferenceObjective CRD: the operator says so
+    instead of writing a picker that would crash-loop, and writes it once the CRD is back."""
+    cluster.kubectl("delete", "crd", OBJECTIVE_CRD, "--wait=true", timeout=120)
+    try:
+        apply(cluster, namespace, routed("late"))
+        cond = wait_reason(cluster, namespace, "late", "InferenceObjectiveNotInstalled")
+        assert OBJECTIVE_CRD in cond["message"] and "hack/inference-extension crds" in cond["message"]
+        assert cluster.kubectl("get", "deployment", "late-default", "-n", namespace, check=False).returncode == 0
+        for resource in ("deployment", "inferencepools.inference.networking.k8s.io"):
+            name = "late-epp" if resource == "deployment" else "late"
+            assert cluster.kubectl("get", resource, name, "-n", namespace, check=False).returncode != 0
+    finally:
+        install_crds(cluster)
+    ms = wait_ready(cluster, namespace, "late", timeout=120)  # the blocked reconcile retries
+    assert ms["status"]["replicas"] == 2
+    cluster.get_json("inferencepools.inference.networking.k8s.io", "late", "-n", namespace)
+    cluster.get_json("deployment", "late-epp", "-n", namespace)

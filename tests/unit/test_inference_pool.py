@@ -7,8 +7,14 @@ import yaml
 from kubemaas_operator.builders import build_children
 from kubemaas_operator.builders.inference_pool import PICKER_LABEL
 from kubemaas_operator.builders.naming import MODELSERVICE_LABEL
-from kubemaas_operator.reconcile import ROUTING_DISABLED, decide
+from kubemaas_operator.reconcile import (
+    OBJECTIVE_NOT_INSTALLED,
+    ROUTING_DISABLED,
+    Reconciler,
+    decide,
+)
 from kubemaas_operator.settings import OperatorSettings
+from kubemaas_operator.store import Store
 
 from tests.unit.support import make_ms
 from tests.unit.test_contract import runtime_registry_names
@@ -128,3 +134,34 @@ def test_routing_off_renders_the_weighted_route():
 def test_routing_needs_the_operators_switch(image, refusal):
     plan = decide(make_ms(ROUTED), OperatorSettings(endpoint_picker_image=image), None)
     assert plan.blocked == refusal
+
+
+class _Kube:
+    """Serves every kind but, unless told, the picker's InferenceObjective; records applies."""
+
+    def __init__(self, objectives: bool) -> None:
+        self.objectives = objectives
+        self.applied: list[tuple[str, str]] = []
+
+    def served(self, kind, namespace):
+        return kind != "InferenceObjective" or self.objectives
+
+    def apply(self, obj, force=False):
+        self.applied.append((obj["kind"], obj["metadata"]["name"]))
+        return {**obj, "metadata": {**obj["metadata"], "generation": 1}}
+
+    def list(self, kind, namespace, selector):
+        return []
+
+
+@pytest.mark.parametrize("objectives", [False, True])
+def test_without_the_objective_crd_the_pool_and_picker_are_not_written(objectives):
+    kube = _Kube(objectives)
+    _, problem = Reconciler(kube, SETTINGS).reconcile(Store(), make_ms(ROUTED), None, prune=False)
+    assert ("Deployment", "m-a") in kube.applied  # the model's pods come first either way
+    written = {("InferencePool", "m"), ("Deployment", "m-epp")} <= set(kube.applied)
+    if objectives:
+        assert problem is None and written
+    else:
+        assert problem == OBJECTIVE_NOT_INSTALLED and not written
+        assert "inferenceobjectives.inference.networking.x-k8s.io" in problem.message
