@@ -149,16 +149,21 @@ def plan_evictions(keys: Iterable[str], volumes: Sequence[Mapping[str, Any]], po
     for key in sorted(set(keys)):
         if referenced(key, volumes, pods):
             continue
-        todo, failed = [], []
+        kept = [v for v in volumes if volume_key(v) == key and _released(v)]
+        # a Job older than a released PV of the key (one left by an earlier eviction, not yet
+        # collected) decided before that ModelService's pods used the entry: it does not count
+        since = max(((v.get("metadata") or {}).get("creationTimestamp") or "" for v in kept), default="")
+        todo, failed, latest = [], [], {}
         for node in group:
             entry = history.get((key, node), [])
             failed += [job["metadata"]["name"] for job in entry if job_state(job) == "failed"]
-            latest = job_state(entry[-1]) if entry else None
-            if latest is None or latest == "failed":
+            counted = [job for job in entry if _job_order(job)[0] >= since]
+            latest[node] = "running" if any(job_state(job) == "running" for job in entry) \
+                else job_state(counted[-1]) if counted else None  # never a second Job beside a running one
+            if latest[node] in (None, "failed"):
                 todo.append(node)
-        done = not todo and all(job_state(history[(key, node)][-1]) == "succeeded" for node in group)
-        released = tuple(sorted(v["metadata"]["name"] for v in volumes if volume_key(v) == key and _released(v))
-                         ) if done else ()
+        done = all(state == "succeeded" for state in latest.values())
+        released = tuple(sorted(v["metadata"]["name"] for v in kept)) if done else ()
         if todo or failed or released:
             plans.append(Eviction(key, tuple(todo), released, tuple(sorted(failed))))
     return plans

@@ -32,7 +32,11 @@ from kubemaas_operator.builders import (
     service_url,
 )
 from kubemaas_operator.builders.layout import VariantLayout
-from kubemaas_operator.builders.model_cache import cache_key, uses_node_cache
+from kubemaas_operator.builders.model_cache import (
+    cache_key,
+    reopen_released_volume,
+    uses_node_cache,
+)
 from kubemaas_operator.builders.raycluster import GROUP_LABEL
 from kubemaas_operator.engine import (
     ENGINE_REASON,
@@ -383,6 +387,10 @@ class Reconciler:
             if previous is not None and previous.digests.get((kind, name)) == digests[(kind, name)]:
                 continue
             applied = self._write_child(child, plan.uid, owners)
+            if kind == "PersistentVolume" and (reopen := reopen_released_volume(applied)):
+                # a deleted ModelService's of the same name, kept until its eviction ended
+                log.info("reopening the Released PV %s for %s/%s", name, ns, plan.key[1])
+                self.kube.json_patch(kind, "", name, reopen)
             if kind == "Deployment":
                 generation = applied["metadata"].get("generation", 0)
                 if generation != generations.get(name):

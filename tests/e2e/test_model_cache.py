@@ -217,7 +217,8 @@ def test_a_modelservice_deleted_while_the_operator_is_stopped_is_evicted_at_its_
     """No watch event tells the operator of a deletion while it is stopped: what remains is the
     ModelService's PV, Released (its claim went with the garbage collector once its pods were
     gone). The sweep at start finds the key and runs the eviction Job; the PV stays, the key's
-    record, until that Job succeeded (the next test)."""
+    record, until that Job succeeded (the next test), and a ModelService created again under the
+    name binds it."""
     proc, evict_ns = cache_operator
     node = _kwok_node(cluster)
     uri = f"hf://org/s-{uuid.uuid4().hex[:6]}@abc123"
@@ -251,6 +252,13 @@ def test_a_modelservice_deleted_while_the_operator_is_stopped_is_evicted_at_its_
         assert job["spec"]["template"]["spec"]["containers"][0]["args"][:5] == [
             "cache-evict", "--root", "/cache", "--key", key]
         assert phase() == "Released", "kept while its eviction Job has not succeeded"
+
+        # created again under the same name meanwhile: its claim binds that PV (the operator
+        # removes the gone claim's uid), rather than waiting on an eviction its pods now block
+        apply(cluster, namespace, _cached("s", uri))
+        cluster.wait_until(lambda: phase() == "Bound", timeout=60, what="the kept PV bound to the new claim")
+        claim = cluster.get_json("pvc", "s-model-cache", "-n", namespace)
+        assert claim["status"]["phase"] == "Bound" and claim["spec"]["volumeName"] == volume
     finally:
         cluster.kubectl("delete", "msvc", "s", "-n", namespace, "--wait=false", check=False)
         cluster.kubectl("delete", "pv", volume, "--wait=false", check=False)

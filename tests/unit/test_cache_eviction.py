@@ -11,7 +11,11 @@ from kubemaas_operator.builders.cache_eviction import (
     build_evict_job,
     build_evict_volume,
 )
-from kubemaas_operator.builders.model_cache import CACHE_KEY_LABEL, cache_key
+from kubemaas_operator.builders.model_cache import (
+    CACHE_KEY_LABEL,
+    cache_key,
+    reopen_released_volume,
+)
 from kubemaas_operator.cache_eviction import (
     Eviction,
     evict_if_unreferenced,
@@ -169,6 +173,7 @@ FAIL1, FAIL2 = _job(KEY, "n1", "failed"), _job(KEY, "n2", "failed")
 LATER_OK1 = _job(KEY, "n1", "succeeded", at=2000.0)
 LATER_RUN1 = _job(KEY, "n1", "running", at=2000.0)
 LATER_FAIL1 = _job(KEY, "n1", "failed", at=2000.0)
+NEWER_RELEASED = {**RELEASED, "metadata": {**RELEASED["metadata"], "creationTimestamp": "1970-01-01T00:25:00Z"}}
 
 
 @pytest.mark.parametrize(("keys", "volumes", "pods", "jobs", "expected"), [
@@ -199,6 +204,11 @@ LATER_FAIL1 = _job(KEY, "n1", "failed", at=2000.0)
     ([KEY], [RELEASED], [], [OK1, OK2, _job(KEY, "gone", "failed")], [Eviction(KEY, (), (R,))]),
     ([KEY], [RELEASED], [], [OK1, OK2, _job(KEY, "gone")], [Eviction(KEY, (), (R,))]),
     ([KEY], [RELEASED], [], [_job(OTHER, "n1")], [Eviction(KEY, ("n1", "n2"))]),  # another key's Job
+    # an earlier eviction's Jobs, older than the released PV (not collected yet): they do not count
+    ([KEY], [NEWER_RELEASED], [], [OK1, OK2], [Eviction(KEY, ("n1", "n2"))]),
+    ([KEY], [NEWER_RELEASED], [], [FAIL1, LATER_OK1, _job(KEY, "n2", "succeeded", at=2000.0)],
+     [Eviction(KEY, (), (R,), (_name(FAIL1),))]),
+    ([KEY], [NEWER_RELEASED], [], [_job(KEY, "n1"), OK2], [Eviction(KEY, ("n2",))]),  # running: still no second
     # the watch path: the deleted ModelService's PV being deleted, no Jobs read
     ([KEY], [_pv(KEY, deleting=True)], [], [], [Eviction(KEY, ("n1", "n2"))]),
     ([KEY, OTHER], [RELEASED, _pv(OTHER)], [], [], [Eviction(KEY, ("n1", "n2"))]),  # per key
@@ -206,7 +216,8 @@ LATER_FAIL1 = _job(KEY, "n1", "failed", at=2000.0)
 ], ids=["missed-deletion", "other-pv-bound", "pv-unbound", "pod-mounts", "in-use-again-no-retry", "pv-failed",
         "one-node-running", "all-running", "one-done-one-running", "all-succeeded-pv-deleted", "all-done-pv-gone",
         "one-node-failed-rewritten", "failed-without-pv", "retry-succeeded", "retry-running", "latest-failed",
-        "failed-node-left-group", "running-node-left-group", "other-keys-job", "watch-path", "two-keys",
+        "failed-node-left-group", "running-node-left-group", "other-keys-job", "jobs-older-than-pv",
+        "jobs-newer-than-pv", "older-job-running", "watch-path", "two-keys",
         "no-keys"])
 def test_plan_evictions(keys, volumes, pods, jobs, expected) -> None:
     assert plan_evictions(keys, volumes, pods, jobs, ["n2", "n1"]) == expected
@@ -332,3 +343,15 @@ def test_a_failed_job_whose_key_no_volume_names_is_run_again() -> None:
     # on a node that left the group it is no longer run
     gone = _Cluster(volumes=[], jobs=[_job(KEY, "gone", "failed")], nodes=("n1",))
     assert sweep(gone, SETTINGS) == [] and gone.writes() == []
+
+
+@pytest.mark.parametrize(("volume", "ops"), [
+    ({"spec": {"claimRef": {"name": "m-model-cache", "uid": "u1"}}, "status": {"phase": "Released"}},
+     [{"op": "test", "path": "/spec/claimRef/uid", "value": "u1"}, {"op": "remove", "path": "/spec/claimRef/uid"}]),
+    ({"spec": {"claimRef": {"name": "m-model-cache", "uid": "u1"}}, "status": {"phase": "Bound"}}, None),
+    ({"spec": {"claimRef": {"name": "m-model-cache"}}, "status": {"phase": "Available"}}, None),
+    ({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"},
+      "spec": {"claimRef": {"uid": "u1"}}, "status": {"phase": "Released"}}, None),
+], ids=["released", "bound", "pre-bound", "being-deleted"])
+def test_a_released_volume_is_reopened_for_a_new_claim_of_the_same_name(volume: dict, ops: list | None) -> None:
+    assert reopen_released_volume(volume) == ops
