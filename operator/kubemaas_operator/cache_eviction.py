@@ -16,9 +16,13 @@ told the decision's time so a pod that hit or filled the entry since keeps it.
 
 Events missed while the operator was stopped are caught by the sweep, at start and then every
 `model_cache_sweep_seconds`: every key a cache PV still names (a ModelService deleted meanwhile
-leaves its PV `Released`), read with pods, nodes and the eviction Jobs through the API, goes
-through the same decision, :func:`plan_evictions`; a node that has an eviction Job of the key
-already gets none, and the released PVs are deleted once their Jobs are written.
+leaves its PV `Released`) or a failed eviction Job of a node of the group names, read with pods,
+nodes and the eviction Jobs through the API, goes through the same decision,
+:func:`plan_evictions`. An eviction is done only when it succeeded on every node of the group:
+a node whose latest Job of the key runs waits, one whose latest Job failed gets a new Job (the
+failed one is deleted after it: the sweep's period is the back-off), and the key's released PVs
+are deleted only once every node's latest Job of the key succeeded. A node that left the group
+no longer counts.
 """
 
 from __future__ import annotations
@@ -81,27 +85,63 @@ def _job_entry(job: Mapping[str, Any]) -> tuple[str | None, str | None]:
     return (meta.get("labels") or {}).get(CACHE_KEY_LABEL), (meta.get("annotations") or {}).get(NODE_ANNOTATION)
 
 
+def job_state(job: Mapping[str, Any]) -> str:
+    """``succeeded`` or ``failed`` once the Job controller says it finished (its `Complete` or
+    `Failed` condition), else ``running`` (pending, running, or failing towards its retries)."""
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("status") == "True" and condition.get("type") in ("Complete", "Failed"):
+            return "succeeded" if condition["type"] == "Complete" else "failed"
+    return "running"
+
+
+def _job_order(job: Mapping[str, Any]) -> tuple[str, str]:
+    meta = job.get("metadata") or {}
+    return meta.get("creationTimestamp") or "", meta.get("name") or ""
+
+
+def _history(jobs: Iterable[Mapping[str, Any]]) -> dict[tuple[str | None, str | None], list[Mapping[str, Any]]]:
+    """The eviction Jobs of each (key, node), oldest first: the latest one says where it stands."""
+    entries: dict[tuple[str | None, str | None], list[Mapping[str, Any]]] = {}
+    for job in sorted(jobs, key=_job_order):
+        entries.setdefault(_job_entry(job), []).append(job)
+    return entries
+
+
+def retry_keys(jobs: Iterable[Mapping[str, Any]], nodes: Iterable[str]) -> set[str]:
+    """The keys of failed eviction Jobs on nodes of the group: the sweep takes them up again
+    although no cache PV names them (a rollout's earlier revision; a ModelService whose PV went
+    at its deletion)."""
+    group = set(nodes)
+    return {key for job in jobs for key, node in [_job_entry(job)]
+            if key and node in group and job_state(job) == "failed"}
+
+
 @dataclass(frozen=True)
 class Eviction:
-    """What to do for one key nothing refers to: a Job on each of ``nodes``, and delete the
-    ``released`` cache PVs that still carry the key (or every sweep would find it again)."""
+    """What to do for one key nothing refers to: a Job on each of ``nodes``; delete the
+    ``failed`` eviction Jobs of the key (after the new ones are written, so the key keeps a
+    record); and, once every node of the group evicted it, the ``released`` cache PVs that still
+    carry the key (or every sweep would find it again)."""
 
     key: str
     nodes: tuple[str, ...]
     released: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
 
 
 def plan_evictions(keys: Iterable[str], volumes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]],
                    jobs: Iterable[Mapping[str, Any]], nodes: Iterable[str]) -> list[Eviction]:
     """The one decision, for the watch path (the key whose last reference just went, no Jobs:
     one decided before that event does not cover a fill since) and the sweep (every key a cache
-    PV names, with the eviction Jobs there are): a key referred to by any of ``volumes`` or
-    ``pods`` is left alone; otherwise a Job on every node of ``nodes`` that has no eviction Job
-    of that key yet (running, done or failed: the Job's TTL bounds how soon a sweep tries again).
-    With no node in the group there is nothing to run and the released PVs stay: they are the
-    record of the key until a node can be told.
+    PV or a failed eviction Job names, with the eviction Jobs there are): a key referred to by
+    any of ``volumes`` or ``pods`` is left alone. Otherwise, on each node of ``nodes`` (the
+    group; a node that left it no longer counts), by the latest eviction Job of the key there:
+    none or failed, a new Job (every failed one is deleted); running, nothing (never a second
+    Job beside it); succeeded, the node is done. Only when every node is done are the key's
+    released PVs deleted: until then they are the key's record. With no node in the group there
+    is nothing to run and the released PVs stay, the record until a node can be told.
     """
-    done = {_job_entry(job) for job in jobs}
+    history = _history(jobs)
     group = sorted(set(nodes))
     if not group:
         return []
@@ -109,10 +149,23 @@ def plan_evictions(keys: Iterable[str], volumes: Sequence[Mapping[str, Any]], po
     for key in sorted(set(keys)):
         if referenced(key, volumes, pods):
             continue
-        todo = tuple(node for node in group if (key, node) not in done)
-        released = tuple(sorted(v["metadata"]["name"] for v in volumes if volume_key(v) == key and _released(v)))
-        if todo or released:
-            plans.append(Eviction(key, todo, released))
+        kept = [v for v in volumes if volume_key(v) == key and _released(v)]
+        # a Job older than a released PV of the key (one left by an earlier eviction, not yet
+        # collected) decided before that ModelService's pods used the entry: it does not count
+        since = max(((v.get("metadata") or {}).get("creationTimestamp") or "" for v in kept), default="")
+        todo, failed, latest = [], [], {}
+        for node in group:
+            entry = history.get((key, node), [])
+            failed += [job["metadata"]["name"] for job in entry if job_state(job) == "failed"]
+            counted = [job for job in entry if _job_order(job)[0] >= since]
+            latest[node] = "running" if any(job_state(job) == "running" for job in entry) \
+                else job_state(counted[-1]) if counted else None  # never a second Job beside a running one
+            if latest[node] in (None, "failed"):
+                todo.append(node)
+        done = all(state == "succeeded" for state in latest.values())
+        released = tuple(sorted(v["metadata"]["name"] for v in kept)) if done else ()
+        if todo or failed or released:
+            plans.append(Eviction(key, tuple(todo), released, tuple(sorted(failed))))
     return plans
 
 
@@ -135,18 +188,27 @@ def release_volume(kube: KubeClient, namespace: str, name: str) -> None:
 
 
 def carry_out(kube: KubeClient, settings: OperatorSettings, plans: Iterable[Eviction], decided_at: float) -> list[str]:
-    """Write each plan's Jobs, then delete its released PVs (after the Jobs: a failed write
-    leaves the key for the next sweep to find); the Jobs' names."""
+    """Write each plan's Jobs, then delete its failed Jobs (after the new ones: a failed write
+    leaves the key's record for the next sweep), then its released PVs (planned only once every
+    node succeeded); the written Jobs' names."""
     written = []
     for plan in plans:
         for obj in eviction_objects(plan.key, plan.nodes, decided_at, settings):
             kube.apply(obj)
             if obj["kind"] == "Job":
                 written.append(obj["metadata"]["name"])
+        for name in plan.failed:
+            kube.delete("Job", settings.model_cache_eviction_namespace, name)  # its pods go in the background
         for name in plan.released:
             kube.delete("PersistentVolume", "", name)
-        log.info("no ModelService refers to the cache entry %s: evicting it on %d node(s)%s", plan.key,
-                 len(plan.nodes), f", deleting the released PV(s) {', '.join(plan.released)}" if plan.released else "")
+        if plan.nodes:
+            log.info("no ModelService refers to the cache entry %s: evicting it on %d node(s)%s", plan.key,
+                     len(plan.nodes), f", again after the failed Job(s) {', '.join(plan.failed)}" if plan.failed else "")
+        elif plan.failed:
+            log.info("deleting the failed eviction Job(s) %s of %s, superseded", ", ".join(plan.failed), plan.key)
+        if plan.released:
+            log.info("the cache entry %s is evicted on every node of the group: deleting the released PV(s) %s",
+                     plan.key, ", ".join(plan.released))
     return written
 
 
@@ -176,7 +238,8 @@ def sweep_keys(volumes: Iterable[Mapping[str, Any]], namespaces: Sequence[str]) 
 
 def sweep(kube: KubeClient, settings: OperatorSettings) -> list[str]:
     """At start and every ``model_cache_sweep_seconds``: evict the entries no ModelService refers
-    to whose last reference went while no watch event said so (the operator stopped). Everything
+    to whose last reference went while no watch event said so (the operator stopped), and run
+    again the evictions that failed on a node (unreachable, say) until they succeed. Everything
     is read through the API, not the operator's indexes (empty at start); a LIST that fails
     raises before anything is written, so a partial view evicts nothing."""
     decided_at = time.time()  # before the LISTs: a pod that hits an entry later keeps it
@@ -185,5 +248,6 @@ def sweep(kube: KubeClient, settings: OperatorSettings) -> list[str]:
             for pod in kube.list("Pod", namespace, CACHE_KEY_LABEL)]
     nodes = [n["metadata"]["name"] for n in kube.list("Node", "", f"{settings.model_cache_node_label}=true")]
     jobs = kube.list("Job", settings.model_cache_eviction_namespace, f"{EVICT_COMPONENT_LABEL}={EVICT_COMPONENT}")
-    plans = plan_evictions(sweep_keys(volumes, settings.namespaces), volumes, pods, jobs, nodes)
+    keys = sweep_keys(volumes, settings.namespaces) | retry_keys(jobs, nodes)
+    plans = plan_evictions(keys, volumes, pods, jobs, nodes)
     return carry_out(kube, settings, plans, decided_at)

@@ -11,6 +11,7 @@ calls it from a thread pool, never from the event loop.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +98,10 @@ class KindNotInstalled(ApiError):
         self.kind = kind
 
 
+class Invalid(ApiError):
+    """422: a request the server cannot apply, such as a JSON patch whose `test` failed."""
+
+
 class NamespaceTerminating(ApiError):
     """The namespace is being deleted: the API server refuses new objects in it (a 403 that
     is not a permission problem). Its ModelServices are going away with it."""
@@ -121,6 +126,8 @@ def check_response(status: int, data: bytes, kind: Kind) -> Any:
         raise NotFound(status, message, body) if "name" in details else KindNotInstalled(kind, status, body)
     if status == 409:
         raise Conflict(status, message, body)
+    if status == 422:
+        raise Invalid(status, message, body)
     if status == 403 and "NamespaceTerminating" in causes:
         raise NamespaceTerminating(status, message, body)
     raise ApiError(status, message, body)
@@ -215,6 +222,18 @@ class KubeClient:
             )
         except NotFound:
             pass
+
+    def json_patch(self, kind_name: str, namespace: str, name: str, ops: Sequence[dict[str, Any]]) -> bool:
+        """Apply a JSON patch (RFC 6902); False when the object is gone or a `test` failed (it
+        changed since it was read)."""
+        kind = KINDS[kind_name]
+        try:
+            # a list: the client JSON-encodes it and keeps the json-patch content type
+            self._call("PATCH", kind, kind.path(namespace, name), body=[*ops],
+                       query=[("fieldManager", self._field_manager)], content_type="application/json-patch+json")
+        except (NotFound, Invalid):
+            return False
+        return True
 
     def patch_status(self, namespace: str, name: str, status: dict) -> None:
         kind = KINDS["ModelService"]

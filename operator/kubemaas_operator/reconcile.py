@@ -33,7 +33,11 @@ from kubemaas_operator.builders import (
 )
 from kubemaas_operator.builders.inference_pool import PICKER_LABEL
 from kubemaas_operator.builders.layout import VariantLayout
-from kubemaas_operator.builders.model_cache import cache_key, uses_node_cache
+from kubemaas_operator.builders.model_cache import (
+    cache_key,
+    reopen_released_volume,
+    uses_node_cache,
+)
 from kubemaas_operator.builders.raycluster import GROUP_LABEL
 from kubemaas_operator.engine import (
     ENGINE_REASON,
@@ -393,6 +397,10 @@ class Reconciler:
                     raise Blocked(OBJECTIVE_NOT_INSTALLED)  # its picker would crash-loop
                 checked = True
             applied = self._write_child(child, plan.uid, owners)
+            if kind == "PersistentVolume" and (reopen := reopen_released_volume(applied)):
+                # a deleted ModelService's of the same name, kept until its eviction ended
+                log.info("reopening the Released PV %s for %s/%s", name, ns, plan.key[1])
+                self.kube.json_patch(kind, "", name, reopen)
             if kind == "Deployment":
                 generation = applied["metadata"].get("generation", 0)
                 if generation != generations.get(name):

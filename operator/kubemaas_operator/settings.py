@@ -128,7 +128,8 @@ class OperatorSettings(BaseModel):
         description=(
             "How often (and once at start) the operator sweeps for node-cache entries no "
             "ModelService refers to whose last reference went while it was stopped (a ModelService "
-            "deleted meanwhile leaves its PersistentVolume Released), and runs their eviction Jobs."
+            "deleted meanwhile leaves its PersistentVolume Released), and runs their eviction Jobs; "
+            "also the back-off before an eviction Job that failed on a node is written again."
         ),
     )
     fetch_timeout_seconds: Annotated[int, Field(ge=60)] = Field(

@@ -216,7 +216,9 @@ def test_a_modelservice_deleted_while_the_operator_is_stopped_is_evicted_at_its_
         cluster: Cluster, namespace: str, cache_operator: tuple[OperatorProcess, str]) -> None:
     """No watch event tells the operator of a deletion while it is stopped: what remains is the
     ModelService's PV, Released (its claim went with the garbage collector once its pods were
-    gone). The sweep at start finds the key, runs the eviction Job and deletes the PV."""
+    gone). The sweep at start finds the key and runs the eviction Job; the PV stays, the key's
+    record, until that Job succeeded (the next test), and a ModelService created again under the
+    name binds it."""
     proc, evict_ns = cache_operator
     node = _kwok_node(cluster)
     uri = f"hf://org/s-{uuid.uuid4().hex[:6]}@abc123"
@@ -249,8 +251,98 @@ def test_a_modelservice_deleted_while_the_operator_is_stopped_is_evicted_at_its_
         assert job["metadata"]["annotations"]["kubemaas.io/node"] == node
         assert job["spec"]["template"]["spec"]["containers"][0]["args"][:5] == [
             "cache-evict", "--root", "/cache", "--key", key]
-        cluster.wait_until(lambda: phase() is None, timeout=60, what="the Released PV deleted")
+        assert phase() == "Released", "kept while its eviction Job has not succeeded"
+
+        # created again under the same name meanwhile: its claim binds that PV (the operator
+        # removes the gone claim's uid), rather than waiting on an eviction its pods now block
+        apply(cluster, namespace, _cached("s", uri))
+        cluster.wait_until(lambda: phase() == "Bound", timeout=60, what="the kept PV bound to the new claim")
+        claim = cluster.get_json("pvc", "s-model-cache", "-n", namespace)
+        assert claim["status"]["phase"] == "Bound" and claim["spec"]["volumeName"] == volume
     finally:
         cluster.kubectl("delete", "msvc", "s", "-n", namespace, "--wait=false", check=False)
         cluster.kubectl("delete", "pv", volume, "--wait=false", check=False)
         cluster.kubectl("label", "node", node, f"{LABEL}-", check=False)
+
+
+def _finish_job(cluster: Cluster, namespace: str, job: str, succeeded: bool) -> None:
+    """What the Job controller writes once a Job's pods succeeded or ran out of retries (KWOK's
+    pods run no container, so none ends by itself): its terminal condition, through the status
+    subresource, with the conditions the API server requires before it (SuccessCriteriaMet,
+    FailureTarget) and the startTime the controller set."""
+    cluster.wait_until(lambda: cluster.get_json("job", job, "-n", namespace).get("status", {}).get("startTime"),
+                       timeout=60, what=f"the Job controller started {job}")
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    first, last, reason = (("SuccessCriteriaMet", "Complete", "CompletionsReached") if succeeded
+                           else ("FailureTarget", "Failed", "BackoffLimitExceeded"))
+    status: dict = {"active": 0, "ready": 0, "terminating": 0, "succeeded" if succeeded else "failed": 1,
+                    "conditions": [{"type": t, "status": "True", "reason": reason, "message": "set by the test",
+                                    "lastProbeTime": now, "lastTransitionTime": now} for t in (first, last)]}
+    if succeeded:
+        status["completionTime"] = now
+    cluster.kubectl("patch", "job", job, "-n", namespace, "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": status}))
+
+
+def test_a_failed_eviction_is_run_again_and_the_volume_stays_until_it_succeeded(
+        cluster: Cluster, namespace: str, crd: str) -> None:
+    """A node unreachable while its eviction Job runs: the Job fails after its retries. A later
+    pass of the sweep (every 30 s here) deletes it and writes a new one, and the deleted
+    ModelService's Released PV, the key's record, stays until the new Job succeeded; then the
+    sweep deletes it."""
+    evict_ns = f"evict-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", evict_ns)
+    proc = OperatorProcess(cluster.kubeconfig, extra_env={
+        "KUBEMAAS_OPERATOR_MODEL_CACHE": "true", "KUBEMAAS_OPERATOR_MODEL_CACHE_EVICTION_NAMESPACE": evict_ns,
+        "KUBEMAAS_OPERATOR_MODEL_CACHE_SWEEP_SECONDS": "30", "KUBEMAAS_OPERATOR_NETWORK_POLICY": "false"}).start()
+    node = _kwok_node(cluster)
+    uri = f"hf://org/f-{uuid.uuid4().hex[:6]}@abc123"
+    key = cache_key(uri)
+    volume = f"kubemaas-cache-{namespace}-f"
+    cluster.kubectl("label", "node", node, f"{LABEL}=true", "--overwrite")
+
+    def jobs() -> list[dict]:
+        return cluster.get_json("jobs", "-n", evict_ns, "-l", f"{CACHE_KEY_LABEL}={key}")["items"]
+
+    def phase() -> str | None:
+        out = cluster.kubectl("get", "pv", volume, "-o", "json", check=False)
+        return json.loads(out.stdout)["status"].get("phase") if out.returncode == 0 else None
+
+    try:
+        apply(cluster, namespace, _cached("f", uri))
+        cluster.wait_until(lambda: len(cluster.get_json("pods", "-n", namespace, "-l",
+                                                        f"{CACHE_KEY_LABEL}={key}")["items"]) == 2,
+                           timeout=90, what="2 cached pods")
+        cluster.wait_until(lambda: phase() == "Bound", timeout=60, what="the cache PV bound")
+        proc.stop()  # deleted unseen: its PV is left Released, the key's record for the sweep
+        cluster.kubectl("delete", "msvc", "f", "-n", namespace)
+        cluster.wait_until(lambda: not cluster.get_json("pods", "-n", namespace)["items"], timeout=90,
+                           what="the pods gone with the garbage collector")
+        cluster.wait_until(lambda: phase() == "Released", timeout=60, what="the PV Released, its claim gone")
+        proc.start()
+        (first,) = cluster.wait_until(jobs, timeout=60, what="the sweep's eviction Job")
+        first_name = first["metadata"]["name"]
+        assert phase() == "Released", "the PV stays while its Job runs"
+
+        _finish_job(cluster, evict_ns, first_name, succeeded=False)
+        (retry,) = cluster.wait_until(lambda: [j for j in jobs() if j["metadata"]["name"] != first_name
+                                               and not j["metadata"].get("deletionTimestamp")],
+                                      timeout=120, what="a later pass writing the eviction Job again")
+        assert retry["metadata"]["annotations"]["kubemaas.io/node"] == node
+        assert retry["spec"]["template"]["spec"]["containers"][0]["args"][:5] == [
+            "cache-evict", "--root", "/cache", "--key", key]
+        cluster.wait_until(lambda: all(j["metadata"]["name"] != first_name for j in jobs()), timeout=60,
+                           what="the failed Job deleted")
+        assert phase() == "Released", "the PV stays until the eviction succeeded"
+
+        _finish_job(cluster, evict_ns, retry["metadata"]["name"], succeeded=True)
+        cluster.wait_until(lambda: phase() is None, timeout=120, what="the Released PV deleted once it succeeded")
+        assert [j["metadata"]["name"] for j in jobs()] == [retry["metadata"]["name"]], \
+            "no Job beside the one that succeeded"
+    finally:
+        proc.stop()
+        cluster.kubectl("delete", "msvc", "f", "-n", namespace, "--wait=false", check=False)
+        cluster.kubectl("delete", "pv", volume, "--wait=false", check=False)
+        cluster.kubectl("label", "node", node, f"{LABEL}-", check=False)
+        cluster.kubectl("delete", "namespace", evict_ns, "--wait=false", check=False)
+        cluster.kubectl("delete", "pv", f"kubemaas-cache-evict-{evict_ns}", "--wait=false", check=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from kubemaas_operator.builders.cache_eviction import (
     EVICT_CLAIM,
@@ -9,14 +11,20 @@ from kubemaas_operator.builders.cache_eviction import (
     build_evict_job,
     build_evict_volume,
 )
-from kubemaas_operator.builders.model_cache import CACHE_KEY_LABEL, cache_key
+from kubemaas_operator.builders.model_cache import (
+    CACHE_KEY_LABEL,
+    cache_key,
+    reopen_released_volume,
+)
 from kubemaas_operator.cache_eviction import (
     Eviction,
     evict_if_unreferenced,
     eviction_enabled,
     eviction_objects,
+    job_state,
     plan_evictions,
     referenced,
+    retry_keys,
     sweep,
     sweep_keys,
     volume_refers,
@@ -143,34 +151,92 @@ def test_evict_writes_the_jobs_only_when_no_volume_or_pod_refers() -> None:
     assert pods.calls == []  # the pod index answers: no API call
 
 
-def _job(key: str, node: str) -> dict:
-    return build_evict_job(key, node, 1000.0, SETTINGS)
+def _job(key: str, node: str, state: str = "running", at: float = 1000.0) -> dict:
+    """An eviction Job as the API holds it: running, or finished (its Complete or Failed condition)."""
+    job = build_evict_job(key, node, at, SETTINGS)
+    job["metadata"]["creationTimestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+    if state != "running":
+        kind = {"succeeded": "Complete", "failed": "Failed"}[state]
+        job["status"] = {"conditions": [{"type": "SuccessCriteriaMet" if kind == "Complete" else "FailureTarget",
+                                         "status": "True"}, {"type": kind, "status": "True"}]}
+    return job
+
+
+def _name(job: dict) -> str:
+    return job["metadata"]["name"]
 
 
 RELEASED = _pv(KEY, phase="Released")
 R = RELEASED["metadata"]["name"]
+OK1, OK2 = _job(KEY, "n1", "succeeded"), _job(KEY, "n2", "succeeded")
+FAIL1, FAIL2 = _job(KEY, "n1", "failed"), _job(KEY, "n2", "failed")
+LATER_OK1 = _job(KEY, "n1", "succeeded", at=2000.0)
+LATER_RUN1 = _job(KEY, "n1", "running", at=2000.0)
+LATER_FAIL1 = _job(KEY, "n1", "failed", at=2000.0)
+NEWER_RELEASED = {**RELEASED, "metadata": {**RELEASED["metadata"], "creationTimestamp": "1970-01-01T00:25:00Z"}}
 
 
 @pytest.mark.parametrize(("keys", "volumes", "pods", "jobs", "expected"), [
-    # a ModelService deleted while the operator was stopped: its PV Released, its pods gone
-    ([KEY], [RELEASED], [], [], [Eviction(KEY, ("n1", "n2"), (R,))]),
+    # a ModelService deleted while the operator was stopped: its PV Released, its pods gone; the
+    # PV stays until every node's Job succeeded
+    ([KEY], [RELEASED], [], [], [Eviction(KEY, ("n1", "n2"))]),
     # a Bound PV of the key (another ModelService of the model, any namespace) keeps it
     ([KEY], [RELEASED, _pv(KEY, namespace="other")], [], [], []),
     ([KEY], [_pv(KEY, phase="Available")], [], [], []),          # a claim not bound yet
     ([KEY], [RELEASED], [_pod(KEY)], [], []),                     # a pod still mounts it
+    ([KEY], [RELEASED], [_pod(KEY)], [FAIL1], []),                # in use again: no retry
     ([KEY], [_pv(KEY, phase="Failed")], [], [], []),              # a phase it does not know: kept
-    # idempotent: a node with an eviction Job of the key (running or done) gets no second one
-    ([KEY], [RELEASED], [], [_job(KEY, "n1")], [Eviction(KEY, ("n2",), (R,))]),
-    ([KEY], [], [], [_job(KEY, "n1"), _job(KEY, "n2")], []),     # evicted, its PV gone: nothing
-    ([KEY], [RELEASED], [], [_job(OTHER, "n1")], [Eviction(KEY, ("n1", "n2"), (R,))]),  # another key's Job
+    # never a second Job beside a running one; the PV waits for it
+    ([KEY], [RELEASED], [], [_job(KEY, "n1")], [Eviction(KEY, ("n2",))]),
+    ([KEY], [RELEASED], [], [_job(KEY, "n1"), _job(KEY, "n2")], []),
+    ([KEY], [RELEASED], [], [OK1, _job(KEY, "n2")], []),         # one done, one running: wait
+    # succeeded on every node of the group: now the released PV goes
+    ([KEY], [RELEASED], [], [OK1, OK2], [Eviction(KEY, (), (R,))]),
+    ([KEY], [], [], [OK1, OK2], []),                              # evicted, its PV gone: nothing
+    # a failed Job (the node unreachable): written again, the failed one deleted, the PV kept
+    ([KEY], [RELEASED], [], [OK1, FAIL2], [Eviction(KEY, ("n2",), (), (_name(FAIL2),))]),
+    ([KEY], [], [], [FAIL1, FAIL2], [Eviction(KEY, ("n1", "n2"), (), tuple(sorted(map(_name, (FAIL1, FAIL2)))))]),
+    # the latest Job of a node decides: a retry that succeeded ends it, one running waits
+    ([KEY], [RELEASED], [], [FAIL1, LATER_OK1, OK2], [Eviction(KEY, (), (R,), (_name(FAIL1),))]),
+    ([KEY], [RELEASED], [], [FAIL1, LATER_RUN1, OK2], [Eviction(KEY, (), (), (_name(FAIL1),))]),
+    ([KEY], [RELEASED], [], [OK1, LATER_FAIL1, OK2], [Eviction(KEY, ("n1",), (), (_name(LATER_FAIL1),))]),
+    # a node that left the group (deleted, or its label removed) does not hold the PV back
+    ([KEY], [RELEASED], [], [OK1, OK2, _job(KEY, "gone", "failed")], [Eviction(KEY, (), (R,))]),
+    ([KEY], [RELEASED], [], [OK1, OK2, _job(KEY, "gone")], [Eviction(KEY, (), (R,))]),
+    ([KEY], [RELEASED], [], [_job(OTHER, "n1")], [Eviction(KEY, ("n1", "n2"))]),  # another key's Job
+    # an earlier eviction's Jobs, older than the released PV (not collected yet): they do not count
+    ([KEY], [NEWER_RELEASED], [], [OK1, OK2], [Eviction(KEY, ("n1", "n2"))]),
+    ([KEY], [NEWER_RELEASED], [], [FAIL1, LATER_OK1, _job(KEY, "n2", "succeeded", at=2000.0)],
+     [Eviction(KEY, (), (R,), (_name(FAIL1),))]),
+    ([KEY], [NEWER_RELEASED], [], [_job(KEY, "n1"), OK2], [Eviction(KEY, ("n2",))]),  # running: still no second
     # the watch path: the deleted ModelService's PV being deleted, no Jobs read
     ([KEY], [_pv(KEY, deleting=True)], [], [], [Eviction(KEY, ("n1", "n2"))]),
-    ([KEY, OTHER], [RELEASED, _pv(OTHER)], [], [], [Eviction(KEY, ("n1", "n2"), (R,))]),  # per key
+    ([KEY, OTHER], [RELEASED, _pv(OTHER)], [], [], [Eviction(KEY, ("n1", "n2"))]),  # per key
     ([], [RELEASED], [], [], []),                                 # only the keys asked about
-], ids=["missed-deletion", "other-pv-bound", "pv-unbound", "pod-mounts", "pv-failed", "one-node-done",
-        "all-done", "other-keys-job", "watch-path", "two-keys", "no-keys"])
+], ids=["missed-deletion", "other-pv-bound", "pv-unbound", "pod-mounts", "in-use-again-no-retry", "pv-failed",
+        "one-node-running", "all-running", "one-done-one-running", "all-succeeded-pv-deleted", "all-done-pv-gone",
+        "one-node-failed-rewritten", "failed-without-pv", "retry-succeeded", "retry-running", "latest-failed",
+        "failed-node-left-group", "running-node-left-group", "other-keys-job", "jobs-older-than-pv",
+        "jobs-newer-than-pv", "older-job-running", "watch-path", "two-keys",
+        "no-keys"])
 def test_plan_evictions(keys, volumes, pods, jobs, expected) -> None:
     assert plan_evictions(keys, volumes, pods, jobs, ["n2", "n1"]) == expected
+
+
+@pytest.mark.parametrize(("job", "state"), [
+    (_job(KEY, "n1"), "running"), (OK1, "succeeded"), (FAIL1, "failed"),
+    # the controller marks FailureTarget first, while the pods terminate: not finished yet
+    ({**_job(KEY, "n1"), "status": {"conditions": [{"type": "FailureTarget", "status": "True"}]}}, "running"),
+    ({**_job(KEY, "n1"), "status": {"conditions": [{"type": "Failed", "status": "False"}]}}, "running"),
+])
+def test_job_state(job: dict, state: str) -> None:
+    assert job_state(job) == state
+
+
+def test_the_sweep_retries_the_keys_of_failed_jobs_on_nodes_of_the_group() -> None:
+    """A key no PV names (a rollout's earlier revision) is taken up again by its failed Job."""
+    jobs = [FAIL1, _job(OTHER, "n1"), _job(cache_key("hf://x/y"), "gone", "failed"), OK2]
+    assert retry_keys(jobs, ["n1", "n2"]) == {KEY}
 
 
 def test_with_no_cache_node_the_released_volume_stays_as_the_keys_record() -> None:
@@ -210,13 +276,12 @@ class _Cluster:
         return [c for c in self.calls if c[0] != "list"]
 
 
-def test_the_sweep_evicts_a_missed_deletion_and_deletes_its_released_volume() -> None:
+def test_the_sweep_evicts_a_missed_deletion_and_keeps_its_released_volume_until_it_succeeded() -> None:
     kube = _Cluster(volumes=[RELEASED, _pv(OTHER)], pods=[_pod(OTHER)], nodes=("n1", "n2"))
     jobs = sweep(kube, SETTINGS)
     assert len(jobs) == 2
     assert [c[:2] for c in kube.writes()] == [("apply", "PersistentVolume"), ("apply", "PersistentVolumeClaim"),
-                                              ("apply", "Job"), ("apply", "Job"), ("delete", "PersistentVolume")]
-    assert kube.writes()[-1] == ("delete", "PersistentVolume", R)  # after the Jobs: a failed write leaves it
+                                              ("apply", "Job"), ("apply", "Job")]  # the PV: the key's record
     lists = {c[1]: c[2:] for c in kube.calls if c[0] == "list"}
     assert lists["Node"] == ("", f"{SETTINGS.model_cache_node_label}=true")
     assert lists["Job"] == ("kubemaas-system", "app.kubernetes.io/component=model-cache-evict")
@@ -244,9 +309,49 @@ def test_a_second_sweep_writes_nothing() -> None:
     (name,) = sweep(kube, SETTINGS)
     job = next(c for c in kube.writes() if c[1] == "Job")
     assert job[2] == name
-    # what the cluster holds after the first pass: the Job, and the PV gone
-    again = _Cluster(volumes=[], jobs=[build_evict_job(KEY, "n1", 1.0, SETTINGS)], nodes=("n1",))
+    # what the cluster holds after the first pass: the PV and the Job, running
+    again = _Cluster(volumes=[RELEASED], jobs=[_job(KEY, "n1")], nodes=("n1",))
     assert sweep(again, SETTINGS) == [] and again.writes() == []
-    # the PV delete not done yet (the operator stopped between the writes): only the delete
-    half = _Cluster(volumes=[RELEASED], jobs=[build_evict_job(KEY, "n1", 1.0, SETTINGS)], nodes=("n1",))
-    assert sweep(half, SETTINGS) == [] and half.writes() == [("delete", "PersistentVolume", R)]
+
+
+def test_a_failed_eviction_is_run_again_by_a_later_pass_and_the_volume_goes_once_it_succeeded() -> None:
+    """A node unreachable while its Job ran: the Job fails after its retries; the next pass
+    writes a new one (a new decision time) and only then deletes the failed one; the PV, the
+    key's record, stays until every node succeeded, then goes."""
+    failed = _job(KEY, "n2", "failed")
+    kube = _Cluster(volumes=[RELEASED], jobs=[OK1, failed], nodes=("n1", "n2"))
+    (rewritten,) = sweep(kube, SETTINGS)
+    assert rewritten != _name(failed)
+    assert [c for c in kube.writes() if c[1] in ("Job", "PersistentVolume")][-2:] == [
+        ("apply", "Job", rewritten), ("delete", "Job", _name(failed))]  # written first: the record holds
+    assert ("delete", "PersistentVolume", R) not in kube.writes()
+    retry = _job(KEY, "n2", "running", at=2000.0)
+    waiting = _Cluster(volumes=[RELEASED], jobs=[OK1, retry], nodes=("n1", "n2"))
+    assert sweep(waiting, SETTINGS) == [] and waiting.writes() == []
+    retry["status"] = _job(KEY, "n2", "succeeded")["status"]
+    done = _Cluster(volumes=[RELEASED], jobs=[OK1, retry], nodes=("n1", "n2"))
+    assert sweep(done, SETTINGS) == [] and done.writes() == [("delete", "PersistentVolume", R)]
+
+
+def test_a_failed_job_whose_key_no_volume_names_is_run_again() -> None:
+    """A rollout's earlier revision (its PV's label moved to the new key) or a ModelService
+    deleted under a running operator (its PV deleted then): the failed Job is the key's record."""
+    failed = _job(KEY, "n1", "failed")
+    kube = _Cluster(volumes=[], jobs=[failed], nodes=("n1",))
+    (rewritten,) = sweep(kube, SETTINGS)
+    assert kube.writes()[-2:] == [("apply", "Job", rewritten), ("delete", "Job", _name(failed))]
+    # on a node that left the group it is no longer run
+    gone = _Cluster(volumes=[], jobs=[_job(KEY, "gone", "failed")], nodes=("n1",))
+    assert sweep(gone, SETTINGS) == [] and gone.writes() == []
+
+
+@pytest.mark.parametrize(("volume", "ops"), [
+    ({"spec": {"claimRef": {"name": "m-model-cache", "uid": "u1"}}, "status": {"phase": "Released"}},
+     [{"op": "test", "path": "/spec/claimRef/uid", "value": "u1"}, {"op": "remove", "path": "/spec/claimRef/uid"}]),
+    ({"spec": {"claimRef": {"name": "m-model-cache", "uid": "u1"}}, "status": {"phase": "Bound"}}, None),
+    ({"spec": {"claimRef": {"name": "m-model-cache"}}, "status": {"phase": "Available"}}, None),
+    ({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"},
+      "spec": {"claimRef": {"uid": "u1"}}, "status": {"phase": "Released"}}, None),
+], ids=["released", "bound", "pre-bound", "being-deleted"])
+def test_a_released_volume_is_reopened_for_a_new_claim_of_the_same_name(volume: dict, ops: list | None) -> None:
+    assert reopen_released_volume(volume) == ops

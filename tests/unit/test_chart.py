@@ -390,7 +390,7 @@ MULTI_NODE_RULES = {("ray.io", "rayclusters"): OWN}
 MODEL_CACHE_RULES = {("", "persistentvolumeclaims"): {"get", "list", "create", "patch"}}
 MODEL_CACHE_CLUSTER_RULES = {("", "persistentvolumes"): {"get", "list", "create", "patch", "delete"}}
 # ... and, in the release namespace only, the eviction Jobs and their claim (builders/cache_eviction.py).
-MODEL_CACHE_EVICT_RULES = {("batch", "jobs"): {"get", "list", "create", "patch"},
+MODEL_CACHE_EVICT_RULES = {("batch", "jobs"): {"get", "list", "create", "patch", "delete"},
                            ("", "persistentvolumeclaims"): {"get", "create", "patch"}}
 # Cluster-scoped reads, a ClusterRole in every mode: CRDs (is KEDA/Gateway API installed?) and
 # nodes (their GPU feature discovery labels: the GPU-fit check).
@@ -429,8 +429,8 @@ def test_rules_cover_every_kind_the_operator_client_touches():
         group = k.api_version.rpartition("/")[0]
         verbs = (OPERATOR_RULES | ROUTING_RULES | MULTI_NODE_RULES | MODEL_CACHE_EVICT_RULES | MODEL_CACHE_RULES
                  | MODEL_CACHE_CLUSTER_RULES | DISCOVERY_RULES).get((group, k.plural))
-        if k.kind == "Job":  # the cache's eviction Jobs: applied, and listed by the sweep; never deleted
-            assert verbs == {"get", "list", "create", "patch"}, verbs
+        if k.kind == "Job":  # the cache's eviction Jobs: applied, listed by the sweep, a failed one deleted
+            assert verbs == {"get", "list", "create", "patch", "delete"}, verbs
             continue
         assert verbs and READ - {"watch"} <= verbs, f"{k.kind}: no read access in the chart"
         if k.kind in kube.OWNED_KINDS + kube.ROUTING_KINDS:

@@ -9,6 +9,7 @@ from kubemaas_operator.kube import (
     KINDS,
     ApiError,
     Conflict,
+    Invalid,
     KindNotInstalled,
     NamespaceTerminating,
     NotFound,
@@ -65,3 +66,10 @@ def test_cluster_scoped_kinds_have_no_namespace_in_their_path():
 
     assert KINDS["PersistentVolume"].path("ignored", "pv") == "/api/v1/persistentvolumes/pv"
     assert KINDS["PersistentVolumeClaim"].path("ns", "c") == "/api/v1/namespaces/ns/persistentvolumeclaims/c"
+
+
+def test_a_json_patch_whose_test_failed_is_invalid() -> None:
+    body = _status(422, "Invalid", {"name": "pv", "kind": "persistentvolumes"}, "the test operation failed")
+    with pytest.raises(Invalid) as exc:
+        check_response(422, body, KINDS["PersistentVolume"])
+    assert exc.value.status == 422

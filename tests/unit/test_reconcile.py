@@ -260,3 +260,38 @@ def test_status_of_a_node_cached_model_reports_each_node_and_the_plain_one_none(
     Reconciler(_Kube(), SETTINGS).reconcile(plain, _ms(), None, prune=False)
     status = status_for(plain.applied(("ns", "m")), ("ns", "m"), [], [pod], None)
     assert status is not None and "cache" not in status and "cacheSummary" not in status
+
+
+class _ReleasedVolumeKube(_Kube):
+    """The API server's answer to the cache PV's apply: Released, bound to a gone claim."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__()
+        self.phase = phase
+
+    def apply(self, obj, force=False):
+        out = super().apply(obj, force)
+        if obj["kind"] == "PersistentVolume":
+            spec = {**obj["spec"], "claimRef": {**obj["spec"]["claimRef"], "uid": "old-claim"}}
+            out = {**out, "spec": spec, "status": {"phase": self.phase}}
+        return out
+
+    def json_patch(self, kind, namespace, name, ops):
+        self.calls.append(("json_patch", kind, name, tuple(op["op"] for op in ops)))
+        return True
+
+
+@pytest.mark.parametrize(("phase", "reopened"), [("Released", True), ("Bound", False)])
+def test_a_modelservice_created_again_under_its_name_reopens_the_released_cache_volume(
+        phase: str, reopened: bool) -> None:
+    """The PV of a deleted ModelService of this name is kept Released until its eviction
+    succeeded; the new one's claim can bind it only once the gone claim's uid is removed."""
+    body = _ms().model_dump(mode="json", by_alias=True, exclude_none=True)
+    body["spec"]["model"] = {"uri": "hf://org/m@abc123", "format": "transformers", "task": "feature-extraction",
+                             "cache": "node"}
+    kube = _ReleasedVolumeKube(phase)
+    Reconciler(kube, SETTINGS.model_copy(update={"model_cache": True})).reconcile(
+        Store(), ModelService.from_body(body), None, prune=False)
+    patches = [c for c in kube.calls if c[0] == "json_patch"]
+    assert patches == ([("json_patch", "PersistentVolume", "kubemaas-cache-ns-m", ("test", "remove"))]
+                       if reopened else [])

@@ -126,6 +126,22 @@ def build_cache_volume(ms: ModelService, settings: OperatorSettings) -> dict[str
     return volume
 
 
+def reopen_released_volume(volume: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The JSON patch that lets a ModelService created again under a deleted one's name bind
+    its PV, or None when there is nothing to reopen. The PV is kept `Released` until the
+    deleted one's eviction succeeded on every node (cache_eviction.py), and a `Released` PV
+    keeps the gone claim's uid in `claimRef`: the PV controller binds no new claim to it, and the
+    new ModelService's pods, which refer to the key, would keep the eviction from ever ending.
+    Removing the uid (tested against the one read, so a bind since is left alone) makes it
+    pre-bound by name again, to the new claim."""
+    uid = ((volume.get("spec") or {}).get("claimRef") or {}).get("uid")
+    if (volume.get("status") or {}).get("phase") != "Released" or not uid \
+            or (volume.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    return [{"op": "test", "path": "/spec/claimRef/uid", "value": uid},
+            {"op": "remove", "path": "/spec/claimRef/uid"}]
+
+
 def build_cache_claim(ms: ModelService, settings: OperatorSettings) -> dict[str, Any]:
     """The claim the pods mount, bound to build_cache_volume's PV, owned by the ModelService."""
     claim = cache_volume_claim(cache_claim_name(ms.name), ms.namespace, cache_volume_name(ms.namespace, ms.name),
