@@ -359,13 +359,14 @@ NEEDED = [
     ("patch", "horizontalpodautoscalers.autoscaling"), ("patch", "scaledobjects.keda.sh"),
     ("patch", "httproutes.gateway.networking.k8s.io"),
     ("patch", "networkpolicies.networking.k8s.io"),
+    ("patch", "configmaps"),  # spec.adapters' <name>-adapters, in every mode
     ("list", "pods"), ("watch", "pods"), ("create", "events"),
     ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
     ("list", "nodes"), ("watch", "nodes"),  # the GPU-fit check reads their GPU labels
 ]
 REFUSED = [
     ("get", "secrets"), ("list", "secrets"), ("watch", "secrets"), ("create", "secrets"),
-    ("get", "configmaps"), ("create", "pods"), ("delete", "pods"), ("create", "pods/exec"),
+    ("watch", "configmaps"), ("create", "pods"), ("delete", "pods"), ("create", "pods/exec"),
     ("update", "deployments.apps"), ("update", "modelservices.kubemaas.io"),
     ("create", "modelservices.kubemaas.io"), ("delete", "modelservices.kubemaas.io"),
     ("update", "modelservices.kubemaas.io/status"), ("patch", "modelservices.kubemaas.io/scale"),

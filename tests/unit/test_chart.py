@@ -369,6 +369,7 @@ OPERATOR_RULES = {
     ("keda.sh", "scaledobjects"): OWN,
     ("gateway.networking.k8s.io", "httproutes"): OWN,
     ("networking.k8s.io", "networkpolicies"): OWN,
+    ("", "configmaps"): OWN - {"watch"},  # spec.adapters' ConfigMap (and the picker's config)
     ("", "pods"): READ,
     ("apps", "replicasets"): READ,
     ("", "events"): {"create"},
@@ -379,7 +380,6 @@ OPERATOR_RULES = {
 ROUTING_RULES = {
     ("inference.networking.k8s.io", "inferencepools"): OWN,
     ("inference.networking.x-k8s.io", "inferenceobjectives"): READ,
-    ("", "configmaps"): OWN - {"watch"},
     ("", "serviceaccounts"): OWN - {"watch"},
     ("rbac.authorization.k8s.io", "roles"): OWN - {"watch"},
     ("rbac.authorization.k8s.io", "rolebindings"): OWN - {"watch"},

@@ -93,6 +93,11 @@ No Secrets: a ModelService's secretRef is passed by name to the runtime pod's fe
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]
   verbs: [get, list, watch, create, patch, delete]
+# spec.adapters: the pods' adapter list, ConfigMap <name>-adapters (builders/adapters.py);
+# with inferenceRouting also the endpoint picker's config
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list, create, patch, delete]
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, list, watch, create, patch, delete]
@@ -128,7 +133,7 @@ No Secrets: a ModelService's secretRef is passed by name to the runtime pod's fe
   resources: [inferenceobjectives]
   verbs: [get, list, watch]
 - apiGroups: [""]
-  resources: [configmaps, serviceaccounts]
+  resources: [serviceaccounts]
   verbs: [get, list, create, patch, delete]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
