@@ -65,11 +65,11 @@ EVENT = Kind("v1", "Event", "events")
 
 # Kinds a ModelService may own; stale ones among them are deleted after each apply.
 OWNED_KINDS = ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
-               "ScaledObject", "HTTPRoute", "NetworkPolicy")
-# spec.routing: inferencePool's children besides a Deployment, a Service and the HTTPRoute (the
-# endpoint picker's); listed for pruning only when the operator's routing switch
+               "ScaledObject", "HTTPRoute", "NetworkPolicy", "ConfigMap")  # spec.adapters' (and the picker's)
+# spec.routing: inferencePool's children besides a Deployment, a Service, a ConfigMap and the
+# HTTPRoute (the endpoint picker's); listed for pruning only when the operator's routing switch
 # (endpoint_picker_image) is on: off, its RBAC need not grant them.
-ROUTING_KINDS = ("InferencePool", "ConfigMap", "ServiceAccount", "Role", "RoleBinding")
+ROUTING_KINDS = ("InferencePool", "ServiceAccount", "Role", "RoleBinding")
 
 
 class ApiError(Exception):

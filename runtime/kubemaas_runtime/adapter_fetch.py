@@ -9,6 +9,7 @@ same code and rules as the model (fetch.py: no pickles, pinned hub revisions).""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import threading
@@ -21,6 +22,20 @@ from kubemaas_runtime.fetch import fetch
 log = logging.getLogger("kubemaas_runtime.fetch")
 PARTIAL = ".partial-"
 POLL_SECONDS = 2.0
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_adapter_config(path: Path) -> dict[str, str]:
+    """name -> uri from the mounted file (ValueError when it is not such a list)."""
+    raw = path.read_bytes()[:MAX_CONFIG_BYTES + 1]
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+    doc = json.loads(raw or b"[]")
+    if not isinstance(doc, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("uri"), str)
+            for a in doc):
+        raise ValueError(f"{path} must hold a JSON list of {{name, uri}} objects")
+    return {a["name"]: a["uri"] for a in doc}
 
 
 def add_fetch_adapters_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +48,6 @@ def add_fetch_adapters_arguments(parser: argparse.ArgumentParser) -> None:
 def sync_adapter_dir(config: Path, dest: Path, env: Mapping[str, str], max_bytes: int | None,
                      failed: dict[str, str]) -> None:
     """One pass: fetch what is listed and missing, remove what is no longer listed."""
-    from kubemaas_runtime.generation.adapter_sync import read_adapter_config
-
     desired = read_adapter_config(config) if config.exists() else {}
     fetched = {name: uri for name, uri in desired.items()
                if urlparse(uri).scheme in ("s3", "hf")}

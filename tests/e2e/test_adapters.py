@@ -52,3 +52,11 @@ def test_adding_and_removing_an_adapter_keeps_the_pods(cluster: Cluster, operato
         assert deployment["metadata"]["generation"] == generation
         assert msvc.replicasets(cluster, namespace, "lora") == replicasets
         assert pods(cluster, namespace, "lora") == running
+
+    # spec.adapters dropped: the pods lose the machinery (a new template) and the ConfigMap goes
+    without = json.loads(json.dumps(base))
+    del without["spec"]["adapters"]
+    msvc.apply(cluster, namespace, without)
+    cluster.wait_until(lambda: adapter_list(cluster, namespace, "lora") is None, timeout=60,
+                       what="the adapters ConfigMap pruned")
+    assert "adapters" not in (msvc.wait_ready(cluster, namespace, "lora")["status"].get("adapters") or [])

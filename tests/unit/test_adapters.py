@@ -60,6 +60,8 @@ def test_pods_mount_the_configmap_as_a_directory_and_run_the_sidecar():
     assert "subPath" not in config_mount  # a subPath mount never sees the ConfigMap change
     sidecar = next(c for c in pod["initContainers"] if c["name"] == "fetch-adapters")
     assert sidecar["restartPolicy"] == "Always"
+    # its own small requests, not spec.resources' a second time (a native sidecar's add up)
+    assert sidecar["resources"] == {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}}
     assert sidecar["envFrom"] == [{"secretRef": {"name": "hub"}}]
     assert "envFrom" not in container
     assert any(m["name"] == "adapters" and "readOnly" not in m for m in sidecar["volumeMounts"])

@@ -70,8 +70,16 @@ def adapter_mounts() -> list[dict[str, Any]]:
             {"name": ADAPTER_VOLUME, "mountPath": ADAPTER_DIR, "readOnly": True}]
 
 
+# The sidecar's own, small and fixed: a native sidecar's requests add to the pod's, so
+# spec.resources' would ask the scheduler for the model's CPU and memory twice. It imports no
+# torch (37 MiB resident with boto3 and huggingface_hub loaded); the rest is the S3 transfer's
+# buffers (8 MiB parts, 10 at a time).
+ADAPTER_FETCH_RESOURCES: dict[str, Any] = {"requests": {"cpu": "100m", "memory": "512Mi"},
+                                           "limits": {"memory": "512Mi"}}
+
+
 def adapter_fetch_sidecar(ms: ModelService, image: str, security_context: dict[str, Any],
-                          resources: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
+                          settings: OperatorSettings) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": ADAPTER_FETCH_CONTAINER,
         "image": image,
@@ -81,7 +89,7 @@ def adapter_fetch_sidecar(ms: ModelService, image: str, security_context: dict[s
                  "--dest", ADAPTER_DIR,
                  "--max-bytes", str(quantity_bytes(settings.model_volume_size_limit))],
         "env": [{"name": "HOME", "value": "/tmp"}],
-        "resources": resources,
+        "resources": json.loads(json.dumps(ADAPTER_FETCH_RESOURCES)),  # a copy per pod
         "securityContext": security_context,
         "volumeMounts": [
             {"name": ADAPTER_CONFIG_VOLUME, "mountPath": ADAPTER_CONFIG_DIR, "readOnly": True},

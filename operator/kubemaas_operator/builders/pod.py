@@ -266,8 +266,7 @@ def build_pod_template(
     if model_cache.uses_node_cache(ms):
         source, init_containers = with_node_cache(ms, source, init_containers)
     if wants_adapters(ms):
-        init_containers.append(adapter_fetch_sidecar(
-            ms, image, container_security_context(), container_resources(ms, settings, with_gpu=False), settings))
+        init_containers.append(adapter_fetch_sidecar(ms, image, container_security_context(), settings))
     shm = shm_size_limit(ms, variant)
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,

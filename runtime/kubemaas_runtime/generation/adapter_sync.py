@@ -13,18 +13,17 @@ by an atomic rename once complete: the watcher loads an adapter when its directo
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
+from kubemaas_runtime.adapter_fetch import read_adapter_config
 from kubemaas_runtime.errors import ModelNotFound, RuntimeServeError
 from kubemaas_runtime.generation.adapters import AdapterRegistry
 
 log = logging.getLogger("kubemaas_runtime")
 POLL_SECONDS = 2.0
-MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,19 +48,6 @@ def parse_static_adapters(text: str) -> tuple[tuple[str, str], ...]:
             raise ValueError(f"--adapters takes name=path[,name=path...], got {item!r}")
         pairs.append((name, path))
     return tuple(pairs)
-
-
-def read_adapter_config(path: Path) -> dict[str, str]:
-    """name -> uri from the mounted file (ValueError when it is not such a list)."""
-    raw = path.read_bytes()[:MAX_CONFIG_BYTES + 1]
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ValueError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
-    doc = json.loads(raw or b"[]")
-    if not isinstance(doc, list) or not all(
-            isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("uri"), str)
-            for a in doc):
-        raise ValueError(f"{path} must hold a JSON list of {{name, uri}} objects")
-    return {a["name"]: a["uri"] for a in doc}
 
 
 def local_path(uri: str, name: str, adapter_dir: str) -> Path:

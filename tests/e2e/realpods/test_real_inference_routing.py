@@ -229,9 +229,6 @@ def routed_pods(cluster: Cluster, operator_release: OperatorRelease,
         # one running sequence: the rest queue; a long stream's KV reservation a small share
         spec["runtime"].update({"maxNumSeqs": 1, "maxModelLen": 1024, "kvCacheTokens": 8192})
         spec["model"]["secretRef"] = {"name": SECRET}  # the fetch-adapters sidecar's S3 keys
-        # the sidecar requests spec.resources too (builders/pod.py): 2 x 250m a pod, two pods
-        # on the 2-core node (cpu is a request only, no limit)
-        spec["resources"]["cpu"] = "250m"
         spec["adapters"] = [{"name": name, "uri": uri} for name, uri in uris.items()]
         apply(cluster, namespace, manifest)
         ms_body = wait_ready(cluster, namespace, NAME, operator_release)
