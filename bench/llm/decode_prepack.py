@@ -6,11 +6,13 @@ B, eager, ...) so the load of a shared machine falls on all of them alike; the m
 their ratios are printed, with the ops each compiled step calls (one profiled step each) and
 how far the two graphs' logits are apart. `--kernels`: instead, the three fp32 linear kernels
 alone at SmolLM2's shapes (`aten::mm`, MKL's prepacked `mkl::_mkl_linear`, oneDNN's prepacked
-`mkldnn::_linear_pointwise`), interleaved, summed to a step's 211 linears. A benchmark, never a
-test.
+`mkldnn::_linear_pointwise`), interleaved, summed to a step's 211 linears. `--dynamic-rows`: one
+more graph, frozen and traced once with the rows dynamic too (inductor then packs for oneDNN,
+not MKL), timed at every row count above 1 (an experiment: the engine has no such graph). A
+benchmark, never a test.
 
     .venv/bin/python bench/llm/decode_prepack.py [--rows 1,8,32] [--position 100] [--rounds 30]
-        [--kernels]
+        [--kernels] [--dynamic-rows]
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def main() -> None:
     parser.add_argument("--position", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--kernels", action="store_true")
+    parser.add_argument("--dynamic-rows", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     if args.kernels:
@@ -100,6 +103,10 @@ def main() -> None:
     from kubemaas_runtime.generation.scheduler import Scheduler
 
     class Prepacked(CompiledDecode):  # its own code object: its own dynamo cache entries
+        def _forward(self, *inputs):
+            return CompiledDecode._forward(self, *inputs)
+
+    class DynamicRows(CompiledDecode):
         def _forward(self, *inputs):
             return CompiledDecode._forward(self, *inputs)
 
@@ -124,7 +131,17 @@ def main() -> None:
                   f"enabled {graphs[name].enabled}, prepacked linears "
                   f"{graphs[name].prepacked_linears}; process RSS {rss_mb():.0f} MB",
                   flush=True)
-    with torch.inference_mode():
+        if args.dynamic_rows:  # rows marked dynamic: the linears' batch has a free symbol
+            started = time.perf_counter()
+            graphs["onednn"] = DynamicRows(model, kv, (max(rows_list),))
+            inputs = graphs["onednn"]._inputs([], [], max(rows_list))
+            for tensor in inputs:
+                torch._dynamo.mark_dynamic(tensor, 0)
+            torch._dynamo.mark_dynamic(inputs[3], 1)
+            with torch._inductor.config.patch(freezing=True):
+                graphs["onednn"]._compiled(*inputs)
+            print(f"onednn: 1 graph, rows dynamic, in {time.perf_counter() - started:.0f} s; "
+                  f"process RSS {rss_mb():.0f} MB", flush=True)
         kv.ensure_clean(max(rows_list) * per_row)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu "
           f"{torch.backends.cpu.get_cpu_capability()}, mkl {torch._C.has_mkl}; position "
@@ -147,6 +164,9 @@ def main() -> None:
             steps = {"eager": eager,
                      "before": partial(graphs["before"].decode, ids, decodes),
                      "prepacked": partial(graphs["prepacked"].decode, ids, decodes)}
+            if "onednn" in graphs and rows > 1:
+                dynamic = graphs["onednn"]
+                steps["onednn"] = partial(dynamic._compiled, *dynamic._inputs(ids, decodes, rows))
             out = {name: step() for name, step in steps.items()}  # warm, and compare
             for step in steps.values():
                 step()
@@ -160,6 +180,11 @@ def main() -> None:
             print(f"| {rows} | {med['eager']:.1f} | {med['before']:.1f} | "
                   f"{med['prepacked']:.1f} | {med['prepacked'] / med['before']:.2f} | "
                   f"{med['prepacked'] / med['eager']:.2f} |", flush=True)
+            if "onednn" in med:
+                notes.append(f"{rows} rows: dynamic-rows oneDNN graph {med['onednn']:.1f} ms, "
+                             f"{med['onednn'] / med['before']:.2f}x aten::mm's, max |logit "
+                             f"diff| to it {(out['onednn'] - out['before']).abs().max():.2e}; "
+                             f"ops {dict(ops(steps['onednn']))}")
             diff = (out["prepacked"] - out["before"]).abs().max().item()
             agree = (out["prepacked"].argmax(-1) == out["before"].argmax(-1)).float().mean()
             notes.append(f"{rows} rows: max |logit diff| prepacked-before {diff:.2e}, argmax "
