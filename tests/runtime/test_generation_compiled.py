@@ -117,6 +117,41 @@ def test_compiled_greedy_equals_eager_padded_and_past_block_widths(lm, compiled_
     assert longest // BLOCK + 1 > 4  # it passed widths 2 and 4 (where buckets would be)
 
 
+def test_the_engine_graphs_keep_their_weights_unpacked(compiled_engine):
+    """Compiled decode's default (issue 25): the weights stay graph inputs, no linear packed."""
+    assert compiled_engine.compiled.prepacked_linears == 0
+
+
+def test_prepack_weights_packs_every_linear_and_stays_exact(lm):
+    """`prepack_weights=True` (bench/llm/decode_prepack.py's comparison): freezing turns each
+    linear into MKL's prepacked fp32 linear (x86 torch builds have MKL), 7 a layer and the LM
+    head, and greedy output still equals eager's (3 rows through the 4-row graph)."""
+    assert torch._C.has_mkl
+
+    class Prepacked(CompiledDecode):
+        """Its own `_forward` code object: dynamo keeps its graphs on the code object, and the
+        module's unpacked 4-row graph (no guard on the weights) would otherwise serve it."""
+
+        def _forward(self, *inputs):
+            return CompiledDecode._forward(self, *inputs)
+
+    engine = make_engine(lm)
+    compiled = Prepacked(lm.model, engine.kv, (4,), prepack_weights=True)
+    with torch.inference_mode():
+        compiled.compile_all()
+    assert compiled.enabled and compiled.prepacked_linears == 2 * 7 + 1
+    engine.compiled = compiled
+    engine.start()
+    batch = prompts(3)
+    try:
+        got = generate(engine, batch, 20)
+    finally:
+        engine.stop()
+    for prompt, tokens, reference in zip(batch, got, eager(lm, batch, 20)):
+        check_same(lm, prompt, tokens, reference)
+    assert compiled.enabled and compiled.eager_steps == 0 and compiled.compiled_steps >= 19
+
+
 def test_solo_runs_the_one_row_graph(lm, compiled_engine):
     compiled = compiled_engine.compiled
     before = compiled.compiled_steps

@@ -19,9 +19,18 @@ rows instead of the eager forward; any other step runs eager, as before.
   or a compiled call that fails (a guard miss included), is logged once and turns compiled
   decode off: that step and every later one run eager (a failed call is rerun eager, which
   rewrites the same KV slots).
-- **Freezing.** Inductor's freezing (weights as constants, prepacked for oneDNN on CPU) is
-  asked for through this compile's own `options`, so it does not change other compiles in the
-  process. It raises dynamo's recompile limit (a process-wide setting) to the bucket count.
+- **Freezing, and no weight prepack (issue 25).** Inductor's freezing is asked for through
+  this compile's own `options`, so it does not change other compiles in the process. Those
+  `options` reach only inductor, after dynamo has traced, and dynamo decides at trace time,
+  from the global `torch._inductor.config.freezing`, whether a parameter is a graph constant
+  or a graph input: so the weights stay graph inputs, nothing is folded or packed, and every
+  linear runs as a plain `aten::mm`. `prepack_weights=True` traces with that flag patched on
+  (for these calls only): each fp32 linear then becomes MKL's prepacked `mkl._mkl_linear` on
+  x86 (`prepacked_linears` counts them). Measured on SmolLM2-135M fp32 that does not pay at
+  8-32 rows and costs about 0.8 GB of packed weights per graph, so it is off (docs/runtime.md,
+  "Where a compiled 32-row decode step spends its time"); bench/llm/decode_prepack.py
+  compares the two. It raises dynamo's recompile limit (a process-wide setting) to the bucket
+  count.
 
 The outputs are not bitwise eager's (inductor orders float sums differently); greedy output
 stays token-identical to eager except at near-ties, the engine's exactness contract
@@ -30,11 +39,13 @@ stays token-identical to eager except at near-ties, the engine's exactness contr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
 
 import torch
+from torch._dynamo.utils import counters
 
 from kubemaas_runtime.generation.kv_cache import PagedCache, PagedKVCache, StepBatch
 
@@ -55,7 +66,9 @@ class CompiledDecode:
     """The compiled pure-decode forward of one engine's model and KV pool."""
 
     def __init__(self, model: torch.nn.Module, kv: PagedKVCache,
-                 buckets: tuple[int, ...]) -> None:
+                 buckets: tuple[int, ...], *, prepack_weights: bool = False) -> None:
+        """`prepack_weights`: freeze the weights into the graphs, each linear MKL-prepacked
+        (see "Freezing" above: off in the engine, bench/llm/decode_prepack.py turns it on)."""
         self.model = model
         self.kv = kv
         self.buckets = tuple(sorted(buckets))
@@ -63,6 +76,8 @@ class CompiledDecode:
         self.compiled_steps = 0  # steps that ran a compiled graph (tests and the benchmark)
         self.eager_steps = 0  # pure-decode steps that fell back to eager
         self.compile_seconds = 0.0
+        self.prepack_weights = prepack_weights
+        self.prepacked_linears = 0  # linears inductor's freezing packed, over every graph
         self._compiled: Any = torch.compile(self._forward, fullgraph=True, dynamic=False,
                                             options={"freezing": True})
         limit = torch._dynamo.config.recompile_limit
@@ -110,19 +125,26 @@ class CompiledDecode:
         compiled decode off (logged), the engine then runs eager."""
         started = time.perf_counter()
         self.kv.allocate(self.model)
+        packed = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]
         for rows in self.buckets:
             try:
                 inputs = self._inputs([], [], rows)
                 torch._dynamo.mark_dynamic(inputs[3], 1)
-                self._compiled(*inputs)
+                # dynamo reads the global flag while tracing (see "Freezing" above)
+                with (torch._inductor.config.patch(freezing=True) if self.prepack_weights
+                      else contextlib.nullcontext()):
+                    self._compiled(*inputs)
             except Exception:  # any compile failure means: serve eager
                 log.exception("compiled decode: compiling the %d-row graph failed; decoding "
                               "eager", rows)
                 self.enabled = False
                 return
         self.compile_seconds = time.perf_counter() - started
-        log.info("compiled decode: %d graphs (batch buckets %s) in %.1f s", len(self.buckets),
-                 ",".join(map(str, self.buckets)), self.compile_seconds)
+        self.prepacked_linears = (
+            counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] - packed)
+        log.info("compiled decode: %d graphs (batch buckets %s) in %.1f s, %d linears "
+                 "prepacked", len(self.buckets), ",".join(map(str, self.buckets)),
+                 self.compile_seconds, self.prepacked_linears)
 
     def decode(self, ids: list[int], decodes: list[tuple[list[int], int]]
                ) -> torch.Tensor | None:
