@@ -257,8 +257,11 @@ def test_a_modelservice_deleted_while_the_operator_is_stopped_is_evicted_at_its_
         # removes the gone claim's uid), rather than waiting on an eviction its pods now block
         apply(cluster, namespace, _cached("s", uri))
         cluster.wait_until(lambda: phase() == "Bound", timeout=60, what="the kept PV bound to the new claim")
-        claim = cluster.get_json("pvc", "s-model-cache", "-n", namespace)
-        assert claim["status"]["phase"] == "Bound" and claim["spec"]["volumeName"] == volume
+        # the PV controller writes the PV's phase first, then the claim's: wait for both
+        claim = cluster.wait_until(
+            lambda: (c := cluster.get_json("pvc", "s-model-cache", "-n", namespace))["status"].get("phase") == "Bound"
+            and c, timeout=60, what="the new claim Bound")
+        assert claim["spec"]["volumeName"] == volume
     finally:
         cluster.kubectl("delete", "msvc", "s", "-n", namespace, "--wait=false", check=False)
         cluster.kubectl("delete", "pv", volume, "--wait=false", check=False)
