@@ -212,6 +212,46 @@ def test_a_changed_revision_evicts_the_old_entry_once_its_pods_are_gone(
         cluster.kubectl("label", "node", node, f"{LABEL}-", check=False)
 
 
+class _UnseenDeletion:
+    """A cached ModelService `name` on one labelled KWOK node, deleted while the operator is
+    stopped (`delete_while_stopped`): what the sweep then finds, as the e2e reads it."""
+
+    def __init__(self, cluster: Cluster, namespace: str, evict_ns: str, name: str) -> None:
+        self.cluster, self.namespace, self.evict_ns, self.name = cluster, namespace, evict_ns, name
+        self.node = _kwok_node(cluster)
+        self.uri = f"hf://org/{name}-{uuid.uuid4().hex[:6]}@abc123"
+        self.key = cache_key(self.uri)
+        self.volume = f"kubemaas-cache-{namespace}-{name}"
+        cluster.kubectl("label", "node", self.node, f"{LABEL}=true", "--overwrite")
+
+    def jobs(self) -> list[dict]:
+        return self.cluster.get_json("jobs", "-n", self.evict_ns, "-l", f"{CACHE_KEY_LABEL}={self.key}")["items"]
+
+    def phase(self) -> str | None:
+        out = self.cluster.kubectl("get", "pv", self.volume, "-o", "json", check=False)
+        return json.loads(out.stdout)["status"].get("phase") if out.returncode == 0 else None
+
+    def delete_while_stopped(self, proc: OperatorProcess) -> None:
+        """Two cached pods and the PV bound; the operator stopped; the ModelService deleted and
+        its pods gone with the garbage collector, so its PV is left Released (its claim gone)."""
+        cluster, namespace = self.cluster, self.namespace
+        apply(cluster, namespace, _cached(self.name, self.uri))
+        cluster.wait_until(lambda: len(cluster.get_json("pods", "-n", namespace, "-l",
+                                                        f"{CACHE_KEY_LABEL}={self.key}")["items"]) == 2,
+                           timeout=90, what="2 cached pods")
+        cluster.wait_until(lambda: self.phase() == "Bound", timeout=60, what="the cache PV bound")
+        proc.stop()
+        cluster.kubectl("delete", "msvc", self.name, "-n", namespace)
+        cluster.wait_until(lambda: not cluster.get_json("pods", "-n", namespace)["items"], timeout=90,
+                           what="the pods gone with the garbage collector")
+        cluster.wait_until(lambda: self.phase() == "Released", timeout=60, what="the PV Released, its claim gone")
+
+    def clean_up(self) -> None:
+        self.cluster.kubectl("delete", "msvc", self.name, "-n", self.namespace, "--wait=false", check=False)
+        self.cluster.kubectl("delete", "pv", self.volume, "--wait=false", check=False)
+        self.cluster.kubectl("label", "node", self.node, f"{LABEL}-", check=False)
+
+
 def test_a_modelservice_deleted_while_the_operator_is_stopped_is_evicted_at_its_start(
         cluster: Cluster, namespace: str, cache_operator: tuple[OperatorProcess, str]) -> None:
     """No watch event tells the operator of a deletion while it is stopped: what remains is the
@@ -220,52 +260,29 @@ def test_a_modelservice_deleted_while_the_operator_is_stopped_is_evicted_at_its_
     record, until that Job succeeded (the next test), and a ModelService created again under the
     name binds it."""
     proc, evict_ns = cache_operator
-    node = _kwok_node(cluster)
-    uri = f"hf://org/s-{uuid.uuid4().hex[:6]}@abc123"
-    key = cache_key(uri)
-    volume = f"kubemaas-cache-{namespace}-s"
-    cluster.kubectl("label", "node", node, f"{LABEL}=true", "--overwrite")
-
-    def jobs() -> list[dict]:
-        return cluster.get_json("jobs", "-n", evict_ns, "-l", f"{CACHE_KEY_LABEL}={key}")["items"]
-
-    def phase() -> str | None:
-        out = cluster.kubectl("get", "pv", volume, "-o", "json", check=False)
-        return json.loads(out.stdout)["status"].get("phase") if out.returncode == 0 else None
-
+    entry = _UnseenDeletion(cluster, namespace, evict_ns, "s")
     try:
-        apply(cluster, namespace, _cached("s", uri))
-        cluster.wait_until(lambda: len(cluster.get_json("pods", "-n", namespace, "-l",
-                                                        f"{CACHE_KEY_LABEL}={key}")["items"]) == 2,
-                           timeout=90, what="2 cached pods")
-        cluster.wait_until(lambda: phase() == "Bound", timeout=60, what="the cache PV bound")
-        proc.stop()
-        cluster.kubectl("delete", "msvc", "s", "-n", namespace)
-        cluster.wait_until(lambda: not cluster.get_json("pods", "-n", namespace)["items"], timeout=90,
-                           what="the pods gone with the garbage collector")
-        cluster.wait_until(lambda: phase() == "Released", timeout=60, what="the PV Released, its claim gone")
-        assert jobs() == []  # nobody evicted it
+        entry.delete_while_stopped(proc)
+        assert entry.jobs() == []  # nobody evicted it
 
         proc.start()
-        (job,) = cluster.wait_until(jobs, timeout=60, what="the sweep's eviction Job")
-        assert job["metadata"]["annotations"]["kubemaas.io/node"] == node
+        (job,) = cluster.wait_until(entry.jobs, timeout=60, what="the sweep's eviction Job")
+        assert job["metadata"]["annotations"]["kubemaas.io/node"] == entry.node
         assert job["spec"]["template"]["spec"]["containers"][0]["args"][:5] == [
-            "cache-evict", "--root", "/cache", "--key", key]
-        assert phase() == "Released", "kept while its eviction Job has not succeeded"
+            "cache-evict", "--root", "/cache", "--key", entry.key]
+        assert entry.phase() == "Released", "kept while its eviction Job has not succeeded"
 
         # created again under the same name meanwhile: its claim binds that PV (the operator
         # removes the gone claim's uid), rather than waiting on an eviction its pods now block
-        apply(cluster, namespace, _cached("s", uri))
-        cluster.wait_until(lambda: phase() == "Bound", timeout=60, what="the kept PV bound to the new claim")
+        apply(cluster, namespace, _cached("s", entry.uri))
+        cluster.wait_until(lambda: entry.phase() == "Bound", timeout=60, what="the kept PV bound to the new claim")
         # the PV controller writes the PV's phase first, then the claim's: wait for both
         claim = cluster.wait_until(
             lambda: (c := cluster.get_json("pvc", "s-model-cache", "-n", namespace))["status"].get("phase") == "Bound"
             and c, timeout=60, what="the new claim Bound")
-        assert claim["spec"]["volumeName"] == volume
+        assert claim["spec"]["volumeName"] == entry.volume
     finally:
-        cluster.kubectl("delete", "msvc", "s", "-n", namespace, "--wait=false", check=False)
-        cluster.kubectl("delete", "pv", volume, "--wait=false", check=False)
-        cluster.kubectl("label", "node", node, f"{LABEL}-", check=False)
+        entry.clean_up()
 
 
 def _finish_job(cluster: Cluster, namespace: str, job: str, succeeded: bool) -> None:
@@ -298,30 +315,10 @@ def test_a_failed_eviction_is_run_again_and_the_volume_stays_until_it_succeeded(
     proc = OperatorProcess(cluster.kubeconfig, extra_env={
         "KUBEMAAS_OPERATOR_MODEL_CACHE": "true", "KUBEMAAS_OPERATOR_MODEL_CACHE_EVICTION_NAMESPACE": evict_ns,
         "KUBEMAAS_OPERATOR_MODEL_CACHE_SWEEP_SECONDS": "30", "KUBEMAAS_OPERATOR_NETWORK_POLICY": "false"}).start()
-    node = _kwok_node(cluster)
-    uri = f"hf://org/f-{uuid.uuid4().hex[:6]}@abc123"
-    key = cache_key(uri)
-    volume = f"kubemaas-cache-{namespace}-f"
-    cluster.kubectl("label", "node", node, f"{LABEL}=true", "--overwrite")
-
-    def jobs() -> list[dict]:
-        return cluster.get_json("jobs", "-n", evict_ns, "-l", f"{CACHE_KEY_LABEL}={key}")["items"]
-
-    def phase() -> str | None:
-        out = cluster.kubectl("get", "pv", volume, "-o", "json", check=False)
-        return json.loads(out.stdout)["status"].get("phase") if out.returncode == 0 else None
-
+    entry = _UnseenDeletion(cluster, namespace, evict_ns, "f")
+    jobs, phase = entry.jobs, entry.phase
     try:
-        apply(cluster, namespace, _cached("f", uri))
-        cluster.wait_until(lambda: len(cluster.get_json("pods", "-n", namespace, "-l",
-                                                        f"{CACHE_KEY_LABEL}={key}")["items"]) == 2,
-                           timeout=90, what="2 cached pods")
-        cluster.wait_until(lambda: phase() == "Bound", timeout=60, what="the cache PV bound")
-        proc.stop()  # deleted unseen: its PV is left Released, the key's record for the sweep
-        cluster.kubectl("delete", "msvc", "f", "-n", namespace)
-        cluster.wait_until(lambda: not cluster.get_json("pods", "-n", namespace)["items"], timeout=90,
-                           what="the pods gone with the garbage collector")
-        cluster.wait_until(lambda: phase() == "Released", timeout=60, what="the PV Released, its claim gone")
+        entry.delete_while_stopped(proc)  # its PV is left Released, the key's record for the sweep
         proc.start()
         (first,) = cluster.wait_until(jobs, timeout=60, what="the sweep's eviction Job")
         first_name = first["metadata"]["name"]
@@ -331,9 +328,9 @@ def test_a_failed_eviction_is_run_again_and_the_volume_stays_until_it_succeeded(
         (retry,) = cluster.wait_until(lambda: [j for j in jobs() if j["metadata"]["name"] != first_name
                                                and not j["metadata"].get("deletionTimestamp")],
                                       timeout=120, what="a later pass writing the eviction Job again")
-        assert retry["metadata"]["annotations"]["kubemaas.io/node"] == node
+        assert retry["metadata"]["annotations"]["kubemaas.io/node"] == entry.node
         assert retry["spec"]["template"]["spec"]["containers"][0]["args"][:5] == [
-            "cache-evict", "--root", "/cache", "--key", key]
+            "cache-evict", "--root", "/cache", "--key", entry.key]
         cluster.wait_until(lambda: all(j["metadata"]["name"] != first_name for j in jobs()), timeout=60,
                            what="the failed Job deleted")
         assert phase() == "Released", "the PV stays until the eviction succeeded"
@@ -344,8 +341,6 @@ def test_a_failed_eviction_is_run_again_and_the_volume_stays_until_it_succeeded(
             "no Job beside the one that succeeded"
     finally:
         proc.stop()
-        cluster.kubectl("delete", "msvc", "f", "-n", namespace, "--wait=false", check=False)
-        cluster.kubectl("delete", "pv", volume, "--wait=false", check=False)
-        cluster.kubectl("label", "node", node, f"{LABEL}-", check=False)
+        entry.clean_up()
         cluster.kubectl("delete", "namespace", evict_ns, "--wait=false", check=False)
         cluster.kubectl("delete", "pv", f"kubemaas-cache-evict-{evict_ns}", "--wait=false", check=False)

@@ -259,13 +259,18 @@ def started_picker(picker_binary: Path, ms: ModelService, cluster: Cluster, work
     return picker
 
 
+def pod_ips(cluster: Cluster, namespace: str, operator_release: OperatorRelease):
+    """The two runtime pods' IPs, sorted, and the report a failed wait prints."""
+    ips = sorted(p["status"]["podIP"] for p in runtime_pods(cluster, namespace, NAME))
+    assert len(ips) == 2, ips
+    return ips, report(cluster, namespace, operator_release)
+
+
 def test_the_picker_sends_a_request_away_from_the_long_queue(
         cluster: Cluster, routed_pods: tuple[str, ModelService], picker_binary: Path,
         extproc_client: Path, operator_release: OperatorRelease) -> None:
     namespace, ms = routed_pods
-    ips = sorted(p["status"]["podIP"] for p in runtime_pods(cluster, namespace, NAME))
-    assert len(ips) == 2, ips
-    diagnostics = report(cluster, namespace, operator_release)
+    ips, diagnostics = pod_ips(cluster, namespace, operator_release)
     with tempfile.TemporaryDirectory() as tmp:
         picker = started_picker(picker_binary, ms, cluster, Path(tmp), extproc_client, ips, diagnostics)
         try:
@@ -293,9 +298,7 @@ def test_under_equal_load_the_picker_sends_an_adapters_request_to_the_pod_runnin
         cluster: Cluster, routed_pods: tuple[str, ModelService], picker_binary: Path,
         extproc_client: Path, operator_release: OperatorRelease) -> None:
     namespace, ms = routed_pods
-    ips = sorted(p["status"]["podIP"] for p in runtime_pods(cluster, namespace, NAME))
-    assert len(ips) == 2, ips
-    diagnostics = report(cluster, namespace, operator_release)
+    ips, diagnostics = pod_ips(cluster, namespace, operator_release)
     one, two = ADAPTERS
     # the fetch-adapters sidecars fetch them from S3; each runtime loads them (it polls every 2 s)
     wait_for(lambda: all(set(ADAPTERS) <= served_models(ip) for ip in ips), READY_TIMEOUT,
